@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs every Debian bookworm package tlserve needs to build, test and run its demo.
+# Idempotent: packages already present are skipped; apt is only called when something is missing.
+# Used by the README's two commands, by .ci/run and by docker/Dockerfile (one list, not several).
+set -euo pipefail
+
+BUILD_PACKAGES=(
+  build-essential cmake ninja-build pkg-config git clang-format
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
+  libtorch-dev libopenblas0-pthread
+  prometheus-cpp-dev libgtest-dev libgmock-dev
+  libsqlite3-dev libturbojpeg0-dev libpng-dev libssl-dev nlohmann-json3-dev
+)
+# Python is only a test reference and fixture maker (the product is C++); Debian's interpreter.
+TEST_PACKAGES=(
+  python3 python3-torch python3-torchvision python3-numpy python3-pil python3-sklearn
+  python3-grpcio prometheus dataset-fashion-mnist
+)
+
+want=("${BUILD_PACKAGES[@]}")
+case "${1:-all}" in
+  build) ;;
+  all) want+=("${TEST_PACKAGES[@]}") ;;
+  *) echo "usage: $0 [build|all]" >&2; exit 2 ;;
+esac
+
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,124 @@
+#include "server/api/inference_service.h"
+
+#include <algorithm>
+#include <memory>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "server/api/convert.h"
+#include "server/api/rpc_timer.h"
+#include "server/api/status_util.h"
+#include "server/api/stream_embed_reactor.h"
+
+namespace tlserve {
+namespace {
+
+// Finishes a unary call and records it.
+void Finish(grpc::ServerUnaryReactor* reactor, const RpcTimer& timer, const absl::Status& s) {
+  timer.Done(s);
+  reactor->Finish(ToGrpcStatus(s));
+}
+
+// Collects the per-image results of one Embed call; the last one finishes it.
+struct EmbedCall {
+  EmbedCall(grpc::ServerUnaryReactor* r, v1::EmbedResponse* resp, RpcTimer t, size_t n)
+      : reactor(r), response(resp), timer(std::move(t)), vectors(n), remaining(n) {}
+  grpc::ServerUnaryReactor* reactor;
+  v1::EmbedResponse* response;
+  RpcTimer timer;
+  absl::Mutex mu;
+  std::vector<at::Tensor> vectors ABSL_GUARDED_BY(mu);
+  size_t first_error_index ABSL_GUARDED_BY(mu) = SIZE_MAX;
+  absl::Status first_error ABSL_GUARDED_BY(mu);
+  size_t remaining ABSL_GUARDED_BY(mu);
+};
+
+}  // namespace
+
+grpc::ServerUnaryReactor* InferenceService::DescribeBackbone(
+    grpc::CallbackServerContext* context, const v1::DescribeBackboneRequest* request,
+    v1::DescribeBackboneResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  RpcTimer timer(metrics_, "DescribeBackbone");
+  std::vector<int64_t> shape(request->input_shape().begin(), request->input_shape().end());
+  if (!shape.empty() && shape.size() != 3) {
+    Finish(reactor, timer,
+           absl::InvalidArgumentError(absl::StrCat("input_shape has ", shape.size(),
+                                                   " values; give C, H, W (e.g. 3, 224, 224)")));
+    return reactor;
+  }
+  embedder_->Describe(shape, [this, reactor, response, timer](auto summary) {
+    if (summary.ok()) ToProto(embedder_->backbone(), *summary, response);
+    Finish(reactor, timer,
+           summary.ok() ? absl::OkStatus()
+                        : absl::Status(summary.status().code(),
+                                       absl::StrCat("input_shape: ", summary.status().message())));
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* InferenceService::Embed(grpc::CallbackServerContext* context,
+                                                  const v1::EmbedRequest* request,
+                                                  v1::EmbedResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  RpcTimer timer(metrics_, "Embed");
+  metrics_->AddImages("Embed", request->images_size());
+  if (request->images_size() == 0) {
+    Finish(reactor, timer, absl::InvalidArgumentError("images: the request has no images"));
+    return reactor;
+  }
+  if (request->images_size() > limits_.max_images_per_request) {
+    Finish(reactor, timer,
+           absl::InvalidArgumentError(absl::StrCat(
+               "images: ", request->images_size(), " images, over the limit of ",
+               limits_.max_images_per_request,
+               " per request (--max_images_per_request); send them with StreamEmbed")));
+    return reactor;
+  }
+  const auto& opts = request->options();
+  auto spec = embedder_->MakeSpec(opts.layer(), FromProto(opts.pool()), opts.normalize());
+  if (!spec.ok()) {
+    Finish(reactor, timer, absl::InvalidArgumentError(
+                               absl::StrCat("options.layer: ", spec.status().message())));
+    return reactor;
+  }
+  auto inputs = ToImageInputs(request->images(), 0);
+  if (!inputs.ok()) {
+    Finish(reactor, timer, inputs.status());
+    return reactor;
+  }
+  auto call = std::make_shared<EmbedCall>(reactor, response, timer, (*inputs)->size());
+  // The context outlives every callback: the call finishes after the last.
+  embedder_->Embed(
+      *inputs, *spec, absl::FromChrono(context->deadline()),
+      [context] { return context->IsCancelled(); },
+      [call](size_t i, absl::StatusOr<at::Tensor> v) {
+        absl::MutexLock lock(&call->mu);
+        if (v.ok()) {
+          call->vectors[i] = std::move(*v);
+        } else if (i < call->first_error_index) {
+          call->first_error_index = i;
+          call->first_error = v.status();
+        }
+        if (--call->remaining > 0) return;
+        if (call->first_error_index == SIZE_MAX) {
+          call->response->set_dim(call->vectors.front().size(0));
+          for (const at::Tensor& t : call->vectors) {
+            const float* p = t.data_ptr<float>();
+            call->response->add_embeddings()->mutable_values()->Add(p, p + t.size(0));
+          }
+        }
+        Finish(call->reactor, call->timer, call->first_error);
+      });
+  return reactor;
+}
+
+grpc::ServerBidiReactor<v1::StreamEmbedRequest, v1::StreamEmbedResponse>*
+InferenceService::StreamEmbed(grpc::CallbackServerContext* context) {
+  return new StreamEmbedReactor(context, embedder_, metrics_, limits_.max_images_per_request);
+}
+
+}  // namespace tlserve

@@ -1,0 +1,93 @@
+#include "server/api/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/server_builder.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "server/core/device_memory.h"
+#include "server/core/log.h"
+#include "server/core/metrics_exposer.h"
+#include "server/store/data_dir.h"
+
+namespace tlserve {
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
+  const absl::Time start = absl::Now();
+  std::unique_ptr<Server> s(new Server());
+  auto dir = DataDir::Open(options.data_dir);
+  if (!dir.ok()) return dir.status();
+  s->data_dir_ = std::move(*dir);
+  s->metrics_ = std::make_unique<Metrics>();
+
+  auto backbone = Backbone::Load(options.backbone);
+  if (!backbone.ok()) return backbone.status();
+  s->backbone_ = std::move(*backbone);
+  if (!s->backbone_->pretrained()) {
+    LogWarning("backbone %s has RANDOM weights (a test fixture, not pretrained): embeddings "
+               "are not meaningful features; see README for real weights",
+               s->backbone_->name());
+  }
+  s->metrics_->SetBackboneInfo(s->backbone_->name(), s->backbone_->device(),
+                               s->backbone_->dtype(), s->backbone_->pretrained());
+
+  auto embedder = Embedder::Create(s->backbone_.get(), options.embedder, s->metrics_.get());
+  if (!embedder.ok()) return embedder.status();
+  s->embedder_ = std::move(*embedder);
+  s->embedder_->Warmup();
+
+  if (!options.metrics_address.empty()) {
+    auto exposer = MetricsExposer::Start(options.metrics_address);
+    if (!exposer.ok()) {
+      return absl::Status(exposer.status().code(), absl::StrCat(exposer.status().message(),
+                                                                " (see --metrics_port)"));
+    }
+    s->exposer_ = std::move(*exposer);
+    s->exposer_->RegisterCollectable(s->metrics_->registry());
+    s->exposer_->RegisterCollectable(
+        std::make_shared<DeviceMemoryCollector>(s->backbone_->device()));
+  }
+
+  s->inference_ =
+      std::make_unique<InferenceService>(s->embedder_.get(), s->metrics_.get(), options.limits);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.grpc_address, grpc::InsecureServerCredentials(),
+                           &s->grpc_port_);
+  builder.SetMaxReceiveMessageSize(options.max_message_bytes);
+  builder.SetMaxSendMessageSize(options.max_message_bytes);
+  builder.RegisterService(s->inference_.get());
+  s->grpc_ = builder.BuildAndStart();
+  if (s->grpc_ == nullptr || s->grpc_port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen for gRPC on ", options.grpc_address,
+                                               " (is the port in use? see --port)"));
+  }
+  s->grpc_->GetHealthCheckService()->SetServingStatus(true);
+  LogInfo("serving %s on gRPC port %d, metrics on port %s (/metrics); started in %.2f s",
+          s->backbone_->name(), s->grpc_port_,
+          s->exposer_ ? std::to_string(s->exposer_->port()) : "(disabled)",
+          absl::ToDoubleSeconds(absl::Now() - start));
+  return s;
+}
+
+void Server::Shutdown(absl::Duration grace) {
+  if (shut_down_ || grpc_ == nullptr) return;
+  shut_down_ = true;
+  LogInfo("draining: health NOT_SERVING, finishing in-flight calls (up to %s)",
+          absl::FormatDuration(grace));
+  grpc_->GetHealthCheckService()->SetServingStatus(false);
+  grpc_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  grpc_->Wait();
+  LogInfo("stopped");
+}
+
+int Server::metrics_port() const { return exposer_ ? exposer_->port() : 0; }
+
+Server::~Server() {
+  Shutdown(absl::Seconds(5));
+  // Members go in reverse order: gRPC, exposer, service, embedder, backbone.
+}
+
+}  // namespace tlserve

@@ -1,0 +1,66 @@
+// Assembles a running tlserve: data directory, backbone, embedder, metrics
+// exposer and the gRPC server with health and reflection. main() turns flags
+// into ServerOptions and calls Start; tests do the same on loopback ports.
+#ifndef TLSERVE_SERVER_API_SERVER_H_
+#define TLSERVE_SERVER_API_SERVER_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "server/api/inference_service.h"
+#include "server/core/backbone.h"
+#include "server/core/embedder.h"
+
+namespace grpc {
+class Server;
+}
+
+namespace tlserve {
+
+class DataDir;
+class MetricsExposer;
+
+struct ServerOptions {
+  BackboneOptions backbone;
+  Embedder::Options embedder;
+  ApiLimits limits;
+  std::string data_dir = "./tlserve-data";
+  std::string grpc_address = "0.0.0.0:50051";  // port 0 picks a free one
+  std::string metrics_address = "0.0.0.0:9090";  // empty: no exposer
+  int max_message_bytes = 64 << 20;
+};
+
+class Server {
+ public:
+  // Loads and warms up the backbone, then listens; health is SERVING when
+  // this returns. Errors say what could not be started and why.
+  static absl::StatusOr<std::unique_ptr<Server>> Start(const ServerOptions& options);
+  ~Server();
+
+  int grpc_port() const { return grpc_port_; }
+  int metrics_port() const;  // 0 when disabled
+  Metrics& metrics() { return *metrics_; }
+
+  // Health to NOT_SERVING, stop accepting, let in-flight calls finish for up
+  // to `grace`, then cancel what is left. Idempotent.
+  void Shutdown(absl::Duration grace);
+
+ private:
+  Server() = default;
+
+  std::unique_ptr<DataDir> data_dir_;
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<Backbone> backbone_;
+  std::unique_ptr<Embedder> embedder_;
+  std::unique_ptr<InferenceService> inference_;
+  std::unique_ptr<MetricsExposer> exposer_;
+  std::unique_ptr<grpc::Server> grpc_;
+  int grpc_port_ = 0;
+  bool shut_down_ = false;
+};
+
+}  // namespace tlserve
+
+#endif  // TLSERVE_SERVER_API_SERVER_H_

@@ -1,0 +1,299 @@
+#include "server/core/backbone.h"
+
+#include <ATen/Parallel.h>
+#include <openssl/evp.h>
+#include <torch/cuda.h>
+#include <torch/script.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "server/core/log.h"
+
+namespace tlserve {
+
+struct Backbone::Impl {
+  torch::jit::Module module;
+  std::vector<torch::jit::Module> stages;
+  torch::Device device{torch::kCPU};
+  torch::ScalarType dtype = torch::kFloat;
+  bool channels_last = false;
+};
+
+namespace {
+
+absl::StatusOr<std::string> FileSha256(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat("cannot read backbone file ", path));
+  std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr);
+  std::vector<char> buf(1 << 20);
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    EVP_DigestUpdate(ctx.get(), buf.data(), static_cast<size_t>(in.gcount()));
+  }
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(ctx.get(), digest, &len);
+  std::string hex;
+  for (unsigned int i = 0; i < len; ++i) absl::StrAppend(&hex, absl::Hex(digest[i], absl::kZeroPad2));
+  return hex;
+}
+
+absl::StatusOr<torch::Device> ParseDevice(const std::string& device) {
+  if (device == "auto") {
+    return torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+  }
+  if (device != "cpu" && device.rfind("cuda", 0) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device=", device, " is not one of auto, cpu, cuda, cuda:N"));
+  }
+  try {
+    torch::Device parsed(device);
+    if (parsed.is_cuda()) {
+      const int count = static_cast<int>(torch::cuda::device_count());
+      const int index = parsed.has_index() ? parsed.index() : 0;
+      if (index >= count) {
+        return absl::InvalidArgumentError(absl::StrCat("--device=", device, ": this machine has ",
+                                                       count, " CUDA device(s)"));
+      }
+      return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
+    }
+    return parsed;
+  } catch (const c10::Error&) {
+    return absl::InvalidArgumentError(absl::StrCat("--device=", device, " cannot be parsed"));
+  }
+}
+
+absl::StatusOr<torch::ScalarType> ParsePrecision(const std::string& precision,
+                                                 const torch::Device& device) {
+  torch::ScalarType type;
+  if (precision == "fp32") {
+    type = torch::kFloat;
+  } else if (precision == "bf16") {
+    type = torch::kBFloat16;
+  } else if (precision == "fp16") {
+    type = torch::kHalf;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--precision=", precision, " is not one of fp32, bf16, fp16"));
+  }
+  if (type != torch::kFloat && !device.is_cuda()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--precision=", precision, " needs a CUDA device; on the CPU use --precision=fp32"));
+  }
+  return type;
+}
+
+std::string TypeName(const torch::jit::Module& m) {
+  auto name = m.type()->name();
+  return name ? name->name() : "Module";
+}
+
+int64_t CountParams(const torch::jit::Module& m, bool trainable_only) {
+  int64_t n = 0;
+  for (const auto& p : m.parameters(/*recurse=*/true)) {
+    if (!trainable_only || p.requires_grad()) n += p.numel();
+  }
+  return n;
+}
+
+std::string DtypeName(torch::ScalarType t) {
+  switch (t) {
+    case torch::kBFloat16:
+      return "bfloat16";
+    case torch::kHalf:
+      return "float16";
+    default:
+      return "float32";
+  }
+}
+
+}  // namespace
+
+Backbone::Backbone(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Backbone::~Backbone() = default;
+
+absl::StatusOr<std::unique_ptr<Backbone>> Backbone::Load(const BackboneOptions& options) {
+  const absl::Time start = absl::Now();
+  if (options.threads > 0) at::set_num_threads(options.threads);
+  auto device = ParseDevice(options.device);
+  if (!device.ok()) return device.status();
+  auto dtype = ParsePrecision(options.precision, *device);
+  if (!dtype.ok()) return dtype.status();
+  auto sha = FileSha256(options.path);
+  if (!sha.ok()) return sha.status();
+
+  auto impl = std::make_unique<Impl>();
+  impl->device = *device;
+  impl->dtype = *dtype;
+  torch::jit::ExtraFilesMap extra{{"preprocess.json", ""}, {"tlserve.json", ""}};
+  try {
+    impl->module = torch::jit::load(options.path, impl->device, extra);
+  } catch (const c10::Error& e) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cannot load backbone ", options.path, " as TorchScript (save it with "
+        "torch.jit.script(model).save(path)): ", e.msg()));
+  }
+  std::unique_ptr<Backbone> b(new Backbone(std::move(impl)));
+  Impl& m = *b->impl_;
+  b->sha256_ = *sha;
+  b->file_name_ = options.path.substr(options.path.find_last_of('/') + 1);
+  b->name_ = b->file_name_.substr(0, b->file_name_.find_last_of('.'));
+  b->device_ = m.device.str();
+  b->dtype_ = DtypeName(m.dtype);
+  if (!extra["preprocess.json"].empty()) {
+    auto spec = ParsePreprocessSpec(extra["preprocess.json"]);
+    if (!spec.ok()) return spec.status();
+    b->preprocess_ = *spec;
+  }
+  if (!extra["tlserve.json"].empty()) {
+    const auto info = nlohmann::json::parse(extra["tlserve.json"], nullptr, false);
+    if (info.is_object()) {
+      b->name_ = info.value("name", b->name_);
+      b->pretrained_ = info.value("pretrained", true);
+    }
+  }
+
+  for (const auto& p : m.module.parameters()) p.set_requires_grad(false);
+  m.module.eval();
+  m.module.to(m.device, m.dtype);
+  if (m.device.is_cuda() && m.dtype != torch::kFloat) {
+    // Reduced precision on tensor cores is fastest with channels_last.
+    m.channels_last = true;
+    for (const auto& p : m.module.parameters()) {
+      if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
+    }
+  }
+  for (const auto& child : m.module.named_children()) {
+    b->stage_names_.push_back(child.name);
+    m.stages.push_back(child.value);
+  }
+  if (m.stages.size() < 2) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "backbone ", options.path, " has ", m.stages.size(),
+        " top-level child module(s); tlserve needs a network whose children, run in order, "
+        "make its forward, the last being the classifier head (e.g. torchvision's ResNet)"));
+  }
+
+  // Probe: the staged run must be the module's own forward, or the stages do
+  // not describe the network and embeddings from them would be wrong.
+  torch::NoGradGuard no_grad;
+  const int64_t crop = b->preprocess_.crop;
+  auto probe = torch::randn({1, 3, crop, crop}, torch::TensorOptions().dtype(torch::kFloat));
+  torch::Tensor full, staged;
+  try {
+    c10::InferenceMode guard;
+    auto out = m.module.forward({probe.to(m.device, m.dtype)});
+    if (!out.isTensor()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "backbone ", options.path, "'s forward does not return a tensor; tlserve needs a "
+          "classifier whose forward returns logits"));
+    }
+    full = out.toTensor().to(torch::kCPU, torch::kFloat);
+    staged = b->RunStages(probe, static_cast<int>(m.stages.size()) - 1);
+    b->embedding_dim_ = b->Embed(probe, EmbedSpec{}).size(1);
+  } catch (const c10::Error& e) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "backbone ", options.path, " cannot run its stages in order on a 1x3x", crop, "x", crop,
+        " input: ", e.msg(), ". tlserve needs a network whose top-level children, run in order "
+        "with a flatten before the last (the head), make its forward (e.g. torchvision's ResNet)"));
+  }
+  const double scale = std::max(1.0, full.abs().max().item<double>());
+  const double tol = (m.dtype == torch::kFloat ? 1e-4 : 5e-2) * scale;
+  if (!full.sizes().equals(staged.sizes()) || (full - staged).abs().max().item<double>() > tol) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "backbone ", options.path, ": running its top-level children in order (",
+        absl::StrJoin(b->stage_names_, ", "),
+        ") with a flatten before the last does not reproduce its forward; its forward does more "
+        "than chain its children. tlserve supports networks shaped like torchvision's ResNet"));
+  }
+  LogInfo("loaded backbone %s (%s, sha256 %s) on %s as %s: %d stages, embedding dim %d, %s, "
+          "load and verification took %.2f s",
+          b->name_, options.path, b->sha256_.substr(0, 12), b->device_, b->dtype_,
+          m.stages.size(), b->embedding_dim_,
+          b->pretrained_ ? "pretrained weights" : "RANDOM WEIGHTS (not pretrained)",
+          absl::ToDoubleSeconds(absl::Now() - start));
+  return b;
+}
+
+absl::StatusOr<int> Backbone::EmbeddableStage(const std::string& name) const {
+  const int head = static_cast<int>(stage_names_.size()) - 1;
+  for (int i = 0; i < head; ++i) {
+    if (stage_names_[i] == name) return i;
+  }
+  std::vector<std::string> valid(stage_names_.begin(), stage_names_.end() - 1);
+  return absl::InvalidArgumentError(absl::StrCat(
+      "layer \"", name, "\" ", name == stage_names_.back() ? "is the dropped head" : "is unknown",
+      "; choose one of: ", absl::StrJoin(valid, ", ")));
+}
+
+torch::Tensor Backbone::RunStages(torch::Tensor x, int last_stage) const {
+  const Impl& m = *impl_;
+  x = x.to(m.device, m.dtype);
+  if (m.channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
+  const int head = static_cast<int>(m.stages.size()) - 1;
+  for (int i = 0; i <= last_stage; ++i) {
+    if (i == head) x = x.flatten(1);
+    // forward() of a non-const module; the module itself is not modified.
+    x = const_cast<torch::jit::Module&>(m.stages[i]).forward({x}).toTensor();
+  }
+  return x.to(torch::kCPU, torch::kFloat);
+}
+
+torch::Tensor Backbone::Embed(const torch::Tensor& batch, const EmbedSpec& spec) const {
+  c10::InferenceMode guard;
+  const int last = spec.stage < 0 ? static_cast<int>(impl_->stages.size()) - 2 : spec.stage;
+  torch::Tensor x = RunStages(batch, last);
+  if (x.dim() > 2) {
+    x = spec.stage < 0 ? x.flatten(1)
+        : spec.pool == Pool::kMax ? x.flatten(2).amax(2)
+                                  : x.flatten(2).mean(2);
+  }
+  if (spec.normalize) x = x / x.norm(2, 1, /*keepdim=*/true).clamp_min(1e-12);
+  return x.contiguous();
+}
+
+absl::StatusOr<BackboneSummary> Backbone::Describe(std::vector<int64_t> input_chw) const {
+  const int64_t crop = preprocess_.crop;
+  if (input_chw.empty()) input_chw = {3, crop, crop};
+  if (input_chw.size() != 3 || input_chw[0] != 3 || input_chw[1] < 1 || input_chw[2] < 1 ||
+      input_chw[1] * input_chw[2] > 4096 * 4096) {
+    return absl::InvalidArgumentError(
+        "input_shape must be 3xHxW with 1 <= H, W and H*W <= 4096*4096");
+  }
+  BackboneSummary summary;
+  summary.input_shape = input_chw;
+  const Impl& m = *impl_;
+  c10::InferenceMode guard;
+  torch::Tensor x = torch::zeros({1, input_chw[0], input_chw[1], input_chw[2]})
+                        .to(m.device, m.dtype);
+  const int head = static_cast<int>(m.stages.size()) - 1;
+  for (int i = 0; i <= head; ++i) {
+    StageInfo s;
+    s.name = stage_names_[i];
+    s.type = TypeName(m.stages[i]);
+    s.head = i == head;
+    s.params = CountParams(m.stages[i], false);
+    s.trainable = CountParams(m.stages[i], true);
+    try {
+      if (s.head) x = x.flatten(1);
+      x = const_cast<torch::jit::Module&>(m.stages[i]).forward({x}).toTensor();
+    } catch (const c10::Error& e) {
+      return absl::InvalidArgumentError(absl::StrCat("input ", input_chw[1], "x", input_chw[2],
+                                                     " is too small for stage ", s.name, ": ",
+                                                     e.msg()));
+    }
+    s.output_shape.assign(x.sizes().begin() + 1, x.sizes().end());
+    summary.stages.push_back(std::move(s));
+  }
+  summary.total_params = CountParams(m.module, false);
+  summary.trainable_params = CountParams(m.module, true);
+  return summary;
+}
+
+}  // namespace tlserve

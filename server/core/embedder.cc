@@ -1,0 +1,206 @@
+#include "server/core/embedder.h"
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "server/core/image_decoder.h"
+#include "server/core/metrics.h"
+
+namespace tlserve {
+namespace {
+
+std::string SpecKey(const EmbedSpec& s) {
+  return absl::StrCat(s.stage, ",", static_cast<int>(s.pool), ",", s.normalize ? 1 : 0);
+}
+
+EmbedSpec ParseSpecKey(const std::string& key) {
+  EmbedSpec s;
+  int pool = 0, normalize = 0;
+  std::sscanf(key.c_str(), "%d,%d,%d", &s.stage, &pool, &normalize);
+  s.pool = static_cast<Pool>(pool);
+  s.normalize = normalize != 0;
+  return s;
+}
+
+absl::Status Annotate(const ImageInput& image, const absl::Status& s) {
+  std::string where = absl::StrCat("images[", image.index, "]");
+  if (!image.name.empty()) absl::StrAppend(&where, " (\"", image.name, "\")");
+  return absl::Status(s.code(), absl::StrCat(where, ": ", s.message()));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Embedder>> Embedder::Create(const Backbone* backbone,
+                                                           const Options& options,
+                                                           Metrics* metrics) {
+  if (options.max_image_pixels < 1) {
+    return absl::InvalidArgumentError("max_image_pixels must be positive");
+  }
+  std::unique_ptr<Embedder> e(new Embedder(backbone, options));
+  Batcher::Instruments instruments;
+  if (metrics != nullptr) {
+    instruments = {&metrics->batch_size(), &metrics->queue_seconds(), &metrics->queue_depth()};
+  }
+  auto batcher = Batcher::Create(
+      options.batching,
+      [backbone](const std::string& key, const at::Tensor& batch) -> absl::StatusOr<at::Tensor> {
+        return backbone->Embed(batch, ParseSpecKey(key));
+      },
+      instruments);
+  if (!batcher.ok()) return batcher.status();
+  e->batcher_ = std::move(*batcher);
+  return e;
+}
+
+Embedder::Embedder(const Backbone* backbone, const Options& options)
+    : backbone_(backbone),
+      options_(options),
+      pool_(std::make_unique<ThreadPool>(options.preprocess_threads)) {}
+
+Embedder::~Embedder() {
+  pool_.reset();  // finishes preprocessing, which may still submit
+  batcher_.reset();
+}
+
+absl::StatusOr<EmbedSpec> Embedder::MakeSpec(const std::string& layer, Pool pool,
+                                             bool normalize) const {
+  EmbedSpec spec;
+  spec.pool = pool;
+  spec.normalize = normalize;
+  if (!layer.empty()) {
+    auto stage = backbone_->EmbeddableStage(layer);
+    if (!stage.ok()) return stage.status();
+    spec.stage = *stage;
+  }
+  return spec;
+}
+
+absl::StatusOr<at::Tensor> Embedder::Prepare(const ImageInput& image) const {
+  const auto& shape = image.shape;
+  switch (image.kind) {
+    case ImageInput::Kind::kEncoded: {
+      auto rgb = DecodeImage(image.data, options_.max_image_pixels);
+      if (!rgb.ok()) return rgb.status();
+      return Preprocess(*rgb, backbone_->preprocess());
+    }
+    case ImageInput::Kind::kUint8Hwc: {
+      if (shape.size() != 3 || shape[0] < 1 || shape[1] < 1 ||
+          (shape[2] != 1 && shape[2] != 3 && shape[2] != 4)) {
+        return absl::InvalidArgumentError("uint8 tensor shape must be HxWxC with C in {1, 3, 4}");
+      }
+      if (shape[0] * shape[1] > options_.max_image_pixels) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor has ", shape[0] * shape[1],
+                                                       " pixels, over the limit of ",
+                                                       options_.max_image_pixels));
+      }
+      if (static_cast<int64_t>(image.data.size()) != shape[0] * shape[1] * shape[2]) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("tensor data has ", image.data.size(), " bytes; shape ", shape[0], "x",
+                         shape[1], "x", shape[2], " needs ", shape[0] * shape[1] * shape[2]));
+      }
+      at::Tensor hwc = at::empty({shape[0], shape[1], shape[2]}, at::kByte);
+      std::memcpy(hwc.data_ptr(), image.data.data(), image.data.size());
+      auto rgb = ToRgb(hwc);
+      if (!rgb.ok()) return rgb.status();
+      return Preprocess(*rgb, backbone_->preprocess());
+    }
+    case ImageInput::Kind::kFloatChw: {
+      if (shape.size() != 3 || shape[0] != 3 || shape[1] < 1 || shape[2] < 1) {
+        return absl::InvalidArgumentError("float32 tensor shape must be 3xHxW");
+      }
+      if (shape[1] * shape[2] > options_.max_image_pixels) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor has ", shape[1] * shape[2],
+                                                       " pixels, over the limit of ",
+                                                       options_.max_image_pixels));
+      }
+      const int64_t want = shape[0] * shape[1] * shape[2] * 4;
+      if (static_cast<int64_t>(image.data.size()) != want) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("tensor data has ", image.data.size(), " bytes; shape 3x", shape[1], "x",
+                         shape[2], " of float32 needs ", want));
+      }
+      at::Tensor chw = at::empty({shape[0], shape[1], shape[2]}, at::kFloat);
+      std::memcpy(chw.data_ptr(), image.data.data(), image.data.size());
+      return chw;
+    }
+  }
+  return absl::InternalError("unknown image kind");
+}
+
+void Embedder::Embed(std::shared_ptr<const std::vector<ImageInput>> images, const EmbedSpec& spec,
+                     absl::Time deadline, std::function<bool()> cancelled, ImageDone done) {
+  // Every image is prepared on the pool; they are queued together once all
+  // are ready, so a request's images tend to share batches.
+  struct Pending {
+    std::shared_ptr<const std::vector<ImageInput>> images;
+    std::vector<absl::StatusOr<at::Tensor>> inputs;
+    std::atomic<size_t> remaining;
+  };
+  const size_t n = images->size();
+  auto pending = std::make_shared<Pending>();
+  pending->images = images;
+  pending->inputs.resize(n);
+  pending->remaining = n;
+  const std::string key = SpecKey(spec);
+  auto submit = [this, pending, key, deadline, cancelled, done]() {
+    std::vector<Batcher::Task> tasks;
+    std::vector<size_t> which;
+    for (size_t i = 0; i < pending->inputs.size(); ++i) {
+      const ImageInput& image = (*pending->images)[i];
+      if (!pending->inputs[i].ok()) {
+        done(i, Annotate(image, pending->inputs[i].status()));
+        continue;
+      }
+      Batcher::Task t;
+      t.key = key;
+      t.input = std::move(*pending->inputs[i]);
+      t.deadline = deadline;
+      t.cancelled = cancelled;
+      t.done = [done, i, image](absl::StatusOr<at::Tensor> v) {
+        done(i, v.ok() ? std::move(v) : absl::StatusOr<at::Tensor>(Annotate(image, v.status())));
+      };
+      tasks.push_back(std::move(t));
+      which.push_back(i);
+    }
+    if (tasks.empty()) return;
+    absl::Status queued = batcher_->Submit(std::move(tasks));
+    if (!queued.ok()) {
+      for (size_t i : which) done(i, Annotate((*pending->images)[i], queued));
+    }
+  };
+  if (n == 0) return;
+  for (size_t i = 0; i < n; ++i) {
+    pool_->Schedule([this, pending, i, cancelled, submit]() {
+      const ImageInput& image = (*pending->images)[i];
+      if (cancelled && cancelled()) {
+        pending->inputs[i] = absl::CancelledError("the request was cancelled");
+      } else {
+        try {
+          pending->inputs[i] = Prepare(image);
+        } catch (const std::exception& e) {
+          pending->inputs[i] = absl::InvalidArgumentError(e.what());
+        }
+      }
+      if (pending->remaining.fetch_sub(1) == 1) submit();
+    });
+  }
+}
+
+void Embedder::Describe(std::vector<int64_t> input_chw,
+                        std::function<void(absl::StatusOr<BackboneSummary>)> done) {
+  pool_->Schedule([this, input_chw = std::move(input_chw), done = std::move(done)]() {
+    done(backbone_->Describe(input_chw));
+  });
+}
+
+void Embedder::Warmup() {
+  const int64_t crop = backbone_->preprocess().crop;
+  backbone_->Embed(at::zeros({options_.batching.max_batch_size, 3, crop, crop}), EmbedSpec{});
+}
+
+}  // namespace tlserve

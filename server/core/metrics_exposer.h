@@ -1,0 +1,55 @@
+// Serves the Prometheus text format on http://ADDRESS/metrics from one
+// thread. It stands in for prometheus-cpp's civetweb Exposer, which cannot
+// start in a process that links LibTorch: civetweb 1.15 (Debian) creates its
+// threads with a fixed 100 KiB stack, and glibc refuses such a stack
+// (pthread_create: EINVAL) once the static TLS of LibTorch's libraries
+// (OpenBLAS, glog, ...) is loaded. Scrapes are rare and small, so one thread
+// handling one connection at a time is enough.
+//
+// Thread-safe. Collectables are held weakly, as prometheus-cpp does.
+#ifndef TLSERVE_SERVER_CORE_METRICS_EXPOSER_H_
+#define TLSERVE_SERVER_CORE_METRICS_EXPOSER_H_
+
+#include <prometheus/collectable.h>
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+
+namespace tlserve {
+
+class MetricsExposer {
+ public:
+  // `address` is HOST:PORT; port 0 picks a free one. UNAVAILABLE when the
+  // address cannot be bound, INVALID_ARGUMENT when it cannot be parsed.
+  static absl::StatusOr<std::unique_ptr<MetricsExposer>> Start(const std::string& address);
+  ~MetricsExposer();
+  MetricsExposer(const MetricsExposer&) = delete;
+  MetricsExposer& operator=(const MetricsExposer&) = delete;
+
+  int port() const { return port_; }
+  void RegisterCollectable(const std::weak_ptr<prometheus::Collectable>& collectable);
+
+ private:
+  MetricsExposer(int fd, int port);
+  void ServeLoop();
+  void Handle(int connection);
+  std::string Scrape();
+
+  const int listen_fd_;
+  const int port_;
+  std::atomic<bool> stopping_{false};
+  absl::Mutex mu_;
+  std::vector<std::weak_ptr<prometheus::Collectable>> collectables_ ABSL_GUARDED_BY(mu_);
+  std::thread thread_;
+};
+
+}  // namespace tlserve
+
+#endif  // TLSERVE_SERVER_CORE_METRICS_EXPOSER_H_

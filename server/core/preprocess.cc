@@ -1,0 +1,124 @@
+#include "server/core/preprocess.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace tlserve {
+namespace {
+
+// torchvision's _compute_resized_output_size for an int size: the short side
+// becomes `size`, the long side int(size * long / short).
+std::array<int64_t, 2> ResizedSize(int64_t h, int64_t w, int64_t size) {
+  const int64_t short_side = std::min(h, w);
+  const int64_t long_side = std::max(h, w);
+  const auto new_long =
+      static_cast<int64_t>(static_cast<double>(size * long_side) / static_cast<double>(short_side));
+  return w <= h ? std::array<int64_t, 2>{new_long, size} : std::array<int64_t, 2>{size, new_long};
+}
+
+// uint8 3×H×W -> uint8 3×h×w, as torchvision.transforms.functional.resize
+// with antialias=True does it on a uint8 tensor.
+at::Tensor ResizeShortSide(const at::Tensor& chw, int64_t size) {
+  const auto out = ResizedSize(chw.size(1), chw.size(2), size);
+  if (out[0] == chw.size(1) && out[1] == chw.size(2)) return chw;
+  at::Tensor x = chw.unsqueeze(0).to(at::kFloat);
+  x = at::_upsample_bilinear2d_aa(x, {out[0], out[1]}, /*align_corners=*/false);
+  return at::round(x).to(at::kByte).squeeze(0);
+}
+
+// torchvision's center_crop: zero padding when the image is smaller, then a
+// crop whose offset is rounded half to even, as Python's round() does.
+at::Tensor CenterCrop(at::Tensor chw, int64_t crop) {
+  int64_t h = chw.size(1), w = chw.size(2);
+  if (crop > h || crop > w) {
+    const int64_t left = crop > w ? (crop - w) / 2 : 0;
+    const int64_t top = crop > h ? (crop - h) / 2 : 0;
+    const int64_t right = crop > w ? (crop - w + 1) / 2 : 0;
+    const int64_t bottom = crop > h ? (crop - h + 1) / 2 : 0;
+    chw = at::constant_pad_nd(chw, {left, right, top, bottom}, 0);
+    h = chw.size(1);
+    w = chw.size(2);
+    if (h == crop && w == crop) return chw;
+  }
+  const auto top = static_cast<int64_t>(std::nearbyint((h - crop) / 2.0));
+  const auto left = static_cast<int64_t>(std::nearbyint((w - crop) / 2.0));
+  return chw.slice(1, top, top + crop).slice(2, left, left + crop);
+}
+
+}  // namespace
+
+std::string PreprocessSpec::ToJson() const {
+  nlohmann::json j = {{"resize", resize},
+                      {"crop", crop},
+                      {"mean", {mean[0], mean[1], mean[2]}},
+                      {"std", {std[0], std[1], std[2]}}};
+  return j.dump();
+}
+
+absl::StatusOr<PreprocessSpec> ParsePreprocessSpec(absl::string_view text) {
+  PreprocessSpec spec;
+  const nlohmann::json j = nlohmann::json::parse(text.begin(), text.end(), nullptr,
+                                                 /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) {
+    return absl::InvalidArgumentError("preprocess.json is not a JSON object");
+  }
+  for (const char* key : {"resize", "crop"}) {
+    if (!j.contains(key)) continue;
+    if (!j[key].is_number_integer() || j[key].get<int64_t>() < 0 || j[key].get<int64_t>() > 16384) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("preprocess.json: \"", key, "\" must be an integer in [0, 16384]"));
+    }
+    (std::string(key) == "resize" ? spec.resize : spec.crop) = j[key].get<int>();
+  }
+  if (spec.crop == 0) return absl::InvalidArgumentError("preprocess.json: \"crop\" must be > 0");
+  for (const char* key : {"mean", "std"}) {
+    if (!j.contains(key)) continue;
+    const auto& v = j[key];
+    if (!v.is_array() || v.size() != 3 || !v[0].is_number() || !v[1].is_number() ||
+        !v[2].is_number()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("preprocess.json: \"", key, "\" must be a list of 3 numbers"));
+    }
+    auto& dst = std::string(key) == "mean" ? spec.mean : spec.std;
+    for (int c = 0; c < 3; ++c) dst[c] = v[c].get<float>();
+  }
+  for (float s : spec.std) {
+    if (!(s > 0)) return absl::InvalidArgumentError("preprocess.json: \"std\" must be positive");
+  }
+  return spec;
+}
+
+absl::StatusOr<at::Tensor> ToRgb(const at::Tensor& hwc) {
+  if (hwc.dim() != 3 || hwc.scalar_type() != at::kByte) {
+    return absl::InvalidArgumentError("image tensor must be uint8 H×W×C");
+  }
+  switch (hwc.size(2)) {
+    case 3:
+      return hwc;
+    case 1:
+      return hwc.expand({hwc.size(0), hwc.size(1), 3});
+    case 4:
+      return hwc.slice(2, 0, 3);
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("image tensor has ", hwc.size(2), " channels; expected 1, 3 or 4"));
+  }
+}
+
+at::Tensor Preprocess(const at::Tensor& hwc_rgb, const PreprocessSpec& spec) {
+  at::Tensor chw = hwc_rgb.permute({2, 0, 1});
+  if (spec.resize > 0) chw = ResizeShortSide(chw, spec.resize);
+  chw = CenterCrop(chw, spec.crop);
+  // ToTensor then Normalize, in torchvision's order of operations.
+  at::Tensor x = chw.to(at::kFloat).div(255);
+  const auto mean = at::tensor({spec.mean[0], spec.mean[1], spec.mean[2]}).view({3, 1, 1});
+  const auto std = at::tensor({spec.std[0], spec.std[1], spec.std[2]}).view({3, 1, 1});
+  return x.sub(mean).div(std).contiguous();
+}
+
+}  // namespace tlserve

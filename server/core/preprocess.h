@@ -1,0 +1,40 @@
+// How an image becomes the backbone's input, matching torchvision's canonical
+// pipeline on uint8 images: antialiased bilinear resize of the short side
+// (rounded back to uint8, as torchvision does for uint8 tensors), centre
+// crop, /255, normalise with mean and std. Stateless and thread-safe.
+#ifndef TLSERVE_SERVER_CORE_PREPROCESS_H_
+#define TLSERVE_SERVER_CORE_PREPROCESS_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace tlserve {
+
+// The TorchScript extra file `preprocess.json`; the defaults are ImageNet's.
+struct PreprocessSpec {
+  int resize = 256;  // short side; 0 keeps the size
+  int crop = 224;
+  std::array<float, 3> mean = {0.485f, 0.456f, 0.406f};
+  std::array<float, 3> std = {0.229f, 0.224f, 0.225f};
+
+  std::string ToJson() const;
+};
+
+// Parses {"resize": 256, "crop": 224, "mean": [3], "std": [3]}; absent keys
+// keep their defaults. INVALID_ARGUMENT says which key is wrong.
+absl::StatusOr<PreprocessSpec> ParsePreprocessSpec(absl::string_view json);
+
+// uint8 H×W×C (C = 1, 3 or 4) -> uint8 H×W×3: gray replicated, alpha dropped.
+absl::StatusOr<at::Tensor> ToRgb(const at::Tensor& hwc);
+
+// uint8 H×W×3 -> float32 3×crop×crop, normalised.
+at::Tensor Preprocess(const at::Tensor& hwc_rgb, const PreprocessSpec& spec);
+
+}  // namespace tlserve
+
+#endif  // TLSERVE_SERVER_CORE_PREPROCESS_H_

@@ -1,0 +1,84 @@
+// tlserve: the flags become ServerOptions; nothing else reads flags.
+#include <signal.h>
+
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "server/api/server.h"
+#include "server/core/log.h"
+
+ABSL_FLAG(std::string, backbone, "", "TorchScript backbone file (required)");
+ABSL_FLAG(std::string, device, "auto", "auto | cpu | cuda | cuda:N (auto: CUDA when available)");
+ABSL_FLAG(std::string, precision, "fp32", "fp32 | bf16 | fp16 (reduced precision only on CUDA)");
+ABSL_FLAG(int, port, 50051, "gRPC port");
+ABSL_FLAG(int, metrics_port, 9090, "Prometheus /metrics port; 0 disables the exposer");
+ABSL_FLAG(std::string, host, "0.0.0.0", "address to listen on for gRPC and metrics");
+ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads (0: the machine's cores)");
+ABSL_FLAG(int, preprocess_threads, 0, "image decoding threads (0: the machine's cores)");
+ABSL_FLAG(int, max_batch_size, 32, "most images in one batched forward");
+ABSL_FLAG(int, max_queue_delay_us, 2000, "longest an image waits for a batch to fill");
+ABSL_FLAG(int, max_queue_size, 1024, "most images queued; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, max_image_pixels, 40'000'000, "largest decoded image (width*height)");
+ABSL_FLAG(int, max_images_per_request, 256, "most images in one Embed request or stream message");
+ABSL_FLAG(int, max_message_bytes, 64 << 20, "largest gRPC message, in bytes");
+ABSL_FLAG(std::string, data_dir, "./tlserve-data", "directory for the server's durable state");
+ABSL_FLAG(int, drain_seconds, 20, "on SIGTERM/SIGINT, how long in-flight calls may finish");
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("tlserve --backbone=FILE.pt [flags]: the transfer-learning server");
+  absl::ParseCommandLine(argc, argv);
+
+  // Block the stop signals in every thread; main waits for them below.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  tlserve::ServerOptions o;
+  o.backbone.path = absl::GetFlag(FLAGS_backbone);
+  if (o.backbone.path.empty()) {
+    tlserve::LogError("--backbone=FILE.pt is required (make one with scripts/make_backbone.py)");
+    return 2;
+  }
+  o.backbone.device = absl::GetFlag(FLAGS_device);
+  o.backbone.precision = absl::GetFlag(FLAGS_precision);
+  o.backbone.threads = absl::GetFlag(FLAGS_threads) > 0 ? absl::GetFlag(FLAGS_threads) : cores;
+  o.embedder.batching.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
+  o.embedder.batching.max_queue_delay = absl::Microseconds(absl::GetFlag(FLAGS_max_queue_delay_us));
+  o.embedder.batching.max_queue_size = absl::GetFlag(FLAGS_max_queue_size);
+  o.embedder.max_image_pixels = absl::GetFlag(FLAGS_max_image_pixels);
+  o.embedder.preprocess_threads =
+      absl::GetFlag(FLAGS_preprocess_threads) > 0 ? absl::GetFlag(FLAGS_preprocess_threads) : cores;
+  o.limits.max_images_per_request = absl::GetFlag(FLAGS_max_images_per_request);
+  o.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  o.data_dir = absl::GetFlag(FLAGS_data_dir);
+  const std::string host = absl::GetFlag(FLAGS_host);
+  o.grpc_address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_port));
+  o.metrics_address = absl::GetFlag(FLAGS_metrics_port) > 0
+                          ? absl::StrCat(host, ":", absl::GetFlag(FLAGS_metrics_port))
+                          : "";
+  if (o.limits.max_images_per_request < 1 || o.max_message_bytes < 1024) {
+    tlserve::LogError("--max_images_per_request must be >= 1 and --max_message_bytes >= 1024");
+    return 2;
+  }
+  tlserve::LogInfo("starting tlserve: backbone %s, device %s, precision %s, %d threads, "
+                   "max batch %d, data dir %s",
+                   o.backbone.path, o.backbone.device, o.backbone.precision, o.backbone.threads,
+                   o.embedder.batching.max_batch_size, o.data_dir);
+
+  auto server = tlserve::Server::Start(o);
+  if (!server.ok()) {
+    tlserve::LogError("cannot start: %s", server.status().ToString());
+    return 1;
+  }
+  int signal = 0;
+  sigwait(&stop_signals, &signal);
+  tlserve::LogInfo("received %s", signal == SIGTERM ? "SIGTERM" : "SIGINT");
+  (*server)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)));
+  return 0;
+}
