@@ -1,0 +1,99 @@
+#include "client/lib/client.h"
+
+#include <grpcpp/create_channel.h>
+
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+
+namespace tlserve {
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& target,
+                                                        absl::Duration timeout) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(256 << 20);
+  args.SetMaxSendMessageSize(256 << 20);
+  auto channel = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() + timeout))) {
+    return absl::UnavailableError(absl::StrCat("no tlserve answers at ", target,
+                                               " (is the server running? see --server)"));
+  }
+  return std::unique_ptr<Client>(new Client(std::move(channel)));
+}
+
+Client::Client(std::shared_ptr<grpc::Channel> channel)
+    : channel_(std::move(channel)),
+      inference_(v1::Inference::NewStub(channel_)),
+      health_(grpc::health::v1::Health::NewStub(channel_)) {}
+
+absl::StatusOr<std::string> Client::Health(const std::string& service) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+  grpc::health::v1::HealthCheckRequest req;
+  req.set_service(service);
+  grpc::health::v1::HealthCheckResponse resp;
+  if (auto s = FromGrpc(health_->Check(&ctx, req, &resp)); !s.ok()) return s;
+  return grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status());
+}
+
+absl::StatusOr<v1::DescribeBackboneResponse> Client::DescribeBackbone(
+    const std::vector<int64_t>& input_shape) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Minutes(5)));
+  v1::DescribeBackboneRequest req;
+  for (int64_t d : input_shape) req.add_input_shape(d);
+  v1::DescribeBackboneResponse resp;
+  if (auto s = FromGrpc(inference_->DescribeBackbone(&ctx, req, &resp)); !s.ok()) return s;
+  return resp;
+}
+
+absl::StatusOr<v1::EmbedResponse> Client::Embed(const v1::EmbedRequest& request,
+                                                absl::Duration deadline) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + deadline));
+  v1::EmbedResponse resp;
+  if (auto s = FromGrpc(inference_->Embed(&ctx, request, &resp)); !s.ok()) return s;
+  return resp;
+}
+
+absl::Status Client::StreamEmbed(const v1::EmbedOptions& options, size_t count, int per_message,
+                                 const std::function<absl::StatusOr<v1::Image>(size_t)>& image,
+                                 const std::function<void(const v1::EmbedResult&)>& result) {
+  grpc::ClientContext ctx;
+  auto stream = inference_->StreamEmbed(&ctx);
+  // Reading on its own thread lets the server's window of messages fill.
+  std::thread reader([&] {
+    v1::StreamEmbedResponse resp;
+    while (stream->Read(&resp)) {
+      for (const auto& r : resp.results()) result(r);
+    }
+  });
+  absl::Status load_error;
+  v1::StreamEmbedRequest req;
+  *req.mutable_options() = options;
+  for (size_t i = 0; i < count; ++i) {
+    auto img = image(i);
+    if (!img.ok()) {
+      load_error = img.status();
+      ctx.TryCancel();
+      break;
+    }
+    *req.add_images() = std::move(*img);
+    if (req.images_size() >= per_message || i + 1 == count) {
+      if (!stream->Write(req)) break;
+      req.Clear();
+    }
+  }
+  stream->WritesDone();
+  reader.join();
+  absl::Status final = FromGrpc(stream->Finish());
+  return load_error.ok() ? final : load_error;
+}
+
+}  // namespace tlserve

@@ -1,0 +1,60 @@
+// The client library of tlserve: a thin, synchronous wrapper over the gRPC
+// stubs that tlctl, the tests and the benchmarks share. Errors come back as
+// absl::Status with the server's code and message.
+//
+// Thread-safe: one Client may be used from many threads (gRPC channels are).
+#ifndef TLSERVE_CLIENT_LIB_CLIENT_H_
+#define TLSERVE_CLIENT_LIB_CLIENT_H_
+
+#include <grpcpp/channel.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "tlserve/v1/inference.grpc.pb.h"
+
+namespace tlserve {
+
+class Client {
+ public:
+  // Connects to HOST:PORT, waiting up to `timeout` for the channel:
+  // UNAVAILABLE naming the address if nothing answers.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(const std::string& target,
+                                                         absl::Duration timeout = absl::Seconds(10));
+
+  // "SERVING", "NOT_SERVING", ... of the standard health service.
+  absl::StatusOr<std::string> Health(const std::string& service = "");
+  absl::StatusOr<v1::DescribeBackboneResponse> DescribeBackbone(
+      const std::vector<int64_t>& input_shape = {});
+  absl::StatusOr<v1::EmbedResponse> Embed(const v1::EmbedRequest& request,
+                                          absl::Duration deadline = absl::Minutes(5));
+
+  // Streams `count` images, `per_message` to a message; `image(i)` makes the
+  // i-th (an error there stops the stream and is returned); `result` sees each
+  // result in order as it arrives. Returns the stream's final status.
+  absl::Status StreamEmbed(const v1::EmbedOptions& options, size_t count, int per_message,
+                           const std::function<absl::StatusOr<v1::Image>(size_t)>& image,
+                           const std::function<void(const v1::EmbedResult&)>& result);
+
+  const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
+
+ private:
+  explicit Client(std::shared_ptr<grpc::Channel> channel);
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::Inference::Stub> inference_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+};
+
+// grpc::Status -> absl::Status (same canonical codes).
+absl::Status FromGrpc(const grpc::Status& s);
+
+}  // namespace tlserve
+
+#endif  // TLSERVE_CLIENT_LIB_CLIENT_H_

@@ -1,0 +1,20 @@
+// Finds and reads the image files a user names on the command line.
+#ifndef TLSERVE_CLIENT_LIB_IMAGE_FILES_H_
+#define TLSERVE_CLIENT_LIB_IMAGE_FILES_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace tlserve {
+
+// Files as given, and for a directory every .jpg/.jpeg/.png below it, sorted.
+// NOT_FOUND naming a path that does not exist.
+absl::StatusOr<std::vector<std::string>> ListImageFiles(const std::vector<std::string>& paths);
+
+absl::StatusOr<std::string> ReadFileBytes(const std::string& path);
+
+}  // namespace tlserve
+
+#endif  // TLSERVE_CLIENT_LIB_IMAGE_FILES_H_

@@ -1,0 +1,215 @@
+// tlctl: the command-line client of tlserve.
+//   tlctl [--server=HOST:PORT] [--json] COMMAND [ARGS]
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "client/lib/client.h"
+#include "client/lib/image_files.h"
+#include "client/tlctl/format.h"
+
+namespace tlserve {
+namespace {
+
+constexpr char kUsage[] = R"(usage: tlctl [--server=HOST:PORT] [--json] COMMAND [ARGS]
+
+commands:
+  health                         the server's health (SERVING, NOT_SERVING)
+  layers                         the backbone's stages in order (its _modules)
+  summary [--input 3x224x224]    a torchsummary-style table of the backbone
+  embed FILE|DIR... [--layer L] [--pool avg|max] [--normalize] [--out FILE.csv|FILE.npy]
+                                 one vector per image (directories: every .jpg/.png below)
+
+options:
+  --server=HOST:PORT   default localhost:50051 (or $TLSERVE_SERVER)
+  --json               machine-readable output on stdout
+)";
+
+struct Args {
+  std::string command;
+  std::vector<std::string> positional;
+  std::map<std::string, std::string> flags;  // --key=value, --key value, or --flag
+};
+
+bool TakesValue(const std::string& key) {
+  return key == "server" || key == "input" || key == "layer" || key == "pool" || key == "out";
+}
+
+absl::StatusOr<Args> Parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg.rfind("--", 0) == 0) {
+      std::string key = arg.substr(2), value = "true";
+      if (auto eq = key.find('='); eq != std::string::npos) {
+        value = key.substr(eq + 1);
+        key = key.substr(0, eq);
+      } else if (TakesValue(key)) {
+        if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat(arg, " needs a value"));
+        value = argv[++i];
+      }
+      a.flags[key] = value;
+    } else if (a.command.empty()) {
+      a.command = arg;
+    } else {
+      a.positional.push_back(arg);
+    }
+  }
+  return a;
+}
+
+int Fail(const absl::Status& s) {
+  std::cerr << "tlctl: " << s.message() << " [" << absl::StatusCodeToString(s.code()) << "]\n";
+  return 1;
+}
+
+int Health(Client& c, const Args& a) {
+  auto h = c.Health();
+  if (!h.ok()) return Fail(h.status());
+  if (a.flags.count("json")) {
+    std::cout << nlohmann::json{{"status", *h}}.dump() << "\n";
+  } else {
+    std::cout << *h << "\n";
+  }
+  return *h == "SERVING" ? 0 : 1;
+}
+
+int Layers(Client& c, const Args& a, bool table) {
+  std::vector<int64_t> input;
+  if (a.flags.count("input")) {
+    for (absl::string_view part : absl::StrSplit(a.flags.at("input"), 'x')) {
+      int64_t v = 0;
+      if (!absl::SimpleAtoi(part, &v)) {
+        return Fail(absl::InvalidArgumentError("--input must look like 3x224x224"));
+      }
+      input.push_back(v);
+    }
+  }
+  auto d = c.DescribeBackbone(input);
+  if (!d.ok()) return Fail(d.status());
+  if (a.flags.count("json")) {
+    nlohmann::json stages = nlohmann::json::array();
+    for (const auto& s : d->stages()) {
+      stages.push_back({{"name", s.name()},
+                        {"type", s.type()},
+                        {"output_shape", std::vector<int64_t>(s.output_shape().begin(),
+                                                              s.output_shape().end())},
+                        {"params", s.params()},
+                        {"trainable", s.trainable()},
+                        {"head", s.head()}});
+    }
+    nlohmann::json j = {{"file_name", d->file_name()},
+                        {"sha256", d->sha256()},
+                        {"device", d->device()},
+                        {"dtype", d->dtype()},
+                        {"pretrained", d->pretrained()},
+                        {"embedding_dim", d->embedding_dim()},
+                        {"input_shape", std::vector<int64_t>(d->input_shape().begin(),
+                                                             d->input_shape().end())},
+                        {"total_params", d->total_params()},
+                        {"trainable_params", d->trainable_params()},
+                        {"stages", stages}};
+    std::cout << j.dump() << "\n";
+  } else if (table) {
+    std::cout << SummaryTable(*d);
+  } else {
+    for (const auto& s : d->stages()) std::cout << s.name() << "\n";
+  }
+  return 0;
+}
+
+int Embed(Client& c, const Args& a) {
+  if (a.positional.empty()) return Fail(absl::InvalidArgumentError("embed needs FILE or DIR"));
+  auto files = ListImageFiles(a.positional);
+  if (!files.ok()) return Fail(files.status());
+  if (files->empty()) return Fail(absl::NotFoundError("no .jpg/.jpeg/.png files found"));
+  v1::EmbedOptions options;
+  if (a.flags.count("layer")) options.set_layer(a.flags.at("layer"));
+  if (a.flags.count("pool")) {
+    const std::string& p = a.flags.at("pool");
+    if (p != "avg" && p != "max") return Fail(absl::InvalidArgumentError("--pool is avg or max"));
+    options.set_pool(p == "max" ? v1::POOL_MAX : v1::POOL_AVG);
+  }
+  options.set_normalize(a.flags.count("normalize") > 0);
+
+  std::vector<NamedVector> rows;
+  int64_t dim = 0;
+  int failed = 0;
+  ProgressBar bar("embedding", files->size());
+  absl::Status s = c.StreamEmbed(
+      options, files->size(), 16,
+      [&](size_t i) -> absl::StatusOr<v1::Image> {
+        auto bytes = ReadFileBytes((*files)[i]);
+        if (!bytes.ok()) return bytes.status();
+        v1::Image img;
+        img.set_name((*files)[i]);
+        img.set_encoded(std::move(*bytes));
+        return img;
+      },
+      [&](const v1::EmbedResult& r) {
+        if (r.has_error()) {
+          ++failed;
+          std::cerr << "tlctl: " << r.error().message() << "\n";
+        } else {
+          dim = r.embedding().values_size();
+          rows.push_back({r.name(), {r.embedding().values().begin(), r.embedding().values().end()}});
+        }
+        bar.Update(rows.size() + failed);
+      });
+  bar.Finish();
+  if (!s.ok()) return Fail(s);
+  if (a.flags.count("out")) {
+    if (auto w = WriteEmbeddings(a.flags.at("out"), rows); !w.ok()) return Fail(w);
+  }
+  if (a.flags.count("json")) {
+    nlohmann::json list = nlohmann::json::array();
+    for (const auto& r : rows) list.push_back({{"name", r.name}, {"vector", r.values}});
+    std::cout << nlohmann::json{{"dim", dim}, {"embeddings", list}}.dump() << "\n";
+  } else if (!a.flags.count("out")) {
+    for (const auto& r : rows) {
+      std::cout << r.name << ": dim " << r.values.size() << " [";
+      for (size_t i = 0; i < std::min<size_t>(4, r.values.size()); ++i) {
+        std::cout << (i ? ", " : "") << r.values[i];
+      }
+      std::cout << (r.values.size() > 4 ? ", ...]\n" : "]\n");
+    }
+  } else {
+    std::cerr << "wrote " << rows.size() << " vectors of dim " << dim << " to "
+              << a.flags.at("out") << "\n";
+  }
+  return failed > 0 ? 1 : 0;
+}
+
+int Main(int argc, char** argv) {
+  auto args = Parse(argc, argv);
+  if (!args.ok()) return Fail(args.status());
+  if (args->command.empty() || args->command == "help" || args->flags.count("help")) {
+    std::cout << kUsage;
+    return args->command.empty() && !args->flags.count("help") ? 2 : 0;
+  }
+  std::string server = "localhost:50051";
+  if (const char* env = std::getenv("TLSERVE_SERVER")) server = env;
+  if (args->flags.count("server")) server = args->flags.at("server");
+  const std::string& cmd = args->command;
+  if (cmd != "health" && cmd != "layers" && cmd != "summary" && cmd != "embed") {
+    std::cerr << "tlctl: unknown command \"" << cmd << "\"\n" << kUsage;
+    return 2;
+  }
+  auto client = Client::Connect(server, absl::Seconds(10));
+  if (!client.ok()) return Fail(client.status());
+  if (cmd == "health") return Health(**client, *args);
+  if (cmd == "layers") return Layers(**client, *args, false);
+  if (cmd == "summary") return Layers(**client, *args, true);
+  return Embed(**client, *args);
+}
+
+}  // namespace
+}  // namespace tlserve
+
+int main(int argc, char** argv) { return tlserve::Main(argc, argv); }
