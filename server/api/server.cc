@@ -45,8 +45,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     }
     s->exposer_ = std::move(*exposer);
     s->exposer_->RegisterCollectable(s->metrics_->registry());
-    s->exposer_->RegisterCollectable(
-        std::make_shared<DeviceMemoryCollector>(s->backbone_->device()));
+    s->device_memory_ = std::make_shared<DeviceMemoryCollector>(s->backbone_->device());
+    s->exposer_->RegisterCollectable(s->device_memory_);
   }
 
   s->inference_ =

@@ -20,6 +20,7 @@ class Server;
 namespace tlserve {
 
 class DataDir;
+class DeviceMemoryCollector;
 class MetricsExposer;
 
 struct ServerOptions {
@@ -55,6 +56,8 @@ class Server {
   std::unique_ptr<Backbone> backbone_;
   std::unique_ptr<Embedder> embedder_;
   std::unique_ptr<InferenceService> inference_;
+  // Collectables are registered weakly: the server keeps them alive.
+  std::shared_ptr<DeviceMemoryCollector> device_memory_;
   std::unique_ptr<MetricsExposer> exposer_;
   std::unique_ptr<grpc::Server> grpc_;
   int grpc_port_ = 0;
