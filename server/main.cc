@@ -66,10 +66,11 @@ int main(int argc, char** argv) {
     tlserve::LogError("--max_images_per_request must be >= 1 and --max_message_bytes >= 1024");
     return 2;
   }
-  tlserve::LogInfo("starting tlserve: backbone %s, device %s, precision %s, %d threads, "
-                   "max batch %d, data dir %s",
-                   o.backbone.path, o.backbone.device, o.backbone.precision, o.backbone.threads,
-                   o.embedder.batching.max_batch_size, o.data_dir);
+  tlserve::LogInfo(
+      "starting tlserve: backbone %s, device %s, precision %s, %d threads, "
+      "max batch %d, data dir %s",
+      o.backbone.path, o.backbone.device, o.backbone.precision, o.backbone.threads,
+      o.embedder.batching.max_batch_size, o.data_dir);
 
   auto server = tlserve::Server::Start(o);
   if (!server.ok()) {

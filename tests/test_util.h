@@ -43,7 +43,8 @@ inline double Cosine(const std::vector<float>& a, const std::vector<float>& b) {
 
 inline double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
   double m = a.size() == b.size() ? 0 : INFINITY;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) m = std::max(m, double(std::fabs(a[i] - b[i])));
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
+    m = std::max(m, double(std::fabs(a[i] - b[i])));
   return m;
 }
 

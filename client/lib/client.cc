@@ -21,8 +21,8 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& targe
   args.SetMaxSendMessageSize(256 << 20);
   auto channel = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
   if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() + timeout))) {
-    return absl::UnavailableError(absl::StrCat("no tlserve answers at ", target,
-                                               " (is the server running? see --server)"));
+    return absl::UnavailableError(
+        absl::StrCat("no tlserve answers at ", target, " (is the server running? see --server)"));
   }
   return std::unique_ptr<Client>(new Client(std::move(channel)));
 }

@@ -26,8 +26,8 @@ class Client {
  public:
   // Connects to HOST:PORT, waiting up to `timeout` for the channel:
   // UNAVAILABLE naming the address if nothing answers.
-  static absl::StatusOr<std::unique_ptr<Client>> Connect(const std::string& target,
-                                                         absl::Duration timeout = absl::Seconds(10));
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(
+      const std::string& target, absl::Duration timeout = absl::Seconds(10));
 
   // "SERVING", "NOT_SERVING", ... of the standard health service.
   absl::StatusOr<std::string> Health(const std::string& service = "");

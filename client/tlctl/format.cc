@@ -38,12 +38,12 @@ std::string SummaryTable(const v1::DescribeBackboneResponse& d) {
   absl::StrAppend(&out, "Total params: ", WithCommas(d.total_params()), "\n");
   absl::StrAppend(&out, "Trainable params: ", WithCommas(d.trainable_params()),
                   " (the shared backbone is frozen)\n");
-  absl::StrAppend(&out, "Non-trainable params: ",
-                  WithCommas(d.total_params() - d.trainable_params()), "\n");
+  absl::StrAppend(
+      &out, "Non-trainable params: ", WithCommas(d.total_params() - d.trainable_params()), "\n");
   absl::StrAppend(&out, rule, "\n");
   absl::StrAppend(&out, "Input: ", absl::StrJoin(d.input_shape(), "x"),
-                  "; embedding dim: ", d.embedding_dim(), "; ", d.device(), " ", d.dtype(),
-                  "; ", d.file_name(), d.pretrained() ? "" : " (random weights)", "\n");
+                  "; embedding dim: ", d.embedding_dim(), "; ", d.device(), " ", d.dtype(), "; ",
+                  d.file_name(), d.pretrained() ? "" : " (random weights)", "\n");
   return out;
 }
 

@@ -96,25 +96,25 @@ int Layers(Client& c, const Args& a, bool table) {
   if (a.flags.count("json")) {
     nlohmann::json stages = nlohmann::json::array();
     for (const auto& s : d->stages()) {
-      stages.push_back({{"name", s.name()},
-                        {"type", s.type()},
-                        {"output_shape", std::vector<int64_t>(s.output_shape().begin(),
-                                                              s.output_shape().end())},
-                        {"params", s.params()},
-                        {"trainable", s.trainable()},
-                        {"head", s.head()}});
+      stages.push_back(
+          {{"name", s.name()},
+           {"type", s.type()},
+           {"output_shape", std::vector<int64_t>(s.output_shape().begin(), s.output_shape().end())},
+           {"params", s.params()},
+           {"trainable", s.trainable()},
+           {"head", s.head()}});
     }
-    nlohmann::json j = {{"file_name", d->file_name()},
-                        {"sha256", d->sha256()},
-                        {"device", d->device()},
-                        {"dtype", d->dtype()},
-                        {"pretrained", d->pretrained()},
-                        {"embedding_dim", d->embedding_dim()},
-                        {"input_shape", std::vector<int64_t>(d->input_shape().begin(),
-                                                             d->input_shape().end())},
-                        {"total_params", d->total_params()},
-                        {"trainable_params", d->trainable_params()},
-                        {"stages", stages}};
+    nlohmann::json j = {
+        {"file_name", d->file_name()},
+        {"sha256", d->sha256()},
+        {"device", d->device()},
+        {"dtype", d->dtype()},
+        {"pretrained", d->pretrained()},
+        {"embedding_dim", d->embedding_dim()},
+        {"input_shape", std::vector<int64_t>(d->input_shape().begin(), d->input_shape().end())},
+        {"total_params", d->total_params()},
+        {"trainable_params", d->trainable_params()},
+        {"stages", stages}};
     std::cout << j.dump() << "\n";
   } else if (table) {
     std::cout << SummaryTable(*d);
@@ -158,7 +158,8 @@ int Embed(Client& c, const Args& a) {
           std::cerr << "tlctl: " << r.error().message() << "\n";
         } else {
           dim = r.embedding().values_size();
-          rows.push_back({r.name(), {r.embedding().values().begin(), r.embedding().values().end()}});
+          rows.push_back(
+              {r.name(), {r.embedding().values().begin(), r.embedding().values().end()}});
         }
         bar.Update(rows.size() + failed);
       });
@@ -180,8 +181,8 @@ int Embed(Client& c, const Args& a) {
       std::cout << (r.values.size() > 4 ? ", ...]\n" : "]\n");
     }
   } else {
-    std::cerr << "wrote " << rows.size() << " vectors of dim " << dim << " to "
-              << a.flags.at("out") << "\n";
+    std::cerr << "wrote " << rows.size() << " vectors of dim " << dim << " to " << a.flags.at("out")
+              << "\n";
   }
   return failed > 0 ? 1 : 0;
 }

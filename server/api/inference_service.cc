@@ -81,8 +81,8 @@ grpc::ServerUnaryReactor* InferenceService::Embed(grpc::CallbackServerContext* c
   const auto& opts = request->options();
   auto spec = embedder_->MakeSpec(opts.layer(), FromProto(opts.pool()), opts.normalize());
   if (!spec.ok()) {
-    Finish(reactor, timer, absl::InvalidArgumentError(
-                               absl::StrCat("options.layer: ", spec.status().message())));
+    Finish(reactor, timer,
+           absl::InvalidArgumentError(absl::StrCat("options.layer: ", spec.status().message())));
     return reactor;
   }
   auto inputs = ToImageInputs(request->images(), 0);

@@ -25,12 +25,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   if (!backbone.ok()) return backbone.status();
   s->backbone_ = std::move(*backbone);
   if (!s->backbone_->pretrained()) {
-    LogWarning("backbone %s has RANDOM weights (a test fixture, not pretrained): embeddings "
-               "are not meaningful features; see README for real weights",
-               s->backbone_->name());
+    LogWarning(
+        "backbone %s has RANDOM weights (a test fixture, not pretrained): embeddings "
+        "are not meaningful features; see README for real weights",
+        s->backbone_->name());
   }
-  s->metrics_->SetBackboneInfo(s->backbone_->name(), s->backbone_->device(),
-                               s->backbone_->dtype(), s->backbone_->pretrained());
+  s->metrics_->SetBackboneInfo(s->backbone_->name(), s->backbone_->device(), s->backbone_->dtype(),
+                               s->backbone_->pretrained());
 
   auto embedder = Embedder::Create(s->backbone_.get(), options.embedder, s->metrics_.get());
   if (!embedder.ok()) return embedder.status();
@@ -40,8 +41,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   if (!options.metrics_address.empty()) {
     auto exposer = MetricsExposer::Start(options.metrics_address);
     if (!exposer.ok()) {
-      return absl::Status(exposer.status().code(), absl::StrCat(exposer.status().message(),
-                                                                " (see --metrics_port)"));
+      return absl::Status(exposer.status().code(),
+                          absl::StrCat(exposer.status().message(), " (see --metrics_port)"));
     }
     s->exposer_ = std::move(*exposer);
     s->exposer_->RegisterCollectable(s->metrics_->registry());
@@ -54,8 +55,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.grpc_address, grpc::InsecureServerCredentials(),
-                           &s->grpc_port_);
+  builder.AddListeningPort(options.grpc_address, grpc::InsecureServerCredentials(), &s->grpc_port_);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   builder.RegisterService(s->inference_.get());

@@ -28,7 +28,7 @@ struct ServerOptions {
   Embedder::Options embedder;
   ApiLimits limits;
   std::string data_dir = "./tlserve-data";
-  std::string grpc_address = "0.0.0.0:50051";  // port 0 picks a free one
+  std::string grpc_address = "0.0.0.0:50051";    // port 0 picks a free one
   std::string metrics_address = "0.0.0.0:9090";  // empty: no exposer
   int max_message_bytes = 64 << 20;
 };

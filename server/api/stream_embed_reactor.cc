@@ -123,8 +123,8 @@ StreamEmbedReactor::Actions StreamEmbedReactor::NextActionsLocked() {
   }
   if (stop_reading && slots_.empty() && !writing_) {
     finished_ = true;
-    a.finish = context_->IsCancelled() ? absl::CancelledError("the client cancelled the stream")
-                                       : error_;
+    a.finish =
+        context_->IsCancelled() ? absl::CancelledError("the client cancelled the stream") : error_;
   }
   return a;
 }

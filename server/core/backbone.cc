@@ -40,13 +40,15 @@ absl::StatusOr<std::string> FileSha256(const std::string& path) {
   unsigned int len = 0;
   EVP_DigestFinal_ex(ctx.get(), digest, &len);
   std::string hex;
-  for (unsigned int i = 0; i < len; ++i) absl::StrAppend(&hex, absl::Hex(digest[i], absl::kZeroPad2));
+  for (unsigned int i = 0; i < len; ++i)
+    absl::StrAppend(&hex, absl::Hex(digest[i], absl::kZeroPad2));
   return hex;
 }
 
 absl::StatusOr<torch::Device> ParseDevice(const std::string& device) {
   if (device == "auto") {
-    return torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+    return torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0)
+                                       : torch::Device(torch::kCPU);
   }
   if (device != "cpu" && device.rfind("cuda", 0) != 0) {
     return absl::InvalidArgumentError(
@@ -58,8 +60,8 @@ absl::StatusOr<torch::Device> ParseDevice(const std::string& device) {
       const int count = static_cast<int>(torch::cuda::device_count());
       const int index = parsed.has_index() ? parsed.index() : 0;
       if (index >= count) {
-        return absl::InvalidArgumentError(absl::StrCat("--device=", device, ": this machine has ",
-                                                       count, " CUDA device(s)"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("--device=", device, ": this machine has ", count, " CUDA device(s)"));
       }
       return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
     }
@@ -135,9 +137,10 @@ absl::StatusOr<std::unique_ptr<Backbone>> Backbone::Load(const BackboneOptions& 
   try {
     impl->module = torch::jit::load(options.path, impl->device, extra);
   } catch (const c10::Error& e) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cannot load backbone ", options.path, " as TorchScript (save it with "
-        "torch.jit.script(model).save(path)): ", e.msg()));
+    return absl::InvalidArgumentError(absl::StrCat("cannot load backbone ", options.path,
+                                                   " as TorchScript (save it with "
+                                                   "torch.jit.script(model).save(path)): ",
+                                                   e.msg()));
   }
   std::unique_ptr<Backbone> b(new Backbone(std::move(impl)));
   Impl& m = *b->impl_;
@@ -190,9 +193,10 @@ absl::StatusOr<std::unique_ptr<Backbone>> Backbone::Load(const BackboneOptions& 
     c10::InferenceMode guard;
     auto out = m.module.forward({probe.to(m.device, m.dtype)});
     if (!out.isTensor()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "backbone ", options.path, "'s forward does not return a tensor; tlserve needs a "
-          "classifier whose forward returns logits"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("backbone ", options.path,
+                       "'s forward does not return a tensor; tlserve needs a "
+                       "classifier whose forward returns logits"));
     }
     full = out.toTensor().to(torch::kCPU, torch::kFloat);
     staged = b->RunStages(probe, static_cast<int>(m.stages.size()) - 1);
@@ -200,7 +204,8 @@ absl::StatusOr<std::unique_ptr<Backbone>> Backbone::Load(const BackboneOptions& 
   } catch (const c10::Error& e) {
     return absl::InvalidArgumentError(absl::StrCat(
         "backbone ", options.path, " cannot run its stages in order on a 1x3x", crop, "x", crop,
-        " input: ", e.msg(), ". tlserve needs a network whose top-level children, run in order "
+        " input: ", e.msg(),
+        ". tlserve needs a network whose top-level children, run in order "
         "with a flatten before the last (the head), make its forward (e.g. torchvision's ResNet)"));
   }
   const double scale = std::max(1.0, full.abs().max().item<double>());
@@ -212,12 +217,12 @@ absl::StatusOr<std::unique_ptr<Backbone>> Backbone::Load(const BackboneOptions& 
         ") with a flatten before the last does not reproduce its forward; its forward does more "
         "than chain its children. tlserve supports networks shaped like torchvision's ResNet"));
   }
-  LogInfo("loaded backbone %s (%s, sha256 %s) on %s as %s: %d stages, embedding dim %d, %s, "
-          "load and verification took %.2f s",
-          b->name_, options.path, b->sha256_.substr(0, 12), b->device_, b->dtype_,
-          m.stages.size(), b->embedding_dim_,
-          b->pretrained_ ? "pretrained weights" : "RANDOM WEIGHTS (not pretrained)",
-          absl::ToDoubleSeconds(absl::Now() - start));
+  LogInfo(
+      "loaded backbone %s (%s, sha256 %s) on %s as %s: %d stages, embedding dim %d, %s, "
+      "load and verification took %.2f s",
+      b->name_, options.path, b->sha256_.substr(0, 12), b->device_, b->dtype_, m.stages.size(),
+      b->embedding_dim_, b->pretrained_ ? "pretrained weights" : "RANDOM WEIGHTS (not pretrained)",
+      absl::ToDoubleSeconds(absl::Now() - start));
   return b;
 }
 
@@ -250,7 +255,7 @@ torch::Tensor Backbone::Embed(const torch::Tensor& batch, const EmbedSpec& spec)
   const int last = spec.stage < 0 ? static_cast<int>(impl_->stages.size()) - 2 : spec.stage;
   torch::Tensor x = RunStages(batch, last);
   if (x.dim() > 2) {
-    x = spec.stage < 0 ? x.flatten(1)
+    x = spec.stage < 0            ? x.flatten(1)
         : spec.pool == Pool::kMax ? x.flatten(2).amax(2)
                                   : x.flatten(2).mean(2);
   }
@@ -270,8 +275,8 @@ absl::StatusOr<BackboneSummary> Backbone::Describe(std::vector<int64_t> input_ch
   summary.input_shape = input_chw;
   const Impl& m = *impl_;
   c10::InferenceMode guard;
-  torch::Tensor x = torch::zeros({1, input_chw[0], input_chw[1], input_chw[2]})
-                        .to(m.device, m.dtype);
+  torch::Tensor x =
+      torch::zeros({1, input_chw[0], input_chw[1], input_chw[2]}).to(m.device, m.dtype);
   const int head = static_cast<int>(m.stages.size()) - 1;
   for (int i = 0; i <= head; ++i) {
     StageInfo s;

@@ -23,7 +23,7 @@ namespace tlserve {
 
 struct BackboneOptions {
   std::string path;
-  std::string device = "auto";    // auto | cpu | cuda | cuda:N
+  std::string device = "auto";     // auto | cpu | cuda | cuda:N
   std::string precision = "fp32";  // fp32 | bf16 | fp16 (reduced only on CUDA)
   int threads = 0;                 // LibTorch intra-op threads; 0 keeps LibTorch's
 };

@@ -47,10 +47,9 @@ absl::Status Batcher::Submit(std::vector<Task> tasks) {
   absl::MutexLock lock(&mu_);
   if (stopping_) return absl::UnavailableError("the server is shutting down");
   if (queue_.size() + tasks.size() > static_cast<size_t>(options_.max_queue_size)) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("the batching queue is full (", queue_.size(), " of ",
-                     options_.max_queue_size, " images queued, ", tasks.size(),
-                     " more asked); retry later or raise --max_queue_size"));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the batching queue is full (", queue_.size(), " of ", options_.max_queue_size,
+        " images queued, ", tasks.size(), " more asked); retry later or raise --max_queue_size"));
   }
   for (Task& t : tasks) {
     std::string group = absl::StrCat(t.key, "|", absl::StrJoin(t.input.sizes(), "x"));
@@ -92,17 +91,19 @@ void Batcher::WorkerLoop() {
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
-          +[](Batcher* b) ABSL_NO_THREAD_SAFETY_ANALYSIS { return b->stopping_ || !b->queue_.empty(); },
+          +[](Batcher* b)
+               ABSL_NO_THREAD_SAFETY_ANALYSIS { return b->stopping_ || !b->queue_.empty(); },
           this));
       if (queue_.empty()) return;  // stopping, and everything is done
       // Wait for a full batch or the oldest input's delay, whichever is first.
       while (!BatchReady(absl::Now())) {
         const absl::Time until = queue_.front().enqueued + options_.max_queue_delay;
-        mu_.AwaitWithDeadline(
-            absl::Condition(
-                +[](Batcher* b) ABSL_NO_THREAD_SAFETY_ANALYSIS { return b->BatchReady(absl::Now()); },
-                this),
-            until);
+        mu_.AwaitWithDeadline(absl::Condition(
+                                  +[](Batcher* b) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                    return b->BatchReady(absl::Now());
+                                  },
+                                  this),
+                              until);
       }
       batch = TakeBatch();
     }

@@ -33,10 +33,10 @@ std::vector<prometheus::MetricFamily> DeviceMemoryCollector::Collect() const {
     const auto colon = device_.find(':');
     const int index = colon == std::string::npos ? 0 : std::stoi(device_.substr(colon + 1));
     const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index);
-    family.metric.push_back(Sample(device_, "allocated",
-                                   static_cast<double>(stats.allocated_bytes[0].current)));
-    family.metric.push_back(Sample(device_, "reserved",
-                                   static_cast<double>(stats.reserved_bytes[0].current)));
+    family.metric.push_back(
+        Sample(device_, "allocated", static_cast<double>(stats.allocated_bytes[0].current)));
+    family.metric.push_back(
+        Sample(device_, "reserved", static_cast<double>(stats.reserved_bytes[0].current)));
 #endif
   } else {
     long pages = 0, resident = 0;

@@ -120,9 +120,9 @@ absl::StatusOr<at::Tensor> Embedder::Prepare(const ImageInput& image) const {
       }
       const int64_t want = shape[0] * shape[1] * shape[2] * 4;
       if (static_cast<int64_t>(image.data.size()) != want) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("tensor data has ", image.data.size(), " bytes; shape 3x", shape[1], "x",
-                         shape[2], " of float32 needs ", want));
+        return absl::InvalidArgumentError(absl::StrCat("tensor data has ", image.data.size(),
+                                                       " bytes; shape 3x", shape[1], "x", shape[2],
+                                                       " of float32 needs ", want));
       }
       at::Tensor chw = at::empty({shape[0], shape[1], shape[2]}, at::kFloat);
       std::memcpy(chw.data_ptr(), image.data.data(), image.data.size());

@@ -47,8 +47,7 @@ class Embedder {
   using ImageDone = std::function<void(size_t i, absl::StatusOr<at::Tensor> vector)>;
 
   static absl::StatusOr<std::unique_ptr<Embedder>> Create(const Backbone* backbone,
-                                                          const Options& options,
-                                                          Metrics* metrics);
+                                                          const Options& options, Metrics* metrics);
   ~Embedder();
 
   // INVALID_ARGUMENT for an unknown layer or the head.

@@ -127,8 +127,8 @@ absl::StatusOr<at::Tensor> DecodePng(absl::string_view bytes, int64_t max_pixels
     return absl::InvalidArgumentError(absl::StrCat("corrupt PNG: ", st->error));
   }
   if (st->too_big) return TooManyPixels(st->width, st->height, max_pixels);
-  at::Tensor out = at::empty({static_cast<int64_t>(st->height), static_cast<int64_t>(st->width), 3},
-                             at::kByte);
+  at::Tensor out =
+      at::empty({static_cast<int64_t>(st->height), static_cast<int64_t>(st->width), 3}, at::kByte);
   std::memcpy(out.data_ptr<uint8_t>(), st->pixels.data(), st->pixels.size());
   return out;
 }

@@ -26,8 +26,8 @@ class Metrics {
   // One finished RPC: its method, canonical code name ("OK", "INVALID_ARGUMENT") and duration.
   void RecordRequest(const std::string& method, const std::string& code, double seconds);
   void AddImages(const std::string& method, double n);
-  void SetBackboneInfo(const std::string& name, const std::string& device,
-                       const std::string& dtype, bool pretrained);
+  void SetBackboneInfo(const std::string& name, const std::string& device, const std::string& dtype,
+                       bool pretrained);
 
   prometheus::Histogram& batch_size() { return *batch_size_; }
   prometheus::Histogram& queue_seconds() { return *queue_seconds_; }

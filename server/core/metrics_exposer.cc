@@ -21,8 +21,8 @@ absl::StatusOr<std::unique_ptr<MetricsExposer>> MetricsExposer::Start(const std:
   int port = 0;
   if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port) ||
       port < 0 || port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat("metrics address \"", address,
-                                                   "\" is not HOST:PORT"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("metrics address \"", address, "\" is not HOST:PORT"));
   }
   std::string host = address.substr(0, colon);
   if (host.empty()) host = "0.0.0.0";
@@ -38,21 +38,21 @@ absl::StatusOr<std::unique_ptr<MetricsExposer>> MetricsExposer::Start(const std:
   const int fd = ::socket(found->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
   const int one = 1;
   ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  const bool bound = fd >= 0 && ::bind(fd, found->ai_addr, found->ai_addrlen) == 0 &&
-                     ::listen(fd, 16) == 0;
+  const bool bound =
+      fd >= 0 && ::bind(fd, found->ai_addr, found->ai_addrlen) == 0 && ::listen(fd, 16) == 0;
   const int err = errno;
   freeaddrinfo(found);
   if (!bound) {
     if (fd >= 0) ::close(fd);
-    return absl::UnavailableError(absl::StrCat("cannot listen for metrics on ", address, ": ",
-                                               std::strerror(err)));
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen for metrics on ", address, ": ", std::strerror(err)));
   }
   sockaddr_storage local{};
   socklen_t len = sizeof(local);
   ::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len);
-  const int actual = ntohs(local.ss_family == AF_INET6
-                               ? reinterpret_cast<sockaddr_in6*>(&local)->sin6_port
-                               : reinterpret_cast<sockaddr_in*>(&local)->sin_port);
+  const int actual =
+      ntohs(local.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&local)->sin6_port
+                                        : reinterpret_cast<sockaddr_in*>(&local)->sin_port);
   return std::unique_ptr<MetricsExposer>(new MetricsExposer(fd, actual));
 }
 

@@ -53,9 +53,9 @@ absl::StatusOr<std::unique_ptr<DataDir>> DataDir::Open(const std::string& path) 
   if (fd < 0) return Errno(absl::StrCat("cannot open ", lock_path));
   if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     ::close(fd);
-    return absl::FailedPreconditionError(absl::StrCat(
-        "data directory ", path, " is in use by another tlserve process (", lock_path,
-        " is locked); give each server its own --data_dir"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("data directory ", path, " is in use by another tlserve process (", lock_path,
+                     " is locked); give each server its own --data_dir"));
   }
   std::unique_ptr<DataDir> dir(new DataDir(path, fd));
   // Prove now, not at the first upload, that the directory is writable.

@@ -196,9 +196,10 @@ TEST(BatcherTest, AFailingForwardFailsEveryInputOfTheBatch) {
   Batcher::Options o;
   o.max_batch_size = 2;
   o.max_queue_delay = absl::Seconds(10);
-  auto b = Batcher::Create(o, [](const std::string&, const at::Tensor&) -> absl::StatusOr<at::Tensor> {
-    throw std::runtime_error("device fell over");
-  });
+  auto b =
+      Batcher::Create(o, [](const std::string&, const at::Tensor&) -> absl::StatusOr<at::Tensor> {
+        throw std::runtime_error("device fell over");
+      });
   ASSERT_TRUE(b.ok());
   Results res(2);
   std::vector<Batcher::Task> tasks;

@@ -57,11 +57,12 @@ TEST_P(RejectsBadImage, WithInvalidArgument) {
       << decoded.status();
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Corrupt, RejectsBadImage,
-    ::testing::Values(BadCase{"bad_truncated.jpg", "JPEG"}, BadCase{"bad_crc.png", "CRC"},
-                      BadCase{"bad_empty.png", "empty"}, BadCase{"bad_format.gif", "unsupported"},
-                      BadCase{"bad_bomb.png", "over the limit"}));
+INSTANTIATE_TEST_SUITE_P(Corrupt, RejectsBadImage,
+                         ::testing::Values(BadCase{"bad_truncated.jpg", "JPEG"},
+                                           BadCase{"bad_crc.png", "CRC"},
+                                           BadCase{"bad_empty.png", "empty"},
+                                           BadCase{"bad_format.gif", "unsupported"},
+                                           BadCase{"bad_bomb.png", "over the limit"}));
 
 TEST(ImageDecoderTest, BombIsRejectedFromTheHeader) {
   // 20000x20000 RGB would need 1.2 GB; the header check must refuse it first.

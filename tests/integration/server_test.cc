@@ -27,8 +27,8 @@ using ::tlserve::testing::MaxAbsDiff;
 using ::tlserve::testing::ReadBytes;
 using ::tlserve::testing::ReadF32;
 
-const std::vector<std::string> kImages = {"rgb_png.png", "gray_png.png",   "rgba_png.png",
-                                          "palette_png.png", "rgb_jpg.jpg", "gray_jpg.jpg",
+const std::vector<std::string> kImages = {"rgb_png.png",     "gray_png.png", "rgba_png.png",
+                                          "palette_png.png", "rgb_jpg.jpg",  "gray_jpg.jpg",
                                           "small_png.png"};
 
 std::string TempDir() {
@@ -138,9 +138,10 @@ TEST_F(ServerTest, EmbedOfImagesMatchesTorchvisionPipelines) {
   }
   EXPECT_GE(worst_cosine, 0.999) << "worst cosine vs the PIL pipeline: " << worst_cosine << " ("
                                  << worst_image << ")";
-  std::printf("measured: worst cosine vs torchvision PIL pipeline %.6f (%s); worst max|diff|/max|ref| "
-              "vs torchvision tensor pipeline %.2e\n",
-              worst_cosine, worst_image.c_str(), worst_rel_diff);
+  std::printf(
+      "measured: worst cosine vs torchvision PIL pipeline %.6f (%s); worst max|diff|/max|ref| "
+      "vs torchvision tensor pipeline %.2e\n",
+      worst_cosine, worst_image.c_str(), worst_rel_diff);
   RecordProperty("worst_cosine_vs_pil", std::to_string(worst_cosine));
 }
 
@@ -268,7 +269,8 @@ TEST_F(ServerTest, BadImagesAreInvalidArgumentsNamingIndexAndName) {
     *req.add_images() = EncodedImage("rgb_png.png");
     *req.add_images() = c.image;
     auto r = client_->Embed(req);
-    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << c.label << ": " << r.status();
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument)
+        << c.label << ": " << r.status();
     const auto message = r.status().message();
     EXPECT_NE(message.find("images[1]"), absl::string_view::npos) << c.label << ": " << message;
     EXPECT_NE(message.find(c.image.name()), absl::string_view::npos) << c.label << ": " << message;
@@ -335,7 +337,8 @@ TEST_F(ServerTest, StreamEmbedWithUnknownLayerEndsTheStream) {
   v1::EmbedOptions options;
   options.set_layer("nope");
   absl::Status s = client_->StreamEmbed(
-      options, 1, 1, [&](size_t) -> absl::StatusOr<v1::Image> { return EncodedImage("rgb_png.png"); },
+      options, 1, 1,
+      [&](size_t) -> absl::StatusOr<v1::Image> { return EncodedImage("rgb_png.png"); },
       [](const v1::EmbedResult&) {});
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
 }
@@ -364,7 +367,8 @@ TEST_F(ServerTest, MetricsAreExportedAndPassPromtool) {
        {"tlserve_requests_total{code=\"OK\",method=\"Embed\"}", "tlserve_request_duration_seconds",
         "tlserve_images_total{method=\"Embed\"}", "tlserve_batch_size_bucket",
         "tlserve_queue_duration_seconds_bucket", "tlserve_queue_depth",
-        "tlserve_backbone_info{device=\"cpu\",dtype=\"float32\",name=\"resnet50\",pretrained=\"false\"} 1",
+        "tlserve_backbone_info{device=\"cpu\",dtype=\"float32\",name=\"resnet50\",pretrained="
+        "\"false\"} 1",
         "tlserve_device_memory_bytes{device=\"cpu\",kind=\"resident\"}",
         "tlserve_requests_total{code=\"INVALID_ARGUMENT\""}) {
     EXPECT_NE(text.find(name), std::string::npos) << name;

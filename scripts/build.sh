@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Configures and builds tlserve into build/ (Release). Used by test.sh and demo.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh "${1:-all}"
+if [ ! -f build/build.ninja ]; then
+  cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release
+fi
+cmake --build build

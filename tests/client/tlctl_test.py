@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""tlctl against a live tlserve: every command, --json shapes, files out, errors.
+
+usage: tlctl_test.py BIN_DIR FIXTURES_DIR
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import numpy as np
+
+BIN, FIX = sys.argv[1], sys.argv[2]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TlctlTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="tlctl-test-")
+        cls.port = free_port()
+        cls.log = open(os.path.join(cls.tmp, "server.log"), "w")
+        cls.server = subprocess.Popen(
+            [os.path.join(BIN, "tlserve"), "--backbone=" + os.path.join(FIX, "r18small.pt"),
+             "--port=%d" % cls.port, "--metrics_port=0", "--host=127.0.0.1", "--device=cpu",
+             "--data_dir=" + os.path.join(cls.tmp, "data")], stderr=cls.log)
+        for _ in range(600):
+            if cls.run_tlctl("health").returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("server did not become healthy: " + open(cls.log.name).read())
+        cls.images = os.path.join(cls.tmp, "images")
+        os.makedirs(os.path.join(cls.images, "sub"))
+        for f in ["rgb_png.png", "gray_jpg.jpg"]:
+            shutil.copy(os.path.join(FIX, f), cls.images)
+        shutil.copy(os.path.join(FIX, "small_png.png"), os.path.join(cls.images, "sub"))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.terminate()
+        cls.server.wait(timeout=60)
+        cls.log.close()
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    @classmethod
+    def run_tlctl(cls, *args):
+        return subprocess.run([os.path.join(BIN, "tlctl"), "--server=127.0.0.1:%d" % cls.port] + list(args),
+                              capture_output=True, text=True, timeout=120)
+
+    def test_health(self):
+        r = self.run_tlctl("health")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout.strip(), "SERVING")
+
+    def test_layers_lists_modules_in_order(self):
+        r = self.run_tlctl("layers")
+        self.assertEqual(r.stdout.split(), ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2",
+                                            "layer3", "layer4", "avgpool", "fc"])
+
+    def test_summary_table_and_json(self):
+        r = self.run_tlctl("summary", "--input", "3x128x128")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("Total params: 11,689,512", r.stdout)
+        self.assertIn("[-1, 64, 64, 64]", r.stdout)
+        j = json.loads(self.run_tlctl("summary", "--json").stdout)
+        self.assertEqual(j["embedding_dim"], 512)
+        self.assertEqual([s["name"] for s in j["stages"]][-1], "fc")
+        for s in j["stages"]:
+            self.assertEqual(set(s), {"name", "type", "output_shape", "params", "trainable", "head"})
+        self.assertEqual(sum(s["params"] for s in j["stages"]), 11689512)
+
+    def test_embed_json_csv_and_npy_agree(self):
+        d = os.path.join(self.tmp, "out")
+        os.makedirs(d, exist_ok=True)
+        j = json.loads(self.run_tlctl("embed", self.images, "--json").stdout)
+        self.assertEqual(j["dim"], 512)
+        names = [e["name"] for e in j["embeddings"]]
+        self.assertEqual(names, sorted(os.path.join(self.images, p) for p in
+                                       ["rgb_png.png", "gray_jpg.jpg", "sub/small_png.png"]))
+        r = self.run_tlctl("embed", self.images, "--out", os.path.join(d, "e.npy"))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        npy = np.load(os.path.join(d, "e.npy"))
+        self.assertEqual(npy.shape, (3, 512))
+        np.testing.assert_array_equal(npy, np.array([e["vector"] for e in j["embeddings"]], np.float32))
+        self.run_tlctl("embed", self.images, "--out", os.path.join(d, "e.csv"))
+        with open(os.path.join(d, "e.csv")) as f:
+            rows = [line.split(",") for line in f.read().splitlines()]
+        self.assertEqual([r[0] for r in rows], names)
+        np.testing.assert_allclose(np.array([[float(x) for x in r[1:]] for r in rows]), npy, rtol=1e-6)
+        # The embedding equals PyTorch's for the same pipeline (tensor path).
+        ref = np.fromfile(os.path.join(FIX, "img_rgb_png.tensor.r18small.f32"), np.float32)
+        got = npy[names.index(os.path.join(self.images, "rgb_png.png"))]
+        self.assertLess(np.abs(got - ref).max(), 1e-4 * np.abs(ref).max())
+
+    def test_embed_layer_option(self):
+        j = json.loads(self.run_tlctl("embed", os.path.join(self.images, "rgb_png.png"),
+                                      "--layer", "layer2", "--pool", "max", "--json").stdout)
+        self.assertEqual(j["dim"], 128)
+
+    def test_errors_name_the_file_and_exit_nonzero(self):
+        bad = os.path.join(FIX, "bad_crc.png")
+        r = self.run_tlctl("embed", os.path.join(self.images, "rgb_png.png"), bad, "--json")
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn(bad, r.stderr)
+        self.assertIn("CRC", r.stderr)
+        self.assertEqual(len(json.loads(r.stdout)["embeddings"]), 1)  # the good one still comes back
+        r = self.run_tlctl("embed", "/no/such/file.png")
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("/no/such/file.png", r.stderr)
+        r = self.run_tlctl("embed", os.path.join(self.images, "rgb_png.png"), "--layer", "fc")
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("dropped head", r.stderr)
+
+    def test_unreachable_server_is_reported(self):
+        r = subprocess.run([os.path.join(BIN, "tlctl"), "--server=127.0.0.1:%d" % free_port(), "health"],
+                           capture_output=True, text=True, timeout=60)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("no tlserve answers", r.stderr)
+
+    def test_unknown_command_prints_usage(self):
+        r = self.run_tlctl("frobnicate")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("usage: tlctl", r.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main(argv=sys.argv[:1], verbosity=2)
