@@ -45,7 +45,7 @@ step "tlctl embed $VAR/samples (Fashion-MNIST test images)"
 $TLCTL embed "$VAR/samples"
 step "metrics"
 echo "Prometheus metrics: http://localhost:$METRICS_PORT/metrics, e.g.:"
-python3 - "$METRICS_PORT" <<'PY' || true
+/usr/bin/python3 - "$METRICS_PORT" <<'PY' || true
 import sys, urllib.request
 text = urllib.request.urlopen("http://localhost:%s/metrics" % sys.argv[1], timeout=5).read().decode()
 print("\n".join(l for l in text.splitlines() if l.startswith(("tlserve_images_total", "tlserve_backbone_info", "tlserve_requests_total"))))

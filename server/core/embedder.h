@@ -64,7 +64,7 @@ class Embedder {
   void Describe(std::vector<int64_t> input_chw,
                 std::function<void(absl::StatusOr<BackboneSummary>)> done);
 
-  // One forward of a full batch, so that the first request is not slow.
+  // Forwards of a full batch, so that the first request is not slow.
   void Warmup();
 
   const Backbone& backbone() const { return *backbone_; }
