@@ -126,8 +126,8 @@ int Main() {
   }
   at::set_num_threads(threads);
   std::vector<std::function<Row()>> modes;
-  modes.push_back(InProcess(path, batch, batches, absl::GetFlag(FLAGS_device),
-                            absl::GetFlag(FLAGS_precision)));
+  modes.push_back(
+      InProcess(path, batch, batches, absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_precision)));
 
   ServerOptions o;
   o.backbone = {path, absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_precision), threads};
@@ -154,7 +154,8 @@ int Main() {
   for (int64_t d : {3, 224, 224}) tensor.mutable_tensor()->add_shape(d);
   torch::Tensor x = torch::randn({3, 224, 224});
   tensor.mutable_tensor()->set_data(x.data_ptr(), x.numel() * sizeof(float));
-  modes.push_back(Served(**server, **client, "served Embed, float32 tensors", tensor, batch, batches, clients));
+  modes.push_back(
+      Served(**server, **client, "served Embed, float32 tensors", tensor, batch, batches, clients));
   if (!absl::GetFlag(FLAGS_jpeg).empty()) {
     std::FILE* f = std::fopen(absl::GetFlag(FLAGS_jpeg).c_str(), "rb");
     std::string bytes;
@@ -163,8 +164,8 @@ int Main() {
     if (f) std::fclose(f);
     v1::Image jpeg;
     jpeg.set_encoded(bytes);
-    modes.push_back(Served(**server, **client, "served Embed, JPEG (decode+preprocess)", jpeg, batch,
-                           batches, clients));
+    modes.push_back(Served(**server, **client, "served Embed, JPEG (decode+preprocess)", jpeg,
+                           batch, batches, clients));
   }
   // Rounds alternate the modes so that drift on a shared machine hits all alike.
   std::vector<Row> rows;

@@ -1,13 +1,15 @@
 // Records one RPC in tlserve_requests_total and
-// tlserve_request_duration_seconds when it finishes.
+// tlserve_request_duration_seconds when it finishes, and logs its failure.
 #ifndef TLSERVE_SERVER_API_RPC_TIMER_H_
 #define TLSERVE_SERVER_API_RPC_TIMER_H_
 
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/api/status_util.h"
+#include "server/core/log.h"
 #include "server/core/metrics.h"
 
 namespace tlserve {
@@ -17,9 +19,17 @@ class RpcTimer {
   RpcTimer(Metrics* metrics, std::string method)
       : metrics_(metrics), method_(std::move(method)), start_(absl::Now()) {}
 
+  // Every failed call is also one log line: WARN for the caller's mistakes,
+  // ERROR for the server's own failures.
   void Done(const absl::Status& status) const {
     metrics_->RecordRequest(method_, CodeLabel(status.code()),
                             absl::ToDoubleSeconds(absl::Now() - start_));
+    if (status.ok()) return;
+    const bool server_fault = status.code() == absl::StatusCode::kInternal ||
+                              status.code() == absl::StatusCode::kUnknown ||
+                              status.code() == absl::StatusCode::kDataLoss;
+    LogLine(server_fault ? LogLevel::kError : LogLevel::kWarning,
+            absl::StrCat(method_, " failed: ", status.ToString()));
   }
   const std::string& method() const { return method_; }
 
