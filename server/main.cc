@@ -24,6 +24,9 @@ ABSL_FLAG(int, max_queue_size, 1024, "most images queued; more get RESOURCE_EXHA
 ABSL_FLAG(int64_t, max_image_pixels, 40'000'000, "largest decoded image (width*height)");
 ABSL_FLAG(int, max_images_per_request, 256, "most images in one Embed request or stream message");
 ABSL_FLAG(int, max_message_bytes, 64 << 20, "largest gRPC message, in bytes");
+ABSL_FLAG(int64_t, max_dataset_images, 1'000'000, "most images in one dataset");
+ABSL_FLAG(int64_t, max_dataset_classes, 1000, "most classes in one dataset");
+ABSL_FLAG(int64_t, max_example_bytes, 20 << 20, "largest encoded image in a dataset");
 ABSL_FLAG(std::string, data_dir, "./tlserve-data", "directory for the server's durable state");
 ABSL_FLAG(int, drain_seconds, 20, "on SIGTERM/SIGINT, how long in-flight calls may finish");
 
@@ -57,6 +60,9 @@ int main(int argc, char** argv) {
   o.limits.max_images_per_request = absl::GetFlag(FLAGS_max_images_per_request);
   o.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   o.data_dir = absl::GetFlag(FLAGS_data_dir);
+  o.datasets.max_images = absl::GetFlag(FLAGS_max_dataset_images);
+  o.datasets.max_classes = absl::GetFlag(FLAGS_max_dataset_classes);
+  o.datasets.max_example_bytes = absl::GetFlag(FLAGS_max_example_bytes);
   const std::string host = absl::GetFlag(FLAGS_host);
   o.grpc_address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_port));
   o.metrics_address = absl::GetFlag(FLAGS_metrics_port) > 0

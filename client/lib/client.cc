@@ -30,6 +30,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& targe
 Client::Client(std::shared_ptr<grpc::Channel> channel)
     : channel_(std::move(channel)),
       inference_(v1::Inference::NewStub(channel_)),
+      datasets_(v1::Datasets::NewStub(channel_)),
       health_(grpc::health::v1::Health::NewStub(channel_)) {}
 
 absl::StatusOr<std::string> Client::Health(const std::string& service) {
@@ -94,6 +95,70 @@ absl::Status Client::StreamEmbed(const v1::EmbedOptions& options, size_t count, 
   reader.join();
   absl::Status final = FromGrpc(stream->Finish());
   return load_error.ok() ? final : load_error;
+}
+
+absl::StatusOr<v1::UploadDatasetResponse> Client::UploadDataset(
+    const std::string& dataset, bool strict, size_t count, int per_message,
+    const std::function<absl::StatusOr<v1::Example>(size_t)>& example,
+    const std::function<void(size_t)>& sent) {
+  grpc::ClientContext ctx;
+  v1::UploadDatasetResponse resp;
+  auto stream = datasets_->UploadDataset(&ctx, &resp);
+  v1::UploadDatasetRequest req;
+  req.set_dataset(dataset);
+  req.set_strict(strict);
+  absl::Status load_error;
+  bool wrote_first = false;
+  for (size_t i = 0; i < count; ++i) {
+    auto e = example(i);
+    if (!e.ok()) {
+      load_error = e.status();
+      ctx.TryCancel();
+      break;
+    }
+    *req.add_examples() = std::move(*e);
+    if (req.examples_size() >= per_message || i + 1 == count) {
+      if (!stream->Write(req)) break;
+      wrote_first = true;
+      req.Clear();
+      if (sent) sent(i + 1);
+    }
+  }
+  if (!wrote_first && load_error.ok()) stream->Write(req);  // no examples: still name the dataset
+  stream->WritesDone();
+  absl::Status s = FromGrpc(stream->Finish());
+  if (!load_error.ok()) return load_error;
+  if (!s.ok()) return s;
+  return resp;
+}
+
+absl::StatusOr<v1::ListDatasetsResponse> Client::ListDatasets() {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+  v1::ListDatasetsResponse resp;
+  if (auto s = FromGrpc(datasets_->ListDatasets(&ctx, v1::ListDatasetsRequest(), &resp)); !s.ok()) {
+    return s;
+  }
+  return resp;
+}
+
+absl::StatusOr<v1::Dataset> Client::GetDataset(const std::string& name) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+  v1::GetDatasetRequest req;
+  req.set_name(name);
+  v1::Dataset resp;
+  if (auto s = FromGrpc(datasets_->GetDataset(&ctx, req, &resp)); !s.ok()) return s;
+  return resp;
+}
+
+absl::Status Client::DeleteDataset(const std::string& name) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+  v1::DeleteDatasetRequest req;
+  req.set_name(name);
+  v1::DeleteDatasetResponse resp;
+  return FromGrpc(datasets_->DeleteDataset(&ctx, req, &resp));
 }
 
 }  // namespace tlserve

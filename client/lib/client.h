@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "tlserve/v1/datasets.grpc.pb.h"
 #include "tlserve/v1/inference.grpc.pb.h"
 
 namespace tlserve {
@@ -43,12 +44,24 @@ class Client {
                            const std::function<absl::StatusOr<v1::Image>(size_t)>& image,
                            const std::function<void(const v1::EmbedResult&)>& result);
 
+  // Uploads `count` examples, `per_message` to a message; `example(i)` makes
+  // the i-th (an error there cancels the upload, nothing is stored, and it is
+  // returned); `sent(n)` is called after each message.
+  absl::StatusOr<v1::UploadDatasetResponse> UploadDataset(
+      const std::string& dataset, bool strict, size_t count, int per_message,
+      const std::function<absl::StatusOr<v1::Example>(size_t)>& example,
+      const std::function<void(size_t)>& sent = nullptr);
+  absl::StatusOr<v1::ListDatasetsResponse> ListDatasets();
+  absl::StatusOr<v1::Dataset> GetDataset(const std::string& name);
+  absl::Status DeleteDataset(const std::string& name);
+
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
 
  private:
   explicit Client(std::shared_ptr<grpc::Channel> channel);
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Inference::Stub> inference_;
+  std::unique_ptr<v1::Datasets::Stub> datasets_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
 };
 

@@ -1,6 +1,7 @@
 // tlctl: the command-line client of tlserve.
 //   tlctl [--server=HOST:PORT] [--json] COMMAND [ARGS]
 #include <cstdio>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -25,6 +26,11 @@ commands:
   summary [--input 3x224x224]    a torchsummary-style table of the backbone
   embed FILE|DIR... [--layer L] [--pool avg|max] [--normalize] [--out FILE.csv|FILE.npy]
                                  one vector per image (directories: every .jpg/.png below)
+  upload DIR --dataset NAME [--strict]
+                                 upload an ImageFolder tree DIR/<class>/<image> (appends)
+  datasets                       the datasets with their sizes
+  dataset NAME                   one dataset's classes and counts
+  delete-dataset NAME            delete a dataset and its images
 
 options:
   --server=HOST:PORT   default localhost:50051 (or $TLSERVE_SERVER)
@@ -38,7 +44,8 @@ struct Args {
 };
 
 bool TakesValue(const std::string& key) {
-  return key == "server" || key == "input" || key == "layer" || key == "pool" || key == "out";
+  return key == "server" || key == "input" || key == "layer" || key == "pool" || key == "out" ||
+         key == "dataset";
 }
 
 absl::StatusOr<Args> Parse(int argc, char** argv) {
@@ -187,6 +194,114 @@ int Embed(Client& c, const Args& a) {
   return failed > 0 ? 1 : 0;
 }
 
+nlohmann::json DatasetJson(const v1::Dataset& d) {
+  nlohmann::json classes = nlohmann::json::object();
+  for (const auto& c : d.classes()) classes[c.label()] = c.count();
+  return {{"name", d.name()},
+          {"images", d.images()},
+          {"bytes", d.bytes()},
+          {"created_unix", d.created_unix()},
+          {"classes", classes}};
+}
+
+void PrintDataset(const v1::Dataset& d) {
+  std::cout << d.name() << ": " << d.images() << " images, " << d.classes_size() << " classes, "
+            << WithCommas(d.bytes()) << " bytes\n";
+  for (const auto& c : d.classes()) std::cout << "  " << c.label() << ": " << c.count() << "\n";
+}
+
+// DIR/<class>/<image>: the label is the first directory under DIR.
+int Upload(Client& c, const Args& a) {
+  if (a.positional.size() != 1 || !a.flags.count("dataset")) {
+    return Fail(absl::InvalidArgumentError("usage: tlctl upload DIR --dataset NAME [--strict]"));
+  }
+  const std::string root = a.positional[0];
+  auto files = ListImageFiles({root});
+  if (!files.ok()) return Fail(files.status());
+  std::vector<std::pair<std::string, std::string>> examples;  // path, label
+  for (const std::string& f : *files) {
+    const std::string rel = f.substr(root.size() + (root.back() == '/' ? 0 : 1));
+    const auto slash = rel.find('/');
+    if (slash == std::string::npos) {
+      std::cerr << "tlctl: skipping " << f << ": not inside a class directory\n";
+      continue;
+    }
+    examples.emplace_back(f, rel.substr(0, slash));
+  }
+  if (examples.empty()) {
+    return Fail(absl::NotFoundError(absl::StrCat(root, " has no DIR/<class>/<image> files")));
+  }
+  ProgressBar bar("uploading", examples.size());
+  auto r = c.UploadDataset(
+      a.flags.at("dataset"), a.flags.count("strict") > 0, examples.size(), 32,
+      [&](size_t i) -> absl::StatusOr<v1::Example> {
+        auto bytes = ReadFileBytes(examples[i].first);
+        if (!bytes.ok()) return bytes.status();
+        v1::Example e;
+        e.set_name(examples[i].first);
+        e.set_label(examples[i].second);
+        e.set_encoded(std::move(*bytes));
+        return e;
+      },
+      [&](size_t n) { bar.Update(n); });
+  bar.Finish();
+  if (!r.ok()) return Fail(r.status());
+  for (const auto& rej : r->rejected()) {
+    std::cerr << "tlctl: rejected " << rej.name() << ": " << rej.reason() << "\n";
+  }
+  if (a.flags.count("json")) {
+    nlohmann::json rejected = nlohmann::json::array();
+    for (const auto& rej : r->rejected()) {
+      rejected.push_back({{"index", rej.index()}, {"name", rej.name()}, {"reason", rej.reason()}});
+    }
+    nlohmann::json j = {{"dataset", DatasetJson(r->dataset())},
+                        {"accepted", r->accepted()},
+                        {"rejected", rejected}};
+    std::cout << j.dump() << "\n";
+  } else {
+    std::cout << "uploaded " << r->accepted() << " images, " << r->rejected_size() << " rejected\n";
+    PrintDataset(r->dataset());
+  }
+  return r->rejected_size() > 0 ? 1 : 0;
+}
+
+int Datasets(Client& c, const Args& a) {
+  auto list = c.ListDatasets();
+  if (!list.ok()) return Fail(list.status());
+  if (a.flags.count("json")) {
+    nlohmann::json all = nlohmann::json::array();
+    for (const auto& d : list->datasets()) all.push_back(DatasetJson(d));
+    std::cout << nlohmann::json{{"datasets", all}}.dump() << "\n";
+    return 0;
+  }
+  for (const auto& d : list->datasets()) {
+    std::cout << d.name() << "\t" << d.images() << " images\t" << d.classes_size() << " classes\n";
+  }
+  return 0;
+}
+
+int Dataset(Client& c, const Args& a) {
+  if (a.positional.size() != 1)
+    return Fail(absl::InvalidArgumentError("usage: tlctl dataset NAME"));
+  auto d = c.GetDataset(a.positional[0]);
+  if (!d.ok()) return Fail(d.status());
+  if (a.flags.count("json")) {
+    std::cout << DatasetJson(*d).dump() << "\n";
+  } else {
+    PrintDataset(*d);
+  }
+  return 0;
+}
+
+int DeleteDataset(Client& c, const Args& a) {
+  if (a.positional.size() != 1) {
+    return Fail(absl::InvalidArgumentError("usage: tlctl delete-dataset NAME"));
+  }
+  if (auto s = c.DeleteDataset(a.positional[0]); !s.ok()) return Fail(s);
+  if (!a.flags.count("json")) std::cout << "deleted dataset " << a.positional[0] << "\n";
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   auto args = Parse(argc, argv);
   if (!args.ok()) return Fail(args.status());
@@ -198,16 +313,25 @@ int Main(int argc, char** argv) {
   if (const char* env = std::getenv("TLSERVE_SERVER")) server = env;
   if (args->flags.count("server")) server = args->flags.at("server");
   const std::string& cmd = args->command;
-  if (cmd != "health" && cmd != "layers" && cmd != "summary" && cmd != "embed") {
+  using Command = std::function<int(Client&, const Args&)>;
+  const std::map<std::string, Command> commands = {
+      {"health", Health},
+      {"layers", [](Client& c, const Args& a) { return Layers(c, a, false); }},
+      {"summary", [](Client& c, const Args& a) { return Layers(c, a, true); }},
+      {"embed", Embed},
+      {"upload", Upload},
+      {"datasets", Datasets},
+      {"dataset", Dataset},
+      {"delete-dataset", DeleteDataset},
+  };
+  const auto command = commands.find(cmd);
+  if (command == commands.end()) {
     std::cerr << "tlctl: unknown command \"" << cmd << "\"\n" << kUsage;
     return 2;
   }
   auto client = Client::Connect(server, absl::Seconds(10));
   if (!client.ok()) return Fail(client.status());
-  if (cmd == "health") return Health(**client, *args);
-  if (cmd == "layers") return Layers(**client, *args, false);
-  if (cmd == "summary") return Layers(**client, *args, true);
-  return Embed(**client, *args);
+  return command->second(**client, *args);
 }
 
 }  // namespace

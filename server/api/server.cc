@@ -10,6 +10,7 @@
 #include "server/core/log.h"
 #include "server/core/metrics_exposer.h"
 #include "server/store/data_dir.h"
+#include "server/store/database.h"
 
 namespace tlserve {
 
@@ -20,6 +21,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   if (!dir.ok()) return dir.status();
   s->data_dir_ = std::move(*dir);
   s->metrics_ = std::make_unique<Metrics>();
+  auto db = Database::Open(options.data_dir + "/tlserve.db");
+  if (!db.ok()) return db.status();
+  s->database_ = std::move(*db);
+  DatasetLimits dataset_limits = options.datasets;
+  dataset_limits.max_image_pixels = options.embedder.max_image_pixels;
+  s->datasets_ = std::make_unique<DatasetCatalog>(s->database_.get(), dataset_limits);
+  s->pool_ = std::make_unique<ThreadPool>(options.embedder.preprocess_threads);
 
   auto backbone = Backbone::Load(options.backbone);
   if (!backbone.ok()) return backbone.status();
@@ -52,6 +60,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
 
   s->inference_ =
       std::make_unique<InferenceService>(s->embedder_.get(), s->metrics_.get(), options.limits);
+  s->dataset_service_ =
+      std::make_unique<DatasetService>(s->datasets_.get(), s->pool_.get(), s->metrics_.get());
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -59,6 +69,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   builder.RegisterService(s->inference_.get());
+  builder.RegisterService(s->dataset_service_.get());
   s->grpc_ = builder.BuildAndStart();
   if (s->grpc_ == nullptr || s->grpc_port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen for gRPC on ", options.grpc_address,

@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "server/api/dataset_service.h"
 #include "server/api/inference_service.h"
 #include "server/core/backbone.h"
 #include "server/core/embedder.h"
@@ -20,6 +21,7 @@ class Server;
 namespace tlserve {
 
 class DataDir;
+class Database;
 class DeviceMemoryCollector;
 class MetricsExposer;
 
@@ -27,6 +29,7 @@ struct ServerOptions {
   BackboneOptions backbone;
   Embedder::Options embedder;
   ApiLimits limits;
+  DatasetLimits datasets;
   std::string data_dir = "./tlserve-data";
   std::string grpc_address = "0.0.0.0:50051";    // port 0 picks a free one
   std::string metrics_address = "0.0.0.0:9090";  // empty: no exposer
@@ -55,7 +58,11 @@ class Server {
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<Backbone> backbone_;
   std::unique_ptr<Embedder> embedder_;
+  std::unique_ptr<Database> database_;
+  std::unique_ptr<DatasetCatalog> datasets_;
+  std::unique_ptr<ThreadPool> pool_;  // uploads and other non-device work
   std::unique_ptr<InferenceService> inference_;
+  std::unique_ptr<DatasetService> dataset_service_;
   // Collectables are registered weakly: the server keeps them alive.
   std::shared_ptr<DeviceMemoryCollector> device_memory_;
   std::unique_ptr<MetricsExposer> exposer_;

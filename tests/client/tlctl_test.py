@@ -122,6 +122,31 @@ class TlctlTest(unittest.TestCase):
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("dropped head", r.stderr)
 
+    def test_upload_datasets_dataset_and_delete(self):
+        root = os.path.join(self.tmp, "folder")
+        for label, files in {"coat": ["rgb_png.png", "gray_jpg.jpg"], "shirt": ["palette_png.png", "bad_crc.png"]}.items():
+            os.makedirs(os.path.join(root, label), exist_ok=True)
+            for f in files:
+                shutil.copy(os.path.join(FIX, f), os.path.join(root, label))
+        r = self.run_tlctl("upload", root, "--dataset", "clothes", "--json")
+        self.assertEqual(r.returncode, 1, r.stderr)  # a reject makes the exit status 1
+        self.assertIn("bad_crc.png", r.stderr)
+        j = json.loads(r.stdout)
+        self.assertEqual(j["accepted"], 3)
+        self.assertEqual(j["dataset"]["classes"], {"coat": 2, "shirt": 1})
+        self.assertEqual(len(j["rejected"]), 1)
+        self.assertEqual(json.loads(self.run_tlctl("datasets", "--json").stdout)["datasets"][0]["name"], "clothes")
+        r = self.run_tlctl("dataset", "clothes")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("coat: 2", r.stdout)
+        r = self.run_tlctl("upload", root, "--dataset", "strict", "--strict")
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("nothing was stored", r.stderr)
+        self.assertEqual(self.run_tlctl("delete-dataset", "clothes").returncode, 0)
+        r = self.run_tlctl("dataset", "clothes")
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("NOT_FOUND", r.stderr)
+
     def test_unreachable_server_is_reported(self):
         r = subprocess.run([os.path.join(BIN, "tlctl"), "--server=127.0.0.1:%d" % free_port(), "health"],
                            capture_output=True, text=True, timeout=60)

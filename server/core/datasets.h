@@ -1,0 +1,88 @@
+// Named, labelled image datasets uploaded by clients, kept in the Database.
+// Each example is checked on arrival (its label, its size, and that it
+// decodes); bad ones are reported while the good ones are kept — or, in strict
+// mode, nothing is kept. The train/validation split is a pure function of each
+// example (a hash of its name and bytes), so appending never reshuffles it, and
+// every class gets the same expected fraction: stratified in expectation.
+//
+// Thread-safe.
+#ifndef TLSERVE_SERVER_CORE_DATASETS_H_
+#define TLSERVE_SERVER_CORE_DATASETS_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "server/store/database.h"
+
+namespace tlserve {
+
+struct DatasetLimits {
+  int64_t max_example_bytes = 20 << 20;
+  int64_t max_images = 1'000'000;
+  int64_t max_classes = 1000;
+  int64_t max_image_pixels = 40'000'000;
+};
+
+struct UploadExample {
+  std::string name;
+  std::string label;
+  std::string bytes;
+};
+
+struct RejectedExample {
+  int64_t index = 0;
+  std::string name;
+  std::string reason;
+};
+
+struct UploadResult {
+  DatasetInfo dataset;  // after the upload
+  int64_t accepted = 0;
+  std::vector<RejectedExample> rejected;
+};
+
+class DatasetCatalog {
+ public:
+  DatasetCatalog(Database* db, DatasetLimits limits) : db_(db), limits_(limits) {}
+
+  // Names of datasets (and models): 1-64 of [A-Za-z0-9._-], starting with a
+  // letter or digit. INVALID_ARGUMENT naming `field` otherwise.
+  static absl::Status ValidateName(const std::string& name, const std::string& field);
+  static uint64_t ExampleHash(const std::string& name, const std::string& bytes);
+  static bool IsValidation(uint64_t hash, double fraction);
+
+  // The reason an example cannot be stored, or OK. Decodes the image.
+  absl::Status CheckExample(const UploadExample& e) const;
+
+  // Commits `accepted` (already checked) to `dataset` in one transaction,
+  // unless `strict` and something was rejected (then INVALID_ARGUMENT listing
+  // the first rejects, and nothing is written). Enforces the image and class
+  // limits over the whole dataset.
+  absl::StatusOr<UploadResult> Commit(const std::string& dataset,
+                                      std::vector<UploadExample> accepted,
+                                      std::vector<RejectedExample> rejected, bool strict);
+
+  absl::StatusOr<DatasetInfo> Get(const std::string& name) const;
+  absl::StatusOr<std::vector<DatasetInfo>> List() const;
+  // FAILED_PRECONDITION while a job uses it.
+  absl::Status Delete(const std::string& name);
+
+  // Jobs hold a dataset while they read it.
+  void Acquire(const std::string& name);
+  void Release(const std::string& name);
+
+ private:
+  Database* db_;
+  const DatasetLimits limits_;
+  absl::Mutex mu_;
+  std::map<std::string, int> users_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace tlserve
+
+#endif  // TLSERVE_SERVER_CORE_DATASETS_H_

@@ -1,0 +1,210 @@
+#include "server/store/database.h"
+
+#include <sqlite3.h>
+
+#include <ctime>
+
+#include "absl/strings/str_cat.h"
+
+namespace tlserve {
+namespace {
+
+constexpr char kSchema[] = R"sql(
+CREATE TABLE IF NOT EXISTS datasets (
+  name TEXT PRIMARY KEY,
+  created_unix INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS examples (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  dataset TEXT NOT NULL REFERENCES datasets(name) ON DELETE CASCADE,
+  name TEXT NOT NULL,
+  label TEXT NOT NULL,
+  bytes BLOB NOT NULL,
+  hash INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS examples_by_dataset ON examples(dataset, id);
+)sql";
+
+// A prepared statement finalised on scope exit.
+class Statement {
+ public:
+  Statement(sqlite3* db, const char* sql) : db_(db) {
+    rc_ = sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr);
+  }
+  ~Statement() { sqlite3_finalize(stmt_); }
+  absl::Status status() const {
+    return rc_ == SQLITE_OK ? absl::OkStatus()
+                            : absl::InternalError(absl::StrCat("sqlite: ", sqlite3_errmsg(db_)));
+  }
+  sqlite3_stmt* get() { return stmt_; }
+  void Bind(int i, const std::string& s) {
+    sqlite3_bind_text(stmt_, i, s.data(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
+  }
+  void BindBlob(int i, const std::string& s) {
+    sqlite3_bind_blob(stmt_, i, s.data(), static_cast<int>(s.size()), SQLITE_STATIC);
+  }
+  void Bind(int i, int64_t v) { sqlite3_bind_int64(stmt_, i, v); }
+  std::string Text(int col) {
+    const auto* p = static_cast<const char*>(sqlite3_column_blob(stmt_, col));
+    return p ? std::string(p, static_cast<size_t>(sqlite3_column_bytes(stmt_, col))) : "";
+  }
+  int64_t Int(int col) { return sqlite3_column_int64(stmt_, col); }
+
+ private:
+  sqlite3* db_;
+  sqlite3_stmt* stmt_ = nullptr;
+  int rc_;
+};
+
+absl::Status SqliteError(sqlite3* db, const std::string& what) {
+  return absl::InternalError(absl::StrCat("sqlite ", what, ": ", sqlite3_errmsg(db)));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Database>> Database::Open(const std::string& path) {
+  sqlite3* db = nullptr;
+  if (sqlite3_open_v2(path.c_str(), &db,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
+                      nullptr) != SQLITE_OK) {
+    absl::Status s = absl::UnavailableError(
+        absl::StrCat("cannot open database ", path, ": ", db ? sqlite3_errmsg(db) : "no memory"));
+    sqlite3_close(db);
+    return s;
+  }
+  std::unique_ptr<Database> d(new Database(db));
+  absl::MutexLock lock(&d->mu_);
+  // FULL: a commit is fsync'd before it returns, so an acknowledged write
+  // survives a crash or power loss.
+  for (const char* pragma : {"PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL",
+                             "PRAGMA foreign_keys=ON", "PRAGMA busy_timeout=5000"}) {
+    if (absl::Status s = d->Exec(pragma); !s.ok()) return s;
+  }
+  if (absl::Status s = d->Exec(kSchema); !s.ok()) return s;
+  return d;
+}
+
+Database::~Database() {
+  absl::MutexLock lock(&mu_);
+  sqlite3_close(db_);
+}
+
+absl::Status Database::Exec(const std::string& sql) {
+  char* error = nullptr;
+  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &error) != SQLITE_OK) {
+    absl::Status s = absl::InternalError(absl::StrCat("sqlite: ", error ? error : "?"));
+    sqlite3_free(error);
+    return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Database::AppendExamples(const std::string& dataset,
+                                      const std::vector<StoredExample>& examples) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = Exec("BEGIN IMMEDIATE"); !s.ok()) return s;
+  auto rollback = [this](absl::Status s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    (void)Exec("ROLLBACK");
+    return s;
+  };
+  {
+    Statement create(db_, "INSERT OR IGNORE INTO datasets(name, created_unix) VALUES (?, ?)");
+    if (!create.status().ok()) return rollback(create.status());
+    create.Bind(1, dataset);
+    create.Bind(2, static_cast<int64_t>(std::time(nullptr)));
+    if (sqlite3_step(create.get()) != SQLITE_DONE) return rollback(SqliteError(db_, "insert"));
+  }
+  Statement insert(
+      db_, "INSERT INTO examples(dataset, name, label, bytes, hash) VALUES (?, ?, ?, ?, ?)");
+  if (!insert.status().ok()) return rollback(insert.status());
+  for (const StoredExample& e : examples) {
+    sqlite3_reset(insert.get());
+    insert.Bind(1, dataset);
+    insert.Bind(2, e.name);
+    insert.Bind(3, e.label);
+    insert.BindBlob(4, e.bytes);
+    insert.Bind(5, static_cast<int64_t>(e.hash));
+    if (sqlite3_step(insert.get()) != SQLITE_DONE) return rollback(SqliteError(db_, "insert"));
+  }
+  if (absl::Status s = Exec("COMMIT"); !s.ok()) return rollback(s);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<DatasetInfo> Database::GetDatasetLocked(const std::string& name) {
+  DatasetInfo info;
+  {
+    Statement q(db_, "SELECT created_unix FROM datasets WHERE name = ?");
+    if (!q.status().ok()) return q.status();
+    q.Bind(1, name);
+    if (sqlite3_step(q.get()) != SQLITE_ROW) {
+      return absl::NotFoundError(absl::StrCat("dataset \"", name, "\" does not exist"));
+    }
+    info.name = name;
+    info.created_unix = q.Int(0);
+  }
+  Statement q(db_,
+              "SELECT label, COUNT(*), SUM(LENGTH(bytes)) FROM examples WHERE dataset = ? "
+              "GROUP BY label ORDER BY label");
+  if (!q.status().ok()) return q.status();
+  q.Bind(1, name);
+  while (sqlite3_step(q.get()) == SQLITE_ROW) {
+    info.class_counts[q.Text(0)] = q.Int(1);
+    info.images += q.Int(1);
+    info.bytes += q.Int(2);
+  }
+  return info;
+}
+
+absl::StatusOr<DatasetInfo> Database::GetDataset(const std::string& name) {
+  absl::MutexLock lock(&mu_);
+  return GetDatasetLocked(name);
+}
+
+absl::StatusOr<std::vector<DatasetInfo>> Database::ListDatasets() {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::string> names;
+  {
+    Statement q(db_, "SELECT name FROM datasets ORDER BY name");
+    if (!q.status().ok()) return q.status();
+    while (sqlite3_step(q.get()) == SQLITE_ROW) names.push_back(q.Text(0));
+  }
+  std::vector<DatasetInfo> out;
+  for (const auto& n : names) {
+    auto info = GetDatasetLocked(n);
+    if (!info.ok()) return info.status();
+    out.push_back(std::move(*info));
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<StoredExample>> Database::LoadExamples(const std::string& dataset) {
+  absl::MutexLock lock(&mu_);
+  if (auto info = GetDatasetLocked(dataset); !info.ok()) return info.status();
+  Statement q(db_,
+              "SELECT id, name, label, bytes, hash FROM examples WHERE dataset = ? ORDER BY id");
+  if (!q.status().ok()) return q.status();
+  q.Bind(1, dataset);
+  std::vector<StoredExample> out;
+  while (sqlite3_step(q.get()) == SQLITE_ROW) {
+    out.push_back({q.Int(0), q.Text(1), q.Text(2), q.Text(3), static_cast<uint64_t>(q.Int(4))});
+  }
+  return out;
+}
+
+absl::Status Database::DeleteDataset(const std::string& name) {
+  absl::MutexLock lock(&mu_);
+  if (auto info = GetDatasetLocked(name); !info.ok()) return info.status();
+  if (absl::Status s = Exec("BEGIN IMMEDIATE"); !s.ok()) return s;
+  for (const char* sql :
+       {"DELETE FROM examples WHERE dataset = ?", "DELETE FROM datasets WHERE name = ?"}) {
+    Statement d(db_, sql);
+    d.Bind(1, name);
+    if (sqlite3_step(d.get()) != SQLITE_DONE) {
+      (void)Exec("ROLLBACK");
+      return SqliteError(db_, "delete");
+    }
+  }
+  return Exec("COMMIT");
+}
+
+}  // namespace tlserve

@@ -1,0 +1,72 @@
+// The server's durable catalogue in one SQLite database under the data
+// directory (WAL journal, synchronous=FULL): datasets and their examples
+// (the encoded image bytes themselves), and later models, versions and jobs.
+// Every mutating method is one transaction, committed — on disk — before it
+// returns OK; on an error nothing of it is written.
+//
+// Thread-safe: calls are serialised on one connection.
+#ifndef TLSERVE_SERVER_STORE_DATABASE_H_
+#define TLSERVE_SERVER_STORE_DATABASE_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+
+struct sqlite3;
+
+namespace tlserve {
+
+struct StoredExample {
+  int64_t id = 0;
+  std::string name;
+  std::string label;
+  std::string bytes;  // the encoded image
+  uint64_t hash = 0;  // of the bytes and name: decides the train/validation split
+};
+
+struct DatasetInfo {
+  std::string name;
+  int64_t created_unix = 0;
+  int64_t images = 0;
+  int64_t bytes = 0;
+  std::map<std::string, int64_t> class_counts;
+};
+
+class Database {
+ public:
+  // Opens or creates `path` and brings its schema up to date.
+  static absl::StatusOr<std::unique_ptr<Database>> Open(const std::string& path);
+  ~Database();
+  Database(const Database&) = delete;
+  Database& operator=(const Database&) = delete;
+
+  // Adds `examples` to `dataset`, creating it if needed, in one transaction.
+  absl::Status AppendExamples(const std::string& dataset,
+                              const std::vector<StoredExample>& examples);
+  // NOT_FOUND for an unknown name.
+  absl::StatusOr<DatasetInfo> GetDataset(const std::string& name);
+  absl::StatusOr<std::vector<DatasetInfo>> ListDatasets();
+  // Examples in insertion order (bytes included). NOT_FOUND for an unknown name.
+  absl::StatusOr<std::vector<StoredExample>> LoadExamples(const std::string& dataset);
+  absl::Status DeleteDataset(const std::string& name);
+
+ private:
+  explicit Database(sqlite3* db) : db_(db) {}
+  absl::Status Exec(const std::string& sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<DatasetInfo> GetDatasetLocked(const std::string& name)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  absl::Mutex mu_;
+  sqlite3* db_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace tlserve
+
+#endif  // TLSERVE_SERVER_STORE_DATABASE_H_

@@ -1,0 +1,163 @@
+#include "server/core/datasets.h"
+
+#include <gtest/gtest.h>
+
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "tests/test_util.h"
+
+namespace tlserve {
+namespace {
+
+using ::tlserve::testing::Fixture;
+using ::tlserve::testing::ReadBytes;
+
+class DatasetCatalogTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/tlserve-datasets-XXXXXX";
+    path_ = std::string(::mkdtemp(tmpl)) + "/db";
+    Reopen();
+  }
+  void Reopen() {
+    catalog_.reset();
+    db_.reset();
+    auto db = Database::Open(path_);
+    ASSERT_TRUE(db.ok()) << db.status();
+    db_ = std::move(*db);
+    DatasetLimits limits;
+    limits.max_classes = 3;
+    limits.max_images = 50;
+    catalog_ = std::make_unique<DatasetCatalog>(db_.get(), limits);
+  }
+  // Checks like the upload RPC does, then commits.
+  absl::StatusOr<UploadResult> Upload(const std::string& name,
+                                      const std::vector<UploadExample>& examples,
+                                      bool strict = false) {
+    std::vector<UploadExample> accepted;
+    std::vector<RejectedExample> rejected;
+    for (size_t i = 0; i < examples.size(); ++i) {
+      if (absl::Status s = catalog_->CheckExample(examples[i]); !s.ok()) {
+        rejected.push_back({static_cast<int64_t>(i), examples[i].name, std::string(s.message())});
+      } else {
+        accepted.push_back(examples[i]);
+      }
+    }
+    return catalog_->Commit(name, accepted, rejected, strict);
+  }
+  static UploadExample Ex(const std::string& file, const std::string& label,
+                          const std::string& name = "") {
+    return {name.empty() ? file : name, label, ReadBytes(Fixture(file))};
+  }
+
+  std::string path_;
+  std::unique_ptr<Database> db_;
+  std::unique_ptr<DatasetCatalog> catalog_;
+};
+
+TEST_F(DatasetCatalogTest, StoresGoodExamplesAndReportsBadOnes) {
+  auto r = Upload("shoes", {Ex("rgb_png.png", "boot"), Ex("bad_crc.png", "boot"),
+                            Ex("gray_jpg.jpg", "sandal"), Ex("bad_truncated.jpg", "sandal")});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->accepted, 2);
+  ASSERT_EQ(r->rejected.size(), 2u);
+  EXPECT_EQ(r->rejected[0].index, 1);
+  EXPECT_EQ(r->rejected[0].name, "bad_crc.png");
+  EXPECT_NE(r->rejected[0].reason.find("CRC"), std::string::npos);
+  EXPECT_EQ(r->rejected[1].index, 3);
+  EXPECT_EQ(r->dataset.images, 2);
+  EXPECT_EQ(r->dataset.class_counts, (std::map<std::string, int64_t>{{"boot", 1}, {"sandal", 1}}));
+}
+
+TEST_F(DatasetCatalogTest, StrictModeStoresNothingWhenAnyExampleIsBad) {
+  auto r = Upload("strict", {Ex("rgb_png.png", "a"), Ex("bad_empty.png", "a")}, /*strict=*/true);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("examples[1]"), absl::string_view::npos) << r.status();
+  EXPECT_EQ(catalog_->Get("strict").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(DatasetCatalogTest, AppendsAndSurvivesReopening) {
+  ASSERT_TRUE(Upload("d", {Ex("rgb_png.png", "a")}).ok());
+  ASSERT_TRUE(Upload("d", {Ex("gray_png.png", "b"), Ex("rgb_jpg.jpg", "b")}).ok());
+  Reopen();
+  auto d = catalog_->Get("d");
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(d->images, 3);
+  EXPECT_EQ(d->class_counts.at("b"), 2);
+  auto list = catalog_->List();
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].name, "d");
+}
+
+TEST_F(DatasetCatalogTest, SplitIsDeterministicAndAppendsDoNotReshuffleIt) {
+  std::vector<UploadExample> first;
+  const std::string bytes = ReadBytes(Fixture("small_png.png"));
+  for (int i = 0; i < 20; ++i) first.push_back({absl::StrCat("img", i), "a", bytes});
+  ASSERT_TRUE(Upload("split", first).ok());
+  auto val_set = [&]() {
+    std::set<std::string> val;
+    auto examples = db_->LoadExamples("split");
+    EXPECT_TRUE(examples.ok()) << examples.status();
+    if (!examples.ok()) return val;
+    for (const auto& e : *examples) {
+      if (DatasetCatalog::IsValidation(e.hash, 0.15)) val.insert(e.name);
+    }
+    return val;
+  };
+  const auto before = val_set();
+  ASSERT_FALSE(before.empty()) << "the test needs some validation examples to follow";
+  std::vector<UploadExample> more;
+  for (int i = 20; i < 40; ++i) more.push_back({absl::StrCat("img", i), "a", bytes});
+  ASSERT_TRUE(Upload("split", more).ok());
+  auto after = val_set();
+  for (const auto& name : before) EXPECT_TRUE(after.count(name)) << name << " left validation";
+  for (const auto& name : after) {
+    const int i = std::stoi(name.substr(3));
+    EXPECT_TRUE(i >= 20 || before.count(name)) << name << " joined validation on an append";
+  }
+}
+
+TEST(DatasetSplitTest, ValidationFractionHoldsPerClass) {
+  // 15% in expectation for every class: 2,000 synthetic examples per class.
+  for (const std::string label : {"x", "y"}) {
+    int val = 0;
+    for (int i = 0; i < 2000; ++i) {
+      val += DatasetCatalog::IsValidation(
+          DatasetCatalog::ExampleHash(absl::StrCat(label, i), label), 0.15);
+    }
+    EXPECT_NEAR(val / 2000.0, 0.15, 0.025) << label;
+  }
+}
+
+TEST_F(DatasetCatalogTest, EnforcesNameAndLimitRules) {
+  EXPECT_EQ(Upload("bad name!", {Ex("rgb_png.png", "a")}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Upload("-leading", {Ex("rgb_png.png", "a")}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto classes = Upload("many", {Ex("rgb_png.png", "a"), Ex("rgb_png.png", "b"),
+                                 Ex("rgb_png.png", "c"), Ex("rgb_png.png", "d")});
+  EXPECT_EQ(classes.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(classes.status().message().find("--max_dataset_classes"), absl::string_view::npos);
+  std::vector<UploadExample> lots(51, Ex("small_png.png", "a"));
+  auto images = Upload("lots", lots);
+  EXPECT_NE(images.status().message().find("--max_dataset_images"), absl::string_view::npos);
+  auto label = Upload("labels", {Ex("rgb_png.png", "")});
+  ASSERT_TRUE(label.ok());
+  EXPECT_EQ(label->rejected.size(), 1u);
+  EXPECT_NE(label->rejected[0].reason.find("label"), std::string::npos);
+}
+
+TEST_F(DatasetCatalogTest, DeleteIsRefusedWhileAJobUsesTheDataset) {
+  ASSERT_TRUE(Upload("busy", {Ex("rgb_png.png", "a")}).ok());
+  catalog_->Acquire("busy");
+  EXPECT_EQ(catalog_->Delete("busy").code(), absl::StatusCode::kFailedPrecondition);
+  catalog_->Release("busy");
+  EXPECT_TRUE(catalog_->Delete("busy").ok());
+  EXPECT_EQ(catalog_->Get("busy").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(catalog_->Delete("busy").code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace tlserve
