@@ -1,0 +1,212 @@
+#include "server/core/head_trainer.h"
+
+#include <torch/nn/functional/loss.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/optim/adamw.h>
+#include <torch/optim/lbfgs.h>
+#include <torch/torch.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+
+namespace tlserve {
+namespace {
+
+namespace F = torch::nn::functional;
+
+at::Tensor Loss(const at::Tensor& logits, const at::Tensor& y, const at::Tensor& weights,
+                float smoothing) {
+  auto opts = F::CrossEntropyFuncOptions().label_smoothing(smoothing);
+  if (weights.defined()) opts = opts.weight(weights);
+  return F::cross_entropy(logits, y, opts);
+}
+
+at::Tensor L2(torch::nn::Sequential& head) {
+  at::Tensor sum = torch::zeros({});
+  for (const auto& p : head->named_parameters()) {
+    if (p.key().find("weight") != std::string::npos) sum = sum + p.value().pow(2).sum();
+  }
+  return sum;
+}
+
+std::vector<at::Tensor> Snapshot(torch::nn::Sequential& head) {
+  std::vector<at::Tensor> s;
+  for (const auto& p : head->parameters()) s.push_back(p.detach().clone());
+  return s;
+}
+
+void Restore(torch::nn::Sequential& head, const std::vector<at::Tensor>& s) {
+  torch::NoGradGuard no_grad;
+  auto params = head->parameters();
+  for (size_t i = 0; i < params.size(); ++i) params[i].copy_(s[i]);
+}
+
+}  // namespace
+
+absl::StatusOr<TrainOptions> ResolveTrainOptions(TrainOptions o, const HeadSpec& head) {
+  if (o.optimizer == TrainOptions::Optimizer::kDefault) {
+    o.optimizer =
+        head.hidden.empty() ? TrainOptions::Optimizer::kLbfgs : TrainOptions::Optimizer::kAdamw;
+  }
+  const bool lbfgs = o.optimizer == TrainOptions::Optimizer::kLbfgs;
+  if (lbfgs && !head.hidden.empty()) {
+    return absl::InvalidArgumentError(
+        "options.optimizer: L-BFGS trains linear heads only; use ADAMW for a head with hidden "
+        "layers");
+  }
+  if (o.epochs == 0) o.epochs = lbfgs ? 30 : 10;
+  if (o.learning_rate == 0) o.learning_rate = lbfgs ? 1.0f : 1e-3f;
+  if (o.epochs < 1 || o.epochs > 10000) {
+    return absl::InvalidArgumentError("options.epochs must be in [1, 10000]");
+  }
+  if (o.batch_size < 1 || o.batch_size > 65536) {
+    return absl::InvalidArgumentError("options.batch_size must be in [1, 65536]");
+  }
+  if (!(o.learning_rate > 0 && o.learning_rate <= 100)) {
+    return absl::InvalidArgumentError("options.learning_rate must be in (0, 100]");
+  }
+  if (!(o.weight_decay >= 0 && o.weight_decay <= 10)) {
+    return absl::InvalidArgumentError("options.weight_decay must be in [0, 10]");
+  }
+  if (!(o.label_smoothing >= 0 && o.label_smoothing < 1)) {
+    return absl::InvalidArgumentError("options.label_smoothing must be in [0, 1)");
+  }
+  if (!(o.validation_fraction >= 0 && o.validation_fraction < 1)) {
+    return absl::InvalidArgumentError("options.validation_fraction must be in [0, 1)");
+  }
+  if (o.early_stopping_patience < 0) {
+    return absl::InvalidArgumentError("options.early_stopping_patience must be >= 0");
+  }
+  return o;
+}
+
+Evaluation Evaluate(torch::nn::Sequential& head, const at::Tensor& x, const at::Tensor& y,
+                    int64_t classes) {
+  Evaluation e;
+  e.precision.assign(classes, 0);
+  e.recall.assign(classes, 0);
+  e.support.assign(classes, 0);
+  e.confusion.assign(classes * classes, 0);
+  if (x.size(0) == 0) return e;
+  torch::NoGradGuard no_grad;
+  head->eval();
+  const at::Tensor logits = head->forward(x);
+  e.loss = F::cross_entropy(logits, y).item<double>();
+  const at::Tensor pred = logits.argmax(1);
+  e.accuracy = pred.eq(y).to(torch::kDouble).mean().item<double>();
+  const auto* t = y.data_ptr<int64_t>();
+  const at::Tensor p64 = pred.to(torch::kLong).contiguous();
+  const auto* p = p64.data_ptr<int64_t>();
+  for (int64_t i = 0; i < y.size(0); ++i) ++e.confusion[t[i] * classes + p[i]];
+  for (int64_t c = 0; c < classes; ++c) {
+    int64_t tp = e.confusion[c * classes + c], predicted = 0;
+    for (int64_t r = 0; r < classes; ++r) {
+      predicted += e.confusion[r * classes + c];
+      e.support[c] += e.confusion[c * classes + r];
+    }
+    e.precision[c] = predicted ? static_cast<double>(tp) / predicted : 0;
+    e.recall[c] = e.support[c] ? static_cast<double>(tp) / e.support[c] : 0;
+  }
+  return e;
+}
+
+absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
+                                      const at::Tensor& x_train_raw, const at::Tensor& y_train,
+                                      const at::Tensor& x_val_raw, const at::Tensor& y_val,
+                                      const TrainOptions& o,
+                                      const std::function<void(const EpochStats&)>& on_epoch,
+                                      const std::function<bool()>& cancelled) {
+  const int64_t n = x_train_raw.size(0), dim = x_train_raw.size(1);
+  if (n == 0) return absl::FailedPreconditionError("no training examples");
+  torch::manual_seed(o.seed);
+  // Standardise with the training split's statistics (better conditioned).
+  const at::Tensor mean = x_train_raw.mean(0);
+  const at::Tensor std = x_train_raw.std(0, /*unbiased=*/false).clamp_min(1e-6);
+  const at::Tensor x_train = (x_train_raw - mean) / std;
+  const at::Tensor x_val = (x_val_raw - mean) / std;
+  at::Tensor weights;
+  if (o.balanced_class_weights) {
+    const at::Tensor counts = torch::bincount(y_train, {}, classes).to(torch::kFloat);
+    weights = (static_cast<float>(n) / (classes * counts.clamp_min(1)));
+  }
+
+  TrainedHead out;
+  out.head = MakeHead(spec, dim, classes);
+  torch::nn::Sequential& head = out.head;
+  const bool lbfgs = o.optimizer == TrainOptions::Optimizer::kLbfgs;
+  std::unique_ptr<torch::optim::Optimizer> opt;
+  if (lbfgs) {
+    opt = std::make_unique<torch::optim::LBFGS>(head->parameters(),
+                                                torch::optim::LBFGSOptions(o.learning_rate)
+                                                    .max_iter(20)
+                                                    .history_size(20)
+                                                    .line_search_fn("strong_wolfe"));
+  } else {
+    opt = std::make_unique<torch::optim::AdamW>(
+        head->parameters(),
+        torch::optim::AdamWOptions(o.learning_rate).weight_decay(o.weight_decay));
+  }
+  const absl::Time start = absl::Now();
+  double best = -1;
+  int since_best = 0;
+  std::vector<at::Tensor> best_params = Snapshot(head);
+  const bool has_val = x_val.size(0) > 0;
+  for (int epoch = 1; epoch <= o.epochs; ++epoch) {
+    if (cancelled && cancelled()) return absl::CancelledError("the job was cancelled");
+    head->train();
+    if (lbfgs) {
+      auto closure = [&] {
+        opt->zero_grad();
+        at::Tensor loss = Loss(head->forward(x_train), y_train, weights, o.label_smoothing) +
+                          0.5 * o.weight_decay * L2(head) / static_cast<double>(n);
+        loss.backward();
+        return loss;
+      };
+      static_cast<torch::optim::LBFGS*>(opt.get())->step(closure);
+    } else {
+      const at::Tensor order = torch::randperm(n);
+      for (int64_t b = 0; b < n; b += o.batch_size) {
+        const at::Tensor idx = order.slice(0, b, std::min(n, b + o.batch_size));
+        opt->zero_grad();
+        at::Tensor loss = Loss(head->forward(x_train.index_select(0, idx)),
+                               y_train.index_select(0, idx), weights, o.label_smoothing);
+        loss.backward();
+        opt->step();
+      }
+    }
+    const Evaluation tr = Evaluate(head, x_train, y_train, classes);
+    const Evaluation va = has_val ? Evaluate(head, x_val, y_val, classes) : tr;
+    EpochStats s;
+    s.epoch = epoch;
+    s.train_loss = tr.loss;
+    s.train_accuracy = tr.accuracy;
+    s.validation_loss = va.loss;
+    s.validation_accuracy = va.accuracy;
+    s.elapsed_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+    s.images_per_second = n * epoch / std::max(1e-9, s.elapsed_seconds);
+    s.eta_seconds = s.elapsed_seconds / epoch * (o.epochs - epoch);
+    out.history.push_back(s);
+    if (on_epoch) on_epoch(s);
+    if (va.accuracy > best) {
+      best = va.accuracy;
+      best_params = Snapshot(head);
+      since_best = 0;
+    } else if (o.early_stopping_patience > 0 && ++since_best >= o.early_stopping_patience) {
+      break;
+    }
+  }
+  Restore(head, best_params);
+  out.train = Evaluate(head, x_train, y_train, classes);
+  out.validation = has_val ? Evaluate(head, x_val, y_val, classes) : Evaluation{};
+  // Fold the standardisation into the first layer: W' = W / std, b' = b - W' mean.
+  {
+    torch::NoGradGuard no_grad;
+    auto first = head->ptr(0)->as<torch::nn::Linear>();
+    first->weight.div_(std.unsqueeze(0));
+    first->bias.sub_(first->weight.matmul(mean));
+  }
+  head->eval();
+  return out;
+}
+
+}  // namespace tlserve

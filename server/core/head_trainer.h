@@ -1,0 +1,71 @@
+// Trains a classifier head on cached features ("feature extraction"): a
+// linear head with full-batch L-BFGS (the notebook's logistic regression) or
+// any head with minibatch AdamW. Features are standardised for training and
+// the standardisation is folded into the first layer afterwards, so the head
+// takes raw embeddings. The weights of the best epoch by validation
+// accuracy are kept. Not thread-safe; runs on the job thread.
+#ifndef TLSERVE_SERVER_CORE_HEAD_TRAINER_H_
+#define TLSERVE_SERVER_CORE_HEAD_TRAINER_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "server/core/head.h"
+
+namespace tlserve {
+
+struct TrainOptions {
+  enum class Optimizer { kDefault, kLbfgs, kAdamw };
+  int epochs = 0;  // 0: 30 for L-BFGS, 10 for AdamW
+  int batch_size = 64;
+  Optimizer optimizer = Optimizer::kDefault;
+  float learning_rate = 0;  // 0: 1 for L-BFGS, 1e-3 for AdamW
+  float weight_decay = 1e-4f;
+  float label_smoothing = 0;
+  bool balanced_class_weights = false;
+  int early_stopping_patience = 0;
+  float validation_fraction = 0.15f;
+  uint64_t seed = 0;
+};
+
+// Resolves defaults; INVALID_ARGUMENT naming the option that is out of range.
+absl::StatusOr<TrainOptions> ResolveTrainOptions(TrainOptions o, const HeadSpec& head);
+
+struct EpochStats {
+  int epoch = 0;
+  double train_loss = 0, train_accuracy = 0, validation_loss = 0, validation_accuracy = 0;
+  double images_per_second = 0, elapsed_seconds = 0, eta_seconds = 0;
+};
+
+struct Evaluation {
+  double loss = 0;
+  double accuracy = 0;
+  std::vector<double> precision, recall;
+  std::vector<int64_t> support;
+  std::vector<int64_t> confusion;  // true × predicted, row-major
+};
+
+// Loss and metrics of `head` on features `x` (N×D) with labels `y` (N).
+Evaluation Evaluate(torch::nn::Sequential& head, const at::Tensor& x, const at::Tensor& y,
+                    int64_t classes);
+
+struct TrainedHead {
+  torch::nn::Sequential head;
+  std::vector<EpochStats> history;
+  Evaluation train, validation;
+};
+
+// CANCELLED when `cancelled()` turns true between epochs.
+absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
+                                      const at::Tensor& x_train, const at::Tensor& y_train,
+                                      const at::Tensor& x_val, const at::Tensor& y_val,
+                                      const TrainOptions& options,
+                                      const std::function<void(const EpochStats&)>& on_epoch,
+                                      const std::function<bool()>& cancelled);
+
+}  // namespace tlserve
+
+#endif  // TLSERVE_SERVER_CORE_HEAD_TRAINER_H_
