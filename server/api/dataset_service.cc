@@ -19,6 +19,14 @@ void ToProto(const DatasetInfo& info, v1::Dataset* out) {
   }
 }
 
+void RefreshGauges(DatasetCatalog* catalog, Metrics* metrics) {
+  auto list = catalog->List();
+  if (!list.ok()) return;
+  double images = 0;
+  for (const auto& d : *list) images += static_cast<double>(d.images);
+  metrics->SetDatasets(static_cast<double>(list->size()), images);
+}
+
 void Finish(grpc::ServerUnaryReactor* reactor, const RpcTimer& timer, const absl::Status& s) {
   timer.Done(s);
   reactor->Finish(ToGrpcStatus(s));
@@ -34,6 +42,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
         catalog_(catalog),
         pool_(pool),
         response_(response),
+        metrics_(metrics),
         timer_(metrics, "UploadDataset") {
     StartRead(&request_);
   }
@@ -81,6 +90,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
       return;
     }
     auto result = catalog_->Commit(dataset_, std::move(accepted_), std::move(rejected_), strict_);
+    RefreshGauges(catalog_, metrics_);
     if (result.ok()) {
       ToProto(result->dataset, response_->mutable_dataset());
       response_->set_accepted(result->accepted);
@@ -102,6 +112,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
   DatasetCatalog* catalog_;
   ThreadPool* pool_;
   v1::UploadDatasetResponse* response_;
+  Metrics* metrics_;
   RpcTimer timer_;
   v1::UploadDatasetRequest request_;
   // Touched by one thread at a time: reads and checks alternate.
@@ -149,7 +160,9 @@ grpc::ServerUnaryReactor* DatasetService::DeleteDataset(grpc::CallbackServerCont
                                                         v1::DeleteDatasetResponse*) {
   RpcTimer timer(metrics_, "DeleteDataset");
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  Finish(reactor, timer, catalog_->Delete(request->name()));
+  absl::Status s = catalog_->Delete(request->name());
+  RefreshGauges(catalog_, metrics_);
+  Finish(reactor, timer, s);
   return reactor;
 }
 

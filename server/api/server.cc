@@ -60,6 +60,22 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
 
   s->inference_ =
       std::make_unique<InferenceService>(s->embedder_.get(), s->metrics_.get(), options.limits);
+  auto models = ModelRegistry::Open(s->database_.get(), options.data_dir + "/models",
+                                    s->backbone_->embedding_dim());
+  if (!models.ok()) return models.status();
+  s->models_ = std::move(*models);
+  s->jobs_ = std::make_unique<JobRunner>(s->database_.get(), s->datasets_.get(), s->models_.get(),
+                                         s->backbone_.get(), s->metrics_.get());
+  if (absl::Status st = s->jobs_->Recover(); !st.ok()) return st;
+  s->metrics_->SetModels(s->models_->size());
+  if (auto list = s->datasets_->List(); list.ok()) {
+    double images = 0;
+    for (const auto& d : *list) images += static_cast<double>(d.images);
+    s->metrics_->SetDatasets(static_cast<double>(list->size()), images);
+  }
+  s->model_service_ =
+      std::make_unique<ModelService>(s->models_.get(), s->jobs_.get(), s->datasets_.get(),
+                                     s->embedder_.get(), s->metrics_.get(), options.limits);
   s->dataset_service_ =
       std::make_unique<DatasetService>(s->datasets_.get(), s->pool_.get(), s->metrics_.get());
   grpc::EnableDefaultHealthCheckService(true);
@@ -70,6 +86,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   builder.RegisterService(s->inference_.get());
   builder.RegisterService(s->dataset_service_.get());
+  builder.RegisterService(s->model_service_.get());
   s->grpc_ = builder.BuildAndStart();
   if (s->grpc_ == nullptr || s->grpc_port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen for gRPC on ", options.grpc_address,

@@ -11,6 +11,7 @@
 #include "absl/time/time.h"
 #include "server/api/dataset_service.h"
 #include "server/api/inference_service.h"
+#include "server/api/model_service.h"
 #include "server/core/backbone.h"
 #include "server/core/embedder.h"
 
@@ -63,6 +64,9 @@ class Server {
   std::unique_ptr<ThreadPool> pool_;  // uploads and other non-device work
   std::unique_ptr<InferenceService> inference_;
   std::unique_ptr<DatasetService> dataset_service_;
+  std::unique_ptr<ModelRegistry> models_;
+  std::unique_ptr<JobRunner> jobs_;
+  std::unique_ptr<ModelService> model_service_;
   // Collectables are registered weakly: the server keeps them alive.
   std::shared_ptr<DeviceMemoryCollector> device_memory_;
   std::unique_ptr<MetricsExposer> exposer_;

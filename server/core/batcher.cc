@@ -133,7 +133,9 @@ void Batcher::RunBatch(std::vector<Queued> batch) {
   for (const Queued& q : live) inputs.push_back(q.task.input);
   absl::StatusOr<at::Tensor> out;
   try {
-    out = run_(live.front().task.key, at::stack(inputs));
+    const RunFn& run = live.front().task.run ? live.front().task.run : run_;
+    out = run ? run(live.front().task.key, at::stack(inputs))
+              : absl::InternalError("the batcher has no function to run this batch");
   } catch (const std::exception& e) {
     out = absl::InternalError(absl::StrCat("batch of ", live.size(), " failed: ", e.what()));
   }

@@ -57,6 +57,9 @@ class Batcher {
     absl::Time deadline = absl::InfiniteFuture();
     std::function<bool()> cancelled;  // may be empty
     std::function<void(absl::StatusOr<at::Tensor>)> done;
+    // Computes this task's batch instead of the batcher's RunFn; tasks with
+    // the same key must compute the same thing.
+    RunFn run;
   };
 
   // INVALID_ARGUMENT for options out of range.

@@ -134,6 +134,28 @@ absl::StatusOr<at::Tensor> Embedder::Prepare(const ImageInput& image) const {
 
 void Embedder::Embed(std::shared_ptr<const std::vector<ImageInput>> images, const EmbedSpec& spec,
                      absl::Time deadline, std::function<bool()> cancelled, ImageDone done) {
+  Submit(std::move(images), SpecKey(spec), nullptr, deadline, std::move(cancelled),
+         std::move(done));
+}
+
+void Embedder::Classify(std::shared_ptr<const std::vector<ImageInput>> images,
+                        std::shared_ptr<const ServableVersion> version, absl::Time deadline,
+                        std::function<bool()> cancelled, ImageDone done) {
+  const Backbone* backbone = backbone_;
+  Batcher::RunFn run = [backbone, version](const std::string&,
+                                           const at::Tensor& batch) -> absl::StatusOr<at::Tensor> {
+    c10::InferenceMode guard;
+    const at::Tensor features = backbone->Embed(batch, EmbedSpec{});
+    torch::nn::Sequential head = version->head;  // a holder sharing the immutable module
+    return at::softmax(head->forward(features), 1);
+  };
+  Submit(std::move(images), absl::StrCat("classify:", version->model, ":", version->version),
+         std::move(run), deadline, std::move(cancelled), std::move(done));
+}
+
+void Embedder::Submit(std::shared_ptr<const std::vector<ImageInput>> images, const std::string& key,
+                      Batcher::RunFn run, absl::Time deadline, std::function<bool()> cancelled,
+                      ImageDone done) {
   // Every image is prepared on the pool; they are queued together once all
   // are ready, so a request's images tend to share batches.
   struct Pending {
@@ -146,8 +168,7 @@ void Embedder::Embed(std::shared_ptr<const std::vector<ImageInput>> images, cons
   pending->images = images;
   pending->inputs.resize(n);
   pending->remaining = n;
-  const std::string key = SpecKey(spec);
-  auto submit = [this, pending, key, deadline, cancelled, done]() {
+  auto submit = [this, pending, key, run, deadline, cancelled, done]() {
     std::vector<Batcher::Task> tasks;
     std::vector<size_t> which;
     for (size_t i = 0; i < pending->inputs.size(); ++i) {
@@ -161,6 +182,7 @@ void Embedder::Embed(std::shared_ptr<const std::vector<ImageInput>> images, cons
       t.input = std::move(*pending->inputs[i]);
       t.deadline = deadline;
       t.cancelled = cancelled;
+      t.run = run;
       t.done = [done, i, image](absl::StatusOr<at::Tensor> v) {
         done(i, v.ok() ? std::move(v) : absl::StatusOr<at::Tensor>(Annotate(image, v.status())));
       };

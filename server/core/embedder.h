@@ -20,6 +20,7 @@
 #include "absl/time/time.h"
 #include "server/core/backbone.h"
 #include "server/core/batcher.h"
+#include "server/core/models.h"
 #include "server/core/thread_pool.h"
 
 namespace tlserve {
@@ -60,6 +61,12 @@ class Embedder {
   void Embed(std::shared_ptr<const std::vector<ImageInput>> images, const EmbedSpec& spec,
              absl::Time deadline, std::function<bool()> cancelled, ImageDone done);
 
+  // Class probabilities (softmax of the version's head on the embedding),
+  // batched like Embed; `done` as for Embed, with a vector of classes.size().
+  void Classify(std::shared_ptr<const std::vector<ImageInput>> images,
+                std::shared_ptr<const ServableVersion> version, absl::Time deadline,
+                std::function<bool()> cancelled, ImageDone done);
+
   // Backbone::Describe on the worker pool; `done` runs there.
   void Describe(std::vector<int64_t> input_chw,
                 std::function<void(absl::StatusOr<BackboneSummary>)> done);
@@ -72,6 +79,10 @@ class Embedder {
  private:
   Embedder(const Backbone* backbone, const Options& options);
   absl::StatusOr<at::Tensor> Prepare(const ImageInput& image) const;
+  // Prepares every image on the pool, then queues them under `key`.
+  void Submit(std::shared_ptr<const std::vector<ImageInput>> images, const std::string& key,
+              Batcher::RunFn run, absl::Time deadline, std::function<bool()> cancelled,
+              ImageDone done);
 
   const Backbone* backbone_;
   const Options options_;

@@ -38,6 +38,33 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                         .Help("Time an image waited in the batching queue.")
                         .Register(*registry_)
                         .Add({}, Exponential(1e-5, 4, 12));
+  training_jobs_ = &prometheus::BuildGauge()
+                        .Name("tlserve_training_jobs")
+                        .Help("Training jobs by state.")
+                        .Register(*registry_);
+  epoch_loss_ = &prometheus::BuildGauge()
+                     .Name("tlserve_training_epoch_loss")
+                     .Help("Training loss of the latest epoch, by model.")
+                     .Register(*registry_);
+  accuracy_ = &prometheus::BuildGauge()
+                   .Name("tlserve_training_accuracy")
+                   .Help("Accuracy of the latest epoch, by model and split.")
+                   .Register(*registry_);
+  models_ = &prometheus::BuildGauge()
+                 .Name("tlserve_models")
+                 .Help("Models defined.")
+                 .Register(*registry_)
+                 .Add({});
+  datasets_ = &prometheus::BuildGauge()
+                   .Name("tlserve_datasets")
+                   .Help("Datasets stored.")
+                   .Register(*registry_)
+                   .Add({});
+  dataset_images_ = &prometheus::BuildGauge()
+                         .Name("tlserve_dataset_images")
+                         .Help("Images stored in all datasets.")
+                         .Register(*registry_)
+                         .Add({});
   queue_depth_ = &prometheus::BuildGauge()
                       .Name("tlserve_queue_depth")
                       .Help("Images waiting in the batching queue.")
@@ -52,6 +79,24 @@ void Metrics::RecordRequest(const std::string& method, const std::string& code, 
 
 void Metrics::AddImages(const std::string& method, double n) {
   images_->Add({{"method", method}}).Increment(n);
+}
+
+void Metrics::SetTrainingJobs(const std::string& state, double n) {
+  training_jobs_->Add({{"state", state}}).Set(n);
+}
+
+void Metrics::SetTrainingEpoch(const std::string& model, double loss, double train_accuracy,
+                               double validation_accuracy) {
+  epoch_loss_->Add({{"model", model}}).Set(loss);
+  accuracy_->Add({{"model", model}, {"split", "train"}}).Set(train_accuracy);
+  accuracy_->Add({{"model", model}, {"split", "validation"}}).Set(validation_accuracy);
+}
+
+void Metrics::SetModels(double n) { models_->Set(n); }
+
+void Metrics::SetDatasets(double datasets, double images) {
+  datasets_->Set(datasets);
+  dataset_images_->Set(images);
 }
 
 void Metrics::SetBackboneInfo(const std::string& name, const std::string& device,

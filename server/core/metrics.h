@@ -29,6 +29,12 @@ class Metrics {
   void SetBackboneInfo(const std::string& name, const std::string& device, const std::string& dtype,
                        bool pretrained);
 
+  void SetTrainingJobs(const std::string& state, double n);
+  void SetTrainingEpoch(const std::string& model, double loss, double train_accuracy,
+                        double validation_accuracy);
+  void SetModels(double n);
+  void SetDatasets(double datasets, double images);
+
   prometheus::Histogram& batch_size() { return *batch_size_; }
   prometheus::Histogram& queue_seconds() { return *queue_seconds_; }
   prometheus::Gauge& queue_depth() { return *queue_depth_; }
@@ -39,6 +45,12 @@ class Metrics {
   prometheus::Family<prometheus::Histogram>* request_seconds_;
   prometheus::Family<prometheus::Counter>* images_;
   prometheus::Family<prometheus::Gauge>* backbone_info_;
+  prometheus::Family<prometheus::Gauge>* training_jobs_;
+  prometheus::Family<prometheus::Gauge>* epoch_loss_;
+  prometheus::Family<prometheus::Gauge>* accuracy_;
+  prometheus::Gauge* models_;
+  prometheus::Gauge* datasets_;
+  prometheus::Gauge* dataset_images_;
   prometheus::Histogram* batch_size_;
   prometheus::Histogram* queue_seconds_;
   prometheus::Gauge* queue_depth_;

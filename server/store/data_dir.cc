@@ -20,7 +20,9 @@ absl::Status Errno(const std::string& what) {
   return absl::InternalError(message);
 }
 
-absl::Status MakeDirs(const std::string& path) {
+}  // namespace
+
+absl::Status MakeDirectories(const std::string& path) {
   for (size_t pos = 0; pos != std::string::npos;) {
     pos = path.find('/', pos + 1);
     const std::string prefix = path.substr(0, pos);
@@ -35,6 +37,8 @@ absl::Status MakeDirs(const std::string& path) {
   return absl::OkStatus();
 }
 
+namespace {
+
 absl::Status SyncDir(const std::string& dir) {
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
   if (fd < 0) return Errno(absl::StrCat("cannot open directory ", dir));
@@ -47,7 +51,7 @@ absl::Status SyncDir(const std::string& dir) {
 
 absl::StatusOr<std::unique_ptr<DataDir>> DataDir::Open(const std::string& path) {
   if (path.empty()) return absl::InvalidArgumentError("--data_dir must not be empty");
-  if (absl::Status s = MakeDirs(path); !s.ok()) return s;
+  if (absl::Status s = MakeDirectories(path); !s.ok()) return s;
   const std::string lock_path = path + "/LOCK";
   const int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) return Errno(absl::StrCat("cannot open ", lock_path));

@@ -34,6 +34,9 @@ class DataDir {
   int lock_fd_;
 };
 
+// mkdir -p.
+absl::Status MakeDirectories(const std::string& path);
+
 // Writes `contents` to a temporary file beside `path`, fsyncs it, renames it
 // over `path` and fsyncs the directory: durable before it returns OK.
 absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents);

@@ -23,6 +23,12 @@ CREATE TABLE IF NOT EXISTS examples (
   hash INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS examples_by_dataset ON examples(dataset, id);
+CREATE TABLE IF NOT EXISTS records (
+  kind TEXT NOT NULL,
+  key TEXT NOT NULL,
+  json TEXT NOT NULL,
+  PRIMARY KEY (kind, key)
+);
 )sql";
 
 // A prepared statement finalised on scope exit.
@@ -205,6 +211,41 @@ absl::Status Database::DeleteDataset(const std::string& name) {
     }
   }
   return Exec("COMMIT");
+}
+
+absl::Status Database::PutRecord(const std::string& kind, const std::string& key,
+                                 const std::string& json) {
+  absl::MutexLock lock(&mu_);
+  Statement q(db_, "INSERT OR REPLACE INTO records(kind, key, json) VALUES (?, ?, ?)");
+  if (!q.status().ok()) return q.status();
+  q.Bind(1, kind);
+  q.Bind(2, key);
+  q.Bind(3, json);
+  if (sqlite3_step(q.get()) != SQLITE_DONE) return SqliteError(db_, "put");
+  return absl::OkStatus();
+}
+
+absl::Status Database::DeleteRecords(const std::string& kind, const std::string& key) {
+  absl::MutexLock lock(&mu_);
+  Statement q(db_, "DELETE FROM records WHERE kind = ? AND (key = ? OR substr(key, 1, ?) = ?)");
+  if (!q.status().ok()) return q.status();
+  q.Bind(1, kind);
+  q.Bind(2, key);
+  q.Bind(3, static_cast<int64_t>(key.size() + 1));
+  q.Bind(4, key + "/");
+  if (sqlite3_step(q.get()) != SQLITE_DONE) return SqliteError(db_, "delete");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::pair<std::string, std::string>>> Database::ListRecords(
+    const std::string& kind) {
+  absl::MutexLock lock(&mu_);
+  Statement q(db_, "SELECT key, json FROM records WHERE kind = ? ORDER BY key");
+  if (!q.status().ok()) return q.status();
+  q.Bind(1, kind);
+  std::vector<std::pair<std::string, std::string>> out;
+  while (sqlite3_step(q.get()) == SQLITE_ROW) out.emplace_back(q.Text(0), q.Text(1));
+  return out;
 }
 
 }  // namespace tlserve

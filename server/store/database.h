@@ -57,6 +57,15 @@ class Database {
   absl::StatusOr<std::vector<StoredExample>> LoadExamples(const std::string& dataset);
   absl::Status DeleteDataset(const std::string& name);
 
+  // Small JSON documents by kind ("model", "version", "job") and key, for
+  // the catalogue of models, their versions and the job history.
+  absl::Status PutRecord(const std::string& kind, const std::string& key, const std::string& json);
+  // Deletes the records of `kind` whose key is `key` or starts with `key` + "/".
+  absl::Status DeleteRecords(const std::string& kind, const std::string& key);
+  // (key, json) of every record of `kind`, by key.
+  absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ListRecords(
+      const std::string& kind);
+
  private:
   explicit Database(sqlite3* db) : db_(db) {}
   absl::Status Exec(const std::string& sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

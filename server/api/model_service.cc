@@ -1,0 +1,321 @@
+#include "server/api/model_service.h"
+
+#include <algorithm>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "server/api/convert.h"
+#include "server/api/rpc_timer.h"
+#include "server/api/status_util.h"
+
+namespace tlserve {
+namespace {
+
+grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* c, const RpcTimer& t,
+                               const absl::Status& s) {
+  t.Done(s);
+  grpc::ServerUnaryReactor* r = c->DefaultReactor();
+  r->Finish(ToGrpcStatus(s));
+  return r;
+}
+
+void ToProto(const ModelInfo& m, v1::Model* out) {
+  out->set_name(m.name);
+  for (const auto& c : m.classes) out->add_classes(c);
+  for (int h : m.head.hidden) out->mutable_head()->add_hidden(h);
+  out->mutable_head()->set_dropout(m.head.dropout);
+  out->set_head_params(m.head_params);
+  out->set_served_version(m.served_version);
+  out->set_training(m.training);
+  for (const auto& v : m.versions) {
+    v1::ModelVersion* pv = out->add_versions();
+    pv->set_version(v.version);
+    pv->set_created_unix(v.created_unix);
+    pv->set_job_id(v.job_id);
+    pv->set_train_accuracy(v.train_accuracy);
+    pv->set_validation_accuracy(v.validation.accuracy);
+    for (size_t c = 0; c < v.validation.precision.size() && c < m.classes.size(); ++c) {
+      v1::ClassMetrics* cm = pv->add_classes();
+      cm->set_label(m.classes[c]);
+      cm->set_precision(v.validation.precision[c]);
+      cm->set_recall(v.validation.recall[c]);
+      cm->set_support(v.validation.support[c]);
+    }
+    for (int64_t x : v.validation.confusion) pv->add_confusion(x);
+  }
+}
+
+void ToProto(const JobRecord& r, v1::Job* out) {
+  out->set_id(r.id);
+  out->set_model(r.model);
+  out->set_dataset(r.dataset);
+  out->set_state(static_cast<v1::Job::State>(static_cast<int>(r.state) + 1));
+  out->set_phase(r.phase);
+  out->set_error(r.error);
+  out->set_version(r.version);
+  out->set_created_unix(r.created_unix);
+  for (const auto& e : r.epochs) {
+    v1::EpochProgress* p = out->add_epochs();
+    p->set_epoch(e.epoch);
+    p->set_train_loss(e.train_loss);
+    p->set_train_accuracy(e.train_accuracy);
+    p->set_validation_loss(e.validation_loss);
+    p->set_validation_accuracy(e.validation_accuracy);
+    p->set_images_per_second(e.images_per_second);
+    p->set_elapsed_seconds(e.elapsed_seconds);
+    p->set_eta_seconds(e.eta_seconds);
+  }
+  const TrainOptions& o = r.options;
+  v1::TrainingOptions* po = out->mutable_options();
+  po->set_epochs(o.epochs);
+  po->set_batch_size(o.batch_size);
+  po->set_optimizer(o.optimizer == TrainOptions::Optimizer::kLbfgs ? v1::TrainingOptions::LBFGS
+                                                                   : v1::TrainingOptions::ADAMW);
+  po->set_learning_rate(o.learning_rate);
+  po->set_weight_decay(o.weight_decay);
+  po->set_validation_fraction(o.validation_fraction);
+}
+
+TrainOptions FromProto(const v1::TrainingOptions& p) {
+  TrainOptions o;
+  o.epochs = p.epochs();
+  if (p.batch_size() != 0) o.batch_size = p.batch_size();
+  o.optimizer = p.optimizer() == v1::TrainingOptions::LBFGS   ? TrainOptions::Optimizer::kLbfgs
+                : p.optimizer() == v1::TrainingOptions::ADAMW ? TrainOptions::Optimizer::kAdamw
+                                                              : TrainOptions::Optimizer::kDefault;
+  o.learning_rate = p.learning_rate();
+  if (p.weight_decay() != 0) o.weight_decay = p.weight_decay();
+  o.label_smoothing = p.label_smoothing();
+  o.balanced_class_weights = p.balanced_class_weights();
+  o.early_stopping_patience = p.early_stopping_patience();
+  if (p.validation_fraction() != 0) o.validation_fraction = p.validation_fraction();
+  o.seed = p.seed();
+  return o;
+}
+
+// Streams a job's states until it is final. Owns itself (deleted in OnDone).
+class WatchReactor final : public grpc::ServerWriteReactor<v1::Job> {
+ public:
+  WatchReactor(JobRunner* jobs, Metrics* metrics, const std::string& id)
+      : jobs_(jobs), id_(id), timer_(metrics, "WatchJob"), state_(std::make_shared<State>()) {
+    state_->reactor = this;
+    std::shared_ptr<State> state = state_;
+    auto token = jobs_->Watch(id_, [state](const JobRecord& r) { state->Push(r); });
+    if (!token.ok()) {
+      timer_.Done(token.status());
+      Finish(ToGrpcStatus(token.status()));
+      return;
+    }
+    token_ = *token;
+  }
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&state_->mu);
+    state_->writing = false;
+    if (!ok) {
+      state_->FinishLocked(absl::CancelledError("the watcher went away"));
+      return;
+    }
+    const bool last = state_->queue.front().state() >= v1::Job::SUCCEEDED;
+    state_->queue.pop_front();
+    if (last) {
+      state_->FinishLocked(absl::OkStatus());  // the job is over: so is the stream
+      return;
+    }
+    state_->NextLocked();
+  }
+  void OnCancel() override {
+    absl::MutexLock lock(&state_->mu);
+    if (!state_->writing) state_->FinishLocked(absl::CancelledError("the watcher cancelled"));
+  }
+  void OnDone() override {
+    if (token_ != 0) jobs_->Unwatch(id_, token_);
+    {
+      absl::MutexLock lock(&state_->mu);
+      state_->reactor = nullptr;
+    }
+    delete this;
+  }
+
+ private:
+  struct State {
+    absl::Mutex mu;
+    WatchReactor* reactor ABSL_GUARDED_BY(mu) = nullptr;
+    std::deque<v1::Job> queue ABSL_GUARDED_BY(mu);
+    bool writing ABSL_GUARDED_BY(mu) = false;
+    bool finished ABSL_GUARDED_BY(mu) = false;
+
+    void Push(const JobRecord& r) {
+      absl::MutexLock lock(&mu);
+      if (reactor == nullptr || finished) return;
+      v1::Job j;
+      ToProto(r, &j);
+      queue.push_back(std::move(j));
+      if (!writing) NextLocked();
+    }
+    void NextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+      if (finished || reactor == nullptr) return;
+      if (queue.empty()) return;
+      writing = true;
+      reactor->StartWrite(&queue.front());
+    }
+    void FinishLocked(const absl::Status& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+      if (finished || reactor == nullptr) return;
+      finished = true;
+      reactor->timer_.Done(s);
+      reactor->Finish(ToGrpcStatus(s));
+    }
+  };
+  friend struct State;
+
+  JobRunner* jobs_;
+  std::string id_;
+  RpcTimer timer_;
+  std::shared_ptr<State> state_;
+  int token_ = 0;
+};
+
+}  // namespace
+
+grpc::ServerUnaryReactor* ModelService::CreateModel(grpc::CallbackServerContext* c,
+                                                    const v1::CreateModelRequest* req,
+                                                    v1::Model* resp) {
+  RpcTimer t(metrics_, "CreateModel");
+  std::vector<std::string> classes(req->classes().begin(), req->classes().end());
+  if (!req->dataset().empty()) {
+    if (!classes.empty()) {
+      return Done(c, t, absl::InvalidArgumentError("give classes or dataset, not both"));
+    }
+    auto d = datasets_->Get(req->dataset());
+    if (!d.ok()) return Done(c, t, d.status());
+    for (const auto& [label, n] : d->class_counts) classes.push_back(label);
+  }
+  HeadSpec head{{req->head().hidden().begin(), req->head().hidden().end()}, req->head().dropout()};
+  auto m = models_->Create(req->name(), std::move(classes), head);
+  if (m.ok()) ToProto(*m, resp);
+  metrics_->SetModels(models_->size());
+  return Done(c, t, m.status());
+}
+
+grpc::ServerUnaryReactor* ModelService::GetModel(grpc::CallbackServerContext* c,
+                                                 const v1::GetModelRequest* req, v1::Model* resp) {
+  RpcTimer t(metrics_, "GetModel");
+  auto m = models_->Get(req->name());
+  if (m.ok()) ToProto(*m, resp);
+  return Done(c, t, m.status());
+}
+
+grpc::ServerUnaryReactor* ModelService::ListModels(grpc::CallbackServerContext* c,
+                                                   const v1::ListModelsRequest*,
+                                                   v1::ListModelsResponse* resp) {
+  RpcTimer t(metrics_, "ListModels");
+  for (const auto& m : models_->List()) ToProto(m, resp->add_models());
+  return Done(c, t, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* ModelService::DeleteModel(grpc::CallbackServerContext* c,
+                                                    const v1::DeleteModelRequest* req,
+                                                    v1::DeleteModelResponse*) {
+  RpcTimer t(metrics_, "DeleteModel");
+  absl::Status s = models_->Delete(req->name());
+  metrics_->SetModels(models_->size());
+  return Done(c, t, s);
+}
+
+grpc::ServerUnaryReactor* ModelService::StartTraining(grpc::CallbackServerContext* c,
+                                                      const v1::StartTrainingRequest* req,
+                                                      v1::Job* resp) {
+  RpcTimer t(metrics_, "StartTraining");
+  auto j = jobs_->Start(req->model(), req->dataset(), FromProto(req->options()));
+  if (j.ok()) ToProto(*j, resp);
+  return Done(c, t, j.status());
+}
+
+grpc::ServerWriteReactor<v1::Job>* ModelService::WatchJob(grpc::CallbackServerContext*,
+                                                          const v1::WatchJobRequest* req) {
+  return new WatchReactor(jobs_, metrics_, req->id());
+}
+
+grpc::ServerUnaryReactor* ModelService::GetJob(grpc::CallbackServerContext* c,
+                                               const v1::GetJobRequest* req, v1::Job* resp) {
+  RpcTimer t(metrics_, "GetJob");
+  auto j = jobs_->Get(req->id());
+  if (j.ok()) ToProto(*j, resp);
+  return Done(c, t, j.status());
+}
+
+grpc::ServerUnaryReactor* ModelService::ListJobs(grpc::CallbackServerContext* c,
+                                                 const v1::ListJobsRequest* req,
+                                                 v1::ListJobsResponse* resp) {
+  RpcTimer t(metrics_, "ListJobs");
+  for (const auto& j : jobs_->List(req->model())) ToProto(j, resp->add_jobs());
+  return Done(c, t, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* ModelService::CancelJob(grpc::CallbackServerContext* c,
+                                                  const v1::CancelJobRequest* req, v1::Job* resp) {
+  RpcTimer t(metrics_, "CancelJob");
+  auto j = jobs_->Cancel(req->id());
+  if (j.ok()) ToProto(*j, resp);
+  return Done(c, t, j.status());
+}
+
+grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
+                                                 const v1::ClassifyRequest* req,
+                                                 v1::ClassifyResponse* resp) {
+  RpcTimer t(metrics_, "Classify");
+  metrics_->AddImages("Classify", req->images_size());
+  if (req->images_size() == 0) {
+    return Done(c, t, absl::InvalidArgumentError("images: the request has no images"));
+  }
+  if (req->images_size() > limits_.max_images_per_request) {
+    return Done(c, t,
+                absl::InvalidArgumentError(
+                    absl::StrCat("images: ", req->images_size(), " images, over the limit of ",
+                                 limits_.max_images_per_request, " (--max_images_per_request)")));
+  }
+  if (req->top_k() < 0) return Done(c, t, absl::InvalidArgumentError("top_k must be >= 0"));
+  auto version = models_->Servable(req->model(), req->version());
+  if (!version.ok()) return Done(c, t, version.status());
+  auto inputs = ToImageInputs(req->images(), 0);
+  if (!inputs.ok()) return Done(c, t, inputs.status());
+  const int k = std::min<int>(req->top_k() == 0 ? 5 : req->top_k(),
+                              static_cast<int>((*version)->classes.size()));
+  resp->set_version((*version)->version);
+  for (int i = 0; i < req->images_size(); ++i) resp->add_results();
+  struct Call {
+    absl::Mutex mu;
+    size_t remaining;
+    size_t first_error = SIZE_MAX;
+    absl::Status error;
+  };
+  auto call = std::make_shared<Call>();
+  call->remaining = (*inputs)->size();
+  grpc::ServerUnaryReactor* reactor = c->DefaultReactor();
+  auto v = *version;
+  embedder_->Classify(
+      *inputs, v, absl::FromChrono(c->deadline()), [c] { return c->IsCancelled(); },
+      [call, resp, reactor, t, v, k](size_t i, absl::StatusOr<at::Tensor> p) {
+        absl::MutexLock lock(&call->mu);
+        if (p.ok()) {
+          const float* prob = p->data_ptr<float>();
+          std::vector<int> order(v->classes.size());
+          std::iota(order.begin(), order.end(), 0);
+          std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                            [prob](int a, int b) { return prob[a] > prob[b]; });
+          for (int j = 0; j < k; ++j) {
+            v1::Prediction* pred = resp->mutable_results(static_cast<int>(i))->add_top();
+            pred->set_label(v->classes[order[j]]);
+            pred->set_probability(prob[order[j]]);
+          }
+        } else if (i < call->first_error) {
+          call->first_error = i;
+          call->error = p.status();
+        }
+        if (--call->remaining > 0) return;
+        t.Done(call->error);
+        reactor->Finish(ToGrpcStatus(call->error));
+      });
+  return reactor;
+}
+
+}  // namespace tlserve

@@ -1,0 +1,64 @@
+// The tlserve.v1.Models gRPC service: models, training jobs (with a
+// server-streaming WatchJob) and Classify. Translation and validation only:
+// the work is the ModelRegistry's, the JobRunner's and the Embedder's.
+#ifndef TLSERVE_SERVER_API_MODEL_SERVICE_H_
+#define TLSERVE_SERVER_API_MODEL_SERVICE_H_
+
+#include "server/api/inference_service.h"
+#include "server/core/datasets.h"
+#include "server/core/embedder.h"
+#include "server/core/jobs.h"
+#include "server/core/metrics.h"
+#include "server/core/models.h"
+#include "tlserve/v1/models.grpc.pb.h"
+
+namespace tlserve {
+
+class ModelService final : public v1::Models::CallbackService {
+ public:
+  ModelService(ModelRegistry* models, JobRunner* jobs, DatasetCatalog* datasets, Embedder* embedder,
+               Metrics* metrics, ApiLimits limits)
+      : models_(models),
+        jobs_(jobs),
+        datasets_(datasets),
+        embedder_(embedder),
+        metrics_(metrics),
+        limits_(limits) {}
+
+  grpc::ServerUnaryReactor* CreateModel(grpc::CallbackServerContext* c,
+                                        const v1::CreateModelRequest* req,
+                                        v1::Model* resp) override;
+  grpc::ServerUnaryReactor* GetModel(grpc::CallbackServerContext* c, const v1::GetModelRequest* req,
+                                     v1::Model* resp) override;
+  grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* c,
+                                       const v1::ListModelsRequest* req,
+                                       v1::ListModelsResponse* resp) override;
+  grpc::ServerUnaryReactor* DeleteModel(grpc::CallbackServerContext* c,
+                                        const v1::DeleteModelRequest* req,
+                                        v1::DeleteModelResponse* resp) override;
+  grpc::ServerUnaryReactor* StartTraining(grpc::CallbackServerContext* c,
+                                          const v1::StartTrainingRequest* req,
+                                          v1::Job* resp) override;
+  grpc::ServerWriteReactor<v1::Job>* WatchJob(grpc::CallbackServerContext* c,
+                                              const v1::WatchJobRequest* req) override;
+  grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* c, const v1::GetJobRequest* req,
+                                   v1::Job* resp) override;
+  grpc::ServerUnaryReactor* ListJobs(grpc::CallbackServerContext* c, const v1::ListJobsRequest* req,
+                                     v1::ListJobsResponse* resp) override;
+  grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* c,
+                                      const v1::CancelJobRequest* req, v1::Job* resp) override;
+  grpc::ServerUnaryReactor* Classify(grpc::CallbackServerContext* c, const v1::ClassifyRequest* req,
+                                     v1::ClassifyResponse* resp) override;
+
+ private:
+  ModelRegistry* models_;
+  JobRunner* jobs_;
+  DatasetCatalog* datasets_;
+  Embedder* embedder_;
+  Metrics* metrics_;
+  const ApiLimits limits_;
+};
+
+}  // namespace tlserve
+
+#endif  // TLSERVE_SERVER_API_MODEL_SERVICE_H_

@@ -1,0 +1,413 @@
+#include "server/core/jobs.h"
+
+#include <ATen/ATen.h>
+#include <torch/torch.h>
+
+#include <ctime>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "server/core/image_decoder.h"
+#include "server/core/log.h"
+#include "server/core/metrics.h"
+#include "server/core/preprocess.h"
+
+namespace tlserve {
+namespace {
+
+nlohmann::json ToJson(const JobRecord& r) {
+  nlohmann::json epochs = nlohmann::json::array();
+  for (const auto& e : r.epochs) {
+    epochs.push_back({e.epoch, e.train_loss, e.train_accuracy, e.validation_loss,
+                      e.validation_accuracy, e.images_per_second, e.elapsed_seconds,
+                      e.eta_seconds});
+  }
+  return {{"id", r.id},
+          {"model", r.model},
+          {"dataset", r.dataset},
+          {"state", static_cast<int>(r.state)},
+          {"phase", r.phase},
+          {"epochs", epochs},
+          {"error", r.error},
+          {"version", r.version},
+          {"created_unix", r.created_unix}};
+}
+
+JobRecord FromJson(const nlohmann::json& j) {
+  JobRecord r;
+  r.id = j.at("id");
+  r.model = j.at("model");
+  r.dataset = j.at("dataset");
+  r.state = static_cast<JobRecord::State>(j.at("state").get<int>());
+  r.phase = j.at("phase");
+  r.error = j.at("error");
+  r.version = j.at("version");
+  r.created_unix = j.at("created_unix");
+  for (const auto& e : j.at("epochs")) {
+    r.epochs.push_back({e[0].get<int>(), e[1], e[2], e[3], e[4], e[5], e[6], e[7]});
+  }
+  return r;
+}
+
+}  // namespace
+
+const char* StateName(JobRecord::State s) {
+  switch (s) {
+    case JobRecord::State::kQueued:
+      return "queued";
+    case JobRecord::State::kRunning:
+      return "running";
+    case JobRecord::State::kSucceeded:
+      return "succeeded";
+    case JobRecord::State::kFailed:
+      return "failed";
+    case JobRecord::State::kCancelled:
+      return "cancelled";
+  }
+  return "unknown";
+}
+
+JobRunner::JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* models,
+                     const Backbone* backbone, Metrics* metrics)
+    : db_(db), datasets_(datasets), models_(models), backbone_(backbone), metrics_(metrics) {
+  worker_ = std::thread([this] { WorkerLoop(); });
+}
+
+JobRunner::~JobRunner() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    for (auto& [id, job] : jobs_) job.cancel = true;
+  }
+  worker_.join();
+}
+
+absl::Status JobRunner::Recover() {
+  auto records = db_->ListRecords("job");
+  if (!records.ok()) return records.status();
+  std::vector<std::string> interrupted;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [key, json] : *records) {
+      const auto j = nlohmann::json::parse(json, nullptr, false);
+      if (j.is_discarded()) continue;
+      Job job;
+      job.record = FromJson(j);
+      if (!job.record.final()) {
+        job.record.state = JobRecord::State::kFailed;
+        job.record.error = "interrupted: the server stopped while the job was unfinished";
+        interrupted.push_back(key);
+      }
+      jobs_[key] = std::move(job);
+    }
+    UpdateStateMetrics();
+  }
+  for (const auto& id : interrupted) Publish(id);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::string& dataset,
+                                           const TrainOptions& options) {
+  auto info = models_->Get(model);
+  if (!info.ok()) return info.status();
+  auto resolved = ResolveTrainOptions(options, info->head);
+  if (!resolved.ok()) return resolved.status();
+  auto examples = db_->LoadExamples(dataset);
+  if (!examples.ok()) return examples.status();
+  if (examples->empty()) {
+    return absl::FailedPreconditionError(absl::StrCat("dataset \"", dataset, "\" is empty"));
+  }
+  std::map<std::string, int> train_counts;
+  for (const auto& c : info->classes) train_counts[c] = 0;
+  for (const auto& e : *examples) {
+    auto it = train_counts.find(e.label);
+    if (it == train_counts.end()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("dataset \"", dataset, "\" has class \"", e.label, "\", which model \"",
+                       model, "\" does not have; create the model with --dataset ", dataset));
+    }
+    if (!DatasetCatalog::IsValidation(e.hash, resolved->validation_fraction)) ++it->second;
+  }
+  for (const auto& [label, n] : train_counts) {
+    if (n == 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("class \"", label, "\" has no training examples in dataset \"", dataset,
+                       "\" after the validation split; upload more images of it"));
+    }
+  }
+  if (absl::Status s = models_->BeginTraining(model); !s.ok()) return s;
+  datasets_->Acquire(dataset);
+  JobRecord r;
+  std::random_device rd;
+  r.id = absl::StrFormat("job-%08x%08x", rd(), rd());
+  r.model = model;
+  r.dataset = dataset;
+  r.options = *resolved;
+  r.created_unix = static_cast<int64_t>(std::time(nullptr));
+  r.phase = "queued";
+  {
+    absl::MutexLock lock(&mu_);
+    Job job;
+    job.record = r;
+    job.examples = std::move(*examples);
+    jobs_[r.id] = std::move(job);
+    queue_.push_back(r.id);
+    UpdateStateMetrics();
+  }
+  Publish(r.id);
+  LogInfo("job %s: train model %s on dataset %s queued", r.id, model, dataset);
+  return r;
+}
+
+absl::StatusOr<JobRecord> JobRunner::Get(const std::string& id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(id);
+  if (it == jobs_.end())
+    return absl::NotFoundError(absl::StrCat("job \"", id, "\" does not exist"));
+  return it->second.record;
+}
+
+std::vector<JobRecord> JobRunner::List(const std::string& model) const {
+  absl::MutexLock lock(&mu_);
+  std::vector<JobRecord> out;
+  for (const auto& [id, job] : jobs_) {
+    if (model.empty() || job.record.model == model) out.push_back(job.record);
+  }
+  std::sort(out.begin(), out.end(),
+            [](const auto& a, const auto& b) { return a.created_unix < b.created_unix; });
+  return out;
+}
+
+absl::StatusOr<JobRecord> JobRunner::Cancel(const std::string& id) {
+  bool was_queued = false;
+  std::string model, dataset;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) {
+      return absl::NotFoundError(absl::StrCat("job \"", id, "\" does not exist"));
+    }
+    if (it->second.record.final()) return it->second.record;
+    it->second.cancel = true;
+    if (it->second.record.state == JobRecord::State::kQueued) {
+      was_queued = true;
+      queue_.erase(std::remove(queue_.begin(), queue_.end(), id), queue_.end());
+      it->second.record.state = JobRecord::State::kCancelled;
+      it->second.record.phase = "cancelled before it started";
+      it->second.examples.clear();
+      model = it->second.record.model;
+      dataset = it->second.record.dataset;
+      UpdateStateMetrics();
+    }
+  }
+  if (was_queued) {
+    models_->EndTraining(model);
+    datasets_->Release(dataset);
+    Publish(id);
+  }
+  return Get(id);  // a running job ends at its next check, asynchronously
+}
+
+absl::StatusOr<int> JobRunner::Watch(const std::string& id,
+                                     std::function<void(const JobRecord&)> update) {
+  JobRecord now;
+  int token;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) {
+      return absl::NotFoundError(absl::StrCat("job \"", id, "\" does not exist"));
+    }
+    token = next_token_++;
+    now = it->second.record;
+    if (!now.final()) it->second.watchers[token] = update;
+  }
+  update(now);
+  return token;
+}
+
+void JobRunner::Unwatch(const std::string& id, int token) {
+  absl::MutexLock lock(&mu_);
+  if (auto it = jobs_.find(id); it != jobs_.end()) it->second.watchers.erase(token);
+}
+
+void JobRunner::Publish(const std::string& id) {
+  JobRecord r;
+  std::vector<std::function<void(const JobRecord&)>> watchers;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) return;
+    r = it->second.record;
+    for (const auto& [token, w] : it->second.watchers) watchers.push_back(w);
+    if (r.final()) it->second.watchers.clear();
+  }
+  if (absl::Status s = db_->PutRecord("job", id, ToJson(r).dump()); !s.ok()) {
+    LogError("job %s: cannot persist its state: %s", id, s.ToString());
+  }
+  for (const auto& w : watchers) w(r);
+}
+
+void JobRunner::Update(const std::string& id, const std::function<void(JobRecord&)>& change) {
+  {
+    absl::MutexLock lock(&mu_);
+    change(jobs_.at(id).record);
+    UpdateStateMetrics();
+  }
+  Publish(id);
+}
+
+bool JobRunner::Cancelled(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  return jobs_.at(id).cancel;
+}
+
+void JobRunner::UpdateStateMetrics() {
+  if (metrics_ == nullptr) return;
+  std::map<JobRecord::State, int> counts;
+  for (const auto& [id, job] : jobs_) ++counts[job.record.state];
+  for (auto s :
+       {JobRecord::State::kQueued, JobRecord::State::kRunning, JobRecord::State::kSucceeded,
+        JobRecord::State::kFailed, JobRecord::State::kCancelled}) {
+    metrics_->SetTrainingJobs(StateName(s), counts[s]);
+  }
+}
+
+void JobRunner::WorkerLoop() {
+  for (;;) {
+    std::string id;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](JobRunner* r)
+               ABSL_NO_THREAD_SAFETY_ANALYSIS { return r->stopping_ || !r->queue_.empty(); },
+          this));
+      if (stopping_) return;
+      id = queue_.front();
+      queue_.pop_front();
+    }
+    Run(id);
+  }
+}
+
+void JobRunner::Run(const std::string& id) {
+  Update(id, [](JobRecord& r) {
+    r.state = JobRecord::State::kRunning;
+    r.phase = "starting";
+  });
+  auto version = Train(id);
+  std::string model, dataset;
+  Update(id, [&](JobRecord& r) {
+    model = r.model;
+    dataset = r.dataset;
+    if (version.ok()) {
+      r.state = JobRecord::State::kSucceeded;
+      r.version = *version;
+      r.phase = absl::StrCat("done: version ", *version);
+    } else if (version.status().code() == absl::StatusCode::kCancelled) {
+      r.state = JobRecord::State::kCancelled;
+      r.phase = "cancelled";
+    } else {
+      r.state = JobRecord::State::kFailed;
+      r.error = std::string(version.status().message());
+      r.phase = "failed";
+    }
+  });
+  {
+    absl::MutexLock lock(&mu_);
+    jobs_.at(id).examples.clear();
+  }
+  models_->EndTraining(model);
+  datasets_->Release(dataset);
+  LogInfo(
+      "job %s: %s", id,
+      version.ok() ? absl::StrCat("succeeded, version ", *version) : version.status().ToString());
+}
+
+absl::StatusOr<int> JobRunner::Train(const std::string& id) {
+  JobRecord r;
+  std::vector<StoredExample> examples;
+  {
+    absl::MutexLock lock(&mu_);
+    r = jobs_.at(id).record;
+    examples = std::move(jobs_.at(id).examples);
+  }
+  auto info = models_->Get(r.model);
+  if (!info.ok()) return info.status();
+  std::map<std::string, int64_t> class_index;
+  for (size_t i = 0; i < info->classes.size(); ++i) class_index[info->classes[i]] = i;
+
+  // Features of every example with the frozen backbone, once: normal tensors
+  // (not inference tensors), so that training can use them.
+  const int64_t n = static_cast<int64_t>(examples.size()), dim = backbone_->embedding_dim();
+  at::Tensor features = at::empty({n, dim});
+  constexpr int64_t kBatch = 32;
+  std::vector<int64_t> pending;
+  auto flush = [&]() -> absl::Status {
+    if (pending.empty()) return absl::OkStatus();
+    std::vector<at::Tensor> inputs;
+    for (int64_t i : pending) {
+      auto rgb = DecodeImage(examples[i].bytes, 1LL << 40);
+      if (!rgb.ok()) return rgb.status();
+      inputs.push_back(Preprocess(*rgb, backbone_->preprocess()));
+    }
+    const at::Tensor out = backbone_->Embed(at::stack(inputs), EmbedSpec{}).clone();
+    for (size_t k = 0; k < pending.size(); ++k) {
+      features[pending[k]].copy_(out[k]);
+      feature_cache_[absl::StrCat(backbone_->sha256(), ":", examples[pending[k]].id)] =
+          out[k].clone();
+    }
+    pending.clear();
+    return absl::OkStatus();
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    if (Cancelled(id)) return absl::CancelledError("cancelled");
+    auto cached = feature_cache_.find(absl::StrCat(backbone_->sha256(), ":", examples[i].id));
+    if (cached != feature_cache_.end()) {
+      features[i].copy_(cached->second);
+    } else {
+      pending.push_back(i);
+      if (static_cast<int64_t>(pending.size()) == kBatch) {
+        if (absl::Status s = flush(); !s.ok()) return s;
+        Update(id, [&](JobRecord& rec) { rec.phase = absl::StrCat("features ", i + 1, "/", n); });
+      }
+    }
+  }
+  if (absl::Status s = flush(); !s.ok()) return s;
+
+  std::vector<int64_t> train_idx, val_idx, train_y, val_y;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool val = DatasetCatalog::IsValidation(examples[i].hash, r.options.validation_fraction);
+    (val ? val_idx : train_idx).push_back(i);
+    (val ? val_y : train_y).push_back(class_index.at(examples[i].label));
+  }
+  auto take = [&](const std::vector<int64_t>& idx) {
+    return features.index_select(0, torch::tensor(idx, torch::kLong));
+  };
+  Update(id, [](JobRecord& rec) { rec.phase = "training the head"; });
+  const int64_t classes = static_cast<int64_t>(info->classes.size());
+  auto trained = TrainHead(
+      info->head, classes, take(train_idx), torch::tensor(train_y, torch::kLong),
+      val_idx.empty() ? at::empty({0, dim}) : take(val_idx), torch::tensor(val_y, torch::kLong),
+      r.options,
+      [&](const EpochStats& s) {
+        if (metrics_)
+          metrics_->SetTrainingEpoch(r.model, s.train_loss, s.train_accuracy,
+                                     s.validation_accuracy);
+        Update(id, [&](JobRecord& rec) {
+          rec.epochs.push_back(s);
+          rec.phase = absl::StrCat("epoch ", s.epoch, "/", r.options.epochs);
+        });
+      },
+      [&] { return Cancelled(id); });
+  if (!trained.ok()) return trained.status();
+  VersionInfo v;
+  v.job_id = id;
+  v.train_accuracy = trained->train.accuracy;
+  v.validation = trained->validation;
+  return models_->AddVersion(r.model, trained->head, v);
+}
+
+}  // namespace tlserve

@@ -1,0 +1,104 @@
+// Training jobs: queued -> running -> succeeded / failed / cancelled, run one
+// at a time on one worker thread (one device). A head-only job computes the
+// frozen backbone's features of every example once (cached in memory by
+// backbone and example), fits the head, and stores the best version. Every
+// state change is written to the Database before watchers hear of it; at
+// start, jobs left queued or running by a previous process are marked failed
+// ("interrupted").
+//
+// Thread-safe.
+#ifndef TLSERVE_SERVER_CORE_JOBS_H_
+#define TLSERVE_SERVER_CORE_JOBS_H_
+
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "server/core/backbone.h"
+#include "server/core/datasets.h"
+#include "server/core/head_trainer.h"
+#include "server/core/models.h"
+
+namespace tlserve {
+
+class Metrics;
+
+struct JobRecord {
+  enum class State { kQueued, kRunning, kSucceeded, kFailed, kCancelled };
+  std::string id, model, dataset;
+  State state = State::kQueued;
+  std::string phase;
+  std::vector<EpochStats> epochs;
+  std::string error;
+  int version = 0;
+  int64_t created_unix = 0;
+  TrainOptions options;
+  bool final() const { return state > State::kRunning; }
+};
+
+const char* StateName(JobRecord::State s);
+
+class JobRunner {
+ public:
+  JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* models, const Backbone* backbone,
+            Metrics* metrics);
+  ~JobRunner();  // cancels what runs, then joins
+
+  // Marks jobs a previous process left unfinished as failed.
+  absl::Status Recover();
+
+  // NOT_FOUND (model, dataset), FAILED_PRECONDITION (already training; a
+  // dataset class unknown to the model; a class with no training example),
+  // INVALID_ARGUMENT (options).
+  absl::StatusOr<JobRecord> Start(const std::string& model, const std::string& dataset,
+                                  const TrainOptions& options);
+  absl::StatusOr<JobRecord> Get(const std::string& id) const;
+  std::vector<JobRecord> List(const std::string& model) const;
+  absl::StatusOr<JobRecord> Cancel(const std::string& id);
+
+  // Calls `update` with the job now and after every change, until it is
+  // final; returns a token for Unwatch. `update` runs under no lock of the
+  // caller's and must not block.
+  absl::StatusOr<int> Watch(const std::string& id, std::function<void(const JobRecord&)> update);
+  void Unwatch(const std::string& id, int token);
+
+ private:
+  struct Job {
+    JobRecord record;
+    std::vector<StoredExample> examples;  // held from Start to the run
+    bool cancel = false;
+    std::map<int, std::function<void(const JobRecord&)>> watchers;
+  };
+  void WorkerLoop();
+  void Run(const std::string& id);
+  absl::StatusOr<int> Train(const std::string& id);
+  // Persists and tells the watchers; call without mu_ held.
+  void Publish(const std::string& id);
+  void Update(const std::string& id, const std::function<void(JobRecord&)>& change);
+  bool Cancelled(const std::string& id);
+  void UpdateStateMetrics() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  Database* db_;
+  DatasetCatalog* datasets_;
+  ModelRegistry* models_;
+  const Backbone* backbone_;
+  Metrics* metrics_;
+  mutable absl::Mutex mu_;
+  std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  int next_token_ ABSL_GUARDED_BY(mu_) = 1;
+  std::map<std::string, at::Tensor> feature_cache_;  // worker thread only
+  std::thread worker_;
+};
+
+}  // namespace tlserve
+
+#endif  // TLSERVE_SERVER_CORE_JOBS_H_

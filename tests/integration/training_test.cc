@@ -1,0 +1,196 @@
+// Models, training jobs and Classify on a live server, with real images
+// (Fashion-MNIST t-shirts, trousers and sandals): train a head, watch the job,
+// classify held-out images, restart and classify again.
+#include <grpcpp/client_context.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "client/lib/client.h"
+#include "client/lib/image_files.h"
+#include "server/api/server.h"
+#include "tests/test_util.h"
+#include "tlserve/v1/models.grpc.pb.h"
+
+namespace tlserve {
+namespace {
+
+using ::tlserve::testing::Fixture;
+using ::tlserve::testing::ReadBytes;
+
+ServerOptions Options(const std::string& data_dir) {
+  ServerOptions o;
+  o.backbone.path = Fixture("r18small.pt");
+  o.backbone.device = "cpu";
+  o.backbone.threads = 2;
+  o.embedder.preprocess_threads = 2;
+  o.data_dir = data_dir;
+  o.grpc_address = "127.0.0.1:0";
+  o.metrics_address = "";
+  return o;
+}
+
+// ImageFolder files: (path, label).
+std::vector<std::pair<std::string, std::string>> Folder(const std::string& dir) {
+  std::vector<std::pair<std::string, std::string>> out;
+  auto files = ListImageFiles({dir});
+  EXPECT_TRUE(files.ok()) << files.status();
+  if (!files.ok()) return out;
+  for (const auto& f : *files) {
+    out.emplace_back(f, std::filesystem::path(f).parent_path().filename().string());
+  }
+  return out;
+}
+
+class TrainingTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/tlserve-train-XXXXXX";
+    dir_ = ::mkdtemp(tmpl);
+    Restart();
+  }
+  void Restart() {
+    stub_.reset();
+    client_.reset();
+    server_.reset();
+    auto s = Server::Start(Options(dir_));
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = std::move(*s);
+    auto c = Client::Connect(absl::StrCat("127.0.0.1:", server_->grpc_port()));
+    ASSERT_TRUE(c.ok());
+    client_ = std::move(*c);
+    stub_ = v1::Models::NewStub(client_->channel());
+  }
+  void UploadTrainingSet() {
+    auto files = Folder(Fixture("fmnist/train"));
+    auto r = client_->UploadDataset("fmnist", false, files.size(), 16,
+                                    [&](size_t i) -> absl::StatusOr<v1::Example> {
+                                      v1::Example e;
+                                      e.set_name(files[i].first);
+                                      e.set_label(files[i].second);
+                                      e.set_encoded(ReadBytes(files[i].first));
+                                      return e;
+                                    });
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_EQ(r->accepted(), 120);
+  }
+  absl::Status CreateModel(const std::string& name, const std::string& dataset,
+                           std::vector<std::string> classes = {}) {
+    grpc::ClientContext ctx;
+    v1::CreateModelRequest req;
+    req.set_name(name);
+    req.set_dataset(dataset);
+    for (const auto& c : classes) req.add_classes(c);
+    v1::Model m;
+    return FromGrpc(stub_->CreateModel(&ctx, req, &m));
+  }
+  absl::StatusOr<v1::Job> Start(const std::string& model, const std::string& dataset) {
+    grpc::ClientContext ctx;
+    v1::StartTrainingRequest req;
+    req.set_model(model);
+    req.set_dataset(dataset);
+    v1::Job job;
+    if (auto s = FromGrpc(stub_->StartTraining(&ctx, req, &job)); !s.ok()) return s;
+    return job;
+  }
+  std::vector<v1::Job> Watch(const std::string& id) {
+    grpc::ClientContext ctx;
+    v1::WatchJobRequest req;
+    req.set_id(id);
+    auto reader = stub_->WatchJob(&ctx, req);
+    std::vector<v1::Job> seen;
+    v1::Job j;
+    while (reader->Read(&j)) seen.push_back(j);
+    EXPECT_TRUE(reader->Finish().ok());
+    return seen;
+  }
+  absl::StatusOr<v1::ClassifyResponse> Classify(const std::string& model,
+                                                const std::vector<std::string>& files) {
+    grpc::ClientContext ctx;
+    v1::ClassifyRequest req;
+    req.set_model(model);
+    req.set_top_k(2);
+    for (const auto& f : files) {
+      v1::Image* img = req.add_images();
+      img->set_name(f);
+      img->set_encoded(ReadBytes(f));
+    }
+    v1::ClassifyResponse resp;
+    if (auto s = FromGrpc(stub_->Classify(&ctx, req, &resp)); !s.ok()) return s;
+    return resp;
+  }
+
+  std::string dir_;
+  std::unique_ptr<Server> server_;
+  std::unique_ptr<Client> client_;
+  std::unique_ptr<v1::Models::Stub> stub_;
+};
+
+TEST_F(TrainingTest, TrainsAHeadClassifiesAndSurvivesARestart) {
+  UploadTrainingSet();
+  ASSERT_TRUE(CreateModel("clothes", "fmnist").ok());
+  EXPECT_EQ(Classify("clothes", {Fixture("rgb_png.png")}).status().code(),
+            absl::StatusCode::kFailedPrecondition);  // not trained yet
+  auto job = Start("clothes", "fmnist");
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(Start("clothes", "fmnist").status().code(), absl::StatusCode::kFailedPrecondition);
+  const auto events = Watch(job->id());
+  ASSERT_FALSE(events.empty());
+  const v1::Job& last = events.back();
+  ASSERT_EQ(last.state(), v1::Job::SUCCEEDED) << last.error();
+  EXPECT_EQ(last.version(), 1);
+  EXPECT_EQ(last.epochs_size(), 30);
+  std::printf("measured: validation accuracy %.3f after %d epochs\n",
+              last.epochs(last.epochs_size() - 1).validation_accuracy(), last.epochs_size());
+
+  const auto test = Folder(Fixture("fmnist/test"));
+  std::vector<std::string> files;
+  for (const auto& [f, label] : test) files.push_back(f);
+  auto before = Classify("clothes", files);
+  ASSERT_TRUE(before.ok()) << before.status();
+  EXPECT_EQ(before->version(), 1);
+  int correct = 0;
+  for (size_t i = 0; i < test.size(); ++i) {
+    ASSERT_EQ(before->results(i).top_size(), 2);
+    correct += before->results(i).top(0).label() == test[i].second;
+  }
+  const double accuracy = static_cast<double>(correct) / test.size();
+  std::printf("measured: test accuracy %.3f on %zu held-out images\n", accuracy, test.size());
+  EXPECT_GE(accuracy, 0.8);
+
+  Restart();  // everything acknowledged is on disk
+  auto after = Classify("clothes", files);
+  ASSERT_TRUE(after.ok()) << after.status();
+  for (size_t i = 0; i < test.size(); ++i) {
+    EXPECT_EQ(after->results(i).top(0).label(), before->results(i).top(0).label());
+    EXPECT_FLOAT_EQ(after->results(i).top(0).probability(),
+                    before->results(i).top(0).probability());
+  }
+  grpc::ClientContext ctx;
+  v1::GetJobRequest req;
+  req.set_id(job->id());
+  v1::Job again;
+  ASSERT_TRUE(stub_->GetJob(&ctx, req, &again).ok());
+  EXPECT_EQ(again.state(), v1::Job::SUCCEEDED);
+  EXPECT_EQ(again.epochs_size(), 30);
+}
+
+TEST_F(TrainingTest, BadRequestsGetCanonicalCodes) {
+  UploadTrainingSet();
+  EXPECT_EQ(CreateModel("one", "", {"only"}).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(CreateModel("bad name", "", {"a", "b"}).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(CreateModel("m", "nope").code(), absl::StatusCode::kNotFound);
+  ASSERT_TRUE(CreateModel("m", "", {"t-shirt", "trouser"}).ok());
+  EXPECT_EQ(CreateModel("m", "", {"a", "b"}).code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(Start("nope", "fmnist").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(Start("m", "nope").status().code(), absl::StatusCode::kNotFound);
+  auto extra = Start("m", "fmnist");  // the dataset has sandals, the model does not
+  EXPECT_EQ(extra.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(extra.status().message().find("sandal"), absl::string_view::npos) << extra.status();
+  EXPECT_EQ(Classify("nope", {Fixture("rgb_png.png")}).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace tlserve
