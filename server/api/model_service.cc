@@ -27,6 +27,13 @@ void ToProto(const ModelInfo& m, v1::Model* out) {
   out->set_head_params(m.head_params);
   out->set_served_version(m.served_version);
   out->set_training(m.training);
+  for (const auto& st : m.stages) {
+    v1::ModelStage* ps = out->add_stages();
+    ps->set_name(st.name);
+    ps->set_private_(st.is_private);
+    ps->set_trainable(st.trainable);
+    ps->set_params(st.params);
+  }
   for (const auto& v : m.versions) {
     v1::ModelVersion* pv = out->add_versions();
     pv->set_version(v.version);
@@ -70,7 +77,15 @@ void ToProto(const JobRecord& r, v1::Job* out) {
   po->set_epochs(o.epochs);
   po->set_batch_size(o.batch_size);
   po->set_optimizer(o.optimizer == TrainOptions::Optimizer::kLbfgs ? v1::TrainingOptions::LBFGS
+                    : o.optimizer == TrainOptions::Optimizer::kSgd ? v1::TrainingOptions::SGD
                                                                    : v1::TrainingOptions::ADAMW);
+  po->set_stage_learning_rate(o.stage_learning_rate);
+  po->set_augment(o.augment);
+  po->set_freeze_batchnorm(o.freeze_batchnorm);
+  po->set_label_smoothing(o.label_smoothing);
+  po->set_balanced_class_weights(o.balanced_class_weights);
+  po->set_early_stopping_patience(o.early_stopping_patience);
+  po->set_seed(o.seed);
   po->set_learning_rate(o.learning_rate);
   po->set_weight_decay(o.weight_decay);
   po->set_validation_fraction(o.validation_fraction);
@@ -82,7 +97,11 @@ TrainOptions FromProto(const v1::TrainingOptions& p) {
   if (p.batch_size() != 0) o.batch_size = p.batch_size();
   o.optimizer = p.optimizer() == v1::TrainingOptions::LBFGS   ? TrainOptions::Optimizer::kLbfgs
                 : p.optimizer() == v1::TrainingOptions::ADAMW ? TrainOptions::Optimizer::kAdamw
+                : p.optimizer() == v1::TrainingOptions::SGD   ? TrainOptions::Optimizer::kSgd
                                                               : TrainOptions::Optimizer::kDefault;
+  o.stage_learning_rate = p.stage_learning_rate();
+  o.augment = p.augment();
+  o.freeze_batchnorm = p.freeze_batchnorm();
   o.learning_rate = p.learning_rate();
   if (p.weight_decay() != 0) o.weight_decay = p.weight_decay();
   o.label_smoothing = p.label_smoothing();
@@ -219,6 +238,44 @@ grpc::ServerUnaryReactor* ModelService::DeleteModel(grpc::CallbackServerContext*
   absl::Status s = models_->Delete(req->name());
   metrics_->SetModels(models_->size());
   return Done(c, t, s);
+}
+
+namespace {
+
+absl::StatusOr<std::vector<std::string>> StageList(
+    const ModelRegistry& models, const google::protobuf::RepeatedPtrField<std::string>& stages,
+    const std::string& from) {
+  std::vector<std::string> out(stages.begin(), stages.end());
+  if (!from.empty()) {
+    auto more = models.StagesFrom(from);
+    if (!more.ok()) return more.status();
+    out.insert(out.end(), more->begin(), more->end());
+  }
+  return out;
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* ModelService::UnfreezeLayers(grpc::CallbackServerContext* c,
+                                                       const v1::UnfreezeLayersRequest* req,
+                                                       v1::Model* resp) {
+  RpcTimer t(metrics_, "UnfreezeLayers");
+  auto stages = StageList(*models_, req->stages(), req->from());
+  if (!stages.ok()) return Done(c, t, stages.status());
+  auto m = models_->Unfreeze(req->model(), *stages);
+  if (m.ok()) ToProto(*m, resp);
+  return Done(c, t, m.status());
+}
+
+grpc::ServerUnaryReactor* ModelService::FreezeLayers(grpc::CallbackServerContext* c,
+                                                     const v1::FreezeLayersRequest* req,
+                                                     v1::Model* resp) {
+  RpcTimer t(metrics_, "FreezeLayers");
+  auto stages = StageList(*models_, req->stages(), req->from());
+  if (!stages.ok()) return Done(c, t, stages.status());
+  auto m = models_->Freeze(req->model(), *stages, req->drop_private());
+  if (m.ok()) ToProto(*m, resp);
+  return Done(c, t, m.status());
 }
 
 grpc::ServerUnaryReactor* ModelService::StartTraining(grpc::CallbackServerContext* c,

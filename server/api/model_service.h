@@ -36,6 +36,12 @@ class ModelService final : public v1::Models::CallbackService {
   grpc::ServerUnaryReactor* DeleteModel(grpc::CallbackServerContext* c,
                                         const v1::DeleteModelRequest* req,
                                         v1::DeleteModelResponse* resp) override;
+  grpc::ServerUnaryReactor* UnfreezeLayers(grpc::CallbackServerContext* c,
+                                           const v1::UnfreezeLayersRequest* req,
+                                           v1::Model* resp) override;
+  grpc::ServerUnaryReactor* FreezeLayers(grpc::CallbackServerContext* c,
+                                         const v1::FreezeLayersRequest* req,
+                                         v1::Model* resp) override;
   grpc::ServerUnaryReactor* StartTraining(grpc::CallbackServerContext* c,
                                           const v1::StartTrainingRequest* req,
                                           v1::Job* resp) override;

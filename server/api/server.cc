@@ -60,8 +60,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
 
   s->inference_ =
       std::make_unique<InferenceService>(s->embedder_.get(), s->metrics_.get(), options.limits);
-  auto models = ModelRegistry::Open(s->database_.get(), options.data_dir + "/models",
-                                    s->backbone_->embedding_dim());
+  auto models =
+      ModelRegistry::Open(s->database_.get(), options.data_dir + "/models", s->backbone_.get());
   if (!models.ok()) return models.status();
   s->models_ = std::move(*models);
   s->jobs_ = std::make_unique<JobRunner>(s->database_.get(), s->datasets_.get(), s->models_.get(),

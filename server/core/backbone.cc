@@ -237,17 +237,32 @@ absl::StatusOr<int> Backbone::EmbeddableStage(const std::string& name) const {
       "; choose one of: ", absl::StrJoin(valid, ", ")));
 }
 
-torch::Tensor Backbone::RunStages(torch::Tensor x, int last_stage) const {
+torch::Tensor Backbone::ToDevice(const torch::Tensor& cpu_batch) const {
+  torch::Tensor x = cpu_batch.to(impl_->device, impl_->dtype);
+  return impl_->channels_last ? x.contiguous(torch::MemoryFormat::ChannelsLast) : x;
+}
+
+torch::Tensor Backbone::Forward(torch::Tensor x, int first, int last) const {
   const Impl& m = *impl_;
-  x = x.to(m.device, m.dtype);
-  if (m.channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
-  const int head = static_cast<int>(m.stages.size()) - 1;
-  for (int i = 0; i <= last_stage; ++i) {
-    if (i == head) x = x.flatten(1);
+  for (int i = first; i <= last; ++i) {
+    if (i == head_index()) x = x.flatten(1);
     // forward() of a non-const module; the module itself is not modified.
     x = const_cast<torch::jit::Module&>(m.stages[i]).forward({x}).toTensor();
   }
-  return x.to(torch::kCPU, torch::kFloat);
+  return x;
+}
+
+const torch::jit::Module& Backbone::stage(int i) const { return impl_->stages[i]; }
+
+torch::jit::Module Backbone::CloneStage(int i) const {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module copy = impl_->stages[i].clone();
+  for (const auto& p : copy.parameters()) p.set_requires_grad(true);
+  return copy;
+}
+
+torch::Tensor Backbone::RunStages(torch::Tensor x, int last_stage) const {
+  return Forward(ToDevice(x), 0, last_stage).to(torch::kCPU, torch::kFloat);
 }
 
 torch::Tensor Backbone::Embed(const torch::Tensor& batch, const EmbedSpec& spec) const {

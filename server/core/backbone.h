@@ -19,6 +19,10 @@
 #include "absl/status/statusor.h"
 #include "server/core/preprocess.h"
 
+namespace torch::jit {
+struct Module;
+}  // namespace torch::jit
+
 namespace tlserve {
 
 struct BackboneOptions {
@@ -83,6 +87,20 @@ class Backbone {
 
   // float32 N×3×H×W on the CPU -> float32 N×D on the CPU.
   at::Tensor Embed(const at::Tensor& batch, const EmbedSpec& spec) const;
+
+  // The pieces models compose with their private stages. Stage indices are
+  // into stage_names(); the head is the last.
+  int head_index() const { return static_cast<int>(stage_names_.size()) - 1; }
+  // A CPU float batch on the backbone's device, dtype and memory format.
+  at::Tensor ToDevice(const at::Tensor& cpu_batch) const;
+  // Runs the shared stages first..last on a device tensor (flattening before
+  // the head). The caller chooses the autograd mode.
+  at::Tensor Forward(at::Tensor x, int first, int last) const;
+  // The shared stage itself (frozen, eval mode); callers must not modify it.
+  const torch::jit::Module& stage(int i) const;
+  // A private copy of stage i for one model (copy-on-write): made under
+  // NoGradGuard so its parameters are leaves, then set trainable.
+  torch::jit::Module CloneStage(int i) const;
 
  private:
   struct Impl;

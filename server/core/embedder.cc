@@ -144,10 +144,7 @@ void Embedder::Classify(std::shared_ptr<const std::vector<ImageInput>> images,
   const Backbone* backbone = backbone_;
   Batcher::RunFn run = [backbone, version](const std::string&,
                                            const at::Tensor& batch) -> absl::StatusOr<at::Tensor> {
-    c10::InferenceMode guard;
-    const at::Tensor features = backbone->Embed(batch, EmbedSpec{});
-    torch::nn::Sequential head = version->head;  // a holder sharing the immutable module
-    return at::softmax(head->forward(features), 1);
+    return version->Probabilities(*backbone, batch);
   };
   Submit(std::move(images), absl::StrCat("classify:", version->model, ":", version->version),
          std::move(run), deadline, std::move(cancelled), std::move(done));

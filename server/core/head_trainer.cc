@@ -4,6 +4,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/adamw.h>
 #include <torch/optim/lbfgs.h>
+#include <torch/optim/sgd.h>
 #include <torch/torch.h>
 
 #include "absl/strings/str_cat.h"
@@ -43,19 +44,26 @@ void Restore(torch::nn::Sequential& head, const std::vector<at::Tensor>& s) {
 
 }  // namespace
 
-absl::StatusOr<TrainOptions> ResolveTrainOptions(TrainOptions o, const HeadSpec& head) {
+absl::StatusOr<TrainOptions> ResolveTrainOptions(TrainOptions o, const HeadSpec& head,
+                                                 bool fine_tune) {
   if (o.optimizer == TrainOptions::Optimizer::kDefault) {
-    o.optimizer =
-        head.hidden.empty() ? TrainOptions::Optimizer::kLbfgs : TrainOptions::Optimizer::kAdamw;
+    o.optimizer = head.hidden.empty() && !fine_tune ? TrainOptions::Optimizer::kLbfgs
+                                                    : TrainOptions::Optimizer::kAdamw;
   }
   const bool lbfgs = o.optimizer == TrainOptions::Optimizer::kLbfgs;
-  if (lbfgs && !head.hidden.empty()) {
+  if (lbfgs && (!head.hidden.empty() || fine_tune)) {
     return absl::InvalidArgumentError(
-        "options.optimizer: L-BFGS trains linear heads only; use ADAMW for a head with hidden "
-        "layers");
+        "options.optimizer: L-BFGS trains a linear head alone; use ADAMW or SGD for a head with "
+        "hidden layers or a model with unfrozen stages");
   }
   if (o.epochs == 0) o.epochs = lbfgs ? 30 : 10;
-  if (o.learning_rate == 0) o.learning_rate = lbfgs ? 1.0f : 1e-3f;
+  if (o.learning_rate == 0) {
+    o.learning_rate = lbfgs ? 1.0f : o.optimizer == TrainOptions::Optimizer::kSgd ? 1e-2f : 1e-3f;
+  }
+  if (o.stage_learning_rate == 0) o.stage_learning_rate = o.learning_rate / 10;
+  if (!(o.stage_learning_rate > 0 && o.stage_learning_rate <= 100)) {
+    return absl::InvalidArgumentError("options.stage_learning_rate must be in (0, 100]");
+  }
   if (o.epochs < 1 || o.epochs > 10000) {
     return absl::InvalidArgumentError("options.epochs must be in [1, 10000]");
   }
@@ -141,6 +149,10 @@ absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
                                                     .max_iter(20)
                                                     .history_size(20)
                                                     .line_search_fn("strong_wolfe"));
+  } else if (o.optimizer == TrainOptions::Optimizer::kSgd) {
+    opt = std::make_unique<torch::optim::SGD>(
+        head->parameters(),
+        torch::optim::SGDOptions(o.learning_rate).momentum(0.9).weight_decay(o.weight_decay));
   } else {
     opt = std::make_unique<torch::optim::AdamW>(
         head->parameters(),

@@ -18,7 +18,7 @@
 namespace tlserve {
 
 struct TrainOptions {
-  enum class Optimizer { kDefault, kLbfgs, kAdamw };
+  enum class Optimizer { kDefault, kLbfgs, kAdamw, kSgd };
   int epochs = 0;  // 0: 30 for L-BFGS, 10 for AdamW
   int batch_size = 64;
   Optimizer optimizer = Optimizer::kDefault;
@@ -29,10 +29,16 @@ struct TrainOptions {
   int early_stopping_patience = 0;
   float validation_fraction = 0.15f;
   uint64_t seed = 0;
+  // Fine-tuning (models with unfrozen stages) only:
+  float stage_learning_rate = 0;  // 0: learning_rate / 10
+  bool augment = false;           // random resized crop + horizontal flip
+  bool freeze_batchnorm = false;
 };
 
-// Resolves defaults; INVALID_ARGUMENT naming the option that is out of range.
-absl::StatusOr<TrainOptions> ResolveTrainOptions(TrainOptions o, const HeadSpec& head);
+// Resolves defaults for a model with (`fine_tune`) or without unfrozen
+// stages; INVALID_ARGUMENT naming the option that is out of range.
+absl::StatusOr<TrainOptions> ResolveTrainOptions(TrainOptions o, const HeadSpec& head,
+                                                 bool fine_tune);
 
 struct EpochStats {
   int epoch = 0;

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "server/core/fine_tuner.h"
 #include "server/core/image_decoder.h"
 #include "server/core/log.h"
 #include "server/core/metrics.h"
@@ -112,7 +113,7 @@ absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::
                                            const TrainOptions& options) {
   auto info = models_->Get(model);
   if (!info.ok()) return info.status();
-  auto resolved = ResolveTrainOptions(options, info->head);
+  auto resolved = ResolveTrainOptions(options, info->head, !info->private_stages.empty());
   if (!resolved.ok()) return resolved.status();
   auto examples = db_->LoadExamples(dataset);
   if (!examples.ok()) return examples.status();
@@ -326,6 +327,48 @@ void JobRunner::Run(const std::string& id) {
       version.ok() ? absl::StrCat("succeeded, version ", *version) : version.status().ToString());
 }
 
+absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecord& r,
+                                           const ModelInfo& info,
+                                           const std::vector<StoredExample>& examples) {
+  auto start = models_->Start(r.model);
+  if (!start.ok()) return start.status();
+  const int64_t classes = static_cast<int64_t>(info.classes.size());
+  torch::nn::Sequential head = MakeHead(info.head, backbone_->embedding_dim(), classes);
+  if (start->served) {  // warm start: the served version's head (the notebook's second step)
+    if (absl::Status s = LoadHead(SaveHead(start->served->head), head); !s.ok()) return s;
+  }
+  std::map<std::string, int64_t> class_index;
+  for (size_t i = 0; i < info.classes.size(); ++i) class_index[info.classes[i]] = i;
+  FineTuneData data;
+  data.examples = &examples;
+  for (size_t i = 0; i < examples.size(); ++i) {
+    data.labels.push_back(class_index.at(examples[i].label));
+    (DatasetCatalog::IsValidation(examples[i].hash, r.options.validation_fraction) ? data.val
+                                                                                   : data.train)
+        .push_back(static_cast<int64_t>(i));
+  }
+  Update(id, [](JobRecord& rec) { rec.phase = "fine-tuning"; });
+  auto tuned = FineTune(
+      *backbone_, std::move(start->stages), head, classes, data, r.options,
+      [&](const EpochStats& s) {
+        if (metrics_) {
+          metrics_->SetTrainingEpoch(r.model, s.train_loss, s.train_accuracy,
+                                     s.validation_accuracy);
+        }
+        Update(id, [&](JobRecord& rec) {
+          rec.epochs.push_back(s);
+          rec.phase = absl::StrCat("epoch ", s.epoch, "/", r.options.epochs);
+        });
+      },
+      [&] { return Cancelled(id); });
+  if (!tuned.ok()) return tuned.status();
+  VersionInfo v;
+  v.job_id = id;
+  v.train_accuracy = tuned->train.accuracy;
+  v.validation = tuned->validation;
+  return models_->AddVersion(r.model, tuned->head, tuned->stages, v);
+}
+
 absl::StatusOr<int> JobRunner::Train(const std::string& id) {
   JobRecord r;
   std::vector<StoredExample> examples;
@@ -336,6 +379,7 @@ absl::StatusOr<int> JobRunner::Train(const std::string& id) {
   }
   auto info = models_->Get(r.model);
   if (!info.ok()) return info.status();
+  if (!info->private_stages.empty()) return FineTuneJob(id, r, *info, examples);
   std::map<std::string, int64_t> class_index;
   for (size_t i = 0; i < info->classes.size(); ++i) class_index[info->classes[i]] = i;
 
@@ -407,7 +451,7 @@ absl::StatusOr<int> JobRunner::Train(const std::string& id) {
   v.job_id = id;
   v.train_accuracy = trained->train.accuracy;
   v.validation = trained->validation;
-  return models_->AddVersion(r.model, trained->head, v);
+  return models_->AddVersion(r.model, trained->head, {}, v);
 }
 
 }  // namespace tlserve

@@ -79,6 +79,8 @@ class JobRunner {
   void WorkerLoop();
   void Run(const std::string& id);
   absl::StatusOr<int> Train(const std::string& id);
+  absl::StatusOr<int> FineTuneJob(const std::string& id, const JobRecord& r, const ModelInfo& info,
+                                  const std::vector<StoredExample>& examples);
   // Persists and tells the watchers; call without mu_ held.
   void Publish(const std::string& id);
   void Update(const std::string& id, const std::function<void(JobRecord&)>& change);

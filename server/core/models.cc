@@ -1,5 +1,7 @@
 #include "server/core/models.h"
 
+#include <torch/script.h>
+
 #include <ctime>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -17,6 +19,7 @@ nlohmann::json ToJson(const ModelInfo& m) {
   nlohmann::json versions = nlohmann::json::array();
   for (const auto& v : m.versions) {
     versions.push_back({{"version", v.version},
+                        {"private_stages", v.private_stages},
                         {"created_unix", v.created_unix},
                         {"job_id", v.job_id},
                         {"train_accuracy", v.train_accuracy},
@@ -38,9 +41,11 @@ ModelInfo FromJson(const nlohmann::json& j) {
   m.head.hidden = j.at("hidden").get<std::vector<int>>();
   m.head.dropout = j.at("dropout").get<float>();
   m.served_version = j.at("served_version").get<int>();
+  m.private_stages = j.value("private_stages", std::map<std::string, bool>{});
   for (const auto& v : j.at("versions")) {
     VersionInfo vi;
     vi.version = v.at("version").get<int>();
+    vi.private_stages = v.value("private_stages", std::vector<std::string>{});
     vi.created_unix = v.at("created_unix").get<int64_t>();
     vi.job_id = v.at("job_id").get<std::string>();
     vi.train_accuracy = v.at("train_accuracy").get<double>();
@@ -56,10 +61,31 @@ ModelInfo FromJson(const nlohmann::json& j) {
 
 }  // namespace
 
+at::Tensor ServableVersion::Probabilities(const Backbone& backbone, const at::Tensor& batch) const {
+  c10::InferenceMode guard;
+  at::Tensor features;
+  if (private_stages.empty()) {
+    features = backbone.Embed(batch, EmbedSpec{});
+  } else {
+    // The shared prefix, then this version's own stages where it has them.
+    const int first = private_stages.begin()->first;
+    at::Tensor x = backbone.Forward(backbone.ToDevice(batch), 0, first - 1);
+    for (int i = first; i < backbone.head_index(); ++i) {
+      auto own = private_stages.find(i);
+      x = own != private_stages.end() ? own->second->forward({x}).toTensor()
+                                      : backbone.Forward(x, i, i);
+    }
+    features = x.flatten(1).to(torch::kCPU, torch::kFloat);
+  }
+  torch::nn::Sequential h = head;  // a holder sharing the immutable module
+  return at::softmax(h->forward(features), 1);
+}
+
 absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Open(Database* db,
                                                                    const std::string& weights_dir,
-                                                                   int64_t embedding_dim) {
-  std::unique_ptr<ModelRegistry> r(new ModelRegistry(db, weights_dir, embedding_dim));
+                                                                   const Backbone* backbone) {
+  std::unique_ptr<ModelRegistry> r(new ModelRegistry(db, weights_dir, backbone));
+  const int64_t embedding_dim = r->dim_;
   auto records = db->ListRecords("model");
   if (!records.ok()) return records.status();
   absl::MutexLock lock(&r->mu_);
@@ -75,17 +101,56 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Open(Database* db,
       if (!v.ok()) return v.status();
       e.loaded[e.info.served_version] = *v;
     }
+    r->Describe(e.info);
     r->models_[key] = std::move(e);
   }
   return r;
 }
 
-std::string ModelRegistry::WeightsPath(const std::string& model, int version) const {
-  return absl::StrCat(dir_, "/", model, "/v", version, ".pt");
+std::string ModelRegistry::WeightsPath(const std::string& model, int version,
+                                       const std::string& part) const {
+  return absl::StrCat(dir_, "/", model, "/v", version, ".", part, ".pt");
+}
+
+absl::StatusOr<std::vector<int>> ModelRegistry::StageIndices(
+    const std::vector<std::string>& names) const {
+  std::vector<int> out;
+  for (size_t k = 0; k < names.size(); ++k) {
+    auto i = backbone_->EmbeddableStage(names[k]);
+    if (!i.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("stages[", k, "]: ", i.status().message()));
+    }
+    out.push_back(*i);
+  }
+  if (out.empty()) return absl::InvalidArgumentError("stages: name at least one stage");
+  return out;
+}
+
+absl::StatusOr<std::vector<std::string>> ModelRegistry::StagesFrom(const std::string& first) const {
+  auto i = backbone_->EmbeddableStage(first);
+  if (!i.ok()) return absl::InvalidArgumentError(absl::StrCat("from: ", i.status().message()));
+  return std::vector<std::string>(backbone_->stage_names().begin() + *i,
+                                  backbone_->stage_names().end() - 1);
+}
+
+void ModelRegistry::Describe(ModelInfo& info) const {
+  info.stages.clear();
+  const auto& names = backbone_->stage_names();
+  for (int i = 0; i < backbone_->head_index(); ++i) {
+    ModelStage st;
+    st.name = names[i];
+    auto it = info.private_stages.find(st.name);
+    st.is_private = it != info.private_stages.end();
+    st.trainable = st.is_private && it->second;
+    for (const auto& p : backbone_->stage(i).parameters()) st.params += p.numel();
+    info.stages.push_back(st);
+  }
 }
 
 absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::LoadVersion(
     const ModelInfo& info, int version) const {
+  const VersionInfo* vi = nullptr;
+  for (const auto& v : info.versions) vi = v.version == version ? &v : vi;
   std::ifstream in(WeightsPath(info.name, version), std::ios::binary);
   if (!in) {
     return absl::DataLossError(absl::StrCat("weights of ", info.name, " v", version,
@@ -100,6 +165,19 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::LoadVersio
   v->head = MakeHead(info.head, dim_, info.classes.size());
   if (absl::Status s = LoadHead(bytes.str(), v->head); !s.ok()) return s;
   v->head->eval();
+  for (const std::string& stage : vi ? vi->private_stages : std::vector<std::string>{}) {
+    auto index = backbone_->EmbeddableStage(stage);
+    if (!index.ok()) return index.status();
+    try {
+      auto m = std::make_shared<torch::jit::Module>(torch::jit::load(
+          WeightsPath(info.name, version, stage), torch::Device(backbone_->device())));
+      m->eval();
+      v->private_stages[*index] = std::move(m);
+    } catch (const c10::Error& e) {
+      return absl::DataLossError(absl::StrCat("cannot load stage ", stage, " of ", info.name, " v",
+                                              version, ": ", e.msg()));
+    }
+  }
   return std::shared_ptr<const ServableVersion>(std::move(v));
 }
 
@@ -133,6 +211,7 @@ absl::StatusOr<ModelInfo> ModelRegistry::Create(const std::string& name,
   e.info.head = head;
   e.info.head_params = ParamCount(MakeHead(head, dim_, e.info.classes.size()));
   if (absl::Status s = Persist(e.info); !s.ok()) return s;
+  Describe(e.info);
   ModelInfo out = e.info;
   models_[name] = std::move(e);
   return out;
@@ -170,7 +249,12 @@ absl::Status ModelRegistry::Delete(const std::string& name) {
         absl::StrCat("model \"", name, "\" is training; cancel its job first"));
   }
   if (absl::Status s = db_->DeleteRecords("model", name); !s.ok()) return s;
-  for (const auto& v : it->second.info.versions) std::remove(WeightsPath(name, v.version).c_str());
+  for (const auto& v : it->second.info.versions) {
+    std::remove(WeightsPath(name, v.version).c_str());
+    for (const auto& stage : v.private_stages) {
+      std::remove(WeightsPath(name, v.version, stage).c_str());
+    }
+  }
   models_.erase(it);
   return absl::OkStatus();
 }
@@ -220,8 +304,88 @@ void ModelRegistry::EndTraining(const std::string& name) {
   if (auto it = models_.find(name); it != models_.end()) it->second.info.training = false;
 }
 
-absl::StatusOr<int> ModelRegistry::AddVersion(const std::string& name,
-                                              const torch::nn::Sequential& head, VersionInfo info) {
+absl::StatusOr<ModelInfo> ModelRegistry::Unfreeze(const std::string& name,
+                                                  const std::vector<std::string>& stages) {
+  auto indices = StageIndices(stages);
+  if (!indices.ok()) return indices.status();
+  absl::MutexLock lock(&mu_);
+  auto it = models_.find(name);
+  if (it == models_.end()) {
+    return absl::NotFoundError(absl::StrCat("model \"", name, "\" does not exist"));
+  }
+  if (it->second.info.training) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("model \"", name, "\" is training; change its stages after the job"));
+  }
+  ModelInfo next = it->second.info;
+  for (const auto& s : stages) next.private_stages[s] = true;
+  if (absl::Status s = Persist(next); !s.ok()) return s;
+  Describe(next);
+  it->second.info = next;
+  return next;
+}
+
+absl::StatusOr<ModelInfo> ModelRegistry::Freeze(const std::string& name,
+                                                const std::vector<std::string>& stages, bool drop) {
+  auto indices = StageIndices(stages);
+  if (!indices.ok()) return indices.status();
+  absl::MutexLock lock(&mu_);
+  auto it = models_.find(name);
+  if (it == models_.end()) {
+    return absl::NotFoundError(absl::StrCat("model \"", name, "\" does not exist"));
+  }
+  if (it->second.info.training) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("model \"", name, "\" is training; change its stages after the job"));
+  }
+  ModelInfo next = it->second.info;
+  for (const auto& s : stages) {
+    auto p = next.private_stages.find(s);
+    if (p == next.private_stages.end()) continue;  // already the shared stage
+    if (drop) {
+      next.private_stages.erase(p);
+    } else {
+      p->second = false;
+    }
+  }
+  if (absl::Status s = Persist(next); !s.ok()) return s;
+  Describe(next);
+  it->second.info = next;
+  return next;
+}
+
+absl::StatusOr<ModelRegistry::StartingPoint> ModelRegistry::Start(const std::string& name) const {
+  ModelInfo info;
+  StartingPoint start;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = models_.find(name);
+    if (it == models_.end()) {
+      return absl::NotFoundError(absl::StrCat("model \"", name, "\" does not exist"));
+    }
+    info = it->second.info;
+    if (auto v = it->second.loaded.find(info.served_version); v != it->second.loaded.end()) {
+      start.served = v->second;
+    }
+  }
+  for (const auto& [stage, trainable] : info.private_stages) {
+    const int i = *backbone_->EmbeddableStage(stage);
+    std::shared_ptr<torch::jit::Module> copy;
+    if (start.served && start.served->private_stages.count(i)) {
+      torch::NoGradGuard no_grad;
+      copy = std::make_shared<torch::jit::Module>(start.served->private_stages.at(i)->clone());
+    } else {
+      copy = std::make_shared<torch::jit::Module>(backbone_->CloneStage(i));
+    }
+    for (const auto& p : copy->parameters()) p.set_requires_grad(trainable);
+    start.stages[i] = std::move(copy);
+  }
+  return start;
+}
+
+absl::StatusOr<int> ModelRegistry::AddVersion(
+    const std::string& name, const torch::nn::Sequential& head,
+    const std::map<int, std::shared_ptr<torch::jit::Module>>& stages, VersionInfo info) {
   absl::MutexLock lock(&mu_);
   auto it = models_.find(name);
   if (it == models_.end()) {
@@ -236,11 +400,34 @@ absl::StatusOr<int> ModelRegistry::AddVersion(const std::string& name,
       !s.ok()) {
     return s;
   }
+  info.private_stages.clear();
+  for (const auto& [index, module] : stages) {
+    const std::string& stage = backbone_->stage_names()[index];
+    std::ostringstream bytes;
+    module->save(bytes);
+    if (absl::Status s = WriteFileAtomically(WeightsPath(name, info.version, stage), bytes.str());
+        !s.ok()) {
+      return s;
+    }
+    info.private_stages.push_back(stage);
+  }
+  info.private_stages.clear();
+  for (const auto& [index, module] : stages) {
+    const std::string& stage = backbone_->stage_names()[index];
+    std::ostringstream bytes;
+    module->save(bytes);
+    if (absl::Status s = WriteFileAtomically(WeightsPath(name, info.version, stage), bytes.str());
+        !s.ok()) {
+      return s;
+    }
+    info.private_stages.push_back(stage);
+  }
   next.versions.push_back(info);
   next.served_version = info.version;
   if (absl::Status s = Persist(next); !s.ok()) return s;
   auto v = LoadVersion(next, info.version);
   if (!v.ok()) return v.status();
+  Describe(next);
   it->second.info = std::move(next);
   it->second.loaded.clear();
   it->second.loaded[info.version] = *v;  // swapped in: new calls see it, old ones keep theirs

@@ -16,6 +16,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "server/core/backbone.h"
 #include "server/core/head.h"
 #include "server/core/head_trainer.h"
 #include "server/store/database.h"
@@ -24,24 +25,43 @@ namespace tlserve {
 
 struct VersionInfo {
   int version = 0;
+  // Stages stored with this version: the model's own trained copies.
+  std::vector<std::string> private_stages;
   int64_t created_unix = 0;
   std::string job_id;
   double train_accuracy = 0;
   Evaluation validation;
 };
 
-// An immutable trained version: what Classify runs.
+// An immutable trained version: what Classify runs. Stages without a
+// private copy are the backbone's shared ones.
 struct ServableVersion {
   std::string model;
   int version = 0;
   std::vector<std::string> classes;
-  torch::nn::Sequential head;  // eval mode; forward only
+  torch::nn::Sequential head;                                         // eval mode; forward only
+  std::map<int, std::shared_ptr<torch::jit::Module>> private_stages;  // eval mode
+
+  // Class probabilities for a CPU float batch N×3×H×W.
+  at::Tensor Probabilities(const Backbone& backbone, const at::Tensor& batch) const;
+};
+
+// One stage of a model as DescribeModel shows it.
+struct ModelStage {
+  std::string name;
+  bool is_private = false;  // the model's own copy
+  bool trainable = false;
+  int64_t params = 0;
 };
 
 struct ModelInfo {
   std::string name;
   std::vector<std::string> classes;
   HeadSpec head;
+  // Stages with a private copy, and whether each trains (FreezeLayers keeps
+  // the copy but stops training it).
+  std::map<std::string, bool> private_stages;
+  std::vector<ModelStage> stages;  // filled by the registry
   int64_t head_params = 0;
   std::vector<VersionInfo> versions;
   int served_version = 0;
@@ -53,7 +73,7 @@ class ModelRegistry {
   // Loads every model and the weights of every served version.
   static absl::StatusOr<std::unique_ptr<ModelRegistry>> Open(Database* db,
                                                              const std::string& weights_dir,
-                                                             int64_t embedding_dim);
+                                                             const Backbone* backbone);
 
   // ALREADY_EXISTS; INVALID_ARGUMENT for a bad name, < 2 classes or a
   // repeated class name.
@@ -70,12 +90,33 @@ class ModelRegistry {
   absl::StatusOr<std::shared_ptr<const ServableVersion>> Servable(const std::string& name,
                                                                   int version) const;
 
+  // Gives the model its own trainable copies of `stages` (names; the head or
+  // an unknown name is INVALID_ARGUMENT); FAILED_PRECONDITION while training.
+  absl::StatusOr<ModelInfo> Unfreeze(const std::string& name,
+                                     const std::vector<std::string>& stages);
+  // The stages from `first` to the last before the head (for "from layer4 on").
+  absl::StatusOr<std::vector<std::string>> StagesFrom(const std::string& first) const;
+  // Stops training `stages`; with `drop`, goes back to the shared stages.
+  absl::StatusOr<ModelInfo> Freeze(const std::string& name, const std::vector<std::string>& stages,
+                                   bool drop);
+
+  // Where a training job starts from: copies of the private stages (from
+  // the served version where it has them, else from the shared backbone),
+  // and the served version's head, if any (null otherwise).
+  struct StartingPoint {
+    std::map<int, std::shared_ptr<torch::jit::Module>> stages;
+    std::shared_ptr<const ServableVersion> served;
+  };
+  absl::StatusOr<StartingPoint> Start(const std::string& name) const;
+
   // One training at a time per model: FAILED_PRECONDITION when one runs.
   absl::Status BeginTraining(const std::string& name);
   void EndTraining(const std::string& name);
 
-  // Stores `head` as the next version, durably, and serves it.
+  // Stores `head` and the private `stages` as the next version, durably,
+  // and serves it.
   absl::StatusOr<int> AddVersion(const std::string& name, const torch::nn::Sequential& head,
+                                 const std::map<int, std::shared_ptr<torch::jit::Module>>& stages,
                                  VersionInfo info);
 
  private:
@@ -83,15 +124,19 @@ class ModelRegistry {
     ModelInfo info;
     std::map<int, std::shared_ptr<const ServableVersion>> loaded;
   };
-  ModelRegistry(Database* db, std::string dir, int64_t dim)
-      : db_(db), dir_(std::move(dir)), dim_(dim) {}
+  ModelRegistry(Database* db, std::string dir, const Backbone* backbone)
+      : db_(db), dir_(std::move(dir)), backbone_(backbone), dim_(backbone->embedding_dim()) {}
+  absl::StatusOr<std::vector<int>> StageIndices(const std::vector<std::string>& names) const;
+  void Describe(ModelInfo& info) const;
   absl::Status Persist(const ModelInfo& info) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<std::shared_ptr<const ServableVersion>> LoadVersion(const ModelInfo& info,
                                                                      int version) const;
-  std::string WeightsPath(const std::string& model, int version) const;
+  std::string WeightsPath(const std::string& model, int version,
+                          const std::string& part = "head") const;
 
   Database* db_;
   const std::string dir_;
+  const Backbone* backbone_;
   const int64_t dim_;
   mutable absl::Mutex mu_;
   std::map<std::string, Entry> models_ ABSL_GUARDED_BY(mu_);

@@ -110,15 +110,66 @@ absl::StatusOr<at::Tensor> ToRgb(const at::Tensor& hwc) {
   }
 }
 
-at::Tensor Preprocess(const at::Tensor& hwc_rgb, const PreprocessSpec& spec) {
-  at::Tensor chw = hwc_rgb.permute({2, 0, 1});
-  if (spec.resize > 0) chw = ResizeShortSide(chw, spec.resize);
-  chw = CenterCrop(chw, spec.crop);
-  // ToTensor then Normalize, in torchvision's order of operations.
+namespace {
+
+// ToTensor then Normalize, in torchvision's order of operations.
+at::Tensor Normalize(const at::Tensor& chw, const PreprocessSpec& spec) {
   at::Tensor x = chw.to(at::kFloat).div(255);
   const auto mean = at::tensor({spec.mean[0], spec.mean[1], spec.mean[2]}).view({3, 1, 1});
   const auto std = at::tensor({spec.std[0], spec.std[1], spec.std[2]}).view({3, 1, 1});
   return x.sub(mean).div(std).contiguous();
+}
+
+}  // namespace
+
+at::Tensor PreprocessAugmented(const at::Tensor& hwc_rgb, const PreprocessSpec& spec,
+                               const std::function<double()>& random) {
+  at::Tensor chw = hwc_rgb.permute({2, 0, 1});
+  const int64_t h = chw.size(1), w = chw.size(2);
+  const double area = static_cast<double>(h * w);
+  int64_t top = 0, left = 0, ch = h, cw = w;
+  bool found = false;
+  for (int attempt = 0; attempt < 10 && !found; ++attempt) {
+    const double target = area * (0.08 + random() * (1 - 0.08));
+    const double ratio =
+        std::exp(std::log(3.0 / 4) + random() * (std::log(4.0 / 3) - std::log(3.0 / 4)));
+    const auto cw_try = static_cast<int64_t>(std::round(std::sqrt(target * ratio)));
+    const auto ch_try = static_cast<int64_t>(std::round(std::sqrt(target / ratio)));
+    if (cw_try > 0 && ch_try > 0 && cw_try <= w && ch_try <= h) {
+      ch = ch_try;
+      cw = cw_try;
+      top = static_cast<int64_t>(random() * (h - ch + 1));
+      left = static_cast<int64_t>(random() * (w - cw + 1));
+      found = true;
+    }
+  }
+  if (!found) {  // torchvision's fallback: the whole image, clamped to the ratio range
+    const double r = static_cast<double>(w) / h;
+    if (r < 3.0 / 4) {
+      cw = w;
+      ch = static_cast<int64_t>(std::round(w / (3.0 / 4)));
+    } else if (r > 4.0 / 3) {
+      ch = h;
+      cw = static_cast<int64_t>(std::round(h * (4.0 / 3)));
+    }
+    ch = std::min(ch, h);
+    cw = std::min(cw, w);
+    top = (h - ch) / 2;
+    left = (w - cw) / 2;
+  }
+  at::Tensor crop =
+      chw.slice(1, top, top + ch).slice(2, left, left + cw).unsqueeze(0).to(at::kFloat);
+  crop = at::_upsample_bilinear2d_aa(crop, {spec.crop, spec.crop}, /*align_corners=*/false);
+  crop = at::round(crop).to(at::kByte).squeeze(0);
+  if (random() < 0.5) crop = crop.flip({2});
+  return Normalize(crop, spec);
+}
+
+at::Tensor Preprocess(const at::Tensor& hwc_rgb, const PreprocessSpec& spec) {
+  at::Tensor chw = hwc_rgb.permute({2, 0, 1});
+  if (spec.resize > 0) chw = ResizeShortSide(chw, spec.resize);
+  chw = CenterCrop(chw, spec.crop);
+  return Normalize(chw, spec);
 }
 
 }  // namespace tlserve

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <array>
+#include <functional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -34,6 +35,12 @@ absl::StatusOr<at::Tensor> ToRgb(const at::Tensor& hwc);
 
 // uint8 H×W×3 -> float32 3×crop×crop, normalised.
 at::Tensor Preprocess(const at::Tensor& hwc_rgb, const PreprocessSpec& spec);
+
+// Training augmentation, as torchvision's RandomResizedCrop(crop) (scale
+// 0.08-1, aspect ratio 3/4-4/3, 10 tries, else a centre crop) and
+// RandomHorizontalFlip, then normalisation. `random` gives uniforms in [0, 1).
+at::Tensor PreprocessAugmented(const at::Tensor& hwc_rgb, const PreprocessSpec& spec,
+                               const std::function<double()>& random);
 
 }  // namespace tlserve
 

@@ -25,7 +25,7 @@ TEST(HeadTrainerTest, LbfgsFitsALinearHeadThatTakesRawFeatures) {
   at::Tensor x, y, xv, yv;
   Blobs(100, 1, &x, &y);
   Blobs(30, 1, &xv, &yv);
-  auto o = ResolveTrainOptions({}, HeadSpec{});
+  auto o = ResolveTrainOptions({}, HeadSpec{}, false);
   ASSERT_TRUE(o.ok());
   EXPECT_EQ(o->optimizer, TrainOptions::Optimizer::kLbfgs);
   int epochs_seen = 0;
@@ -49,7 +49,7 @@ TEST(HeadTrainerTest, AdamwTrainsAnMlpHeadAndWeightsRoundTrip) {
   HeadSpec spec{{32}, 0.1f};
   TrainOptions opts;
   opts.epochs = 20;
-  auto o = ResolveTrainOptions(opts, spec);
+  auto o = ResolveTrainOptions(opts, spec, false);
   ASSERT_TRUE(o.ok());
   EXPECT_EQ(o->optimizer, TrainOptions::Optimizer::kAdamw);
   auto r = TrainHead(spec, 3, x, y, x.slice(0, 0, 0), y.slice(0, 0, 0), *o, nullptr, nullptr);
@@ -66,15 +66,18 @@ TEST(HeadTrainerTest, AdamwTrainsAnMlpHeadAndWeightsRoundTrip) {
 TEST(HeadTrainerTest, OptionsAreValidated) {
   TrainOptions o;
   o.optimizer = TrainOptions::Optimizer::kLbfgs;
-  EXPECT_EQ(ResolveTrainOptions(o, HeadSpec{{8}, 0}).status().code(),
+  EXPECT_EQ(ResolveTrainOptions(o, HeadSpec{{8}, 0}, false).status().code(),
             absl::StatusCode::kInvalidArgument);
   o = {};
   o.learning_rate = -1;
-  EXPECT_NE(ResolveTrainOptions(o, {}).status().message().find("learning_rate"),
+  EXPECT_NE(ResolveTrainOptions(o, {}, false).status().message().find("learning_rate"),
             absl::string_view::npos);
   o = {};
+  o.optimizer = TrainOptions::Optimizer::kLbfgs;
+  EXPECT_FALSE(ResolveTrainOptions(o, {}, /*fine_tune=*/true).ok());
+  o = {};
   o.validation_fraction = 1;
-  EXPECT_FALSE(ResolveTrainOptions(o, {}).ok());
+  EXPECT_FALSE(ResolveTrainOptions(o, {}, false).ok());
   EXPECT_FALSE(ValidateHeadSpec(HeadSpec{{0}, 0}).ok());
   EXPECT_FALSE(ValidateHeadSpec(HeadSpec{{}, 1.0f}).ok());
 }
@@ -82,7 +85,7 @@ TEST(HeadTrainerTest, OptionsAreValidated) {
 TEST(HeadTrainerTest, StopsWhenCancelled) {
   at::Tensor x, y;
   Blobs(10, 3, &x, &y);
-  auto o = ResolveTrainOptions({}, HeadSpec{});
+  auto o = ResolveTrainOptions({}, HeadSpec{}, false);
   auto r = TrainHead(HeadSpec{}, 3, x, y, x, y, *o, nullptr, [] { return true; });
   EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled);
 }

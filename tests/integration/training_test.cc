@@ -85,11 +85,13 @@ class TrainingTest : public ::testing::Test {
     v1::Model m;
     return FromGrpc(stub_->CreateModel(&ctx, req, &m));
   }
-  absl::StatusOr<v1::Job> Start(const std::string& model, const std::string& dataset) {
+  absl::StatusOr<v1::Job> Start(const std::string& model, const std::string& dataset,
+                                const v1::TrainingOptions& options = {}) {
     grpc::ClientContext ctx;
     v1::StartTrainingRequest req;
     req.set_model(model);
     req.set_dataset(dataset);
+    *req.mutable_options() = options;
     v1::Job job;
     if (auto s = FromGrpc(stub_->StartTraining(&ctx, req, &job)); !s.ok()) return s;
     return job;
@@ -119,6 +121,35 @@ class TrainingTest : public ::testing::Test {
     v1::ClassifyResponse resp;
     if (auto s = FromGrpc(stub_->Classify(&ctx, req, &resp)); !s.ok()) return s;
     return resp;
+  }
+
+  absl::StatusOr<v1::Model> Unfreeze(const std::string& model, std::vector<std::string> stages,
+                                     const std::string& from = "") {
+    grpc::ClientContext ctx;
+    v1::UnfreezeLayersRequest req;
+    req.set_model(model);
+    for (const auto& st : stages) req.add_stages(st);
+    req.set_from(from);
+    v1::Model m;
+    if (auto s = FromGrpc(stub_->UnfreezeLayers(&ctx, req, &m)); !s.ok()) return s;
+    return m;
+  }
+  v1::Job GetJob(const std::string& id) {
+    grpc::ClientContext ctx;
+    v1::GetJobRequest req;
+    req.set_id(id);
+    v1::Job j;
+    EXPECT_TRUE(stub_->GetJob(&ctx, req, &j).ok());
+    return j;
+  }
+  std::vector<float> EmbedValues(const std::string& file) {
+    v1::EmbedRequest req;
+    v1::Image* img = req.add_images();
+    img->set_encoded(ReadBytes(file));
+    auto r = client_->Embed(req);
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (!r.ok()) return {};
+    return {r->embeddings(0).values().begin(), r->embeddings(0).values().end()};
   }
 
   std::string dir_;
@@ -174,6 +205,71 @@ TEST_F(TrainingTest, TrainsAHeadClassifiesAndSurvivesARestart) {
   ASSERT_TRUE(stub_->GetJob(&ctx, req, &again).ok());
   EXPECT_EQ(again.state(), v1::Job::SUCCEEDED);
   EXPECT_EQ(again.epochs_size(), 30);
+}
+
+TEST_F(TrainingTest, UnfreezesLayer4FineTunesAndServesThePreviousVersionMeanwhile) {
+  UploadTrainingSet();
+  ASSERT_TRUE(CreateModel("clothes", "fmnist").ok());
+  auto head_only = Start("clothes", "fmnist");
+  ASSERT_TRUE(head_only.ok()) << head_only.status();
+  ASSERT_EQ(Watch(head_only->id()).back().state(), v1::Job::SUCCEEDED);
+  const std::string probe = Fixture("fmnist/test/sandal/00008.png");
+  const auto shared_before = EmbedValues(probe);
+
+  EXPECT_EQ(Unfreeze("clothes", {"fc"}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Unfreeze("clothes", {"layer9"}).status().code(), absl::StatusCode::kInvalidArgument);
+  auto m = Unfreeze("clothes", {}, "layer4");
+  ASSERT_TRUE(m.ok()) << m.status();
+  for (const auto& st : m->stages()) {
+    const bool mine = st.name() == "layer4" || st.name() == "avgpool";
+    EXPECT_EQ(st.private_(), mine) << st.name();
+    EXPECT_EQ(st.trainable(), mine) << st.name();
+    if (st.name() == "layer4") {
+      EXPECT_EQ(st.params(), 8'393'728);
+    }
+  }
+
+  // A long fine-tuning job: while it runs, Classify serves version 1.
+  v1::TrainingOptions slow;
+  slow.set_epochs(200);
+  slow.set_augment(true);
+  auto long_job = Start("clothes", "fmnist", slow);
+  ASSERT_TRUE(long_job.ok()) << long_job.status();
+  while (GetJob(long_job->id()).epochs_size() == 0) absl::SleepFor(absl::Milliseconds(20));
+  auto during = Classify("clothes", {probe});
+  ASSERT_TRUE(during.ok()) << during.status();
+  EXPECT_EQ(during->version(), 1);
+  ASSERT_EQ(GetJob(long_job->id()).state(), v1::Job::RUNNING) << "the job ended too soon";
+  {
+    grpc::ClientContext ctx;
+    v1::CancelJobRequest req;
+    req.set_id(long_job->id());
+    v1::Job j;
+    ASSERT_TRUE(stub_->CancelJob(&ctx, req, &j).ok());
+  }
+  EXPECT_EQ(Watch(long_job->id()).back().state(), v1::Job::CANCELLED);
+
+  v1::TrainingOptions quick;
+  quick.set_epochs(3);
+  quick.set_freeze_batchnorm(true);
+  auto tune = Start("clothes", "fmnist", quick);
+  ASSERT_TRUE(tune.ok()) << tune.status();
+  const auto events = Watch(tune->id());
+  ASSERT_EQ(events.back().state(), v1::Job::SUCCEEDED) << events.back().error();
+  EXPECT_EQ(events.back().version(), 2);
+  auto after = Classify("clothes", {probe});
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->version(), 2);
+  EXPECT_EQ(EmbedValues(probe), shared_before) << "the shared backbone changed";
+
+  Restart();  // the private layer4 of version 2 is on disk
+  auto reloaded = Classify("clothes", {probe});
+  ASSERT_TRUE(reloaded.ok()) << reloaded.status();
+  EXPECT_EQ(reloaded->version(), 2);
+  EXPECT_EQ(reloaded->results(0).top(0).label(), after->results(0).top(0).label());
+  EXPECT_FLOAT_EQ(reloaded->results(0).top(0).probability(),
+                  after->results(0).top(0).probability());
+  EXPECT_EQ(EmbedValues(probe), shared_before);
 }
 
 TEST_F(TrainingTest, BadRequestsGetCanonicalCodes) {

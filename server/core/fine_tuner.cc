@@ -1,0 +1,239 @@
+#include "server/core/fine_tuner.h"
+
+#include <torch/nn/functional/loss.h>
+#include <torch/optim/adamw.h>
+#include <torch/optim/sgd.h>
+#include <torch/script.h>
+#include <torch/torch.h>
+
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "server/core/image_decoder.h"
+#include "server/core/preprocess.h"
+
+namespace tlserve {
+namespace {
+
+namespace F = torch::nn::functional;
+
+// Everything that trains or is restored with the best epoch.
+std::vector<at::Tensor> State(std::map<int, std::shared_ptr<torch::jit::Module>>& stages,
+                              torch::nn::Sequential& head) {
+  std::vector<at::Tensor> out;
+  for (auto& [i, m] : stages) {
+    for (const auto& p : m->parameters()) out.push_back(p);
+    for (const auto& b : m->buffers()) out.push_back(b);
+  }
+  for (const auto& p : head->parameters()) out.push_back(p);
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
+                                   std::map<int, std::shared_ptr<torch::jit::Module>> stages,
+                                   torch::nn::Sequential head, int64_t classes,
+                                   const FineTuneData& data, const TrainOptions& o,
+                                   const std::function<void(const EpochStats&)>& on_epoch,
+                                   const std::function<bool()>& cancelled) {
+  if (stages.empty()) return absl::InvalidArgumentError("no private stages to fine-tune");
+  if (data.train.empty()) return absl::FailedPreconditionError("no training examples");
+  torch::manual_seed(o.seed);
+  std::mt19937_64 rng(o.seed);
+  std::uniform_real_distribution<double> uniform(0, 1);
+  const int first = stages.begin()->first;
+  const std::vector<StoredExample>& examples = *data.examples;
+
+  // The frozen prefix's output for a batch of examples, without gradient.
+  std::map<int64_t, at::Tensor> prefix_cache;
+  auto prefix = [&](const std::vector<int64_t>& idx, bool augment) -> absl::StatusOr<at::Tensor> {
+    std::vector<at::Tensor> inputs, cached;
+    std::vector<int64_t> missing;
+    for (int64_t i : idx) {
+      if (!augment && prefix_cache.count(i)) continue;
+      auto rgb = DecodeImage(examples[i].bytes, 1LL << 40);
+      if (!rgb.ok()) return rgb.status();
+      inputs.push_back(
+          augment ? PreprocessAugmented(*rgb, backbone.preprocess(), [&] { return uniform(rng); })
+                  : Preprocess(*rgb, backbone.preprocess()));
+      missing.push_back(i);
+    }
+    at::Tensor computed;
+    if (!inputs.empty()) {
+      torch::NoGradGuard no_grad;
+      computed = backbone.Forward(backbone.ToDevice(at::stack(inputs)), 0, first - 1);
+      if (augment) return computed;
+      for (size_t k = 0; k < missing.size(); ++k) prefix_cache[missing[k]] = computed[k];
+    }
+    for (int64_t i : idx) cached.push_back(prefix_cache.at(i));
+    return at::stack(cached);
+  };
+  // From the first private stage through the head.
+  auto suffix = [&](at::Tensor x) {
+    for (int i = first; i < backbone.head_index(); ++i) {
+      auto own = stages.find(i);
+      if (own != stages.end()) {
+        x = own->second->forward({x}).toTensor();
+      } else {
+        x = backbone.Forward(x, i, i);  // shared: frozen, but gradients flow through
+      }
+    }
+    return head->forward(x.flatten(1).to(torch::kFloat));
+  };
+  auto set_training = [&](bool training) {
+    for (auto& [i, m] : stages) {
+      bool trainable = false;
+      for (const auto& p : m->parameters()) trainable = trainable || p.requires_grad();
+      m->train(training && trainable && !o.freeze_batchnorm);
+    }
+    head->train(training);
+  };
+
+  std::vector<at::Tensor> stage_params;
+  for (auto& [i, m] : stages) {
+    for (const auto& p : m->parameters()) {
+      if (p.requires_grad()) stage_params.push_back(p);
+    }
+  }
+  const float stage_lr = o.stage_learning_rate;
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  std::unique_ptr<torch::optim::Optimizer> opt;
+  if (o.optimizer == TrainOptions::Optimizer::kSgd) {
+    groups.emplace_back(
+        head->parameters(),
+        std::make_unique<torch::optim::SGDOptions>(
+            torch::optim::SGDOptions(o.learning_rate).momentum(0.9).weight_decay(o.weight_decay)));
+    if (!stage_params.empty()) {
+      groups.emplace_back(
+          stage_params,
+          std::make_unique<torch::optim::SGDOptions>(
+              torch::optim::SGDOptions(stage_lr).momentum(0.9).weight_decay(o.weight_decay)));
+    }
+    opt = std::make_unique<torch::optim::SGD>(std::move(groups),
+                                              torch::optim::SGDOptions(o.learning_rate));
+  } else {
+    groups.emplace_back(
+        head->parameters(),
+        std::make_unique<torch::optim::AdamWOptions>(
+            torch::optim::AdamWOptions(o.learning_rate).weight_decay(o.weight_decay)));
+    if (!stage_params.empty()) {
+      groups.emplace_back(stage_params,
+                          std::make_unique<torch::optim::AdamWOptions>(
+                              torch::optim::AdamWOptions(stage_lr).weight_decay(o.weight_decay)));
+    }
+    opt = std::make_unique<torch::optim::AdamW>(std::move(groups),
+                                                torch::optim::AdamWOptions(o.learning_rate));
+  }
+  at::Tensor weights;
+  if (o.balanced_class_weights) {
+    std::vector<double> counts(classes, 0);
+    for (int64_t i : data.train) counts[data.labels[i]] += 1;
+    std::vector<float> w(classes);
+    for (int64_t c = 0; c < classes; ++c) {
+      w[c] = static_cast<float>(data.train.size() / (classes * std::max(1.0, counts[c])));
+    }
+    weights = torch::tensor(w);
+  }
+  auto labels_of = [&](const std::vector<int64_t>& idx) {
+    std::vector<int64_t> y;
+    for (int64_t i : idx) y.push_back(data.labels[i]);
+    return torch::tensor(y, torch::kLong);
+  };
+  // Features of a split through the current stages, for evaluation.
+  auto features = [&](const std::vector<int64_t>& idx) -> absl::StatusOr<at::Tensor> {
+    torch::NoGradGuard no_grad;
+    std::vector<at::Tensor> parts;
+    for (size_t b = 0; b < idx.size(); b += o.batch_size) {
+      std::vector<int64_t> batch(idx.begin() + b,
+                                 idx.begin() + std::min(idx.size(), b + o.batch_size));
+      auto x = prefix(batch, false);
+      if (!x.ok()) return x.status();
+      at::Tensor h = *x;
+      for (int i = first; i < backbone.head_index(); ++i) {
+        auto own = stages.find(i);
+        h = own != stages.end() ? own->second->forward({h}).toTensor() : backbone.Forward(h, i, i);
+      }
+      parts.push_back(h.flatten(1).to(torch::kFloat));
+    }
+    return at::cat(parts);
+  };
+
+  FineTuned out;
+  const absl::Time start = absl::Now();
+  double best = -1;
+  int since_best = 0;
+  std::vector<at::Tensor> best_state;
+  for (const auto& t : State(stages, head)) best_state.push_back(t.detach().clone());
+  const std::vector<int64_t>& eval_idx = data.val.empty() ? data.train : data.val;
+  for (int epoch = 1; epoch <= o.epochs; ++epoch) {
+    std::vector<int64_t> order = data.train;
+    std::shuffle(order.begin(), order.end(), rng);
+    set_training(true);
+    double loss_sum = 0;
+    int64_t correct = 0;
+    for (size_t b = 0; b < order.size(); b += o.batch_size) {
+      if (cancelled && cancelled()) return absl::CancelledError("the job was cancelled");
+      std::vector<int64_t> batch(order.begin() + b,
+                                 order.begin() + std::min(order.size(), b + o.batch_size));
+      auto x = prefix(batch, o.augment);
+      if (!x.ok()) return x.status();
+      const at::Tensor y = labels_of(batch);
+      opt->zero_grad();
+      const at::Tensor logits = suffix(*x);
+      auto lo = F::CrossEntropyFuncOptions().label_smoothing(o.label_smoothing);
+      if (weights.defined()) lo = lo.weight(weights);
+      at::Tensor loss = F::cross_entropy(logits, y, lo);
+      loss.backward();
+      opt->step();
+      loss_sum += loss.item<double>() * batch.size();
+      correct += logits.argmax(1).eq(y).sum().item<int64_t>();
+    }
+    set_training(false);
+    auto fv = features(eval_idx);
+    if (!fv.ok()) return fv.status();
+    const Evaluation va = Evaluate(head, *fv, labels_of(eval_idx), classes);
+    EpochStats s;
+    s.epoch = epoch;
+    s.train_loss = loss_sum / order.size();
+    s.train_accuracy = static_cast<double>(correct) / order.size();
+    s.validation_loss = va.loss;
+    s.validation_accuracy = va.accuracy;
+    s.elapsed_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+    s.images_per_second = order.size() * epoch / std::max(1e-9, s.elapsed_seconds);
+    s.eta_seconds = s.elapsed_seconds / epoch * (o.epochs - epoch);
+    out.history.push_back(s);
+    if (on_epoch) on_epoch(s);
+    if (va.accuracy > best) {
+      best = va.accuracy;
+      best_state.clear();
+      for (const auto& t : State(stages, head)) best_state.push_back(t.detach().clone());
+      since_best = 0;
+    } else if (o.early_stopping_patience > 0 && ++since_best >= o.early_stopping_patience) {
+      break;
+    }
+  }
+  {
+    torch::NoGradGuard no_grad;
+    auto now = State(stages, head);
+    for (size_t k = 0; k < now.size(); ++k) now[k].copy_(best_state[k]);
+  }
+  set_training(false);
+  auto ft = features(data.train);
+  if (!ft.ok()) return ft.status();
+  out.train = Evaluate(head, *ft, labels_of(data.train), classes);
+  if (!data.val.empty()) {
+    auto fv = features(data.val);
+    if (!fv.ok()) return fv.status();
+    out.validation = Evaluate(head, *fv, labels_of(data.val), classes);
+  }
+  for (auto& [i, m] : stages) {
+    for (const auto& p : m->parameters()) p.set_requires_grad(false);
+  }
+  out.head = head;
+  out.stages = std::move(stages);
+  return out;
+}
+
+}  // namespace tlserve

@@ -1,0 +1,48 @@
+// Fine-tuning: trains a model's private (unfrozen) stages together with its
+// head, at a smaller learning rate for the stages. The shared prefix before
+// the first private stage runs without gradient (its outputs are computed
+// once and kept in memory when augmentation is off); shared stages after it
+// stay frozen and in eval mode; trainable private stages train (BatchNorm
+// too, unless freeze_batchnorm). The best epoch by validation accuracy is
+// kept. Not thread-safe; runs on the job thread.
+#ifndef TLSERVE_SERVER_CORE_FINE_TUNER_H_
+#define TLSERVE_SERVER_CORE_FINE_TUNER_H_
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "server/core/backbone.h"
+#include "server/core/head_trainer.h"
+#include "server/store/database.h"
+
+namespace tlserve {
+
+struct FineTuneData {
+  const std::vector<StoredExample>* examples;
+  std::vector<int64_t> train, val;  // indices into examples
+  std::vector<int64_t> labels;      // class index per example
+};
+
+struct FineTuned {
+  torch::nn::Sequential head;
+  std::map<int, std::shared_ptr<torch::jit::Module>> stages;
+  std::vector<EpochStats> history;
+  Evaluation train, validation;
+};
+
+// `stages` (private copies; trainable ones have requires_grad) and `head`
+// are trained in place and returned. CANCELLED when `cancelled()` turns true.
+absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
+                                   std::map<int, std::shared_ptr<torch::jit::Module>> stages,
+                                   torch::nn::Sequential head, int64_t classes,
+                                   const FineTuneData& data, const TrainOptions& options,
+                                   const std::function<void(const EpochStats&)>& on_epoch,
+                                   const std::function<bool()>& cancelled);
+
+}  // namespace tlserve
+
+#endif  // TLSERVE_SERVER_CORE_FINE_TUNER_H_
