@@ -31,6 +31,7 @@ Client::Client(std::shared_ptr<grpc::Channel> channel)
     : channel_(std::move(channel)),
       inference_(v1::Inference::NewStub(channel_)),
       datasets_(v1::Datasets::NewStub(channel_)),
+      models_(v1::Models::NewStub(channel_)),
       health_(grpc::health::v1::Health::NewStub(channel_)) {}
 
 absl::StatusOr<std::string> Client::Health(const std::string& service) {
@@ -130,6 +131,16 @@ absl::StatusOr<v1::UploadDatasetResponse> Client::UploadDataset(
   if (!load_error.ok()) return load_error;
   if (!s.ok()) return s;
   return resp;
+}
+
+absl::Status Client::WatchJob(const std::string& id, grpc::ClientContext* ctx,
+                              const std::function<void(const v1::Job&)>& update) {
+  v1::WatchJobRequest req;
+  req.set_id(id);
+  auto reader = models_->WatchJob(ctx, req);
+  v1::Job job;
+  while (reader->Read(&job)) update(job);
+  return FromGrpc(reader->Finish());
 }
 
 absl::StatusOr<v1::ListDatasetsResponse> Client::ListDatasets() {

@@ -7,6 +7,7 @@
 #define TLSERVE_CLIENT_LIB_CLIENT_H_
 
 #include <grpcpp/channel.h>
+#include <grpcpp/client_context.h>
 
 #include <cstdint>
 #include <functional>
@@ -20,8 +21,12 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "tlserve/v1/datasets.grpc.pb.h"
 #include "tlserve/v1/inference.grpc.pb.h"
+#include "tlserve/v1/models.grpc.pb.h"
 
 namespace tlserve {
+
+// grpc::Status -> absl::Status (same canonical codes).
+absl::Status FromGrpc(const grpc::Status& s);
 
 class Client {
  public:
@@ -55,6 +60,25 @@ class Client {
   absl::StatusOr<v1::Dataset> GetDataset(const std::string& name);
   absl::Status DeleteDataset(const std::string& name);
 
+  // Unary calls of the Models service: `method` is a pointer to the stub's
+  // method, e.g. Call(&v1::Models::Stub::GetModel, request).
+  template <typename Request, typename Response>
+  absl::StatusOr<Response> Call(grpc::Status (v1::Models::Stub::*method)(grpc::ClientContext*,
+                                                                         const Request&, Response*),
+                                const Request& request,
+                                absl::Duration deadline = absl::Minutes(5)) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + deadline));
+    Response response;
+    if (auto s = FromGrpc((models_.get()->*method)(&ctx, request, &response)); !s.ok()) return s;
+    return response;
+  }
+
+  // Streams the job's states to `update` until it ends (OK) or `ctx` is
+  // cancelled (CANCELLED).
+  absl::Status WatchJob(const std::string& id, grpc::ClientContext* ctx,
+                        const std::function<void(const v1::Job&)>& update);
+
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
 
  private:
@@ -62,11 +86,9 @@ class Client {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Inference::Stub> inference_;
   std::unique_ptr<v1::Datasets::Stub> datasets_;
+  std::unique_ptr<v1::Models::Stub> models_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
 };
-
-// grpc::Status -> absl::Status (same canonical codes).
-absl::Status FromGrpc(const grpc::Status& s);
 
 }  // namespace tlserve
 

@@ -13,7 +13,9 @@
 #include "absl/strings/str_split.h"
 #include "client/lib/client.h"
 #include "client/lib/image_files.h"
+#include "client/tlctl/args.h"
 #include "client/tlctl/format.h"
+#include "client/tlctl/model_commands.h"
 
 namespace tlserve {
 namespace {
@@ -31,50 +33,28 @@ commands:
   datasets                       the datasets with their sizes
   dataset NAME                   one dataset's classes and counts
   delete-dataset NAME            delete a dataset and its images
+  create-model NAME (--dataset D | --classes a,b,c) [--hidden 256,64 --dropout 0.2]
+  models                         the models, with their served versions
+  describe-model MODEL           stages (shared/private, trainable), head, versions and metrics
+  delete-model MODEL
+  unfreeze MODEL STAGE... | --from STAGE
+                                 give the model its own trainable copies of stages
+  freeze MODEL STAGE... | --from STAGE [--drop]
+                                 stop training them (--drop: back to the shared stages)
+  train MODEL --dataset D [--epochs N --head-lr X --lr X (stages) --optimizer lbfgs|adamw|sgd
+        --batch-size N --weight-decay X --label-smoothing X --balanced --patience N
+        --augment --freeze-batchnorm --seed N] [--wait]
+                                 start a job; --wait follows it (Ctrl-C: cancel or detach)
+  jobs [--model M]               training jobs
+  watch JOB                      follow a job
+  cancel JOB                     cancel a job
+  classify MODEL FILE|DIR... [--top-k K] [--version V]
+                                 top-k labels per image
 
 options:
   --server=HOST:PORT   default localhost:50051 (or $TLSERVE_SERVER)
   --json               machine-readable output on stdout
 )";
-
-struct Args {
-  std::string command;
-  std::vector<std::string> positional;
-  std::map<std::string, std::string> flags;  // --key=value, --key value, or --flag
-};
-
-bool TakesValue(const std::string& key) {
-  return key == "server" || key == "input" || key == "layer" || key == "pool" || key == "out" ||
-         key == "dataset";
-}
-
-absl::StatusOr<Args> Parse(int argc, char** argv) {
-  Args a;
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (arg.rfind("--", 0) == 0) {
-      std::string key = arg.substr(2), value = "true";
-      if (auto eq = key.find('='); eq != std::string::npos) {
-        value = key.substr(eq + 1);
-        key = key.substr(0, eq);
-      } else if (TakesValue(key)) {
-        if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat(arg, " needs a value"));
-        value = argv[++i];
-      }
-      a.flags[key] = value;
-    } else if (a.command.empty()) {
-      a.command = arg;
-    } else {
-      a.positional.push_back(arg);
-    }
-  }
-  return a;
-}
-
-int Fail(const absl::Status& s) {
-  std::cerr << "tlctl: " << s.message() << " [" << absl::StatusCodeToString(s.code()) << "]\n";
-  return 1;
-}
 
 int Health(Client& c, const Args& a) {
   auto h = c.Health();
@@ -313,8 +293,7 @@ int Main(int argc, char** argv) {
   if (const char* env = std::getenv("TLSERVE_SERVER")) server = env;
   if (args->flags.count("server")) server = args->flags.at("server");
   const std::string& cmd = args->command;
-  using Command = std::function<int(Client&, const Args&)>;
-  const std::map<std::string, Command> commands = {
+  std::map<std::string, Command> commands = {
       {"health", Health},
       {"layers", [](Client& c, const Args& a) { return Layers(c, a, false); }},
       {"summary", [](Client& c, const Args& a) { return Layers(c, a, true); }},
@@ -324,6 +303,7 @@ int Main(int argc, char** argv) {
       {"dataset", Dataset},
       {"delete-dataset", DeleteDataset},
   };
+  AddModelCommands(commands);
   const auto command = commands.find(cmd);
   if (command == commands.end()) {
     std::cerr << "tlctl: unknown command \"" << cmd << "\"\n" << kUsage;

@@ -147,6 +147,42 @@ class TlctlTest(unittest.TestCase):
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("NOT_FOUND", r.stderr)
 
+    def test_models_train_and_classify(self):
+        train = os.path.join(FIX, "fmnist", "train")
+        r = self.run_tlctl("upload", train, "--dataset", "fm")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = self.run_tlctl("create-model", "shoes", "--dataset", "fm", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(json.loads(r.stdout)["classes"], ["sandal", "t-shirt", "trouser"])
+        r = self.run_tlctl("train", "shoes", "--dataset", "fm", "--wait", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        job = json.loads(r.stdout)
+        self.assertEqual(job["state"], "succeeded")
+        self.assertGreater(job["validation_accuracy"], 0.6)
+        test = os.path.join(FIX, "fmnist", "test", "trouser")
+        r = self.run_tlctl("classify", "shoes", test, "--top-k", "2", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        preds = json.loads(r.stdout)["predictions"]
+        self.assertEqual(len(preds), 20)
+        self.assertEqual(set(preds[0]), {"name", "top"})
+        self.assertEqual(len(preds[0]["top"]), 2)
+        self.assertGreater(sum(p["top"][0]["label"] == "trouser" for p in preds), 15)
+        r = self.run_tlctl("unfreeze", "shoes", "--from", "layer4", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = self.run_tlctl("describe-model", "shoes", "--json")
+        d = json.loads(r.stdout)
+        layer4 = [s for s in d["stages"] if s["name"] == "layer4"][0]
+        self.assertEqual(layer4, {"name": "layer4", "private": True, "trainable": True, "params": 8393728})
+        self.assertEqual([v["version"] for v in d["versions"]], [1])
+        self.assertIn("unknown", self.run_tlctl("unfreeze", "shoes", "layer9").stderr)
+        r = self.run_tlctl("train", "shoes", "--dataset", "fm", "--epochs", "2", "--freeze-batchnorm", "--wait", "--json")
+        self.assertEqual(json.loads(r.stdout)["version"], 2, r.stderr)
+        jobs = json.loads(self.run_tlctl("jobs", "--model", "shoes", "--json").stdout)["jobs"]
+        self.assertEqual(len(jobs), 2)
+        r = self.run_tlctl("classify", "nope", test)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("NOT_FOUND", r.stderr)
+
     def test_unreachable_server_is_reported(self):
         r = subprocess.run([os.path.join(BIN, "tlctl"), "--server=127.0.0.1:%d" % free_port(), "health"],
                            capture_output=True, text=True, timeout=60)

@@ -1,0 +1,487 @@
+#include "client/tlctl/model_commands.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "client/lib/image_files.h"
+#include "client/tlctl/format.h"
+
+namespace tlserve {
+namespace {
+
+nlohmann::json ModelJson(const v1::Model& m) {
+  nlohmann::json stages = nlohmann::json::array(), versions = nlohmann::json::array();
+  for (const auto& s : m.stages()) {
+    stages.push_back({{"name", s.name()},
+                      {"private", s.private_()},
+                      {"trainable", s.trainable()},
+                      {"params", s.params()}});
+  }
+  for (const auto& v : m.versions()) {
+    nlohmann::json classes = nlohmann::json::array();
+    for (const auto& c : v.classes()) {
+      classes.push_back({{"label", c.label()},
+                         {"precision", c.precision()},
+                         {"recall", c.recall()},
+                         {"support", c.support()}});
+    }
+    versions.push_back(
+        {{"version", v.version()},
+         {"created_unix", v.created_unix()},
+         {"job", v.job_id()},
+         {"train_accuracy", v.train_accuracy()},
+         {"validation_accuracy", v.validation_accuracy()},
+         {"classes", classes},
+         {"confusion", std::vector<int64_t>(v.confusion().begin(), v.confusion().end())}});
+  }
+  return {{"name", m.name()},
+          {"classes", std::vector<std::string>(m.classes().begin(), m.classes().end())},
+          {"head_params", m.head_params()},
+          {"served_version", m.served_version()},
+          {"training", m.training()},
+          {"stages", stages},
+          {"versions", versions}};
+}
+
+std::string StateName(v1::Job::State s) {
+  std::string n = v1::Job::State_Name(s);
+  for (char& c : n) c = static_cast<char>(std::tolower(c));
+  return n;
+}
+
+nlohmann::json JobJson(const v1::Job& j) {
+  nlohmann::json epochs = nlohmann::json::array();
+  for (const auto& e : j.epochs()) {
+    epochs.push_back({{"epoch", e.epoch()},
+                      {"train_loss", e.train_loss()},
+                      {"train_accuracy", e.train_accuracy()},
+                      {"validation_loss", e.validation_loss()},
+                      {"validation_accuracy", e.validation_accuracy()},
+                      {"images_per_second", e.images_per_second()},
+                      {"elapsed_seconds", e.elapsed_seconds()}});
+  }
+  nlohmann::json out = {{"id", j.id()},           {"model", j.model()},
+                        {"dataset", j.dataset()}, {"state", StateName(j.state())},
+                        {"phase", j.phase()},     {"error", j.error()},
+                        {"version", j.version()}, {"epochs", epochs}};
+  out["validation_accuracy"] = j.epochs_size()
+                                   ? nlohmann::json(j.epochs().rbegin()->validation_accuracy())
+                                   : nlohmann::json(nullptr);
+  return out;
+}
+
+void PrintModel(const v1::Model& m) {
+  std::cout << m.name() << ": " << m.classes_size() << " classes, head "
+            << WithCommas(m.head_params()) << " params, served version " << m.served_version()
+            << (m.training() ? " (training)" : "") << "\n  stages:\n";
+  for (const auto& s : m.stages()) {
+    std::cout << absl::StrFormat("    %-10s %-8s %-10s %s\n", s.name(),
+                                 s.private_() ? "private" : "shared",
+                                 s.trainable() ? "trainable" : "frozen", WithCommas(s.params()));
+  }
+  for (const auto& v : m.versions()) {
+    std::cout << absl::StrFormat("  v%d: train accuracy %.4f, validation accuracy %.4f (job %s)\n",
+                                 v.version(), v.train_accuracy(), v.validation_accuracy(),
+                                 v.job_id());
+  }
+}
+
+// Ctrl-C while waiting on a job: cancels the watch; the caller then asks.
+class InterruptWatch {
+ public:
+  explicit InterruptWatch(grpc::ClientContext* ctx) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    thread_ = std::thread([this, ctx, set] {
+      int sig = 0;
+      sigwait(&set, &sig);
+      if (done_) return;
+      interrupted_ = true;
+      ctx->TryCancel();
+    });
+  }
+  ~InterruptWatch() {
+    done_ = true;
+    pthread_kill(thread_.native_handle(), SIGINT);
+    thread_.join();
+  }
+  bool interrupted() const { return interrupted_; }
+
+ private:
+  std::atomic<bool> done_{false}, interrupted_{false};
+  std::thread thread_;
+};
+
+// Follows a job with a progress bar; on Ctrl-C asks whether to cancel it.
+int Follow(Client& c, const std::string& id, bool json) {
+  grpc::ClientContext ctx;
+  v1::Job last;
+  const bool tty = isatty(STDERR_FILENO);
+  absl::Status s;
+  bool interrupted = false;
+  {
+    InterruptWatch watch(&ctx);
+    s = c.WatchJob(id, &ctx, [&](const v1::Job& j) {
+      last = j;
+      if (!tty) return;
+      const int total = j.options().epochs() > 0 ? j.options().epochs() : 1;
+      const int done = j.epochs_size();
+      const int width = 30, filled = std::min(width, width * done / total);
+      std::string line =
+          absl::StrFormat("\r%s [%s%s] %d/%d epochs", StateName(j.state()),
+                          std::string(filled, '#'), std::string(width - filled, '.'), done, total);
+      if (done > 0) {
+        const auto& e = *j.epochs().rbegin();
+        absl::StrAppendFormat(&line, "  loss %.4f  train %.3f  val %.3f  %.0f img/s  ETA %.0fs",
+                              e.train_loss(), e.train_accuracy(), e.validation_accuracy(),
+                              e.images_per_second(), e.eta_seconds());
+      } else {
+        absl::StrAppend(&line, "  ", j.phase());
+      }
+      std::fprintf(stderr, "%s\033[K", line.c_str());
+      std::fflush(stderr);
+    });
+    interrupted = watch.interrupted();
+  }
+  if (tty) std::fprintf(stderr, "\n");
+  if (interrupted) {
+    std::string answer = "d";
+    if (isatty(STDIN_FILENO)) {
+      std::cerr << "job " << id << " is still running: [c]ancel it or [d]etach? ";
+      std::getline(std::cin, answer);
+    }
+    if (!answer.empty() && (answer[0] == 'c' || answer[0] == 'C')) {
+      v1::CancelJobRequest req;
+      req.set_id(id);
+      auto j = c.Call(&v1::Models::Stub::CancelJob, req);
+      if (!j.ok()) return Fail(j.status());
+      std::cerr << "cancelled job " << id << "\n";
+    } else {
+      std::cerr << "detached; follow it with: tlctl watch " << id << "\n";
+    }
+    return 130;
+  }
+  if (!s.ok()) return Fail(s);
+  if (json) {
+    std::cout << JobJson(last).dump() << "\n";
+  } else {
+    std::cout << "job " << last.id() << ": " << StateName(last.state());
+    if (last.state() == v1::Job::SUCCEEDED) {
+      std::cout << ", version " << last.version();
+      if (last.epochs_size()) {
+        std::cout << absl::StrFormat(", validation accuracy %.4f",
+                                     last.epochs().rbegin()->validation_accuracy());
+      }
+    }
+    if (!last.error().empty()) std::cout << ": " << last.error();
+    std::cout << "\n";
+  }
+  return last.state() == v1::Job::SUCCEEDED ? 0 : 1;
+}
+
+int CreateModel(Client& c, const Args& a) {
+  if (a.positional.size() != 1 || (a.Has("dataset") == a.Has("classes"))) {
+    return Fail(
+        absl::InvalidArgumentError("usage: tlctl create-model NAME (--dataset D | --classes a,b,c) "
+                                   "[--hidden 256,64 --dropout 0.2]"));
+  }
+  v1::CreateModelRequest req;
+  req.set_name(a.positional[0]);
+  req.set_dataset(a.Get("dataset"));
+  if (a.Has("classes")) {
+    for (absl::string_view cl : absl::StrSplit(a.Get("classes"), ','))
+      req.add_classes(std::string(cl));
+  }
+  if (a.Has("hidden")) {
+    for (absl::string_view h : absl::StrSplit(a.Get("hidden"), ',')) {
+      int v = 0;
+      if (!absl::SimpleAtoi(h, &v))
+        return Fail(absl::InvalidArgumentError("--hidden is a list of widths, e.g. 256,64"));
+      req.mutable_head()->add_hidden(v);
+    }
+  }
+  auto dropout = a.Number("dropout", 0);
+  if (!dropout.ok()) return Fail(dropout.status());
+  req.mutable_head()->set_dropout(static_cast<float>(*dropout));
+  auto m = c.Call(&v1::Models::Stub::CreateModel, req);
+  if (!m.ok()) return Fail(m.status());
+  if (a.Has("json")) {
+    std::cout << ModelJson(*m).dump() << "\n";
+  } else {
+    PrintModel(*m);
+  }
+  return 0;
+}
+
+int Models(Client& c, const Args& a) {
+  auto list = c.Call(&v1::Models::Stub::ListModels, v1::ListModelsRequest());
+  if (!list.ok()) return Fail(list.status());
+  if (a.Has("json")) {
+    nlohmann::json all = nlohmann::json::array();
+    for (const auto& m : list->models()) all.push_back(ModelJson(m));
+    std::cout << nlohmann::json{{"models", all}}.dump() << "\n";
+    return 0;
+  }
+  for (const auto& m : list->models()) {
+    std::cout << m.name() << "\t" << m.classes_size() << " classes\tserved v" << m.served_version()
+              << (m.training() ? "\ttraining" : "") << "\n";
+  }
+  return 0;
+}
+
+int DescribeModel(Client& c, const Args& a) {
+  if (a.positional.size() != 1)
+    return Fail(absl::InvalidArgumentError("usage: tlctl describe-model MODEL"));
+  v1::GetModelRequest req;
+  req.set_name(a.positional[0]);
+  auto m = c.Call(&v1::Models::Stub::GetModel, req);
+  if (!m.ok()) return Fail(m.status());
+  if (a.Has("json")) {
+    std::cout << ModelJson(*m).dump() << "\n";
+  } else {
+    PrintModel(*m);
+  }
+  return 0;
+}
+
+int DeleteModel(Client& c, const Args& a) {
+  if (a.positional.size() != 1)
+    return Fail(absl::InvalidArgumentError("usage: tlctl delete-model MODEL"));
+  v1::DeleteModelRequest req;
+  req.set_name(a.positional[0]);
+  auto r = c.Call(&v1::Models::Stub::DeleteModel, req);
+  if (!r.ok()) return Fail(r.status());
+  if (!a.Has("json")) std::cout << "deleted model " << a.positional[0] << "\n";
+  return 0;
+}
+
+template <typename Request>
+int ChangeStages(Client& c, const Args& a, bool unfreeze) {
+  if (a.positional.empty() || (a.positional.size() == 1 && !a.Has("from"))) {
+    return Fail(absl::InvalidArgumentError(
+        unfreeze ? "usage: tlctl unfreeze MODEL STAGE... | --from STAGE"
+                 : "usage: tlctl freeze MODEL STAGE... | --from STAGE [--drop]"));
+  }
+  Request req;
+  req.set_model(a.positional[0]);
+  for (size_t i = 1; i < a.positional.size(); ++i) req.add_stages(a.positional[i]);
+  req.set_from(a.Get("from"));
+  absl::StatusOr<v1::Model> m;
+  if constexpr (std::is_same_v<Request, v1::FreezeLayersRequest>) {
+    req.set_drop_private(a.Has("drop"));
+    m = c.Call(&v1::Models::Stub::FreezeLayers, req);
+  } else {
+    m = c.Call(&v1::Models::Stub::UnfreezeLayers, req);
+  }
+  if (!m.ok()) return Fail(m.status());
+  if (a.Has("json")) {
+    std::cout << ModelJson(*m).dump() << "\n";
+  } else {
+    PrintModel(*m);
+  }
+  return 0;
+}
+
+int Train(Client& c, const Args& a) {
+  if (a.positional.size() != 1 || !a.Has("dataset")) {
+    return Fail(absl::InvalidArgumentError(
+        "usage: tlctl train MODEL --dataset D [--epochs N --head-lr X --lr X --optimizer "
+        "lbfgs|adamw|sgd "
+        "--batch-size N --weight-decay X --label-smoothing X --balanced --patience N --augment "
+        "--freeze-batchnorm --seed N] [--wait]"));
+  }
+  v1::StartTrainingRequest req;
+  req.set_model(a.positional[0]);
+  req.set_dataset(a.Get("dataset"));
+  v1::TrainingOptions* o = req.mutable_options();
+  for (const auto& [flag, setter] :
+       std::vector<std::pair<std::string, std::function<void(double)>>>{
+           {"epochs", [o](double v) { o->set_epochs(static_cast<int>(v)); }},
+           {"batch-size", [o](double v) { o->set_batch_size(static_cast<int>(v)); }},
+           {"head-lr", [o](double v) { o->set_learning_rate(static_cast<float>(v)); }},
+           {"lr", [o](double v) { o->set_stage_learning_rate(static_cast<float>(v)); }},
+           {"weight-decay", [o](double v) { o->set_weight_decay(static_cast<float>(v)); }},
+           {"label-smoothing", [o](double v) { o->set_label_smoothing(static_cast<float>(v)); }},
+           {"patience", [o](double v) { o->set_early_stopping_patience(static_cast<int>(v)); }},
+           {"validation-fraction",
+            [o](double v) { o->set_validation_fraction(static_cast<float>(v)); }},
+           {"seed", [o](double v) { o->set_seed(static_cast<uint64_t>(v)); }}}) {
+    if (!a.Has(flag)) continue;
+    auto v = a.Number(flag, 0);
+    if (!v.ok()) return Fail(v.status());
+    setter(*v);
+  }
+  const std::string opt = a.Get("optimizer");
+  if (opt == "lbfgs") {
+    o->set_optimizer(v1::TrainingOptions::LBFGS);
+  } else if (opt == "adamw") {
+    o->set_optimizer(v1::TrainingOptions::ADAMW);
+  } else if (opt == "sgd") {
+    o->set_optimizer(v1::TrainingOptions::SGD);
+  } else if (!opt.empty()) {
+    return Fail(absl::InvalidArgumentError("--optimizer is lbfgs, adamw or sgd"));
+  }
+  o->set_balanced_class_weights(a.Has("balanced"));
+  o->set_augment(a.Has("augment"));
+  o->set_freeze_batchnorm(a.Has("freeze-batchnorm"));
+  auto job = c.Call(&v1::Models::Stub::StartTraining, req);
+  if (!job.ok()) return Fail(job.status());
+  if (a.Has("wait")) return Follow(c, job->id(), a.Has("json"));
+  if (a.Has("json")) {
+    std::cout << JobJson(*job).dump() << "\n";
+  } else {
+    std::cout << "started job " << job->id() << "; follow it with: tlctl watch " << job->id()
+              << "\n";
+  }
+  return 0;
+}
+
+int Jobs(Client& c, const Args& a) {
+  v1::ListJobsRequest req;
+  req.set_model(a.Get("model"));
+  auto list = c.Call(&v1::Models::Stub::ListJobs, req);
+  if (!list.ok()) return Fail(list.status());
+  if (a.Has("json")) {
+    nlohmann::json all = nlohmann::json::array();
+    for (const auto& j : list->jobs()) all.push_back(JobJson(j));
+    std::cout << nlohmann::json{{"jobs", all}}.dump() << "\n";
+    return 0;
+  }
+  for (const auto& j : list->jobs()) {
+    std::cout << j.id() << "\t" << j.model() << "\t" << j.dataset() << "\t" << StateName(j.state())
+              << "\t" << j.phase() << (j.error().empty() ? "" : "\t" + j.error()) << "\n";
+  }
+  return 0;
+}
+
+int Watch(Client& c, const Args& a) {
+  if (a.positional.size() != 1) return Fail(absl::InvalidArgumentError("usage: tlctl watch JOB"));
+  return Follow(c, a.positional[0], a.Has("json"));
+}
+
+int Cancel(Client& c, const Args& a) {
+  if (a.positional.size() != 1) return Fail(absl::InvalidArgumentError("usage: tlctl cancel JOB"));
+  v1::CancelJobRequest req;
+  req.set_id(a.positional[0]);
+  auto j = c.Call(&v1::Models::Stub::CancelJob, req);
+  if (!j.ok()) return Fail(j.status());
+  if (a.Has("json")) {
+    std::cout << JobJson(*j).dump() << "\n";
+  } else {
+    std::cout << "job " << j->id() << ": " << StateName(j->state()) << "\n";
+  }
+  return 0;
+}
+
+int Classify(Client& c, const Args& a) {
+  if (a.positional.size() < 2) {
+    return Fail(absl::InvalidArgumentError(
+        "usage: tlctl classify MODEL FILE|DIR... [--top-k K] [--version V]"));
+  }
+  auto files = ListImageFiles({a.positional.begin() + 1, a.positional.end()});
+  if (!files.ok()) return Fail(files.status());
+  auto top_k = a.Number("top-k", 5);
+  auto version = a.Number("version", 0);
+  if (!top_k.ok()) return Fail(top_k.status());
+  if (!version.ok()) return Fail(version.status());
+  nlohmann::json predictions = nlohmann::json::array();
+  int failed = 0;
+  ProgressBar bar("classifying", files->size());
+  // Requests of up to 32 images; a request that fails on an image is
+  // retried image by image, so that one bad file does not hide the others.
+  auto run = [&](const std::vector<size_t>& which) -> absl::StatusOr<v1::ClassifyResponse> {
+    v1::ClassifyRequest req;
+    req.set_model(a.positional[0]);
+    req.set_top_k(static_cast<int>(*top_k));
+    req.set_version(static_cast<int>(*version));
+    for (size_t i : which) {
+      v1::Image* img = req.add_images();
+      img->set_name((*files)[i]);
+      img->set_encoded(*ReadFileBytes((*files)[i]));
+    }
+    return c.Call(&v1::Models::Stub::Classify, req);
+  };
+  auto record = [&](size_t i, const v1::Classification& r) {
+    nlohmann::json top = nlohmann::json::array();
+    for (const auto& p : r.top())
+      top.push_back({{"label", p.label()}, {"probability", p.probability()}});
+    predictions.push_back({{"name", (*files)[i]}, {"top", top}});
+    if (!a.Has("json")) {
+      std::cout << (*files)[i] << ":";
+      for (const auto& p : r.top())
+        std::cout << absl::StrFormat(" %s %.4f", p.label(), p.probability());
+      std::cout << "\n";
+    }
+  };
+  auto image_error = [](const absl::Status& s) {
+    return s.code() == absl::StatusCode::kInvalidArgument &&
+           s.message().find("images[") != absl::string_view::npos;
+  };
+  for (size_t b = 0; b < files->size(); b += 32) {
+    std::vector<size_t> which;
+    for (size_t i = b; i < std::min(files->size(), b + 32); ++i) {
+      if (auto bytes = ReadFileBytes((*files)[i]); !bytes.ok()) {
+        ++failed;
+        std::cerr << "tlctl: " << bytes.status().message() << "\n";
+      } else {
+        which.push_back(i);
+      }
+    }
+    if (which.empty()) continue;
+    auto r = run(which);
+    if (r.ok()) {
+      for (size_t k = 0; k < which.size(); ++k) record(which[k], r->results(static_cast<int>(k)));
+    } else if (image_error(r.status())) {
+      for (size_t i : which) {
+        auto one = run({i});
+        if (one.ok()) {
+          record(i, one->results(0));
+        } else if (image_error(one.status())) {
+          ++failed;
+          std::cerr << "tlctl: " << one.status().message() << "\n";
+        } else {
+          return Fail(one.status());
+        }
+      }
+    } else {
+      return Fail(r.status());
+    }
+    bar.Update(which.back() + 1);
+  }
+  bar.Finish();
+  if (a.Has("json")) std::cout << nlohmann::json{{"predictions", predictions}}.dump() << "\n";
+  return failed > 0 ? 1 : 0;
+}
+
+}  // namespace
+
+void AddModelCommands(std::map<std::string, Command>& commands) {
+  commands["create-model"] = CreateModel;
+  commands["models"] = Models;
+  commands["describe-model"] = DescribeModel;
+  commands["delete-model"] = DeleteModel;
+  commands["unfreeze"] = [](Client& c, const Args& a) {
+    return ChangeStages<v1::UnfreezeLayersRequest>(c, a, true);
+  };
+  commands["freeze"] = [](Client& c, const Args& a) {
+    return ChangeStages<v1::FreezeLayersRequest>(c, a, false);
+  };
+  commands["train"] = Train;
+  commands["jobs"] = Jobs;
+  commands["watch"] = Watch;
+  commands["cancel"] = Cancel;
+  commands["classify"] = Classify;
+}
+
+}  // namespace tlserve
