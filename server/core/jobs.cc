@@ -299,6 +299,11 @@ void JobRunner::Run(const std::string& id) {
     r.phase = "starting";
   });
   auto version = Train(id);
+  bool stopping;
+  {
+    absl::MutexLock lock(&mu_);
+    stopping = stopping_;
+  }
   std::string model, dataset;
   Update(id, [&](JobRecord& r) {
     model = r.model;
@@ -307,6 +312,10 @@ void JobRunner::Run(const std::string& id) {
       r.state = JobRecord::State::kSucceeded;
       r.version = *version;
       r.phase = absl::StrCat("done: version ", *version);
+    } else if (version.status().code() == absl::StatusCode::kCancelled && stopping) {
+      r.state = JobRecord::State::kFailed;
+      r.error = "interrupted: the server stopped while the job ran";
+      r.phase = "failed";
     } else if (version.status().code() == absl::StatusCode::kCancelled) {
       r.state = JobRecord::State::kCancelled;
       r.phase = "cancelled";

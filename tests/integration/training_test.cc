@@ -10,6 +10,7 @@
 #include "client/lib/client.h"
 #include "client/lib/image_files.h"
 #include "server/api/server.h"
+#include "tests/integration/http_get.h"
 #include "tests/test_util.h"
 #include "tlserve/v1/models.grpc.pb.h"
 
@@ -27,7 +28,7 @@ ServerOptions Options(const std::string& data_dir) {
   o.embedder.preprocess_threads = 2;
   o.data_dir = data_dir;
   o.grpc_address = "127.0.0.1:0";
-  o.metrics_address = "";
+  o.metrics_address = "127.0.0.1:0";
   return o;
 }
 
@@ -189,6 +190,16 @@ TEST_F(TrainingTest, TrainsAHeadClassifiesAndSurvivesARestart) {
   const double accuracy = static_cast<double>(correct) / test.size();
   std::printf("measured: test accuracy %.3f on %zu held-out images\n", accuracy, test.size());
   EXPECT_GE(accuracy, 0.8);
+
+  const std::string metrics = testing::HttpGet(server_->metrics_port(), "/metrics");
+  for (const char* series :
+       {"tlserve_training_jobs{state=\"succeeded\"} 1\n", "tlserve_models 1\n",
+        "tlserve_datasets 1\n", "tlserve_dataset_images 120\n",
+        "tlserve_training_epoch_loss{model=\"clothes\"}",
+        "tlserve_training_accuracy{model=\"clothes\",split=\"validation\"} 0.9",
+        "tlserve_images_total{method=\"Classify\"} 61\n"}) {
+    EXPECT_NE(metrics.find(series), std::string::npos) << series;
+  }
 
   Restart();  // everything acknowledged is on disk
   auto after = Classify("clothes", files);
