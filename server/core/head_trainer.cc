@@ -7,6 +7,9 @@
 #include <torch/optim/sgd.h>
 #include <torch/torch.h>
 
+#include <cmath>
+#include <limits>
+
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 
@@ -163,6 +166,7 @@ absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
   int since_best = 0;
   std::vector<at::Tensor> best_params = Snapshot(head);
   const bool has_val = x_val.size(0) > 0;
+  double previous_loss = std::numeric_limits<double>::infinity();
   for (int epoch = 1; epoch <= o.epochs; ++epoch) {
     if (cancelled && cancelled()) return absl::CancelledError("the job was cancelled");
     head->train();
@@ -206,6 +210,13 @@ absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
     } else if (o.early_stopping_patience > 0 && ++since_best >= o.early_stopping_patience) {
       break;
     }
+    // Full-batch L-BFGS has converged when an epoch of 20 iterations no
+    // longer lowers the loss (relative change under 1e-6): more epochs
+    // would repeat the same weights.
+    if (lbfgs && std::fabs(previous_loss - tr.loss) <= 1e-6 * std::max(1.0, std::fabs(tr.loss))) {
+      break;
+    }
+    previous_loss = tr.loss;
   }
   Restore(head, best_params);
   out.train = Evaluate(head, x_train, y_train, classes);

@@ -33,7 +33,9 @@ TEST(HeadTrainerTest, LbfgsFitsALinearHeadThatTakesRawFeatures) {
       HeadSpec{}, 3, x, y, xv, yv, *o, [&](const EpochStats& s) { epochs_seen = s.epoch; },
       nullptr);
   ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_EQ(epochs_seen, 30);
+  EXPECT_GE(epochs_seen, 1);
+  EXPECT_LE(epochs_seen, 30);  // L-BFGS may stop early once converged
+  EXPECT_EQ(r->history.size(), static_cast<size_t>(epochs_seen));
   EXPECT_GE(r->validation.accuracy, 0.95);
   // The standardisation is folded in: raw features give the reported accuracy.
   torch::NoGradGuard no_grad;

@@ -172,7 +172,8 @@ TEST_F(TrainingTest, TrainsAHeadClassifiesAndSurvivesARestart) {
   const v1::Job& last = events.back();
   ASSERT_EQ(last.state(), v1::Job::SUCCEEDED) << last.error();
   EXPECT_EQ(last.version(), 1);
-  EXPECT_EQ(last.epochs_size(), 30);
+  EXPECT_GE(last.epochs_size(), 1);
+  EXPECT_LE(last.epochs_size(), 30);
   std::printf("measured: validation accuracy %.3f after %d epochs\n",
               last.epochs(last.epochs_size() - 1).validation_accuracy(), last.epochs_size());
 
@@ -215,7 +216,7 @@ TEST_F(TrainingTest, TrainsAHeadClassifiesAndSurvivesARestart) {
   v1::Job again;
   ASSERT_TRUE(stub_->GetJob(&ctx, req, &again).ok());
   EXPECT_EQ(again.state(), v1::Job::SUCCEEDED);
-  EXPECT_EQ(again.epochs_size(), 30);
+  EXPECT_EQ(again.epochs_size(), last.epochs_size());
 }
 
 TEST_F(TrainingTest, UnfreezesLayer4FineTunesAndServesThePreviousVersionMeanwhile) {
