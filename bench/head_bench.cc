@@ -60,7 +60,8 @@ int main(int argc, char** argv) {
   }
   const auto test = tlserve::Evaluate(r->head, xt, yt, k);
   std::printf(
-      "{\"seconds\": %.4f, \"epochs\": %zu, \"train_accuracy\": %.5f, \"test_accuracy\": %.5f}\n",
-      seconds, r->history.size(), r->train.accuracy, test.accuracy);
+      "{\"seconds\": %.4f, \"epochs\": %zu, \"train_accuracy\": %.5f, \"test_accuracy\": %.5f, "
+      "\"threads\": %d}\n",
+      seconds, r->history.size(), r->train.accuracy, test.accuracy, at::get_num_threads());
   return 0;
 }

@@ -52,6 +52,8 @@ def main():
         sk_seconds = time.time() - start
         sk_acc = sk.score(scaler.transform(xte), yte)
         rows.append((size, ours["seconds"], ours["test_accuracy"], ours["epochs"], sk_seconds, sk_acc))
+        threads = ours["threads"]
+    print("LibTorch intra-op threads: %d; scikit-learn: numpy's BLAS default" % threads)
     print("| examples x dim | tlserve s | tlserve acc | L-BFGS epochs (x20 it) | sklearn s | sklearn acc | speed-up | acc diff (pts) |")
     print("|---|---|---|---|---|---|---|---|")
     for size, ts, ta, te, ss, sa in rows:

@@ -10,6 +10,7 @@
 #include "client/lib/client.h"
 #include "client/lib/image_files.h"
 #include "server/api/server.h"
+#include "server/core/datasets.h"
 #include "tests/integration/http_get.h"
 #include "tests/test_util.h"
 #include "tlserve/v1/models.grpc.pb.h"
@@ -298,6 +299,31 @@ TEST_F(TrainingTest, BadRequestsGetCanonicalCodes) {
   EXPECT_NE(extra.status().message().find("sandal"), absl::string_view::npos) << extra.status();
   EXPECT_EQ(Classify("nope", {Fixture("rgb_png.png")}).status().code(),
             absl::StatusCode::kNotFound);
+
+  // A class whose only image falls in the validation split: no training example.
+  const std::string bytes = ReadBytes(Fixture("rgb_png.png"));
+  std::string name;
+  for (int i = 0; name.empty(); ++i) {
+    const std::string candidate = absl::StrCat("lonely", i);
+    if (DatasetCatalog::IsValidation(DatasetCatalog::ExampleHash(candidate, bytes), 0.15)) {
+      name = candidate;
+    }
+  }
+  auto lonely =
+      client_->UploadDataset("lonely", false, 2, 2, [&](size_t i) -> absl::StatusOr<v1::Example> {
+        v1::Example e;
+        e.set_name(i == 0 ? name : "other");
+        e.set_label(i == 0 ? "rare" : "common");
+        e.set_encoded(bytes);
+        return e;
+      });
+  ASSERT_TRUE(lonely.ok()) << lonely.status();
+  ASSERT_TRUE(CreateModel("lonely", "lonely").ok());
+  auto none = Start("lonely", "lonely");
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(none.status().message().find("\"rare\" has no training examples"),
+            absl::string_view::npos)
+      << none.status();
 }
 
 }  // namespace
