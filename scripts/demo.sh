@@ -20,6 +20,8 @@ if [ ! -f "$BACKBONE" ]; then
 fi
 if [ ! -d "$VAR/samples" ]; then
   /usr/bin/python3 scripts/sample_images.py "$VAR/samples" --count 2
+  /usr/bin/python3 scripts/sample_images.py "$VAR/demo-train" --count 30 --classes 0,1,5 --split train
+  /usr/bin/python3 scripts/sample_images.py "$VAR/demo-test" --count 10 --classes 0,1,5 --split test
 fi
 
 step "starting tlserve on port $PORT (metrics on $METRICS_PORT), log in $VAR/tlserve.log"
@@ -43,12 +45,24 @@ step "tlctl summary --input 3x224x224"
 $TLCTL summary --input 3x224x224
 step "tlctl embed $VAR/samples (Fashion-MNIST test images)"
 $TLCTL embed "$VAR/samples"
+step "transfer learning: upload 90 labelled images, train a head, classify 30 held-out ones"
+$TLCTL delete-model demo >/dev/null 2>&1 || true
+$TLCTL delete-dataset demo >/dev/null 2>&1 || true
+$TLCTL upload "$VAR/demo-train" --dataset demo
+$TLCTL create-model demo --dataset demo >/dev/null
+$TLCTL train demo --dataset demo --wait
+$TLCTL classify demo "$VAR/demo-test" --top-k 1 --json | /usr/bin/python3 -c '
+import json, os, sys
+p = json.load(sys.stdin)["predictions"]
+ok = sum(x["top"][0]["label"] == os.path.basename(os.path.dirname(x["name"])) for x in p)
+print("held-out accuracy: %d/%d = %.2f (random-weight backbone: see README)" % (ok, len(p), ok / len(p)))'
+
 step "metrics"
 echo "Prometheus metrics: http://localhost:$METRICS_PORT/metrics, e.g.:"
 /usr/bin/python3 - "$METRICS_PORT" <<'PY' || true
 import sys, urllib.request
 text = urllib.request.urlopen("http://localhost:%s/metrics" % sys.argv[1], timeout=5).read().decode()
-print("\n".join(l for l in text.splitlines() if l.startswith(("tlserve_images_total", "tlserve_backbone_info", "tlserve_requests_total"))))
+print("\n".join(l for l in text.splitlines() if l.startswith(("tlserve_images_total", "tlserve_backbone_info", "tlserve_training_jobs", "tlserve_models "))))
 PY
 if [ "${1:-}" = "--no-wait" ]; then
   exit 0
