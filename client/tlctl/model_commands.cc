@@ -95,6 +95,17 @@ void PrintModel(const v1::Model& m) {
   }
 }
 
+// Prints a model returned by a call, as JSON or as text; the exit status.
+int ShowModel(const absl::StatusOr<v1::Model>& m, const Args& a) {
+  if (!m.ok()) return Fail(m.status());
+  if (a.Has("json")) {
+    std::cout << ModelJson(*m).dump() << "\n";
+  } else {
+    PrintModel(*m);
+  }
+  return 0;
+}
+
 // Ctrl-C while waiting on a job: cancels the watch; the caller then asks.
 class InterruptWatch {
  public:
@@ -214,14 +225,7 @@ int CreateModel(Client& c, const Args& a) {
   auto dropout = a.Number("dropout", 0);
   if (!dropout.ok()) return Fail(dropout.status());
   req.mutable_head()->set_dropout(static_cast<float>(*dropout));
-  auto m = c.Call(&v1::Models::Stub::CreateModel, req);
-  if (!m.ok()) return Fail(m.status());
-  if (a.Has("json")) {
-    std::cout << ModelJson(*m).dump() << "\n";
-  } else {
-    PrintModel(*m);
-  }
-  return 0;
+  return ShowModel(c.Call(&v1::Models::Stub::CreateModel, req), a);
 }
 
 int Models(Client& c, const Args& a) {
@@ -245,14 +249,7 @@ int DescribeModel(Client& c, const Args& a) {
     return Fail(absl::InvalidArgumentError("usage: tlctl describe-model MODEL"));
   v1::GetModelRequest req;
   req.set_name(a.positional[0]);
-  auto m = c.Call(&v1::Models::Stub::GetModel, req);
-  if (!m.ok()) return Fail(m.status());
-  if (a.Has("json")) {
-    std::cout << ModelJson(*m).dump() << "\n";
-  } else {
-    PrintModel(*m);
-  }
-  return 0;
+  return ShowModel(c.Call(&v1::Models::Stub::GetModel, req), a);
 }
 
 int DeleteModel(Client& c, const Args& a) {
@@ -277,20 +274,12 @@ int ChangeStages(Client& c, const Args& a, bool unfreeze) {
   req.set_model(a.positional[0]);
   for (size_t i = 1; i < a.positional.size(); ++i) req.add_stages(a.positional[i]);
   req.set_from(a.Get("from"));
-  absl::StatusOr<v1::Model> m;
   if constexpr (std::is_same_v<Request, v1::FreezeLayersRequest>) {
     req.set_drop_private(a.Has("drop"));
-    m = c.Call(&v1::Models::Stub::FreezeLayers, req);
+    return ShowModel(c.Call(&v1::Models::Stub::FreezeLayers, req), a);
   } else {
-    m = c.Call(&v1::Models::Stub::UnfreezeLayers, req);
+    return ShowModel(c.Call(&v1::Models::Stub::UnfreezeLayers, req), a);
   }
-  if (!m.ok()) return Fail(m.status());
-  if (a.Has("json")) {
-    std::cout << ModelJson(*m).dump() << "\n";
-  } else {
-    PrintModel(*m);
-  }
-  return 0;
 }
 
 int Train(Client& c, const Args& a) {

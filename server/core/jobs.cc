@@ -260,6 +260,19 @@ void JobRunner::Update(const std::string& id, const std::function<void(JobRecord
   Publish(id);
 }
 
+std::function<void(const EpochStats&)> JobRunner::OnEpoch(const std::string& id,
+                                                          const JobRecord& r) {
+  return [this, id, model = r.model, epochs = r.options.epochs](const EpochStats& s) {
+    if (metrics_) {
+      metrics_->SetTrainingEpoch(model, s.train_loss, s.train_accuracy, s.validation_accuracy);
+    }
+    Update(id, [&](JobRecord& rec) {
+      rec.epochs.push_back(s);
+      rec.phase = absl::StrCat("epoch ", s.epoch, "/", epochs);
+    });
+  };
+}
+
 bool JobRunner::Cancelled(const std::string& id) {
   absl::MutexLock lock(&mu_);
   return jobs_.at(id).cancel;
@@ -357,19 +370,8 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
         .push_back(static_cast<int64_t>(i));
   }
   Update(id, [](JobRecord& rec) { rec.phase = "fine-tuning"; });
-  auto tuned = FineTune(
-      *backbone_, std::move(start->stages), head, classes, data, r.options,
-      [&](const EpochStats& s) {
-        if (metrics_) {
-          metrics_->SetTrainingEpoch(r.model, s.train_loss, s.train_accuracy,
-                                     s.validation_accuracy);
-        }
-        Update(id, [&](JobRecord& rec) {
-          rec.epochs.push_back(s);
-          rec.phase = absl::StrCat("epoch ", s.epoch, "/", r.options.epochs);
-        });
-      },
-      [&] { return Cancelled(id); });
+  auto tuned = FineTune(*backbone_, std::move(start->stages), head, classes, data, r.options,
+                        OnEpoch(id, r), [&] { return Cancelled(id); });
   if (!tuned.ok()) return tuned.status();
   VersionInfo v;
   v.job_id = id;
@@ -444,17 +446,7 @@ absl::StatusOr<int> JobRunner::Train(const std::string& id) {
   auto trained = TrainHead(
       info->head, classes, take(train_idx), torch::tensor(train_y, torch::kLong),
       val_idx.empty() ? at::empty({0, dim}) : take(val_idx), torch::tensor(val_y, torch::kLong),
-      r.options,
-      [&](const EpochStats& s) {
-        if (metrics_)
-          metrics_->SetTrainingEpoch(r.model, s.train_loss, s.train_accuracy,
-                                     s.validation_accuracy);
-        Update(id, [&](JobRecord& rec) {
-          rec.epochs.push_back(s);
-          rec.phase = absl::StrCat("epoch ", s.epoch, "/", r.options.epochs);
-        });
-      },
-      [&] { return Cancelled(id); });
+      r.options, OnEpoch(id, r), [&] { return Cancelled(id); });
   if (!trained.ok()) return trained.status();
   VersionInfo v;
   v.job_id = id;

@@ -85,6 +85,8 @@ class JobRunner {
   void Publish(const std::string& id);
   void Update(const std::string& id, const std::function<void(JobRecord&)>& change);
   bool Cancelled(const std::string& id);
+  // Records an epoch in the job and the training metrics.
+  std::function<void(const EpochStats&)> OnEpoch(const std::string& id, const JobRecord& r);
   void UpdateStateMetrics() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   Database* db_;

@@ -304,11 +304,7 @@ void ModelRegistry::EndTraining(const std::string& name) {
   if (auto it = models_.find(name); it != models_.end()) it->second.info.training = false;
 }
 
-absl::StatusOr<ModelInfo> ModelRegistry::Unfreeze(const std::string& name,
-                                                  const std::vector<std::string>& stages) {
-  auto indices = StageIndices(stages);
-  if (!indices.ok()) return indices.status();
-  absl::MutexLock lock(&mu_);
+absl::StatusOr<ModelRegistry::Entry*> ModelRegistry::Idle(const std::string& name) {
   auto it = models_.find(name);
   if (it == models_.end()) {
     return absl::NotFoundError(absl::StrCat("model \"", name, "\" does not exist"));
@@ -317,11 +313,21 @@ absl::StatusOr<ModelInfo> ModelRegistry::Unfreeze(const std::string& name,
     return absl::FailedPreconditionError(
         absl::StrCat("model \"", name, "\" is training; change its stages after the job"));
   }
-  ModelInfo next = it->second.info;
+  return &it->second;
+}
+
+absl::StatusOr<ModelInfo> ModelRegistry::Unfreeze(const std::string& name,
+                                                  const std::vector<std::string>& stages) {
+  auto indices = StageIndices(stages);
+  if (!indices.ok()) return indices.status();
+  absl::MutexLock lock(&mu_);
+  auto entry = Idle(name);
+  if (!entry.ok()) return entry.status();
+  ModelInfo next = (*entry)->info;
   for (const auto& s : stages) next.private_stages[s] = true;
   if (absl::Status s = Persist(next); !s.ok()) return s;
   Describe(next);
-  it->second.info = next;
+  (*entry)->info = next;
   return next;
 }
 
@@ -330,15 +336,9 @@ absl::StatusOr<ModelInfo> ModelRegistry::Freeze(const std::string& name,
   auto indices = StageIndices(stages);
   if (!indices.ok()) return indices.status();
   absl::MutexLock lock(&mu_);
-  auto it = models_.find(name);
-  if (it == models_.end()) {
-    return absl::NotFoundError(absl::StrCat("model \"", name, "\" does not exist"));
-  }
-  if (it->second.info.training) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("model \"", name, "\" is training; change its stages after the job"));
-  }
-  ModelInfo next = it->second.info;
+  auto entry = Idle(name);
+  if (!entry.ok()) return entry.status();
+  ModelInfo next = (*entry)->info;
   for (const auto& s : stages) {
     auto p = next.private_stages.find(s);
     if (p == next.private_stages.end()) continue;  // already the shared stage
@@ -350,7 +350,7 @@ absl::StatusOr<ModelInfo> ModelRegistry::Freeze(const std::string& name,
   }
   if (absl::Status s = Persist(next); !s.ok()) return s;
   Describe(next);
-  it->second.info = next;
+  (*entry)->info = next;
   return next;
 }
 
