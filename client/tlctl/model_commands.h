@@ -14,8 +14,10 @@ namespace tlserve {
 using Command = std::function<int(Client&, const Args&)>;
 
 // create-model, models, describe-model, delete-model, unfreeze, freeze,
-// train, jobs, watch, cancel, classify.
+// classify; and the job commands.
 void AddModelCommands(std::map<std::string, Command>& commands);
+// train, jobs, watch, cancel (job_commands.cc).
+void AddJobCommands(std::map<std::string, Command>& commands);
 
 }  // namespace tlserve
 

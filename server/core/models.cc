@@ -10,56 +10,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/core/datasets.h"
+#include "server/core/model_json.h"
 #include "server/store/data_dir.h"
 
 namespace tlserve {
-namespace {
-
-nlohmann::json ToJson(const ModelInfo& m) {
-  nlohmann::json versions = nlohmann::json::array();
-  for (const auto& v : m.versions) {
-    versions.push_back({{"version", v.version},
-                        {"private_stages", v.private_stages},
-                        {"created_unix", v.created_unix},
-                        {"job_id", v.job_id},
-                        {"train_accuracy", v.train_accuracy},
-                        {"validation_accuracy", v.validation.accuracy},
-                        {"precision", v.validation.precision},
-                        {"recall", v.validation.recall},
-                        {"support", v.validation.support},
-                        {"confusion", v.validation.confusion}});
-  }
-  return {{"name", m.name},          {"classes", m.classes},
-          {"hidden", m.head.hidden}, {"dropout", m.head.dropout},
-          {"versions", versions},    {"served_version", m.served_version}};
-}
-
-ModelInfo FromJson(const nlohmann::json& j) {
-  ModelInfo m;
-  m.name = j.at("name").get<std::string>();
-  m.classes = j.at("classes").get<std::vector<std::string>>();
-  m.head.hidden = j.at("hidden").get<std::vector<int>>();
-  m.head.dropout = j.at("dropout").get<float>();
-  m.served_version = j.at("served_version").get<int>();
-  m.private_stages = j.value("private_stages", std::map<std::string, bool>{});
-  for (const auto& v : j.at("versions")) {
-    VersionInfo vi;
-    vi.version = v.at("version").get<int>();
-    vi.private_stages = v.value("private_stages", std::vector<std::string>{});
-    vi.created_unix = v.at("created_unix").get<int64_t>();
-    vi.job_id = v.at("job_id").get<std::string>();
-    vi.train_accuracy = v.at("train_accuracy").get<double>();
-    vi.validation.accuracy = v.at("validation_accuracy").get<double>();
-    vi.validation.precision = v.at("precision").get<std::vector<double>>();
-    vi.validation.recall = v.at("recall").get<std::vector<double>>();
-    vi.validation.support = v.at("support").get<std::vector<int64_t>>();
-    vi.validation.confusion = v.at("confusion").get<std::vector<int64_t>>();
-    m.versions.push_back(std::move(vi));
-  }
-  return m;
-}
-
-}  // namespace
 
 at::Tensor ServableVersion::Probabilities(const Backbone& backbone, const at::Tensor& batch) const {
   c10::InferenceMode guard;
@@ -91,10 +45,13 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Open(Database* db,
   absl::MutexLock lock(&r->mu_);
   for (const auto& [key, json] : *records) {
     const auto j = nlohmann::json::parse(json, nullptr, false);
-    if (j.is_discarded())
-      return absl::DataLossError(absl::StrCat("model record ", key, " is corrupt"));
     Entry e;
-    e.info = FromJson(j);
+    try {
+      if (j.is_discarded()) throw std::runtime_error("not JSON");
+      e.info = ModelFromJson(j);
+    } catch (const std::exception& ex) {
+      return absl::DataLossError(absl::StrCat("model record ", key, " is corrupt: ", ex.what()));
+    }
     e.info.head_params = ParamCount(MakeHead(e.info.head, embedding_dim, e.info.classes.size()));
     if (e.info.served_version > 0) {
       auto v = r->LoadVersion(e.info, e.info.served_version);
@@ -182,7 +139,7 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::LoadVersio
 }
 
 absl::Status ModelRegistry::Persist(const ModelInfo& info) {
-  return db_->PutRecord("model", info.name, ToJson(info).dump());
+  return db_->PutRecord("model", info.name, ModelToJson(info).dump());
 }
 
 absl::StatusOr<ModelInfo> ModelRegistry::Create(const std::string& name,

@@ -194,14 +194,18 @@ TEST_F(TrainingTest, TrainsAHeadClassifiesAndSurvivesARestart) {
   EXPECT_GE(accuracy, 0.8);
 
   const std::string metrics = testing::HttpGet(server_->metrics_port(), "/metrics");
-  for (const char* series :
-       {"tlserve_training_jobs{state=\"succeeded\"} 1\n", "tlserve_models 1\n",
-        "tlserve_datasets 1\n", "tlserve_dataset_images 120\n",
-        "tlserve_training_epoch_loss{model=\"clothes\"}",
-        "tlserve_training_accuracy{model=\"clothes\",split=\"validation\"} 0.9",
-        "tlserve_images_total{method=\"Classify\"} 61\n"}) {
+  for (const char* series : {"tlserve_training_jobs{state=\"succeeded\"} 1\n", "tlserve_models 1\n",
+                             "tlserve_datasets 1\n", "tlserve_dataset_images 120\n",
+                             "tlserve_training_epoch_loss{model=\"clothes\"}",
+                             "tlserve_images_total{method=\"Classify\"} 61\n"}) {
     EXPECT_NE(metrics.find(series), std::string::npos) << series;
   }
+  // The accuracy gauge holds the last epoch's validation accuracy.
+  const std::string gauge = "tlserve_training_accuracy{model=\"clothes\",split=\"validation\"} ";
+  const auto at = metrics.find(gauge);
+  ASSERT_NE(at, std::string::npos) << metrics;
+  EXPECT_NEAR(std::stod(metrics.substr(at + gauge.size())),
+              last.epochs(last.epochs_size() - 1).validation_accuracy(), 1e-9);
 
   Restart();  // everything acknowledged is on disk
   auto after = Classify("clothes", files);

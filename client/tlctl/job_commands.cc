@@ -1,0 +1,241 @@
+// tlctl's commands for training jobs: train (with --wait), jobs, watch, cancel.
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "client/tlctl/format.h"
+#include "client/tlctl/model_commands.h"
+
+namespace tlserve {
+namespace {
+
+std::string StateName(v1::Job::State s) {
+  std::string n = v1::Job::State_Name(s);
+  for (char& c : n) c = static_cast<char>(std::tolower(c));
+  return n;
+}
+
+nlohmann::json JobJson(const v1::Job& j) {
+  nlohmann::json epochs = nlohmann::json::array();
+  for (const auto& e : j.epochs()) {
+    epochs.push_back({{"epoch", e.epoch()},
+                      {"train_loss", e.train_loss()},
+                      {"train_accuracy", e.train_accuracy()},
+                      {"validation_loss", e.validation_loss()},
+                      {"validation_accuracy", e.validation_accuracy()},
+                      {"images_per_second", e.images_per_second()},
+                      {"elapsed_seconds", e.elapsed_seconds()}});
+  }
+  nlohmann::json out = {{"id", j.id()},           {"model", j.model()},
+                        {"dataset", j.dataset()}, {"state", StateName(j.state())},
+                        {"phase", j.phase()},     {"error", j.error()},
+                        {"version", j.version()}, {"epochs", epochs}};
+  out["validation_accuracy"] = j.epochs_size()
+                                   ? nlohmann::json(j.epochs().rbegin()->validation_accuracy())
+                                   : nlohmann::json(nullptr);
+  return out;
+}
+
+// Ctrl-C while waiting on a job: cancels the watch; the caller then asks.
+class InterruptWatch {
+ public:
+  explicit InterruptWatch(grpc::ClientContext* ctx) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    thread_ = std::thread([this, ctx, set] {
+      int sig = 0;
+      sigwait(&set, &sig);
+      if (done_) return;
+      interrupted_ = true;
+      ctx->TryCancel();
+    });
+  }
+  ~InterruptWatch() {
+    done_ = true;
+    pthread_kill(thread_.native_handle(), SIGINT);
+    thread_.join();
+  }
+  bool interrupted() const { return interrupted_; }
+
+ private:
+  std::atomic<bool> done_{false}, interrupted_{false};
+  std::thread thread_;
+};
+
+// Follows a job with a progress bar; on Ctrl-C asks whether to cancel it.
+int Follow(Client& c, const std::string& id, bool json) {
+  grpc::ClientContext ctx;
+  v1::Job last;
+  const bool tty = isatty(STDERR_FILENO);
+  absl::Status s;
+  bool interrupted = false;
+  {
+    InterruptWatch watch(&ctx);
+    s = c.WatchJob(id, &ctx, [&](const v1::Job& j) {
+      last = j;
+      if (!tty) return;
+      const int total = j.options().epochs() > 0 ? j.options().epochs() : 1;
+      const int done = j.epochs_size();
+      const int width = 30, filled = std::min(width, width * done / total);
+      std::string line =
+          absl::StrFormat("\r%s [%s%s] %d/%d epochs", StateName(j.state()),
+                          std::string(filled, '#'), std::string(width - filled, '.'), done, total);
+      if (done > 0) {
+        const auto& e = *j.epochs().rbegin();
+        absl::StrAppendFormat(&line, "  loss %.4f  train %.3f  val %.3f  %.0f img/s  ETA %.0fs",
+                              e.train_loss(), e.train_accuracy(), e.validation_accuracy(),
+                              e.images_per_second(), e.eta_seconds());
+      } else {
+        absl::StrAppend(&line, "  ", j.phase());
+      }
+      std::fprintf(stderr, "%s\033[K", line.c_str());
+      std::fflush(stderr);
+    });
+    interrupted = watch.interrupted();
+  }
+  if (tty) std::fprintf(stderr, "\n");
+  if (interrupted) {
+    std::string answer = "d";
+    if (isatty(STDIN_FILENO)) {
+      std::cerr << "job " << id << " is still running: [c]ancel it or [d]etach? ";
+      std::getline(std::cin, answer);
+    }
+    if (!answer.empty() && (answer[0] == 'c' || answer[0] == 'C')) {
+      v1::CancelJobRequest req;
+      req.set_id(id);
+      auto j = c.Call(&v1::Models::Stub::CancelJob, req);
+      if (!j.ok()) return Fail(j.status());
+      std::cerr << "cancelled job " << id << "\n";
+    } else {
+      std::cerr << "detached; follow it with: tlctl watch " << id << "\n";
+    }
+    return 130;
+  }
+  if (!s.ok()) return Fail(s);
+  if (json) {
+    std::cout << JobJson(last).dump() << "\n";
+  } else {
+    std::cout << "job " << last.id() << ": " << StateName(last.state());
+    if (last.state() == v1::Job::SUCCEEDED) {
+      std::cout << ", version " << last.version();
+      if (last.epochs_size()) {
+        std::cout << absl::StrFormat(", validation accuracy %.4f",
+                                     last.epochs().rbegin()->validation_accuracy());
+      }
+    }
+    if (!last.error().empty()) std::cout << ": " << last.error();
+    std::cout << "\n";
+  }
+  return last.state() == v1::Job::SUCCEEDED ? 0 : 1;
+}
+
+int Train(Client& c, const Args& a) {
+  if (a.positional.size() != 1 || !a.Has("dataset")) {
+    return Fail(absl::InvalidArgumentError(
+        "usage: tlctl train MODEL --dataset D [--epochs N --head-lr X --lr X --optimizer "
+        "lbfgs|adamw|sgd "
+        "--batch-size N --weight-decay X --label-smoothing X --balanced --patience N --augment "
+        "--freeze-batchnorm --seed N] [--wait]"));
+  }
+  v1::StartTrainingRequest req;
+  req.set_model(a.positional[0]);
+  req.set_dataset(a.Get("dataset"));
+  v1::TrainingOptions* o = req.mutable_options();
+  for (const auto& [flag, setter] :
+       std::vector<std::pair<std::string, std::function<void(double)>>>{
+           {"epochs", [o](double v) { o->set_epochs(static_cast<int>(v)); }},
+           {"batch-size", [o](double v) { o->set_batch_size(static_cast<int>(v)); }},
+           {"head-lr", [o](double v) { o->set_learning_rate(static_cast<float>(v)); }},
+           {"lr", [o](double v) { o->set_stage_learning_rate(static_cast<float>(v)); }},
+           {"weight-decay", [o](double v) { o->set_weight_decay(static_cast<float>(v)); }},
+           {"label-smoothing", [o](double v) { o->set_label_smoothing(static_cast<float>(v)); }},
+           {"patience", [o](double v) { o->set_early_stopping_patience(static_cast<int>(v)); }},
+           {"validation-fraction",
+            [o](double v) { o->set_validation_fraction(static_cast<float>(v)); }},
+           {"seed", [o](double v) { o->set_seed(static_cast<uint64_t>(v)); }}}) {
+    if (!a.Has(flag)) continue;
+    auto v = a.Number(flag, 0);
+    if (!v.ok()) return Fail(v.status());
+    setter(*v);
+  }
+  const std::string opt = a.Get("optimizer");
+  if (opt == "lbfgs") {
+    o->set_optimizer(v1::TrainingOptions::LBFGS);
+  } else if (opt == "adamw") {
+    o->set_optimizer(v1::TrainingOptions::ADAMW);
+  } else if (opt == "sgd") {
+    o->set_optimizer(v1::TrainingOptions::SGD);
+  } else if (!opt.empty()) {
+    return Fail(absl::InvalidArgumentError("--optimizer is lbfgs, adamw or sgd"));
+  }
+  o->set_balanced_class_weights(a.Has("balanced"));
+  o->set_augment(a.Has("augment"));
+  o->set_freeze_batchnorm(a.Has("freeze-batchnorm"));
+  auto job = c.Call(&v1::Models::Stub::StartTraining, req);
+  if (!job.ok()) return Fail(job.status());
+  if (a.Has("wait")) return Follow(c, job->id(), a.Has("json"));
+  if (a.Has("json")) {
+    std::cout << JobJson(*job).dump() << "\n";
+  } else {
+    std::cout << "started job " << job->id() << "; follow it with: tlctl watch " << job->id()
+              << "\n";
+  }
+  return 0;
+}
+
+int Jobs(Client& c, const Args& a) {
+  v1::ListJobsRequest req;
+  req.set_model(a.Get("model"));
+  auto list = c.Call(&v1::Models::Stub::ListJobs, req);
+  if (!list.ok()) return Fail(list.status());
+  if (a.Has("json")) {
+    nlohmann::json all = nlohmann::json::array();
+    for (const auto& j : list->jobs()) all.push_back(JobJson(j));
+    std::cout << nlohmann::json{{"jobs", all}}.dump() << "\n";
+    return 0;
+  }
+  for (const auto& j : list->jobs()) {
+    std::cout << j.id() << "\t" << j.model() << "\t" << j.dataset() << "\t" << StateName(j.state())
+              << "\t" << j.phase() << (j.error().empty() ? "" : "\t" + j.error()) << "\n";
+  }
+  return 0;
+}
+
+int Watch(Client& c, const Args& a) {
+  if (a.positional.size() != 1) return Fail(absl::InvalidArgumentError("usage: tlctl watch JOB"));
+  return Follow(c, a.positional[0], a.Has("json"));
+}
+
+int Cancel(Client& c, const Args& a) {
+  if (a.positional.size() != 1) return Fail(absl::InvalidArgumentError("usage: tlctl cancel JOB"));
+  v1::CancelJobRequest req;
+  req.set_id(a.positional[0]);
+  auto j = c.Call(&v1::Models::Stub::CancelJob, req);
+  if (!j.ok()) return Fail(j.status());
+  if (a.Has("json")) {
+    std::cout << JobJson(*j).dump() << "\n";
+  } else {
+    std::cout << "job " << j->id() << ": " << StateName(j->state()) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
+void AddJobCommands(std::map<std::string, Command>& commands) {
+  commands["train"] = Train;
+  commands["jobs"] = Jobs;
+  commands["watch"] = Watch;
+  commands["cancel"] = Cancel;
+}
+
+}  // namespace tlserve

@@ -1,0 +1,49 @@
+#include "server/core/model_json.h"
+
+namespace tlserve {
+
+nlohmann::json ModelToJson(const ModelInfo& m) {
+  nlohmann::json versions = nlohmann::json::array();
+  for (const auto& v : m.versions) {
+    versions.push_back({{"version", v.version},
+                        {"private_stages", v.private_stages},
+                        {"created_unix", v.created_unix},
+                        {"job_id", v.job_id},
+                        {"train_accuracy", v.train_accuracy},
+                        {"validation_accuracy", v.validation.accuracy},
+                        {"precision", v.validation.precision},
+                        {"recall", v.validation.recall},
+                        {"support", v.validation.support},
+                        {"confusion", v.validation.confusion}});
+  }
+  return {{"name", m.name},          {"classes", m.classes},
+          {"hidden", m.head.hidden}, {"dropout", m.head.dropout},
+          {"versions", versions},    {"served_version", m.served_version}};
+}
+
+ModelInfo ModelFromJson(const nlohmann::json& j) {
+  ModelInfo m;
+  m.name = j.at("name").get<std::string>();
+  m.classes = j.at("classes").get<std::vector<std::string>>();
+  m.head.hidden = j.at("hidden").get<std::vector<int>>();
+  m.head.dropout = j.at("dropout").get<float>();
+  m.served_version = j.at("served_version").get<int>();
+  m.private_stages = j.value("private_stages", std::map<std::string, bool>{});
+  for (const auto& v : j.at("versions")) {
+    VersionInfo vi;
+    vi.version = v.at("version").get<int>();
+    vi.private_stages = v.value("private_stages", std::vector<std::string>{});
+    vi.created_unix = v.at("created_unix").get<int64_t>();
+    vi.job_id = v.at("job_id").get<std::string>();
+    vi.train_accuracy = v.at("train_accuracy").get<double>();
+    vi.validation.accuracy = v.at("validation_accuracy").get<double>();
+    vi.validation.precision = v.at("precision").get<std::vector<double>>();
+    vi.validation.recall = v.at("recall").get<std::vector<double>>();
+    vi.validation.support = v.at("support").get<std::vector<int64_t>>();
+    vi.validation.confusion = v.at("confusion").get<std::vector<int64_t>>();
+    m.versions.push_back(std::move(vi));
+  }
+  return m;
+}
+
+}  // namespace tlserve
