@@ -64,21 +64,26 @@ absl::StatusOr<v1::EmbedResponse> Client::Embed(const v1::EmbedRequest& request,
   return resp;
 }
 
-absl::Status Client::StreamEmbed(const v1::EmbedOptions& options, size_t count, int per_message,
-                                 const std::function<absl::StatusOr<v1::Image>(size_t)>& image,
-                                 const std::function<void(const v1::EmbedResult&)>& result) {
-  grpc::ClientContext ctx;
-  auto stream = inference_->StreamEmbed(&ctx);
-  // Reading on its own thread lets the server's window of messages fill.
+namespace {
+
+// Writes `count` images, `per_message` to a message, the first message
+// starting from `first` (its options); a reader thread hands each response's
+// results to `result` while the writer goes on.
+template <typename Request, typename Response, typename Result>
+absl::Status StreamImages(grpc::ClientContext& ctx,
+                          grpc::ClientReaderWriter<Request, Response>& stream, Request first,
+                          size_t count, int per_message,
+                          const std::function<absl::StatusOr<v1::Image>(size_t)>& image,
+                          const std::function<void(const Result&)>& result) {
   std::thread reader([&] {
-    v1::StreamEmbedResponse resp;
-    while (stream->Read(&resp)) {
+    Response resp;
+    while (stream.Read(&resp)) {
       for (const auto& r : resp.results()) result(r);
     }
   });
   absl::Status load_error;
-  v1::StreamEmbedRequest req;
-  *req.mutable_options() = options;
+  Request req = std::move(first);
+  bool wrote = false;
   for (size_t i = 0; i < count; ++i) {
     auto img = image(i);
     if (!img.ok()) {
@@ -88,14 +93,41 @@ absl::Status Client::StreamEmbed(const v1::EmbedOptions& options, size_t count, 
     }
     *req.add_images() = std::move(*img);
     if (req.images_size() >= per_message || i + 1 == count) {
-      if (!stream->Write(req)) break;
+      if (!stream.Write(req)) break;
+      wrote = true;
       req.Clear();
     }
   }
-  stream->WritesDone();
+  if (!wrote && load_error.ok()) stream.Write(req);  // no images: still send the options
+  stream.WritesDone();
   reader.join();
-  absl::Status final = FromGrpc(stream->Finish());
+  absl::Status final = FromGrpc(stream.Finish());
   return load_error.ok() ? final : load_error;
+}
+
+}  // namespace
+
+absl::Status Client::StreamEmbed(const v1::EmbedOptions& options, size_t count, int per_message,
+                                 const std::function<absl::StatusOr<v1::Image>(size_t)>& image,
+                                 const std::function<void(const v1::EmbedResult&)>& result) {
+  grpc::ClientContext ctx;
+  auto stream = inference_->StreamEmbed(&ctx);
+  v1::StreamEmbedRequest first;
+  *first.mutable_options() = options;
+  return StreamImages(ctx, *stream, std::move(first), count, per_message, image, result);
+}
+
+absl::Status Client::StreamClassify(const std::string& model, int version, int top_k, size_t count,
+                                    int per_message,
+                                    const std::function<absl::StatusOr<v1::Image>(size_t)>& image,
+                                    const std::function<void(const v1::ClassifyResult&)>& result) {
+  grpc::ClientContext ctx;
+  auto stream = models_->StreamClassify(&ctx);
+  v1::StreamClassifyRequest first;
+  first.set_model(model);
+  first.set_version(version);
+  first.set_top_k(top_k);
+  return StreamImages(ctx, *stream, std::move(first), count, per_message, image, result);
 }
 
 absl::StatusOr<v1::UploadDatasetResponse> Client::UploadDataset(

@@ -49,6 +49,13 @@ class Client {
                            const std::function<absl::StatusOr<v1::Image>(size_t)>& image,
                            const std::function<void(const v1::EmbedResult&)>& result);
 
+  // As StreamEmbed, classifying with `model` (its served version when
+  // `version` is 0; `top_k` 0 means 5).
+  absl::Status StreamClassify(const std::string& model, int version, int top_k, size_t count,
+                              int per_message,
+                              const std::function<absl::StatusOr<v1::Image>(size_t)>& image,
+                              const std::function<void(const v1::ClassifyResult&)>& result);
+
   // Uploads `count` examples, `per_message` to a message; `example(i)` makes
   // the i-th (an error there cancels the upload, nothing is stored, and it is
   // returned); `sent(n)` is called after each message.

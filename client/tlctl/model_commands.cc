@@ -173,69 +173,40 @@ int Classify(Client& c, const Args& a) {
   if (!version.ok()) return Fail(version.status());
   nlohmann::json predictions = nlohmann::json::array();
   int failed = 0;
+  size_t seen = 0;
   ProgressBar bar("classifying", files->size());
-  // Requests of up to 32 images; a request that fails on an image is
-  // retried image by image, so that one bad file does not hide the others.
-  auto run = [&](const std::vector<size_t>& which) -> absl::StatusOr<v1::ClassifyResponse> {
-    v1::ClassifyRequest req;
-    req.set_model(a.positional[0]);
-    req.set_top_k(static_cast<int>(*top_k));
-    req.set_version(static_cast<int>(*version));
-    for (size_t i : which) {
-      v1::Image* img = req.add_images();
-      img->set_name((*files)[i]);
-      img->set_encoded(*ReadFileBytes((*files)[i]));
-    }
-    return c.Call(&v1::Models::Stub::Classify, req);
-  };
-  auto record = [&](size_t i, const v1::Classification& r) {
-    nlohmann::json top = nlohmann::json::array();
-    for (const auto& p : r.top())
-      top.push_back({{"label", p.label()}, {"probability", p.probability()}});
-    predictions.push_back({{"name", (*files)[i]}, {"top", top}});
-    if (!a.Has("json")) {
-      std::cout << (*files)[i] << ":";
-      for (const auto& p : r.top())
-        std::cout << absl::StrFormat(" %s %.4f", p.label(), p.probability());
-      std::cout << "\n";
-    }
-  };
-  auto image_error = [](const absl::Status& s) {
-    return s.code() == absl::StatusCode::kInvalidArgument &&
-           s.message().find("images[") != absl::string_view::npos;
-  };
-  for (size_t b = 0; b < files->size(); b += 32) {
-    std::vector<size_t> which;
-    for (size_t i = b; i < std::min(files->size(), b + 32); ++i) {
-      if (auto bytes = ReadFileBytes((*files)[i]); !bytes.ok()) {
-        ++failed;
-        std::cerr << "tlctl: " << bytes.status().message() << "\n";
-      } else {
-        which.push_back(i);
-      }
-    }
-    if (which.empty()) continue;
-    auto r = run(which);
-    if (r.ok()) {
-      for (size_t k = 0; k < which.size(); ++k) record(which[k], r->results(static_cast<int>(k)));
-    } else if (image_error(r.status())) {
-      for (size_t i : which) {
-        auto one = run({i});
-        if (one.ok()) {
-          record(i, one->results(0));
-        } else if (image_error(one.status())) {
+  absl::Status s = c.StreamClassify(
+      a.positional[0], static_cast<int>(*version), static_cast<int>(*top_k), files->size(), 16,
+      [&](size_t i) -> absl::StatusOr<v1::Image> {
+        auto bytes = ReadFileBytes((*files)[i]);
+        if (!bytes.ok()) return bytes.status();
+        v1::Image img;
+        img.set_name((*files)[i]);
+        img.set_encoded(std::move(*bytes));
+        return img;
+      },
+      [&](const v1::ClassifyResult& r) {
+        bar.Update(++seen);
+        if (r.has_error()) {
           ++failed;
-          std::cerr << "tlctl: " << one.status().message() << "\n";
-        } else {
-          return Fail(one.status());
+          std::cerr << "tlctl: " << r.error().message() << "\n";
+          return;
         }
-      }
-    } else {
-      return Fail(r.status());
-    }
-    bar.Update(which.back() + 1);
-  }
+        nlohmann::json top = nlohmann::json::array();
+        for (const auto& p : r.classification().top()) {
+          top.push_back({{"label", p.label()}, {"probability", p.probability()}});
+        }
+        predictions.push_back({{"name", r.name()}, {"top", top}});
+        if (!a.Has("json")) {
+          std::cout << r.name() << ":";
+          for (const auto& p : r.classification().top()) {
+            std::cout << absl::StrFormat(" %s %.4f", p.label(), p.probability());
+          }
+          std::cout << "\n";
+        }
+      });
   bar.Finish();
+  if (!s.ok()) return Fail(s);
   if (a.Has("json")) std::cout << nlohmann::json{{"predictions", predictions}}.dump() << "\n";
   return failed > 0 ? 1 : 0;
 }

@@ -1,12 +1,12 @@
 #include "server/api/model_service.h"
 
 #include <algorithm>
-#include <numeric>
 
 #include "absl/strings/str_cat.h"
 #include "server/api/convert.h"
 #include "server/api/rpc_timer.h"
 #include "server/api/status_util.h"
+#include "server/api/stream_classify_reactor.h"
 
 namespace tlserve {
 namespace {
@@ -354,16 +354,7 @@ grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
       [call, resp, reactor, t, v, k](size_t i, absl::StatusOr<at::Tensor> p) {
         absl::MutexLock lock(&call->mu);
         if (p.ok()) {
-          const float* prob = p->data_ptr<float>();
-          std::vector<int> order(v->classes.size());
-          std::iota(order.begin(), order.end(), 0);
-          std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                            [prob](int a, int b) { return prob[a] > prob[b]; });
-          for (int j = 0; j < k; ++j) {
-            v1::Prediction* pred = resp->mutable_results(static_cast<int>(i))->add_top();
-            pred->set_label(v->classes[order[j]]);
-            pred->set_probability(prob[order[j]]);
-          }
+          TopK(*v, *p, k, resp->mutable_results(static_cast<int>(i)));
         } else if (i < call->first_error) {
           call->first_error = i;
           call->error = p.status();
@@ -373,6 +364,11 @@ grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
         reactor->Finish(ToGrpcStatus(call->error));
       });
   return reactor;
+}
+
+grpc::ServerBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse>*
+ModelService::StreamClassify(grpc::CallbackServerContext* c) {
+  return new StreamClassifyReactor(c, models_, embedder_, metrics_, limits_.max_images_per_request);
 }
 
 }  // namespace tlserve

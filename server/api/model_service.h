@@ -55,6 +55,8 @@ class ModelService final : public v1::Models::CallbackService {
                                       const v1::CancelJobRequest* req, v1::Job* resp) override;
   grpc::ServerUnaryReactor* Classify(grpc::CallbackServerContext* c, const v1::ClassifyRequest* req,
                                      v1::ClassifyResponse* resp) override;
+  grpc::ServerBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse>* StreamClassify(
+      grpc::CallbackServerContext* c) override;
 
  private:
   ModelRegistry* models_;

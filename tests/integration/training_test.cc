@@ -193,11 +193,39 @@ TEST_F(TrainingTest, TrainsAHeadClassifiesAndSurvivesARestart) {
   std::printf("measured: test accuracy %.3f on %zu held-out images\n", accuracy, test.size());
   EXPECT_GE(accuracy, 0.8);
 
+  // The streaming form: the same answers, and a bad image fails only itself.
+  std::vector<std::string> streamed = {files[0], Fixture("bad_crc.png"), files[1]};
+  std::vector<v1::ClassifyResult> results;
+  absl::Status st = client_->StreamClassify(
+      "clothes", 0, 2, streamed.size(), 2,
+      [&](size_t i) -> absl::StatusOr<v1::Image> {
+        v1::Image img;
+        img.set_name(streamed[i]);
+        img.set_encoded(ReadBytes(streamed[i]));
+        return img;
+      },
+      [&](const v1::ClassifyResult& r) { results.push_back(r); });
+  ASSERT_TRUE(st.ok()) << st;
+  ASSERT_EQ(results.size(), 3u);
+  EXPECT_TRUE(results[1].has_error());
+  EXPECT_NE(results[1].error().message().find("images[1]"), std::string::npos);
+  EXPECT_EQ(results[0].classification().top(0).label(), before->results(0).top(0).label());
+  EXPECT_FLOAT_EQ(results[2].classification().top(0).probability(),
+                  before->results(1).top(0).probability());
+  EXPECT_EQ(
+      client_
+          ->StreamClassify(
+              "nope", 0, 1, 1, 1, [&](size_t) -> absl::StatusOr<v1::Image> { return v1::Image(); },
+              [](const v1::ClassifyResult&) {})
+          .code(),
+      absl::StatusCode::kNotFound);
+
   const std::string metrics = testing::HttpGet(server_->metrics_port(), "/metrics");
   for (const char* series : {"tlserve_training_jobs{state=\"succeeded\"} 1\n", "tlserve_models 1\n",
                              "tlserve_datasets 1\n", "tlserve_dataset_images 120\n",
                              "tlserve_training_epoch_loss{model=\"clothes\"}",
-                             "tlserve_images_total{method=\"Classify\"} 61\n"}) {
+                             "tlserve_images_total{method=\"Classify\"} 61\n",
+                             "tlserve_images_total{method=\"StreamClassify\"} 3\n"}) {
     EXPECT_NE(metrics.find(series), std::string::npos) << series;
   }
   // The accuracy gauge holds the last epoch's validation accuracy.
