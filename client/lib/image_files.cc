@@ -42,4 +42,13 @@ absl::StatusOr<std::string> ReadFileBytes(const std::string& path) {
   return out.str();
 }
 
+absl::StatusOr<v1::Image> ReadImage(const std::string& path) {
+  auto bytes = ReadFileBytes(path);
+  if (!bytes.ok()) return bytes.status();
+  v1::Image img;
+  img.set_name(path);
+  img.set_encoded(std::move(*bytes));
+  return img;
+}
+
 }  // namespace tlserve

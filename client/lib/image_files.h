@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "tlserve/v1/inference.pb.h"
 
 namespace tlserve {
 
@@ -14,6 +15,9 @@ namespace tlserve {
 absl::StatusOr<std::vector<std::string>> ListImageFiles(const std::vector<std::string>& paths);
 
 absl::StatusOr<std::string> ReadFileBytes(const std::string& path);
+
+// The file as an encoded image named by its path.
+absl::StatusOr<v1::Image> ReadImage(const std::string& path);
 
 }  // namespace tlserve
 

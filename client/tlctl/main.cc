@@ -130,15 +130,7 @@ int Embed(Client& c, const Args& a) {
   int failed = 0;
   ProgressBar bar("embedding", files->size());
   absl::Status s = c.StreamEmbed(
-      options, files->size(), 16,
-      [&](size_t i) -> absl::StatusOr<v1::Image> {
-        auto bytes = ReadFileBytes((*files)[i]);
-        if (!bytes.ok()) return bytes.status();
-        v1::Image img;
-        img.set_name((*files)[i]);
-        img.set_encoded(std::move(*bytes));
-        return img;
-      },
+      options, files->size(), 16, [&](size_t i) { return ReadImage((*files)[i]); },
       [&](const v1::EmbedResult& r) {
         if (r.has_error()) {
           ++failed;

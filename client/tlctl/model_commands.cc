@@ -177,14 +177,7 @@ int Classify(Client& c, const Args& a) {
   ProgressBar bar("classifying", files->size());
   absl::Status s = c.StreamClassify(
       a.positional[0], static_cast<int>(*version), static_cast<int>(*top_k), files->size(), 16,
-      [&](size_t i) -> absl::StatusOr<v1::Image> {
-        auto bytes = ReadFileBytes((*files)[i]);
-        if (!bytes.ok()) return bytes.status();
-        v1::Image img;
-        img.set_name((*files)[i]);
-        img.set_encoded(std::move(*bytes));
-        return img;
-      },
+      [&](size_t i) { return ReadImage((*files)[i]); },
       [&](const v1::ClassifyResult& r) {
         bar.Update(++seen);
         if (r.has_error()) {

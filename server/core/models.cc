@@ -368,17 +368,6 @@ absl::StatusOr<int> ModelRegistry::AddVersion(
     }
     info.private_stages.push_back(stage);
   }
-  info.private_stages.clear();
-  for (const auto& [index, module] : stages) {
-    const std::string& stage = backbone_->stage_names()[index];
-    std::ostringstream bytes;
-    module->save(bytes);
-    if (absl::Status s = WriteFileAtomically(WeightsPath(name, info.version, stage), bytes.str());
-        !s.ok()) {
-      return s;
-    }
-    info.private_stages.push_back(stage);
-  }
   next.versions.push_back(info);
   next.served_version = info.version;
   if (absl::Status s = Persist(next); !s.ok()) return s;
