@@ -14,6 +14,13 @@
 #include "server/store/data_dir.h"
 
 namespace tlserve {
+namespace {
+
+absl::Status NoSuchModel(const std::string& name) {
+  return absl::NotFoundError(absl::StrCat("model \"", name, "\" does not exist"));
+}
+
+}  // namespace
 
 at::Tensor ServableVersion::Probabilities(const Backbone& backbone, const at::Tensor& batch) const {
   c10::InferenceMode guard;
@@ -178,7 +185,7 @@ absl::StatusOr<ModelInfo> ModelRegistry::Get(const std::string& name) const {
   absl::MutexLock lock(&mu_);
   auto it = models_.find(name);
   if (it == models_.end()) {
-    return absl::NotFoundError(absl::StrCat("model \"", name, "\" does not exist"));
+    return NoSuchModel(name);
   }
   return it->second.info;
 }
@@ -197,22 +204,16 @@ int ModelRegistry::size() const {
 
 absl::Status ModelRegistry::Delete(const std::string& name) {
   absl::MutexLock lock(&mu_);
-  auto it = models_.find(name);
-  if (it == models_.end()) {
-    return absl::NotFoundError(absl::StrCat("model \"", name, "\" does not exist"));
-  }
-  if (it->second.info.training) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("model \"", name, "\" is training; cancel its job first"));
-  }
+  auto entry = Idle(name, "cancel its job first");
+  if (!entry.ok()) return entry.status();
   if (absl::Status s = db_->DeleteRecords("model", name); !s.ok()) return s;
-  for (const auto& v : it->second.info.versions) {
+  for (const auto& v : (*entry)->info.versions) {
     std::remove(WeightsPath(name, v.version).c_str());
     for (const auto& stage : v.private_stages) {
       std::remove(WeightsPath(name, v.version, stage).c_str());
     }
   }
-  models_.erase(it);
+  models_.erase(name);
   return absl::OkStatus();
 }
 
@@ -223,7 +224,7 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::Servable(
     absl::MutexLock lock(&mu_);
     auto it = models_.find(name);
     if (it == models_.end()) {
-      return absl::NotFoundError(absl::StrCat("model \"", name, "\" does not exist"));
+      return NoSuchModel(name);
     }
     const int want = version > 0 ? version : it->second.info.served_version;
     if (want == 0) {
@@ -246,7 +247,7 @@ absl::Status ModelRegistry::BeginTraining(const std::string& name) {
   absl::MutexLock lock(&mu_);
   auto it = models_.find(name);
   if (it == models_.end()) {
-    return absl::NotFoundError(absl::StrCat("model \"", name, "\" does not exist"));
+    return NoSuchModel(name);
   }
   if (it->second.info.training) {
     return absl::FailedPreconditionError(
@@ -261,14 +262,13 @@ void ModelRegistry::EndTraining(const std::string& name) {
   if (auto it = models_.find(name); it != models_.end()) it->second.info.training = false;
 }
 
-absl::StatusOr<ModelRegistry::Entry*> ModelRegistry::Idle(const std::string& name) {
+absl::StatusOr<ModelRegistry::Entry*> ModelRegistry::Idle(const std::string& name,
+                                                          absl::string_view advice) {
   auto it = models_.find(name);
-  if (it == models_.end()) {
-    return absl::NotFoundError(absl::StrCat("model \"", name, "\" does not exist"));
-  }
+  if (it == models_.end()) return NoSuchModel(name);
   if (it->second.info.training) {
     return absl::FailedPreconditionError(
-        absl::StrCat("model \"", name, "\" is training; change its stages after the job"));
+        absl::StrCat("model \"", name, "\" is training; ", advice));
   }
   return &it->second;
 }
@@ -278,7 +278,7 @@ absl::StatusOr<ModelInfo> ModelRegistry::Unfreeze(const std::string& name,
   auto indices = StageIndices(stages);
   if (!indices.ok()) return indices.status();
   absl::MutexLock lock(&mu_);
-  auto entry = Idle(name);
+  auto entry = Idle(name, "change its stages after the job");
   if (!entry.ok()) return entry.status();
   ModelInfo next = (*entry)->info;
   for (const auto& s : stages) next.private_stages[s] = true;
@@ -293,7 +293,7 @@ absl::StatusOr<ModelInfo> ModelRegistry::Freeze(const std::string& name,
   auto indices = StageIndices(stages);
   if (!indices.ok()) return indices.status();
   absl::MutexLock lock(&mu_);
-  auto entry = Idle(name);
+  auto entry = Idle(name, "change its stages after the job");
   if (!entry.ok()) return entry.status();
   ModelInfo next = (*entry)->info;
   for (const auto& s : stages) {
@@ -318,7 +318,7 @@ absl::StatusOr<ModelRegistry::StartingPoint> ModelRegistry::Start(const std::str
     absl::MutexLock lock(&mu_);
     auto it = models_.find(name);
     if (it == models_.end()) {
-      return absl::NotFoundError(absl::StrCat("model \"", name, "\" does not exist"));
+      return NoSuchModel(name);
     }
     info = it->second.info;
     if (auto v = it->second.loaded.find(info.served_version); v != it->second.loaded.end()) {

@@ -130,7 +130,8 @@ class ModelRegistry {
   void Describe(ModelInfo& info) const;
   absl::Status Persist(const ModelInfo& info) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The model, when it exists (NOT_FOUND) and is not training (FAILED_PRECONDITION).
-  absl::StatusOr<Entry*> Idle(const std::string& name) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Entry*> Idle(const std::string& name, absl::string_view advice)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<std::shared_ptr<const ServableVersion>> LoadVersion(const ModelInfo& info,
                                                                      int version) const;
   std::string WeightsPath(const std::string& model, int version,
