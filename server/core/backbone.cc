@@ -286,6 +286,20 @@ absl::StatusOr<BackboneSummary> Backbone::Describe(std::vector<int64_t> input_ch
     return absl::InvalidArgumentError(
         "input_shape must be 3xHxW with 1 <= H, W and H*W <= 4096*4096");
   }
+  {
+    absl::MutexLock lock(&cache_mu_);
+    if (auto it = summaries_.find(input_chw); it != summaries_.end()) return it->second;
+  }
+  auto summary = Summarize(input_chw);
+  if (summary.ok()) {
+    absl::MutexLock lock(&cache_mu_);
+    if (summaries_.size() >= 16) summaries_.clear();  // bounded: a few sizes are asked for
+    summaries_[input_chw] = *summary;
+  }
+  return summary;
+}
+
+absl::StatusOr<BackboneSummary> Backbone::Summarize(const std::vector<int64_t>& input_chw) const {
   BackboneSummary summary;
   summary.input_shape = input_chw;
   const Impl& m = *impl_;

@@ -12,11 +12,14 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "server/core/preprocess.h"
 
 namespace torch::jit {
@@ -82,7 +85,8 @@ class Backbone {
   // head or an unknown name, listing the valid ones.
   absl::StatusOr<int> EmbeddableStage(const std::string& name) const;
 
-  // Output shapes for one input of `input_chw` (empty: 3×crop×crop).
+  // Output shapes for one input of `input_chw` (empty: 3×crop×crop). Runs a
+  // forward once per input size; later calls are answered from a small cache.
   absl::StatusOr<BackboneSummary> Describe(std::vector<int64_t> input_chw) const;
 
   // float32 N×3×H×W on the CPU -> float32 N×D on the CPU.
@@ -106,6 +110,7 @@ class Backbone {
   struct Impl;
   explicit Backbone(std::unique_ptr<Impl> impl);
   at::Tensor RunStages(at::Tensor x, int last_stage) const;
+  absl::StatusOr<BackboneSummary> Summarize(const std::vector<int64_t>& input_chw) const;
 
   std::unique_ptr<Impl> impl_;
   std::string name_, file_name_, sha256_, device_, dtype_;
@@ -113,6 +118,8 @@ class Backbone {
   PreprocessSpec preprocess_;
   int64_t embedding_dim_ = 0;
   std::vector<std::string> stage_names_;
+  mutable absl::Mutex cache_mu_;
+  mutable std::map<std::vector<int64_t>, BackboneSummary> summaries_ ABSL_GUARDED_BY(cache_mu_);
 };
 
 }  // namespace tlserve
