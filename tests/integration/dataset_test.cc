@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "client/lib/client.h"
 #include "server/api/server.h"
+#include "tests/integration/loopback_options.h"
 #include "tests/test_util.h"
 
 namespace tlserve {
@@ -14,15 +15,7 @@ using ::tlserve::testing::Fixture;
 using ::tlserve::testing::ReadBytes;
 
 ServerOptions Options(const std::string& data_dir) {
-  ServerOptions o;
-  o.backbone.path = Fixture("r18small.pt");
-  o.backbone.device = "cpu";
-  o.backbone.threads = 2;
-  o.embedder.preprocess_threads = 2;
-  o.data_dir = data_dir;
-  o.grpc_address = "127.0.0.1:0";
-  o.metrics_address = "";
-  return o;
+  return testing::LoopbackOptions("r18small.pt", data_dir);
 }
 
 struct Live {
@@ -138,6 +131,14 @@ TEST(DatasetServiceTest, ACancelledUploadStoresNothing) {
   EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound);
   absl::SleepFor(absl::Milliseconds(200));
   EXPECT_EQ(l.client->GetDataset("half").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(ServerStartTest, ReportsABusyDataDirectory) {
+  ServerOptions o = Options(TempDir());
+  auto first = Server::Start(o);
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = Server::Start(o);
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include "absl/strings/str_split.h"
 #include "client/lib/client.h"
 #include "tests/integration/http_get.h"
+#include "tests/integration/loopback_options.h"
 #include "tests/test_util.h"
 
 namespace tlserve {
@@ -37,18 +38,11 @@ std::string TempDir() {
 }
 
 ServerOptions TestOptions(const std::string& backbone) {
-  ServerOptions o;
-  o.backbone.path = Fixture(backbone);
-  o.backbone.device = "cpu";
-  o.backbone.threads = 2;
+  ServerOptions o = testing::LoopbackOptions(backbone, TempDir());
   o.embedder.batching.max_batch_size = 16;
   o.embedder.batching.max_queue_delay = absl::Milliseconds(20);
-  o.embedder.preprocess_threads = 2;
   o.limits.max_images_per_request = 40;
   o.max_message_bytes = 4 << 20;
-  o.data_dir = TempDir();
-  o.grpc_address = "127.0.0.1:0";
-  o.metrics_address = "127.0.0.1:0";
   return o;
 }
 
@@ -394,14 +388,6 @@ TEST(ServerQueueTest, FullQueueIsResourceExhausted) {
   EXPECT_NE(r.status().message().find("--max_queue_size"), absl::string_view::npos);
   req.mutable_images()->RemoveLast();
   EXPECT_TRUE((*c)->Embed(req).ok());
-}
-
-TEST(ServerStartTest, ReportsABusyDataDirectory) {
-  ServerOptions o = TestOptions("r18small.pt");
-  auto first = Server::Start(o);
-  ASSERT_TRUE(first.ok()) << first.status();
-  auto second = Server::Start(o);
-  EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 }  // namespace

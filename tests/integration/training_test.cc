@@ -12,6 +12,7 @@
 #include "server/api/server.h"
 #include "server/core/datasets.h"
 #include "tests/integration/http_get.h"
+#include "tests/integration/loopback_options.h"
 #include "tests/test_util.h"
 #include "tlserve/v1/models.grpc.pb.h"
 
@@ -22,15 +23,7 @@ using ::tlserve::testing::Fixture;
 using ::tlserve::testing::ReadBytes;
 
 ServerOptions Options(const std::string& data_dir) {
-  ServerOptions o;
-  o.backbone.path = Fixture("r18small.pt");
-  o.backbone.device = "cpu";
-  o.backbone.threads = 2;
-  o.embedder.preprocess_threads = 2;
-  o.data_dir = data_dir;
-  o.grpc_address = "127.0.0.1:0";
-  o.metrics_address = "127.0.0.1:0";
-  return o;
+  return testing::LoopbackOptions("r18small.pt", data_dir);
 }
 
 // ImageFolder files: (path, label).
