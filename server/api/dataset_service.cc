@@ -126,6 +126,11 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
 
 }  // namespace
 
+DatasetService::DatasetService(DatasetCatalog* catalog, ThreadPool* pool, Metrics* metrics)
+    : catalog_(catalog), pool_(pool), metrics_(metrics) {
+  RefreshGauges(catalog_, metrics_);
+}
+
 grpc::ServerReadReactor<v1::UploadDatasetRequest>* DatasetService::UploadDataset(
     grpc::CallbackServerContext* context, v1::UploadDatasetResponse* response) {
   return new UploadReactor(context, catalog_, pool_, metrics_, response);

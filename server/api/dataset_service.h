@@ -13,8 +13,8 @@ namespace tlserve {
 
 class DatasetService final : public v1::Datasets::CallbackService {
  public:
-  DatasetService(DatasetCatalog* catalog, ThreadPool* pool, Metrics* metrics)
-      : catalog_(catalog), pool_(pool), metrics_(metrics) {}
+  // Sets the dataset gauges from what is stored.
+  DatasetService(DatasetCatalog* catalog, ThreadPool* pool, Metrics* metrics);
 
   grpc::ServerReadReactor<v1::UploadDatasetRequest>* UploadDataset(
       grpc::CallbackServerContext* context, v1::UploadDatasetResponse* response) override;

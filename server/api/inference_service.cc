@@ -12,6 +12,7 @@
 #include "server/api/rpc_timer.h"
 #include "server/api/status_util.h"
 #include "server/api/stream_embed_reactor.h"
+#include "server/api/unary_image_call.h"
 
 namespace tlserve {
 namespace {
@@ -21,20 +22,6 @@ void Finish(grpc::ServerUnaryReactor* reactor, const RpcTimer& timer, const absl
   timer.Done(s);
   reactor->Finish(ToGrpcStatus(s));
 }
-
-// Collects the per-image results of one Embed call; the last one finishes it.
-struct EmbedCall {
-  EmbedCall(grpc::ServerUnaryReactor* r, v1::EmbedResponse* resp, RpcTimer t, size_t n)
-      : reactor(r), response(resp), timer(std::move(t)), vectors(n), remaining(n) {}
-  grpc::ServerUnaryReactor* reactor;
-  v1::EmbedResponse* response;
-  RpcTimer timer;
-  absl::Mutex mu;
-  std::vector<at::Tensor> vectors ABSL_GUARDED_BY(mu);
-  size_t first_error_index ABSL_GUARDED_BY(mu) = SIZE_MAX;
-  absl::Status first_error ABSL_GUARDED_BY(mu);
-  size_t remaining ABSL_GUARDED_BY(mu);
-};
 
 }  // namespace
 
@@ -90,29 +77,19 @@ grpc::ServerUnaryReactor* InferenceService::Embed(grpc::CallbackServerContext* c
     Finish(reactor, timer, inputs.status());
     return reactor;
   }
-  auto call = std::make_shared<EmbedCall>(reactor, response, timer, (*inputs)->size());
+  for (int i = 0; i < request->images_size(); ++i) response->add_embeddings();
   // The context outlives every callback: the call finishes after the last.
   embedder_->Embed(
       *inputs, *spec, absl::FromChrono(context->deadline()),
       [context] { return context->IsCancelled(); },
-      [call](size_t i, absl::StatusOr<at::Tensor> v) {
-        absl::MutexLock lock(&call->mu);
-        if (v.ok()) {
-          call->vectors[i] = std::move(*v);
-        } else if (i < call->first_error_index) {
-          call->first_error_index = i;
-          call->first_error = v.status();
-        }
-        if (--call->remaining > 0) return;
-        if (call->first_error_index == SIZE_MAX) {
-          call->response->set_dim(call->vectors.front().size(0));
-          for (const at::Tensor& t : call->vectors) {
-            const float* p = t.data_ptr<float>();
-            call->response->add_embeddings()->mutable_values()->Add(p, p + t.size(0));
-          }
-        }
-        Finish(call->reactor, call->timer, call->first_error);
-      });
+      FinishAfterImages(reactor, timer, (*inputs)->size(),
+                        [response](size_t i, const at::Tensor& v) {
+                          const float* p = v.data_ptr<float>();
+                          response->set_dim(v.size(0));
+                          response->mutable_embeddings(static_cast<int>(i))
+                              ->mutable_values()
+                              ->Add(p, p + v.size(0));
+                        }));
   return reactor;
 }
 

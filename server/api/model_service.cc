@@ -7,6 +7,7 @@
 #include "server/api/rpc_timer.h"
 #include "server/api/status_util.h"
 #include "server/api/stream_classify_reactor.h"
+#include "server/api/unary_image_call.h"
 
 namespace tlserve {
 namespace {
@@ -339,30 +340,13 @@ grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
                               static_cast<int>((*version)->classes.size()));
   resp->set_version((*version)->version);
   for (int i = 0; i < req->images_size(); ++i) resp->add_results();
-  struct Call {
-    absl::Mutex mu;
-    size_t remaining;
-    size_t first_error = SIZE_MAX;
-    absl::Status error;
-  };
-  auto call = std::make_shared<Call>();
-  call->remaining = (*inputs)->size();
   grpc::ServerUnaryReactor* reactor = c->DefaultReactor();
   auto v = *version;
   embedder_->Classify(
       *inputs, v, absl::FromChrono(c->deadline()), [c] { return c->IsCancelled(); },
-      [call, resp, reactor, t, v, k](size_t i, absl::StatusOr<at::Tensor> p) {
-        absl::MutexLock lock(&call->mu);
-        if (p.ok()) {
-          TopK(*v, *p, k, resp->mutable_results(static_cast<int>(i)));
-        } else if (i < call->first_error) {
-          call->first_error = i;
-          call->error = p.status();
-        }
-        if (--call->remaining > 0) return;
-        t.Done(call->error);
-        reactor->Finish(ToGrpcStatus(call->error));
-      });
+      FinishAfterImages(reactor, t, (*inputs)->size(), [resp, v, k](size_t i, const at::Tensor& p) {
+        TopK(*v, p, k, resp->mutable_results(static_cast<int>(i)));
+      }));
   return reactor;
 }
 

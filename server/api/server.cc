@@ -68,11 +68,6 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
                                          s->backbone_.get(), s->metrics_.get());
   if (absl::Status st = s->jobs_->Recover(); !st.ok()) return st;
   s->metrics_->SetModels(s->models_->size());
-  if (auto list = s->datasets_->List(); list.ok()) {
-    double images = 0;
-    for (const auto& d : *list) images += static_cast<double>(d.images);
-    s->metrics_->SetDatasets(static_cast<double>(list->size()), images);
-  }
   s->model_service_ =
       std::make_unique<ModelService>(s->models_.get(), s->jobs_.get(), s->datasets_.get(),
                                      s->embedder_.get(), s->metrics_.get(), options.limits);
