@@ -14,7 +14,7 @@ BUILD_PACKAGES=(
 # Python is only a test reference and fixture maker (the product is C++); Debian's interpreter.
 TEST_PACKAGES=(
   python3 python3-torch python3-torchvision python3-numpy python3-pil python3-sklearn
-  python3-grpcio prometheus dataset-fashion-mnist
+  python3-grpcio python3-grpc-tools prometheus dataset-fashion-mnist
 )
 
 want=("${BUILD_PACKAGES[@]}")

@@ -1,11 +1,16 @@
 #include "client/lib/client.h"
 
+#include <fcntl.h>
 #include <grpcpp/create_channel.h>
+#include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "server/core/sha256.h"
 
 namespace tlserve {
 
@@ -173,6 +178,66 @@ absl::Status Client::WatchJob(const std::string& id, grpc::ClientContext* ctx,
   v1::Job job;
   while (reader->Read(&job)) update(job);
   return FromGrpc(reader->Finish());
+}
+
+absl::StatusOr<v1::ExportInfo> Client::ExportModel(
+    const std::string& model, int version, const std::string& path,
+    const std::function<void(int64_t, int64_t)>& progress) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Minutes(30)));
+  v1::ExportModelRequest req;
+  req.set_model(model);
+  req.set_version(version);
+  auto reader = models_->ExportModel(&ctx, req);
+  v1::ExportModelResponse msg;
+  v1::ExportInfo info;
+  if (reader->Read(&msg)) info = msg.info();
+  const std::string tmp = path + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    ctx.TryCancel();
+    reader->Finish();
+    return absl::InvalidArgumentError(absl::StrCat("cannot write ", tmp, ": ", strerror(errno)));
+  }
+  int64_t received = 0;
+  bool write_failed = false;
+  while (reader->Read(&msg)) {
+    const std::string& chunk = msg.chunk();
+    if (!write_failed &&
+        ::write(fd, chunk.data(), chunk.size()) != static_cast<ssize_t>(chunk.size())) {
+      write_failed = true;
+      ctx.TryCancel();
+    }
+    received += static_cast<int64_t>(chunk.size());
+    if (progress) progress(received, info.size_bytes());
+  }
+  absl::Status status = FromGrpc(reader->Finish());
+  if (status.ok() && write_failed) {
+    status = absl::InternalError(absl::StrCat("cannot write ", tmp, ": ", strerror(errno)));
+  }
+  if (status.ok() && ::fsync(fd) != 0) {
+    status = absl::InternalError(absl::StrCat("cannot fsync ", tmp, ": ", strerror(errno)));
+  }
+  ::close(fd);
+  if (status.ok()) {
+    auto sha = FileSha256(tmp);
+    if (!sha.ok()) {
+      status = sha.status();
+    } else if (received != info.size_bytes() || *sha != info.sha256()) {
+      status = absl::DataLossError(absl::StrCat("received ", received, " bytes with sha256 ", *sha,
+                                                "; the server sent ", info.size_bytes(),
+                                                " bytes with sha256 ", info.sha256()));
+    }
+  }
+  if (status.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) {
+    status = absl::InternalError(
+        absl::StrCat("cannot rename ", tmp, " to ", path, ": ", strerror(errno)));
+  }
+  if (!status.ok()) {
+    ::unlink(tmp.c_str());
+    return status;
+  }
+  return info;
 }
 
 absl::StatusOr<v1::ListDatasetsResponse> Client::ListDatasets() {

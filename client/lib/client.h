@@ -86,6 +86,14 @@ class Client {
   absl::Status WatchJob(const std::string& id, grpc::ClientContext* ctx,
                         const std::function<void(const v1::Job&)>& update);
 
+  // Downloads the model (its served version when `version` is 0) as a
+  // TorchScript file at `path`: written to path.tmp, checked against the
+  // size and SHA-256 the server announced (DATA_LOSS otherwise), fsync'd and
+  // renamed. `progress(received, total)` after every chunk.
+  absl::StatusOr<v1::ExportInfo> ExportModel(
+      const std::string& model, int version, const std::string& path,
+      const std::function<void(int64_t, int64_t)>& progress = nullptr);
+
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
 
  private:

@@ -50,6 +50,8 @@ commands:
   cancel JOB                     cancel a job
   classify MODEL FILE|DIR... [--top-k K] [--version V]
                                  top-k labels per image
+  export MODEL --out FILE.pt [--version V]
+                                 download the model as one TorchScript classifier
 
 options:
   --server=HOST:PORT   default localhost:50051 (or $TLSERVE_SERVER)

@@ -204,6 +204,38 @@ int Classify(Client& c, const Args& a) {
   return failed > 0 ? 1 : 0;
 }
 
+int Export(Client& c, const Args& a) {
+  if (a.positional.size() != 1 || !a.Has("out")) {
+    return Fail(
+        absl::InvalidArgumentError("usage: tlctl export MODEL --out FILE.pt [--version V]"));
+  }
+  auto version = a.Number("version", 0);
+  if (!version.ok()) return Fail(version.status());
+  std::unique_ptr<ProgressBar> bar;
+  auto info = c.ExportModel(a.positional[0], static_cast<int>(*version), a.Get("out"),
+                            [&](int64_t done, int64_t total) {
+                              if (!bar) bar = std::make_unique<ProgressBar>("downloading", total);
+                              bar->Update(static_cast<size_t>(done));
+                            });
+  if (bar) bar->Finish();
+  if (!info.ok()) return Fail(info.status());
+  if (a.Has("json")) {
+    std::cout << nlohmann::json{{"model", info->model()},   {"version", info->version()},
+                                {"path", a.Get("out")},     {"size_bytes", info->size_bytes()},
+                                {"sha256", info->sha256()}, {"classes", info->classes()},
+                                {"crop", info->crop()}}
+                     .dump()
+              << "\n";
+  } else {
+    std::cout << absl::StrFormat(
+        "exported %s v%d to %s (%.1f MB, sha256 %s): TorchScript, input N×3×%d×%d normalised "
+        "as preprocess.json says, output logits over %d classes (classes.json)\n",
+        info->model(), info->version(), a.Get("out"), info->size_bytes() / 1e6,
+        info->sha256().substr(0, 12), info->crop(), info->crop(), info->classes_size());
+  }
+  return 0;
+}
+
 }  // namespace
 
 void AddModelCommands(std::map<std::string, Command>& commands) {
@@ -219,6 +251,7 @@ void AddModelCommands(std::map<std::string, Command>& commands) {
   };
   AddJobCommands(commands);
   commands["classify"] = Classify;
+  commands["export"] = Export;
 }
 
 }  // namespace tlserve

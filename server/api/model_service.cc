@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/api/convert.h"
+#include "server/api/export_reactor.h"
 #include "server/api/rpc_timer.h"
 #include "server/api/status_util.h"
 #include "server/api/stream_classify_reactor.h"
@@ -353,6 +354,11 @@ grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
 grpc::ServerBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse>*
 ModelService::StreamClassify(grpc::CallbackServerContext* c) {
   return new StreamClassifyReactor(c, models_, embedder_, metrics_, limits_.max_images_per_request);
+}
+
+grpc::ServerWriteReactor<v1::ExportModelResponse>* ModelService::ExportModel(
+    grpc::CallbackServerContext*, const v1::ExportModelRequest* req) {
+  return new ExportReactor(models_, metrics_, *req);
 }
 
 }  // namespace tlserve

@@ -57,6 +57,8 @@ class ModelService final : public v1::Models::CallbackService {
                                      v1::ClassifyResponse* resp) override;
   grpc::ServerBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse>* StreamClassify(
       grpc::CallbackServerContext* c) override;
+  grpc::ServerWriteReactor<v1::ExportModelResponse>* ExportModel(
+      grpc::CallbackServerContext* c, const v1::ExportModelRequest* req) override;
 
  private:
   ModelRegistry* models_;

@@ -1,11 +1,9 @@
 #include "server/core/backbone.h"
 
 #include <ATen/Parallel.h>
-#include <openssl/evp.h>
 #include <torch/cuda.h>
 #include <torch/script.h>
 
-#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "absl/status/status.h"
@@ -13,6 +11,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "server/core/log.h"
+#include "server/core/sha256.h"
 
 namespace tlserve {
 
@@ -25,25 +24,6 @@ struct Backbone::Impl {
 };
 
 namespace {
-
-absl::StatusOr<std::string> FileSha256(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::InvalidArgumentError(absl::StrCat("cannot read backbone file ", path));
-  std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
-  EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr);
-  std::vector<char> buf(1 << 20);
-  while (in) {
-    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    EVP_DigestUpdate(ctx.get(), buf.data(), static_cast<size_t>(in.gcount()));
-  }
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_DigestFinal_ex(ctx.get(), digest, &len);
-  std::string hex;
-  for (unsigned int i = 0; i < len; ++i)
-    absl::StrAppend(&hex, absl::Hex(digest[i], absl::kZeroPad2));
-  return hex;
-}
 
 absl::StatusOr<torch::Device> ParseDevice(const std::string& device) {
   if (device == "auto") {

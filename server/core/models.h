@@ -84,6 +84,7 @@ class ModelRegistry {
   // FAILED_PRECONDITION while it trains.
   absl::Status Delete(const std::string& name);
   int size() const;
+  const Backbone& backbone() const { return *backbone_; }
 
   // The served version (`version` 0) or a given one. NOT_FOUND for an unknown
   // model or version; FAILED_PRECONDITION when it has no trained version.

@@ -1,0 +1,123 @@
+#include "server/core/export.h"
+
+#include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/script.h>
+
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "server/core/sha256.h"
+
+namespace tlserve {
+namespace {
+
+bool IsIdentifier(const std::string& s) {
+  if (s.empty() || absl::ascii_isdigit(s[0])) return false;
+  for (char c : s) {
+    if (!absl::ascii_isalnum(c) && c != '_') return false;
+  }
+  return true;
+}
+
+// A CPU float32 copy, in eval mode, that never trains.
+torch::jit::Module Frozen(const torch::jit::Module& m) {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module copy = m.clone();
+  copy.to(torch::kCPU, torch::kFloat);
+  for (const auto& p : copy.parameters()) p.set_requires_grad(false);
+  copy.eval();
+  return copy;
+}
+
+// The head (a C++ Sequential of Linear, ReLU and Dropout) as TorchScript,
+// in eval mode (Dropout is the identity there).
+absl::StatusOr<torch::jit::Module> ScriptHead(const torch::nn::Sequential& head) {
+  torch::jit::Module m("tlserve_Head");
+  m.register_attribute("training", c10::BoolType::get(), false);
+  std::string body;
+  int linear = 0;
+  for (const auto& child : head->children()) {
+    if (auto* l = child->as<torch::nn::Linear>()) {
+      const std::string w = absl::StrCat("weight", linear), b = absl::StrCat("bias", linear);
+      m.register_parameter(w, l->weight.detach().to(torch::kCPU, torch::kFloat).clone(), false);
+      m.register_parameter(b, l->bias.detach().to(torch::kCPU, torch::kFloat).clone(), false);
+      absl::StrAppend(&body, "    x = torch.addmm(self.", b, ", x, self.", w, ".t())\n");
+      ++linear;
+    } else if (child->as<torch::nn::ReLU>()) {
+      absl::StrAppend(&body, "    x = torch.relu(x)\n");
+    } else if (!child->as<torch::nn::Dropout>()) {
+      return absl::InternalError(absl::StrCat("cannot export head layer ", child->name()));
+    }
+  }
+  m.define(absl::StrCat("def forward(self, x):\n", body, "    return x\n"));
+  return m;
+}
+
+}  // namespace
+
+absl::StatusOr<ExportedModel> ExportModel(const Backbone& backbone,
+                                          const ServableVersion& version) {
+  const std::vector<std::string>& names = backbone.stage_names();
+  for (const auto& name : names) {
+    if (!IsIdentifier(name)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cannot export: backbone stage \"", name,
+          "\" is not a Python identifier, so TorchScript cannot name it in the exported forward"));
+    }
+  }
+  auto head = ScriptHead(version.head);
+  if (!head.ok()) return head.status();
+
+  torch::jit::Module top("tlserve_Classifier");
+  top.register_attribute("training", c10::BoolType::get(), false);
+  std::string forward = "def forward(self, x):\n";
+  for (int i = 0; i < backbone.head_index(); ++i) {
+    auto own = version.private_stages.find(i);
+    top.register_module(
+        names[i], Frozen(own != version.private_stages.end() ? *own->second : backbone.stage(i)));
+    absl::StrAppend(&forward, "    x = self.", names[i], ".forward(x)\n");
+  }
+  top.register_module(names.back(), *head);
+  absl::StrAppend(&forward, "    x = torch.flatten(x, 1)\n    return self.", names.back(),
+                  ".forward(x)\n");
+  top.define(forward);
+  top.eval();
+
+  // The file must compute what Classify computes.
+  {
+    c10::InferenceMode guard;
+    const int64_t crop = backbone.preprocess().crop;
+    torch::manual_seed(0);
+    at::Tensor probe = torch::randn({2, 3, crop, crop});
+    at::Tensor mine = at::softmax(top.forward({probe}).toTensor(), 1);
+    at::Tensor served = version.Probabilities(backbone, probe);
+    const double diff = (mine - served).abs().max().item<double>();
+    if (!mine.sizes().equals(served.sizes()) ||
+        diff > (backbone.dtype() == "float32" ? 1e-4 : 5e-2)) {
+      return absl::InternalError(absl::StrCat(
+          "the exported module does not reproduce Classify (max |diff| of probabilities ", diff,
+          "); this is a bug in tlserve's export"));
+    }
+  }
+
+  torch::jit::ExtraFilesMap extra;
+  extra["preprocess.json"] = backbone.preprocess().ToJson();
+  extra["classes.json"] = nlohmann::json(version.classes).dump();
+  extra["tlserve.json"] =
+      nlohmann::json{{"name", version.model},       {"pretrained", true},
+                     {"model", version.model},      {"version", version.version},
+                     {"backbone", backbone.name()}, {"backbone_sha256", backbone.sha256()}}
+          .dump();
+  std::ostringstream out;
+  top.save(out, extra);
+  ExportedModel result;
+  result.bytes = std::move(out).str();
+  result.sha256 = Sha256Hex(result.bytes);
+  return result;
+}
+
+}  // namespace tlserve

@@ -1,0 +1,34 @@
+// Export: one model version as a standalone TorchScript classifier, the
+// shared stages, the version's private stages and its head composed into a
+// module whose forward takes a normalised float32 batch N×3×H×W and returns
+// logits (softmax of them is what Classify returns). Stages keep their names
+// and order and the head is the last child, so the file is itself a valid
+// tlserve backbone (the head is dropped) and loads in Python with
+// torch.jit.load, in Triton's and TorchServe's PyTorch backends, or in
+// LibTorch. Extra files: preprocess.json (the backbone's), classes.json
+// (class names in logit order) and tlserve.json (name, provenance).
+#ifndef TLSERVE_SERVER_CORE_EXPORT_H_
+#define TLSERVE_SERVER_CORE_EXPORT_H_
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "server/core/backbone.h"
+#include "server/core/models.h"
+
+namespace tlserve {
+
+struct ExportedModel {
+  std::string bytes;  // the TorchScript zip file
+  std::string sha256;
+};
+
+// Builds the file on the CPU in float32, whatever the serving device, and
+// checks it: on a probe batch its softmax must equal the version's
+// Probabilities (INTERNAL otherwise). INVALID_ARGUMENT when a stage name is
+// not a Python identifier (TorchScript could not name it).
+absl::StatusOr<ExportedModel> ExportModel(const Backbone& backbone, const ServableVersion& version);
+
+}  // namespace tlserve
+
+#endif  // TLSERVE_SERVER_CORE_EXPORT_H_

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""ExportModel round trip: a head-only model and a fine-tuned one (private
+layer4) are exported with `tlctl export`, loaded in Python with
+torch.jit.load(_extra_files=...), fed images preprocessed by torchvision,
+and must give the server's Classify probabilities within 1e-4. The exported
+file must also load as the backbone of a new tlserve, whose Embed equals the
+file's own penultimate output. Bad exports get the right codes.
+
+usage: export_test.py BIN_DIR FIXTURES_DIR
+"""
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import grpc
+import numpy as np
+import torch
+import torchvision.transforms.functional as F
+from PIL import Image
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "client", "python"))
+from tlserve_client import Client  # noqa: E402
+from tlserve_client.local_server import LocalServer  # noqa: E402
+
+BIN, FIX = sys.argv[1], sys.argv[2]
+
+
+def image_folder(root):
+    out = []
+    for label in sorted(os.listdir(root)):
+        for f in sorted(os.listdir(os.path.join(root, label))):
+            with open(os.path.join(root, label, f), "rb") as fh:
+                out.append((label, "%s/%s" % (label, f), fh.read()))
+    return out
+
+
+def torchvision_batch(paths, spec):
+    """torchvision's pipeline on uint8 tensors (what tlserve reproduces)."""
+    xs = []
+    for p in paths:
+        t = torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+        if spec["resize"]:
+            t = F.resize(t, spec["resize"], antialias=True)
+        t = F.center_crop(t, spec["crop"])
+        xs.append(F.normalize(F.convert_image_dtype(t, torch.float32), spec["mean"], spec["std"]))
+    return torch.stack(xs)
+
+
+def load(path):
+    extra = {"preprocess.json": "", "classes.json": "", "tlserve.json": ""}
+    module = torch.jit.load(path, _extra_files=extra)
+    module.eval()
+    return module, {k: json.loads(v) for k, v in extra.items()}
+
+
+def expect_code(code, fn):
+    try:
+        fn()
+    except grpc.RpcError as e:
+        assert e.code() == code, (e.code(), e.details())
+        print("  %s: %s" % (code.name, e.details()))
+        return
+    raise AssertionError("expected %s" % code)
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="tlserve-export-")
+    train = image_folder(os.path.join(FIX, "fmnist", "train"))
+    test_root = os.path.join(FIX, "fmnist", "test")
+    test = image_folder(test_root)
+    test_paths = [os.path.join(test_root, name) for _, name, _ in test]
+    worst = 0.0
+    try:
+        with LocalServer(BIN, os.path.join(FIX, "r18small.pt"), os.path.join(tmp, "data")) as s, \
+                Client(s.target) as c:
+            c.upload("fm", train)
+            c.create_model("head", dataset="fm")
+            assert c.train("head", "fm").state == 3
+            c.create_model("ft", dataset="fm", hidden=[32])
+            c.unfreeze("ft", from_stage="layer4")
+            assert c.train("ft", "fm", epochs=2, optimizer=2, seed=1).state == 3
+
+            for model in ("head", "ft"):
+                path = os.path.join(tmp, model + ".pt")
+                info = json.loads(s.tlctl("export", model, "--out", path, "--json"))
+                assert info["size_bytes"] == os.path.getsize(path) and info["version"] == 1, info
+                module, extra = load(path)
+                assert extra["classes.json"] == ["sandal", "t-shirt", "trouser"], extra["classes.json"]
+                assert extra["tlserve.json"]["model"] == model
+                spec = extra["preprocess.json"]
+                with torch.no_grad():
+                    mine = torch.softmax(module(torchvision_batch(test_paths, spec)), 1).numpy()
+                served = c.classify(model, [b for _, _, b in test], top_k=3)
+                order = extra["classes.json"]
+                theirs = np.array([[dict(top)[k] for k in order] for top in served])
+                diff = float(np.abs(mine - theirs).max())
+                worst = max(worst, diff)
+                agree = float(np.mean(mine.argmax(1) == theirs.argmax(1)))
+                print("%s: %d images, max |p_python - p_served| = %.3g, argmax agreement %.3f" % (
+                    model, len(test), diff, agree))
+                assert diff <= 1e-4, diff
+
+            print("error codes:")
+            expect_code(grpc.StatusCode.NOT_FOUND, lambda: c.export("nope", os.path.join(tmp, "x.pt")))
+            expect_code(grpc.StatusCode.NOT_FOUND, lambda: c.export("head", os.path.join(tmp, "x.pt"), version=9))
+            c.create_model("untrained", classes=["a", "b"])
+            expect_code(grpc.StatusCode.FAILED_PRECONDITION,
+                        lambda: c.export("untrained", os.path.join(tmp, "x.pt")))
+            assert not os.path.exists(os.path.join(tmp, "x.pt")) and not os.path.exists(os.path.join(tmp, "x.pt.tmp"))
+
+        # The exported fine-tuned classifier as a backbone: its head is dropped.
+        path = os.path.join(tmp, "ft.pt")
+        module, extra = load(path)
+        with LocalServer(BIN, path, os.path.join(tmp, "data2")) as s, Client(s.target) as c:
+            b = c.describe_backbone()
+            names = [st.name for st in b.stages]
+            assert names == [n for n, _ in module.named_children()], names
+            assert b.pretrained and b.file_name == "ft.pt", (b.pretrained, b.file_name)
+            served = c.embed([data for _, _, data in test])
+            with torch.no_grad():
+                x = torchvision_batch(test_paths, extra["preprocess.json"])
+                for name, child in list(module.named_children())[:-1]:
+                    x = child(x)
+                mine = x.flatten(1).numpy()
+            rel = float(np.abs(mine - served).max() / np.abs(mine).max())
+            print("exported file as a backbone: stages %s; Embed vs its own forward: max rel diff %.3g"
+                  % (",".join(names), rel))
+            assert rel <= 1e-4, rel
+        print("worst probability difference over both models: %.3g" % worst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
