@@ -64,6 +64,7 @@ absl::StatusOr<TrainOptions> ResolveTrainOptions(TrainOptions o, const HeadSpec&
     o.learning_rate = lbfgs ? 1.0f : o.optimizer == TrainOptions::Optimizer::kSgd ? 1e-2f : 1e-3f;
   }
   if (o.stage_learning_rate == 0) o.stage_learning_rate = o.learning_rate / 10;
+  if (o.weight_decay < 0) o.weight_decay = lbfgs ? 1.0f : 1e-4f;
   if (!(o.stage_learning_rate > 0 && o.stage_learning_rate <= 100)) {
     return absl::InvalidArgumentError("options.stage_learning_rate must be in (0, 100]");
   }
@@ -203,7 +204,11 @@ absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
     s.eta_seconds = s.elapsed_seconds / epoch * (o.epochs - epoch);
     out.history.push_back(s);
     if (on_epoch) on_epoch(s);
-    if (va.accuracy > best) {
+    // Full-batch L-BFGS minimises a convex, regularised objective: its last
+    // iterate is the answer (scikit-learn's too), and picking an earlier one
+    // by a small validation split's accuracy would be early stopping by
+    // chance. Minibatch optimisers keep their best epoch by validation.
+    if (lbfgs || va.accuracy > best) {
       best = va.accuracy;
       best_params = Snapshot(head);
       since_best = 0;

@@ -2,8 +2,10 @@
 // linear head with full-batch L-BFGS (the notebook's logistic regression) or
 // any head with minibatch AdamW. Features are standardised for training and
 // the standardisation is folded into the first layer afterwards, so the head
-// takes raw embeddings. The weights of the best epoch by validation
-// accuracy are kept. Not thread-safe; runs on the job thread.
+// takes raw embeddings. L-BFGS keeps its converged weights (the regularised
+// optimum, as scikit-learn's LogisticRegression); AdamW and SGD keep the
+// weights of their best epoch by validation accuracy. Not thread-safe; runs
+// on the job thread.
 #ifndef TLSERVE_SERVER_CORE_HEAD_TRAINER_H_
 #define TLSERVE_SERVER_CORE_HEAD_TRAINER_H_
 
@@ -23,7 +25,10 @@ struct TrainOptions {
   int batch_size = 64;
   Optimizer optimizer = Optimizer::kDefault;
   float learning_rate = 0;  // 0: 1 for L-BFGS, 1e-3 for AdamW
-  float weight_decay = 1e-4f;
+  // L2 penalty on weights (not biases); < 0: the default, 1 for L-BFGS (the
+  // objective of scikit-learn's LogisticRegression with its default C = 1:
+  // mean loss + |W|^2 / (2 n)), 1e-4 (decoupled) for AdamW and SGD.
+  float weight_decay = -1;
   float label_smoothing = 0;
   bool balanced_class_weights = false;
   int early_stopping_patience = 0;

@@ -10,7 +10,6 @@ usage: sklearn_parity_test.py BIN_DIR FIXTURES_DIR
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,27 +25,9 @@ from sklearn.preprocessing import StandardScaler
 
 BIN, FIX = sys.argv[1], sys.argv[2]
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def fnv1a(name, data):
-    """tlserve's DatasetCatalog::ExampleHash: FNV-1a 64 over name, 0xff, bytes, 0xff."""
-    h = 1469598103934665603
-    for part in (name.encode(), data):
-        for c in part + b"\xff":
-            h = ((h ^ c) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h
-
-
-def is_validation(h, fraction=0.15):
-    return (h % 1000000) < fraction * 1000000
-
-
-def tlctl(port, *args):
-    r = subprocess.run([os.path.join(BIN, "tlctl"), "--server=127.0.0.1:%d" % port] + list(args),
-                       capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:
-        raise RuntimeError("tlctl %s failed: %s" % (" ".join(args), r.stderr))
-    return r.stdout
+sys.path.insert(0, os.path.join(HERE, "..", "..", "client", "python"))
+from tlserve_client import is_validation  # noqa: E402
+from tlserve_client.local_server import LocalServer  # noqa: E402
 
 
 def main():
@@ -56,31 +37,15 @@ def main():
     subprocess.run([sys.executable, sample, train_dir, "--count", "60", "--split", "train"], check=True)
     subprocess.run([sys.executable, sample, test_dir, "--count", "40", "--split", "test"], check=True)
     backbone = os.path.join(FIX, "r18small.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(os.path.join(tmp, "server.log"), "w")
-    server = subprocess.Popen([os.path.join(BIN, "tlserve"), "--backbone=" + backbone, "--port=%d" % port,
-                               "--metrics_port=0", "--host=127.0.0.1", "--device=cpu",
-                               "--data_dir=" + os.path.join(tmp, "data")], stderr=log)
-    try:
-        for _ in range(600):
-            if subprocess.run([os.path.join(BIN, "tlctl"), "--server=127.0.0.1:%d" % port, "health"],
-                              capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        tlctl(port, "upload", train_dir, "--dataset", "fm")
-        tlctl(port, "create-model", "fm", "--dataset", "fm")
+    with LocalServer(BIN, backbone, os.path.join(tmp, "data")) as server:
+        server.tlctl("upload", train_dir, "--dataset", "fm")
+        server.tlctl("create-model", "fm", "--dataset", "fm")
         start = time.time()
-        job = json.loads(tlctl(port, "train", "fm", "--dataset", "fm", "--wait", "--json"))
+        job = json.loads(server.tlctl("train", "fm", "--dataset", "fm", "--wait", "--json"))
         tl_train_seconds = time.time() - start
         assert job["state"] == "succeeded", job
-        preds = json.loads(tlctl(port, "classify", "fm", test_dir, "--top-k", "1", "--json"))["predictions"]
+        preds = json.loads(server.tlctl("classify", "fm", test_dir, "--top-k", "1", "--json"))["predictions"]
         tl_acc = np.mean([p["top"][0]["label"] == os.path.basename(os.path.dirname(p["name"])) for p in preds])
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
 
     # The same backbone and split in PyTorch and scikit-learn.
     files = {"preprocess.json": ""}
@@ -103,7 +68,7 @@ def main():
                 out.append((os.path.join(root, label, f), label))
         return out
 
-    train = [(p, l) for p, l in listing(train_dir) if not is_validation(fnv1a(p, open(p, "rb").read()))]
+    train = [(p, l) for p, l in listing(train_dir) if not is_validation(p, open(p, "rb").read())]
     test = listing(test_dir)
     xtr, ytr = features([p for p, _ in train]), [l for _, l in train]
     xte, yte = features([p for p, _ in test]), [l for _, l in test]

@@ -153,3 +153,20 @@ class Client:
             raise IOError("export of %s arrived damaged (%d bytes)" % (model, size))
         os.replace(tmp, path)
         return info
+
+
+def example_hash(name, data):
+    """The server's per-example hash (DatasetCatalog::ExampleHash): FNV-1a 64
+    over the example's name, 0xff, its bytes, 0xff."""
+    h = 1469598103934665603
+    for part in (name.encode(), data):
+        for c in part + b"\xff":
+            h = ((h ^ c) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def is_validation(name, data, fraction=0.15):
+    """Whether a training job holds this example out for validation (with
+    TrainingOptions.validation_fraction = fraction): the split is a pure
+    function of name and bytes, so a reference can train on the same rows."""
+    return (example_hash(name, data) % 1000000) < fraction * 1000000
