@@ -15,12 +15,18 @@ BUILD_PACKAGES=(
 TEST_PACKAGES=(
   python3 python3-torch python3-torchvision python3-numpy python3-pil python3-sklearn
   python3-grpcio python3-grpc-tools prometheus dataset-fashion-mnist
+  # The Helm chart's test: Go's text/template + sprig (Helm's engine), Kubernetes' models.
+  golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev python3-kubernetes python3-yaml
 )
 
 want=("${BUILD_PACKAGES[@]}")
 case "${1:-all}" in
   build) ;;
-  all) want+=("${TEST_PACKAGES[@]}") ;;
+  all)
+    want+=("${TEST_PACKAGES[@]}")
+    # npm fetches the chart test's Kubernetes schemas; Debian's when none is on PATH.
+    command -v npm >/dev/null || want+=(nodejs npm)
+    ;;
   *) echo "usage: $0 [build|all]" >&2; exit 2 ;;
 esac
 
