@@ -5,8 +5,8 @@
 // Prints a table of images/s and the ratio to the in-process row above.
 //
 //   embed_bench --backbone=resnet50.pt [--batch=32] [--batches=8] [--threads=N]
-//               [--device=cpu|cuda] [--precision=fp32|bf16|fp16] [--jpeg=FILE]
-// Classify is measured when --jpeg is given (its model is trained on it).
+//               [--device=cpu|cuda] [--precision=fp32|bf16|fp16] [--image=FILE.jpg|png]
+// Classify is measured when --image is given (its model is trained on it).
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
 #include <torch/script.h>
@@ -33,7 +33,7 @@ ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads (0: the machine's cores)")
 ABSL_FLAG(int, clients, 2, "concurrent clients for the served modes, each sending whole batches");
 ABSL_FLAG(std::string, device, "cpu", "cpu | cuda | cuda:N");
 ABSL_FLAG(std::string, precision, "fp32", "fp32 | bf16 | fp16");
-ABSL_FLAG(std::string, jpeg, "", "a JPEG to send in the encoded-image mode (skipped if empty)");
+ABSL_FLAG(std::string, image, "", "a JPEG or PNG to send in the encoded-image modes (skipped if empty)");
 
 namespace tlserve {
 namespace {
@@ -205,14 +205,14 @@ int Main() {
   for (int64_t d : {int64_t{3}, crop, crop}) tensor.mutable_tensor()->add_shape(d);
   torch::Tensor x = torch::randn({3, crop, crop});
   tensor.mutable_tensor()->set_data(x.data_ptr(), x.numel() * sizeof(float));
-  v1::Image jpeg;
-  if (!absl::GetFlag(FLAGS_jpeg).empty()) {
-    std::FILE* f = std::fopen(absl::GetFlag(FLAGS_jpeg).c_str(), "rb");
+  v1::Image encoded;
+  if (!absl::GetFlag(FLAGS_image).empty()) {
+    std::FILE* f = std::fopen(absl::GetFlag(FLAGS_image).c_str(), "rb");
     std::string bytes;
     char buf[65536];
     for (size_t n; f && (n = std::fread(buf, 1, sizeof(buf), f)) > 0;) bytes.append(buf, n);
     if (f) std::fclose(f);
-    jpeg.set_encoded(bytes);
+    encoded.set_encoded(bytes);
   }
 
   std::vector<std::function<Row()>> modes;
@@ -220,10 +220,10 @@ int Main() {
                             device, precision));
   modes.push_back(Served(**server, "served Embed, float32 tensors",
                          Request(**client, tensor, batch, ""), batch, batches, clients));
-  if (jpeg.has_encoded()) {
-    modes.push_back(Served(**server, "served Embed, JPEG (decode+preprocess)",
-                           Request(**client, jpeg, batch, ""), batch, batches, clients));
-    auto exported = MakeModel(**client, jpeg);
+  if (encoded.has_encoded()) {
+    modes.push_back(Served(**server, "served Embed, encoded (decode+preproc.)",
+                           Request(**client, encoded, batch, ""), batch, batches, clients));
+    auto exported = MakeModel(**client, encoded);
     if (!exported.ok()) {
       std::fprintf(stderr, "making the Classify model: %s\n", exported.status().ToString().c_str());
       return 1;
@@ -232,8 +232,8 @@ int Main() {
                               crop, device, precision));
     modes.push_back(Served(**server, "served Classify, float32 tensors",
                            Request(**client, tensor, batch, "bench"), batch, batches, clients));
-    modes.push_back(Served(**server, "served Classify, JPEG (decode+preprocess)",
-                           Request(**client, jpeg, batch, "bench"), batch, batches, clients));
+    modes.push_back(Served(**server, "served Classify, encoded (decode+preproc.)",
+                           Request(**client, encoded, batch, "bench"), batch, batches, clients));
   }
   // Rounds alternate the modes so that drift on a shared machine hits all alike.
   std::vector<Row> rows;

@@ -17,4 +17,4 @@ img = np.linspace(0, 200, w)[None, :, None] + np.linspace(0, 50, h)[:, None, Non
 Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save("var/bench/photo.jpg", quality=90)
 PY
 echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
-build/bin/embed_bench --backbone=var/backbones/resnet50.pt --jpeg=var/bench/photo.jpg "$@" 2>/dev/null
+build/bin/embed_bench --backbone=var/backbones/resnet50.pt --image=var/bench/photo.jpg "$@" 2>/dev/null

@@ -49,31 +49,30 @@ step "tlctl embed: one vector per image"
 $TLCTL embed "$VAR/target-test/sandal/"0000*.png 2>/dev/null | cut -c1-100 | head -3
 
 step "upload 500 labelled images of 5 classes the backbone never saw"
-for m in demo-head demo-finetuned; do $TLCTL delete-model "$m" >/dev/null 2>&1 || true; done
+$TLCTL delete-model demo >/dev/null 2>&1 || true
 $TLCTL delete-dataset demo >/dev/null 2>&1 || true
 $TLCTL upload "$VAR/target-train" --dataset demo
 
-step "transfer learning 1: train a new head on the frozen backbone"
-$TLCTL create-model demo-head --dataset demo >/dev/null
-$TLCTL train demo-head --dataset demo --wait
+step "transfer learning 1 (feature extraction): train a new head on the frozen backbone -> v1"
+$TLCTL create-model demo --dataset demo >/dev/null
+$TLCTL train demo --dataset demo --wait
 
-step "transfer learning 2: unfreeze layer4 (a private copy) and fine-tune it with the head"
-$TLCTL create-model demo-finetuned --dataset demo >/dev/null
-$TLCTL unfreeze demo-finetuned --from layer4 | grep -E "layer4|stages:" || true
-$TLCTL train demo-finetuned --dataset demo --epochs 15 --optimizer adamw --wait
+step "transfer learning 2 (fine-tuning): unfreeze layer4 (a private copy), train it with the head -> v2"
+$TLCTL unfreeze demo --from layer4 | grep -E "layer4|stages:" || true
+$TLCTL train demo --dataset demo --epochs 15 --optimizer adamw --freeze-batchnorm --wait
 
-step "classify 500 held-out test images with both"
-for m in demo-head demo-finetuned; do
-  $TLCTL classify "$m" "$VAR/target-test" --top-k 1 --json > "$VAR/$m.predictions.json"
+step "classify 500 held-out test images with both versions"
+for v in 1 2; do
+  $TLCTL classify demo "$VAR/target-test" --version "$v" --top-k 1 --json > "$VAR/demo-v$v.predictions.json"
 done
 $PY - "$VAR" <<'PY'
 import json, os, sys
-print("| model          | held-out accuracy |")
-print("|----------------|-------------------|")
-for m in ("demo-head", "demo-finetuned"):
-    p = json.load(open(os.path.join(sys.argv[1], m + ".predictions.json")))["predictions"]
+print("| version                          | held-out accuracy |")
+print("|----------------------------------|-------------------|")
+for v, what in ((1, "v1: new head, frozen backbone"), (2, "v2: + layer4 fine-tuned")):
+    p = json.load(open(os.path.join(sys.argv[1], "demo-v%d.predictions.json" % v)))["predictions"]
     ok = sum(x["top"][0]["label"] == os.path.basename(os.path.dirname(x["name"])) for x in p)
-    print("| %-14s | %3d/%d = %.3f   |" % (m, ok, len(p), ok / len(p)))
+    print("| %-32s | %3d/%d = %.3f   |" % (what, ok, len(p), ok / len(p)))
 PY
 
 step "metrics"
@@ -83,9 +82,9 @@ import sys, urllib.request
 text = urllib.request.urlopen("http://localhost:%s/metrics" % sys.argv[1], timeout=5).read().decode()
 print("\n".join(l for l in text.splitlines() if l.startswith(("tlserve_images_total", "tlserve_backbone_info", "tlserve_training_jobs", "tlserve_models "))))
 PY
-step "done in $((SECONDS - START)) s. Export a model: $TLCTL export demo-finetuned --out demo.pt"
+step "done in $((SECONDS - START)) s. Export a model: $TLCTL export demo --out demo.pt"
 if [ "${1:-}" = "--no-wait" ]; then
   exit 0
 fi
-step "tlserve is serving on localhost:$PORT; try: build/bin/tlctl classify demo-head IMAGE.png. Ctrl-C stops it."
+step "tlserve is serving on localhost:$PORT; try: build/bin/tlctl classify demo IMAGE.png. Ctrl-C stops it."
 wait "$SERVER"
