@@ -49,9 +49,9 @@ trap cleanup EXIT
 T_BASE=$SECONDS
 if ! $PODMAN image exists docker.io/library/debian:bookworm-slim; then
   # The machine's own mirror: no host name is written into the repository.
-  MIRROR=$( (grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}';
-             grep -h '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}') |
-           grep -v security | head -1)
+  MIRROR=$( { cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null || true; } |
+           awk '$1 == "URIs:" || $1 == "deb" {print ($1 == "deb" && $2 ~ /^\[/) ? $3 : $2}' |
+           grep -v security | head -1 || true)
   [ -n "$MIRROR" ] || { echo "test-image: no apt mirror found in /etc/apt" >&2; exit 1; }
   say "base image: debootstrap --variant=minbase bookworm from $MIRROR"
   $SUDO debootstrap --variant=minbase bookworm "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 ||
