@@ -33,7 +33,8 @@ ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads (0: the machine's cores)")
 ABSL_FLAG(int, clients, 2, "concurrent clients for the served modes, each sending whole batches");
 ABSL_FLAG(std::string, device, "cpu", "cpu | cuda | cuda:N");
 ABSL_FLAG(std::string, precision, "fp32", "fp32 | bf16 | fp16");
-ABSL_FLAG(std::string, image, "", "a JPEG or PNG to send in the encoded-image modes (skipped if empty)");
+ABSL_FLAG(std::string, image, "",
+          "a JPEG or PNG to send in the encoded-image modes (skipped if empty)");
 
 namespace tlserve {
 namespace {
