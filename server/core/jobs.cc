@@ -323,9 +323,18 @@ void JobRunner::Run(const std::string& id) {
     stopping = stopping_;
   }
   std::string model, dataset;
+  {
+    absl::MutexLock lock(&mu_);
+    Job& job = jobs_.at(id);
+    model = job.record.model;
+    dataset = job.record.dataset;
+    job.examples.clear();
+  }
+  // Released before the final state is published: a client that sees the
+  // job end may start the model's next job at once.
+  models_->EndTraining(model);
+  datasets_->Release(dataset);
   Update(id, [&](JobRecord& r) {
-    model = r.model;
-    dataset = r.dataset;
     if (version.ok()) {
       r.state = JobRecord::State::kSucceeded;
       r.version = *version;
@@ -343,12 +352,6 @@ void JobRunner::Run(const std::string& id) {
       r.phase = "failed";
     }
   });
-  {
-    absl::MutexLock lock(&mu_);
-    jobs_.at(id).examples.clear();
-  }
-  models_->EndTraining(model);
-  datasets_->Release(dataset);
   LogInfo(
       "job %s: %s", id,
       version.ok() ? absl::StrCat("succeeded, version ", *version) : version.status().ToString());
