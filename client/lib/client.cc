@@ -190,8 +190,11 @@ absl::StatusOr<v1::ExportInfo> Client::ExportModel(
   req.set_version(version);
   auto reader = models_->ExportModel(&ctx, req);
   v1::ExportModelResponse msg;
-  v1::ExportInfo info;
-  if (reader->Read(&msg)) info = msg.info();
+  if (!reader->Read(&msg)) {  // e.g. NOT_FOUND
+    absl::Status s = FromGrpc(reader->Finish());
+    return s.ok() ? absl::InternalError("the server ended the export without sending anything") : s;
+  }
+  const v1::ExportInfo info = msg.info();
   const std::string tmp = path + ".tmp";
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
