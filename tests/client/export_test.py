@@ -11,6 +11,7 @@ usage: export_test.py BIN_DIR FIXTURES_DIR
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -110,6 +111,11 @@ def main():
             expect_code(grpc.StatusCode.FAILED_PRECONDITION,
                         lambda: c.export("untrained", os.path.join(tmp, "x.pt")))
             assert not os.path.exists(os.path.join(tmp, "x.pt")) and not os.path.exists(os.path.join(tmp, "x.pt.tmp"))
+            r = subprocess.run([os.path.join(BIN, "tlctl"), "--server=" + s.target, "export", "nope", "--out",
+                                os.path.join(tmp, "y.pt")], capture_output=True, text=True, timeout=60)
+            print("  tlctl export nope: exit %d, %s" % (r.returncode, r.stderr.strip()))
+            assert r.returncode != 0 and "does not exist" in r.stderr and "NOT_FOUND" in r.stderr, r.stderr
+            assert not os.path.exists(os.path.join(tmp, "y.pt")) and not os.path.exists(os.path.join(tmp, "y.pt.tmp"))
 
         # The exported fine-tuned classifier as a backbone: its head is dropped.
         path = os.path.join(tmp, "ft.pt")
