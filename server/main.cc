@@ -27,6 +27,9 @@ ABSL_FLAG(int, max_message_bytes, 64 << 20, "largest gRPC message, in bytes");
 ABSL_FLAG(int64_t, max_dataset_images, 1'000'000, "most images in one dataset");
 ABSL_FLAG(int64_t, max_dataset_classes, 1000, "most classes in one dataset");
 ABSL_FLAG(int64_t, max_example_bytes, 20 << 20, "largest encoded image in a dataset");
+ABSL_FLAG(int64_t, feature_cache_mb, 1024,
+          "memory for training jobs' cached backbone features (least recently used go first); 0: "
+          "no cache");
 ABSL_FLAG(std::string, data_dir, "./tlserve-data", "directory for the server's durable state");
 ABSL_FLAG(int, drain_seconds, 20, "on SIGTERM/SIGINT, how long in-flight calls may finish");
 
@@ -63,13 +66,17 @@ int main(int argc, char** argv) {
   o.datasets.max_images = absl::GetFlag(FLAGS_max_dataset_images);
   o.datasets.max_classes = absl::GetFlag(FLAGS_max_dataset_classes);
   o.datasets.max_example_bytes = absl::GetFlag(FLAGS_max_example_bytes);
+  o.feature_cache_bytes = absl::GetFlag(FLAGS_feature_cache_mb) << 20;
   const std::string host = absl::GetFlag(FLAGS_host);
   o.grpc_address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_port));
   o.metrics_address = absl::GetFlag(FLAGS_metrics_port) > 0
                           ? absl::StrCat(host, ":", absl::GetFlag(FLAGS_metrics_port))
                           : "";
-  if (o.limits.max_images_per_request < 1 || o.max_message_bytes < 1024) {
-    tlserve::LogError("--max_images_per_request must be >= 1 and --max_message_bytes >= 1024");
+  if (o.limits.max_images_per_request < 1 || o.max_message_bytes < 1024 ||
+      absl::GetFlag(FLAGS_feature_cache_mb) < 0) {
+    tlserve::LogError(
+        "--max_images_per_request must be >= 1, --max_message_bytes >= 1024 and "
+        "--feature_cache_mb >= 0");
     return 2;
   }
   tlserve::LogInfo(

@@ -65,7 +65,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   if (!models.ok()) return models.status();
   s->models_ = std::move(*models);
   s->jobs_ = std::make_unique<JobRunner>(s->database_.get(), s->datasets_.get(), s->models_.get(),
-                                         s->backbone_.get(), s->metrics_.get());
+                                         s->backbone_.get(), s->metrics_.get(),
+                                         options.feature_cache_bytes);
   if (absl::Status st = s->jobs_->Recover(); !st.ok()) return st;
   s->metrics_->SetModels(s->models_->size());
   s->model_service_ =

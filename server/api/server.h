@@ -35,6 +35,7 @@ struct ServerOptions {
   std::string grpc_address = "0.0.0.0:50051";    // port 0 picks a free one
   std::string metrics_address = "0.0.0.0:9090";  // empty: no exposer
   int max_message_bytes = 64 << 20;
+  int64_t feature_cache_bytes = int64_t{1} << 30;  // training jobs' feature cache
 };
 
 class Server {

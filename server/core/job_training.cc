@@ -75,17 +75,18 @@ absl::StatusOr<int> JobRunner::Train(const std::string& id) {
     const at::Tensor out = backbone_->Embed(at::stack(inputs), EmbedSpec{}).clone();
     for (size_t k = 0; k < pending.size(); ++k) {
       features[pending[k]].copy_(out[k]);
-      feature_cache_[absl::StrCat(backbone_->sha256(), ":", examples[pending[k]].id)] =
-          out[k].clone();
+      feature_cache_.Put(absl::StrCat(backbone_->sha256(), ":", examples[pending[k]].id),
+                         out[k].clone());
     }
     pending.clear();
     return absl::OkStatus();
   };
   for (int64_t i = 0; i < n; ++i) {
     if (Cancelled(id)) return absl::CancelledError("cancelled");
-    auto cached = feature_cache_.find(absl::StrCat(backbone_->sha256(), ":", examples[i].id));
-    if (cached != feature_cache_.end()) {
-      features[i].copy_(cached->second);
+    const at::Tensor cached =
+        feature_cache_.Get(absl::StrCat(backbone_->sha256(), ":", examples[i].id));
+    if (cached.defined()) {
+      features[i].copy_(cached);
     } else {
       pending.push_back(i);
       if (static_cast<int64_t>(pending.size()) == kBatch) {

@@ -71,8 +71,13 @@ const char* StateName(JobRecord::State s) {
 }
 
 JobRunner::JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* models,
-                     const Backbone* backbone, Metrics* metrics)
-    : db_(db), datasets_(datasets), models_(models), backbone_(backbone), metrics_(metrics) {
+                     const Backbone* backbone, Metrics* metrics, int64_t feature_cache_bytes)
+    : db_(db),
+      datasets_(datasets),
+      models_(models),
+      backbone_(backbone),
+      metrics_(metrics),
+      feature_cache_(feature_cache_bytes) {
   worker_ = std::thread([this] { WorkerLoop(); });
 }
 

@@ -1,7 +1,7 @@
 // Training jobs: queued -> running -> succeeded / failed / cancelled, run one
 // at a time on one worker thread (one device). A head-only job computes the
 // frozen backbone's features of every example once (cached in memory by
-// backbone and example), fits the head, and stores the best version. Every
+// backbone and example, up to a bound in bytes), fits the head, and stores the best version. Every
 // state change is written to the Database before watchers hear of it; at
 // start, jobs left queued or running by a previous process are marked failed
 // ("interrupted").
@@ -23,6 +23,7 @@
 #include "absl/synchronization/mutex.h"
 #include "server/core/backbone.h"
 #include "server/core/datasets.h"
+#include "server/core/feature_cache.h"
 #include "server/core/head_trainer.h"
 #include "server/core/models.h"
 
@@ -47,8 +48,9 @@ const char* StateName(JobRecord::State s);
 
 class JobRunner {
  public:
+  // `feature_cache_bytes` bounds the in-memory feature cache (0: none).
   JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* models, const Backbone* backbone,
-            Metrics* metrics);
+            Metrics* metrics, int64_t feature_cache_bytes = int64_t{1} << 30);
   ~JobRunner();  // cancels what runs, then joins
 
   // Marks jobs a previous process left unfinished as failed.
@@ -99,7 +101,7 @@ class JobRunner {
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   int next_token_ ABSL_GUARDED_BY(mu_) = 1;
-  std::map<std::string, at::Tensor> feature_cache_;  // worker thread only
+  FeatureCache feature_cache_;  // worker thread only
   std::thread worker_;
 };
 
