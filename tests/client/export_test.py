@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""ExportModel round trip: a head-only model and a fine-tuned one (private
-layer4) are exported with `tlctl export`, loaded in Python with
+"""ExportModel round trip: a head-only model, a fine-tuned one (private
+layer4, MLP head) and one with every stage trained are exported with `tlctl export`, loaded in Python with
 torch.jit.load(_extra_files=...), fed images preprocessed by torchvision,
 and must give the server's Classify probabilities within 1e-4. The exported
 file must also load as the backbone of a new tlserve, whose Embed equals the
@@ -83,8 +83,14 @@ def main():
             c.create_model("ft", dataset="fm", hidden=[32])
             c.unfreeze("ft", from_stage="layer4")
             assert c.train("ft", "fm", epochs=2, optimizer=2, seed=1).state == 3
+            # Every stage unfrozen (how the default backbone is pretrained): the
+            # model's own copies of all of them, BatchNorm statistics included.
+            c.create_model("full", dataset="fm")
+            full = c.unfreeze("full", from_stage="conv1")
+            assert all(st.private for st in full.stages), [(st.name, st.private) for st in full.stages]
+            assert c.train("full", "fm", epochs=1, optimizer=2, seed=1).state == 3
 
-            for model in ("head", "ft"):
+            for model in ("head", "ft", "full"):
                 path = os.path.join(tmp, model + ".pt")
                 info = json.loads(s.tlctl("export", model, "--out", path, "--json"))
                 assert info["size_bytes"] == os.path.getsize(path) and info["version"] == 1, info
@@ -103,6 +109,14 @@ def main():
                 print("%s: %d images, max |p_python - p_served| = %.3g, argmax agreement %.3f" % (
                     model, len(test), diff, agree))
                 assert diff <= 1e-4, diff
+
+            # The trained copies are what was exported, not the shared stages.
+            shared, _ = load(os.path.join(tmp, "head.pt"))
+            own, _ = load(os.path.join(tmp, "full.pt"))
+            moved = float((own.conv1.weight - shared.conv1.weight).abs().max())
+            stats = float((own.bn1.running_mean - shared.bn1.running_mean).abs().max())
+            print("full: exported conv1 moved by %.3g, bn1 running mean by %.3g from the shared ones" % (moved, stats))
+            assert moved > 0 and stats > 0, (moved, stats)
 
             print("error codes:")
             expect_code(grpc.StatusCode.NOT_FOUND, lambda: c.export("nope", os.path.join(tmp, "x.pt")))
@@ -135,7 +149,7 @@ def main():
             print("exported file as a backbone: stages %s; Embed vs its own forward: max rel diff %.3g"
                   % (",".join(names), rel))
             assert rel <= 1e-4, rel
-        print("worst probability difference over both models: %.3g" % worst)
+        print("worst probability difference over the three models: %.3g" % worst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
