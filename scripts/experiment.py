@@ -44,21 +44,11 @@ from sklearn.preprocessing import StandardScaler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "client", "python"))
-from tlserve_client import Client, is_validation, models_pb2  # noqa: E402
+from tlserve_client import Client, image_folder, is_validation, models_pb2  # noqa: E402
 from tlserve_client.local_server import LocalServer  # noqa: E402
 
 TARGET = "5,6,7,8,9"
 BEGIN, END = "<!-- experiment:begin -->", "<!-- experiment:end -->"
-
-
-def image_folder(root, per_class=None):
-    out = []
-    for label in sorted(os.listdir(root)):
-        files = sorted(os.listdir(os.path.join(root, label)))[:per_class]
-        for f in files:
-            with open(os.path.join(root, label, f), "rb") as fh:
-                out.append((label, "%s/%s" % (label, f), fh.read()))
-    return out
 
 
 def accuracy(client, model, test):

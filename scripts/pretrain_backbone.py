@@ -22,7 +22,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "client", "python"))
-from tlserve_client import Client, models_pb2  # noqa: E402
+from tlserve_client import Client, image_folder, models_pb2  # noqa: E402
 from tlserve_client.local_server import LocalServer  # noqa: E402
 
 SOURCE = "0,1,2,3,4"
@@ -63,11 +63,7 @@ def main():
         src = os.path.join(tmp, "source")
         subprocess.run([sys.executable, os.path.join(HERE, "sample_images.py"), src, "--count",
                         str(a.per_class), "--classes", SOURCE, "--split", "train"], check=True)
-        examples = []
-        for label in sorted(os.listdir(src)):
-            for f in sorted(os.listdir(os.path.join(src, label))):
-                with open(os.path.join(src, label, f), "rb") as fh:
-                    examples.append((label, "%s/%s" % (label, f), fh.read()))
+        examples = image_folder(src)
 
         start = time.time()
         with LocalServer(a.bin, init, os.path.join(tmp, "data")) as s, Client(s.target) as c:

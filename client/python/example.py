@@ -15,21 +15,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tlserve_client import Client, models_pb2  # noqa: E402
-
-
-def image_folder(root):
-    """(label, name, bytes) for every image under root/<label>/, sorted."""
-    out = []
-    for label in sorted(os.listdir(root)):
-        d = os.path.join(root, label)
-        if not os.path.isdir(d):
-            continue
-        for f in sorted(os.listdir(d)):
-            if f.lower().endswith((".png", ".jpg", ".jpeg")):
-                with open(os.path.join(d, f), "rb") as fh:
-                    out.append((label, "%s/%s" % (label, f), fh.read()))
-    return out
+from tlserve_client import Client, image_folder, models_pb2  # noqa: E402
 
 
 def show_progress(job):

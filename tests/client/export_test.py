@@ -23,19 +23,10 @@ from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "client", "python"))
-from tlserve_client import Client  # noqa: E402
+from tlserve_client import Client, image_folder  # noqa: E402
 from tlserve_client.local_server import LocalServer  # noqa: E402
 
 BIN, FIX = sys.argv[1], sys.argv[2]
-
-
-def image_folder(root):
-    out = []
-    for label in sorted(os.listdir(root)):
-        for f in sorted(os.listdir(os.path.join(root, label))):
-            with open(os.path.join(root, label, f), "rb") as fh:
-                out.append((label, "%s/%s" % (label, f), fh.read()))
-    return out
 
 
 def torchvision_batch(paths, spec):

@@ -24,7 +24,7 @@ from tlserve.v1 import datasets_pb2, datasets_pb2_grpc  # noqa: E402
 from tlserve.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
 from tlserve.v1 import models_pb2, models_pb2_grpc  # noqa: E402
 
-__all__ = ["Client", "datasets_pb2", "inference_pb2", "models_pb2"]
+__all__ = ["Client", "image_folder", "is_validation", "datasets_pb2", "inference_pb2", "models_pb2"]
 
 _MESSAGE_BYTES = 64 << 20
 _FINAL = (models_pb2.Job.SUCCEEDED, models_pb2.Job.FAILED, models_pb2.Job.CANCELLED)
@@ -170,3 +170,19 @@ def is_validation(name, data, fraction=0.15):
     TrainingOptions.validation_fraction = fraction): the split is a pure
     function of name and bytes, so a reference can train on the same rows."""
     return (example_hash(name, data) % 1000000) < fraction * 1000000
+
+
+def image_folder(root, per_class=None):
+    """(label, name, encoded bytes) for the images of an ImageFolder tree
+    root/<label>/<image>.png|.jpg, sorted by label then file name; the first
+    `per_class` files of each label when given. `name` is "label/file"."""
+    out = []
+    for label in sorted(os.listdir(root)):
+        d = os.path.join(root, label)
+        if not os.path.isdir(d):
+            continue
+        files = [f for f in sorted(os.listdir(d)) if f.lower().endswith((".png", ".jpg", ".jpeg"))]
+        for f in files[:per_class]:
+            with open(os.path.join(d, f), "rb") as fh:
+                out.append((label, "%s/%s" % (label, f), fh.read()))
+    return out
