@@ -204,8 +204,10 @@ absl::StatusOr<v1::ExportInfo> Client::ExportModel(
   }
   int64_t received = 0;
   bool write_failed = false;
+  Sha256 digest;  // of what arrives, as it arrives
   while (reader->Read(&msg)) {
     const std::string& chunk = msg.chunk();
+    digest.Update(chunk);
     if (!write_failed &&
         ::write(fd, chunk.data(), chunk.size()) != static_cast<ssize_t>(chunk.size())) {
       write_failed = true;
@@ -223,11 +225,9 @@ absl::StatusOr<v1::ExportInfo> Client::ExportModel(
   }
   ::close(fd);
   if (status.ok()) {
-    auto sha = FileSha256(tmp);
-    if (!sha.ok()) {
-      status = sha.status();
-    } else if (received != info.size_bytes() || *sha != info.sha256()) {
-      status = absl::DataLossError(absl::StrCat("received ", received, " bytes with sha256 ", *sha,
+    const std::string sha = digest.Hex();
+    if (received != info.size_bytes() || sha != info.sha256()) {
+      status = absl::DataLossError(absl::StrCat("received ", received, " bytes with sha256 ", sha,
                                                 "; the server sent ", info.size_bytes(),
                                                 " bytes with sha256 ", info.sha256()));
     }
