@@ -4,6 +4,7 @@
 
 #include <ctime>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -273,42 +274,39 @@ absl::StatusOr<ModelRegistry::Entry*> ModelRegistry::Idle(const std::string& nam
   return &it->second;
 }
 
-absl::StatusOr<ModelInfo> ModelRegistry::Unfreeze(const std::string& name,
-                                                  const std::vector<std::string>& stages) {
+absl::StatusOr<ModelInfo> ModelRegistry::ChangeStages(
+    const std::string& name, const std::vector<std::string>& stages,
+    const std::function<void(ModelInfo&, const std::string&)>& change) {
   auto indices = StageIndices(stages);
   if (!indices.ok()) return indices.status();
   absl::MutexLock lock(&mu_);
   auto entry = Idle(name, "change its stages after the job");
   if (!entry.ok()) return entry.status();
   ModelInfo next = (*entry)->info;
-  for (const auto& s : stages) next.private_stages[s] = true;
+  for (const auto& s : stages) change(next, s);
   if (absl::Status s = Persist(next); !s.ok()) return s;
   Describe(next);
   (*entry)->info = next;
   return next;
 }
 
+absl::StatusOr<ModelInfo> ModelRegistry::Unfreeze(const std::string& name,
+                                                  const std::vector<std::string>& stages) {
+  return ChangeStages(name, stages,
+                      [](ModelInfo& m, const std::string& s) { m.private_stages[s] = true; });
+}
+
 absl::StatusOr<ModelInfo> ModelRegistry::Freeze(const std::string& name,
                                                 const std::vector<std::string>& stages, bool drop) {
-  auto indices = StageIndices(stages);
-  if (!indices.ok()) return indices.status();
-  absl::MutexLock lock(&mu_);
-  auto entry = Idle(name, "change its stages after the job");
-  if (!entry.ok()) return entry.status();
-  ModelInfo next = (*entry)->info;
-  for (const auto& s : stages) {
-    auto p = next.private_stages.find(s);
-    if (p == next.private_stages.end()) continue;  // already the shared stage
+  return ChangeStages(name, stages, [drop](ModelInfo& m, const std::string& s) {
+    auto p = m.private_stages.find(s);
+    if (p == m.private_stages.end()) return;  // already the shared stage
     if (drop) {
-      next.private_stages.erase(p);
+      m.private_stages.erase(p);
     } else {
       p->second = false;
     }
-  }
-  if (absl::Status s = Persist(next); !s.ok()) return s;
-  Describe(next);
-  (*entry)->info = next;
-  return next;
+  });
 }
 
 absl::StatusOr<ModelRegistry::StartingPoint> ModelRegistry::Start(const std::string& name) const {

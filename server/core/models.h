@@ -8,6 +8,7 @@
 #ifndef TLSERVE_SERVER_CORE_MODELS_H_
 #define TLSERVE_SERVER_CORE_MODELS_H_
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -128,6 +129,11 @@ class ModelRegistry {
   ModelRegistry(Database* db, std::string dir, const Backbone* backbone)
       : db_(db), dir_(std::move(dir)), backbone_(backbone), dim_(backbone->embedding_dim()) {}
   absl::StatusOr<std::vector<int>> StageIndices(const std::vector<std::string>& names) const;
+  // Unfreeze and Freeze: validates the stage names, applies `change` for
+  // each to a copy of the idle model's info, persists it, then installs it.
+  absl::StatusOr<ModelInfo> ChangeStages(
+      const std::string& name, const std::vector<std::string>& stages,
+      const std::function<void(ModelInfo&, const std::string&)>& change);
   void Describe(ModelInfo& info) const;
   absl::Status Persist(const ModelInfo& info) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The model, when it exists (NOT_FOUND) and is not training (FAILED_PRECONDITION).
