@@ -144,7 +144,7 @@ int Train(Client& c, const Args& a) {
         "usage: tlctl train MODEL --dataset D [--epochs N --head-lr X --lr X --optimizer "
         "lbfgs|adamw|sgd "
         "--batch-size N --weight-decay X --label-smoothing X --balanced --patience N --augment "
-        "--freeze-batchnorm --seed N] [--wait]"));
+        "--train-batchnorm --seed N] [--wait]"));
   }
   v1::StartTrainingRequest req;
   req.set_model(a.positional[0]);
@@ -179,7 +179,11 @@ int Train(Client& c, const Args& a) {
   }
   o->set_balanced_class_weights(a.Has("balanced"));
   o->set_augment(a.Has("augment"));
-  o->set_freeze_batchnorm(a.Has("freeze-batchnorm"));
+  if (a.Has("freeze-batchnorm") && a.Has("train-batchnorm")) {
+    return Fail(absl::InvalidArgumentError("--freeze-batchnorm and --train-batchnorm conflict"));
+  }
+  if (a.Has("freeze-batchnorm")) o->set_freeze_batchnorm(true);
+  if (a.Has("train-batchnorm")) o->set_freeze_batchnorm(false);
   auto job = c.Call(&v1::Models::Stub::StartTraining, req);
   if (!job.ok()) return Fail(job.status());
   if (a.Has("wait")) return Follow(c, job->id(), a.Has("json"));

@@ -48,6 +48,7 @@ nlohmann::json ModelJson(const v1::Model& m) {
           {"head_params", m.head_params()},
           {"served_version", m.served_version()},
           {"training", m.training()},
+          {"problem", m.problem()},
           {"stages", stages},
           {"versions", versions}};
 }
@@ -55,7 +56,9 @@ nlohmann::json ModelJson(const v1::Model& m) {
 void PrintModel(const v1::Model& m) {
   std::cout << m.name() << ": " << m.classes_size() << " classes, head "
             << WithCommas(m.head_params()) << " params, served version " << m.served_version()
-            << (m.training() ? " (training)" : "") << "\n  stages:\n";
+            << (m.training() ? " (training)" : "") << "\n";
+  if (!m.problem().empty()) std::cout << "  PROBLEM: " << m.problem() << "\n";
+  std::cout << "  stages:\n";
   for (const auto& s : m.stages()) {
     std::cout << absl::StrFormat("    %-10s %-8s %-10s %s\n", s.name(),
                                  s.private_() ? "private" : "shared",
@@ -117,7 +120,8 @@ int Models(Client& c, const Args& a) {
   }
   for (const auto& m : list->models()) {
     std::cout << m.name() << "\t" << m.classes_size() << " classes\tserved v" << m.served_version()
-              << (m.training() ? "\ttraining" : "") << "\n";
+              << (m.training() ? "\ttraining" : "")
+              << (m.problem().empty() ? "" : "\tDAMAGED: " + m.problem()) << "\n";
   }
   return 0;
 }

@@ -29,6 +29,7 @@ void ToProto(const ModelInfo& m, v1::Model* out) {
   out->set_head_params(m.head_params);
   out->set_served_version(m.served_version);
   out->set_training(m.training);
+  if (!m.problem.ok()) out->set_problem(m.problem.ToString());
   for (const auto& st : m.stages) {
     v1::ModelStage* ps = out->add_stages();
     ps->set_name(st.name);
@@ -93,23 +94,37 @@ void ToProto(const JobRecord& r, v1::Job* out) {
   po->set_validation_fraction(o.validation_fraction);
 }
 
-TrainOptions FromProto(const v1::TrainingOptions& p) {
+absl::StatusOr<TrainOptions> FromProto(const v1::TrainingOptions& p) {
   TrainOptions o;
   o.epochs = p.epochs();
   if (p.batch_size() != 0) o.batch_size = p.batch_size();
-  o.optimizer = p.optimizer() == v1::TrainingOptions::LBFGS   ? TrainOptions::Optimizer::kLbfgs
-                : p.optimizer() == v1::TrainingOptions::ADAMW ? TrainOptions::Optimizer::kAdamw
-                : p.optimizer() == v1::TrainingOptions::SGD   ? TrainOptions::Optimizer::kSgd
-                                                              : TrainOptions::Optimizer::kDefault;
+  switch (p.optimizer()) {
+    case v1::TrainingOptions::OPTIMIZER_DEFAULT:
+      o.optimizer = TrainOptions::Optimizer::kDefault;
+      break;
+    case v1::TrainingOptions::LBFGS:
+      o.optimizer = TrainOptions::Optimizer::kLbfgs;
+      break;
+    case v1::TrainingOptions::ADAMW:
+      o.optimizer = TrainOptions::Optimizer::kAdamw;
+      break;
+    case v1::TrainingOptions::SGD:
+      o.optimizer = TrainOptions::Optimizer::kSgd;
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("options.optimizer: unknown value ", static_cast<int>(p.optimizer()),
+                       "; use OPTIMIZER_DEFAULT, LBFGS, ADAMW or SGD"));
+  }
   o.stage_learning_rate = p.stage_learning_rate();
   o.augment = p.augment();
-  o.freeze_batchnorm = p.freeze_batchnorm();
+  if (p.has_freeze_batchnorm()) o.freeze_batchnorm = p.freeze_batchnorm();
   o.learning_rate = p.learning_rate();
-  if (p.weight_decay() != 0) o.weight_decay = p.weight_decay();
+  if (p.has_weight_decay()) o.weight_decay = p.weight_decay();
   o.label_smoothing = p.label_smoothing();
   o.balanced_class_weights = p.balanced_class_weights();
   o.early_stopping_patience = p.early_stopping_patience();
-  if (p.validation_fraction() != 0) o.validation_fraction = p.validation_fraction();
+  if (p.has_validation_fraction()) o.validation_fraction = p.validation_fraction();
   o.seed = p.seed();
   return o;
 }
@@ -284,7 +299,9 @@ grpc::ServerUnaryReactor* ModelService::StartTraining(grpc::CallbackServerContex
                                                       const v1::StartTrainingRequest* req,
                                                       v1::Job* resp) {
   RpcTimer t(metrics_, "StartTraining");
-  auto j = jobs_->Start(req->model(), req->dataset(), FromProto(req->options()));
+  auto options = FromProto(req->options());
+  if (!options.ok()) return Done(c, t, options.status());
+  auto j = jobs_->Start(req->model(), req->dataset(), *options);
   if (j.ok()) ToProto(*j, resp);
   return Done(c, t, j.status());
 }

@@ -11,6 +11,7 @@
 #include "server/core/metrics_exposer.h"
 #include "server/store/data_dir.h"
 #include "server/store/database.h"
+#include "server/store/disk_budget.h"
 
 namespace tlserve {
 
@@ -24,9 +25,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   auto db = Database::Open(options.data_dir + "/tlserve.db");
   if (!db.ok()) return db.status();
   s->database_ = std::move(*db);
-  DatasetLimits dataset_limits = options.datasets;
-  dataset_limits.max_image_pixels = options.embedder.max_image_pixels;
-  s->datasets_ = std::make_unique<DatasetCatalog>(s->database_.get(), dataset_limits);
+  Database* database = s->database_.get();
+  s->disk_ = std::make_unique<DiskBudget>(
+      DiskBudget::FileSystemProbe(options.data_dir,
+                                  [database] { return database->ReusableBytes(); }),
+      options.min_free_disk_bytes);
   s->pool_ = std::make_unique<ThreadPool>(options.embedder.preprocess_threads);
 
   auto backbone = Backbone::Load(options.backbone);
@@ -38,6 +41,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
         "are not meaningful features; see README for real weights",
         s->backbone_->name());
   }
+  DatasetLimits dataset_limits = options.datasets;
+  dataset_limits.max_image_pixels = options.embedder.max_image_pixels;
+  dataset_limits.preprocess = s->backbone_->preprocess();
+  s->datasets_ =
+      std::make_unique<DatasetCatalog>(s->database_.get(), dataset_limits, s->disk_.get());
   s->metrics_->SetBackboneInfo(s->backbone_->name(), s->backbone_->device(), s->backbone_->dtype(),
                                s->backbone_->pretrained());
 
@@ -60,13 +68,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
 
   s->inference_ =
       std::make_unique<InferenceService>(s->embedder_.get(), s->metrics_.get(), options.limits);
-  auto models =
-      ModelRegistry::Open(s->database_.get(), options.data_dir + "/models", s->backbone_.get());
+  auto models = ModelRegistry::Open(s->database_.get(), options.data_dir + "/models",
+                                    s->backbone_.get(), options.models, s->disk_.get());
   if (!models.ok()) return models.status();
   s->models_ = std::move(*models);
-  s->jobs_ = std::make_unique<JobRunner>(s->database_.get(), s->datasets_.get(), s->models_.get(),
-                                         s->backbone_.get(), s->metrics_.get(),
-                                         options.feature_cache_bytes);
+  s->jobs_ = std::make_unique<JobRunner>(
+      s->database_.get(), s->datasets_.get(), s->models_.get(), s->backbone_.get(),
+      s->metrics_.get(),
+      JobRunner::Options{options.feature_cache_bytes, options.embedder.max_image_pixels,
+                         s->disk_.get()});
   if (absl::Status st = s->jobs_->Recover(); !st.ok()) return st;
   s->metrics_->SetModels(s->models_->size());
   s->model_service_ =

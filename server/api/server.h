@@ -23,6 +23,7 @@ namespace tlserve {
 
 class DataDir;
 class Database;
+class DiskBudget;
 class DeviceMemoryCollector;
 class MetricsExposer;
 
@@ -31,11 +32,13 @@ struct ServerOptions {
   Embedder::Options embedder;
   ApiLimits limits;
   DatasetLimits datasets;
+  ModelLimits models;
   std::string data_dir = "./tlserve-data";
   std::string grpc_address = "0.0.0.0:50051";    // port 0 picks a free one
   std::string metrics_address = "0.0.0.0:9090";  // empty: no exposer
   int max_message_bytes = 64 << 20;
-  int64_t feature_cache_bytes = int64_t{1} << 30;  // training jobs' feature cache
+  int64_t feature_cache_bytes = int64_t{1} << 30;    // training jobs' feature cache
+  int64_t min_free_disk_bytes = int64_t{512} << 20;  // the data directory's reserve
 };
 
 class Server {
@@ -61,6 +64,7 @@ class Server {
   std::unique_ptr<Backbone> backbone_;
   std::unique_ptr<Embedder> embedder_;
   std::unique_ptr<Database> database_;
+  std::unique_ptr<DiskBudget> disk_;
   std::unique_ptr<DatasetCatalog> datasets_;
   std::unique_ptr<ThreadPool> pool_;  // uploads and other non-device work
   std::unique_ptr<InferenceService> inference_;

@@ -2,6 +2,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "server/core/contain.h"
 #include "server/core/image_decoder.h"
 
 namespace tlserve {
@@ -11,7 +12,7 @@ absl::Status DatasetCatalog::ValidateName(const std::string& name, const std::st
   for (char c : name) ok = ok && (absl::ascii_isalnum(c) || c == '.' || c == '_' || c == '-');
   if (ok) return absl::OkStatus();
   return absl::InvalidArgumentError(
-      absl::StrCat(field, " \"", name,
+      absl::StrCat(field, " \"", Bounded(name),
                    "\" is not a valid name: use 1-64 letters, digits, '.', '_' or '-', "
                    "starting with a letter or digit"));
 }
@@ -42,7 +43,10 @@ absl::Status DatasetCatalog::CheckExample(const UploadExample& e) const {
     return absl::InvalidArgumentError(absl::StrCat(
         "image has ", e.bytes.size(), " bytes, over the limit of ", limits_.max_example_bytes));
   }
-  return DecodeImage(e.bytes, limits_.max_image_pixels).status();
+  auto rgb = DecodeImage(e.bytes, limits_.max_image_pixels);
+  if (!rgb.ok()) return rgb.status();
+  return CheckPreprocessBudget(rgb->size(0), rgb->size(1), limits_.preprocess,
+                               limits_.max_image_pixels);
 }
 
 absl::StatusOr<UploadResult> DatasetCatalog::Commit(const std::string& dataset,
@@ -87,6 +91,12 @@ absl::StatusOr<UploadResult> DatasetCatalog::Commit(const std::string& dataset,
   UploadResult result;
   result.accepted = static_cast<int64_t>(accepted.size());
   result.rejected = std::move(rejected);
+  if (!accepted.empty() && disk_ != nullptr) {
+    int64_t bytes = 0;
+    for (const auto& e : accepted) bytes += static_cast<int64_t>(e.bytes.size() + e.name.size());
+    // Twice: the write-ahead log holds the rows before they reach the file.
+    if (absl::Status s = disk_->Check(2 * bytes, "this upload"); !s.ok()) return s;
+  }
   if (!accepted.empty()) {
     std::vector<StoredExample> rows;
     rows.reserve(accepted.size());

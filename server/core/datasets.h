@@ -17,7 +17,9 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "server/core/preprocess.h"
 #include "server/store/database.h"
+#include "server/store/disk_budget.h"
 
 namespace tlserve {
 
@@ -26,6 +28,9 @@ struct DatasetLimits {
   int64_t max_images = 1'000'000;
   int64_t max_classes = 1000;
   int64_t max_image_pixels = 40'000'000;
+  // The backbone's preprocessing: an image whose resized intermediate would
+  // be over max_image_pixels is rejected at upload, not at training.
+  PreprocessSpec preprocess;
 };
 
 struct UploadExample {
@@ -48,7 +53,9 @@ struct UploadResult {
 
 class DatasetCatalog {
  public:
-  DatasetCatalog(Database* db, DatasetLimits limits) : db_(db), limits_(limits) {}
+  // `disk` (may be null: no budget) is checked before every write.
+  DatasetCatalog(Database* db, DatasetLimits limits, const DiskBudget* disk = nullptr)
+      : db_(db), limits_(limits), disk_(disk) {}
 
   // Names of datasets (and models): 1-64 of [A-Za-z0-9._-], starting with a
   // letter or digit. INVALID_ARGUMENT naming `field` otherwise.
@@ -79,6 +86,7 @@ class DatasetCatalog {
  private:
   Database* db_;
   const DatasetLimits limits_;
+  const DiskBudget* disk_;
   absl::Mutex mu_;
   std::map<std::string, int> users_ ABSL_GUARDED_BY(mu_);
 };

@@ -84,9 +84,7 @@ absl::StatusOr<at::Tensor> Embedder::Prepare(const ImageInput& image) const {
   const auto& shape = image.shape;
   switch (image.kind) {
     case ImageInput::Kind::kEncoded: {
-      auto rgb = DecodeImage(image.data, options_.max_image_pixels);
-      if (!rgb.ok()) return rgb.status();
-      return Preprocess(*rgb, backbone_->preprocess());
+      return DecodeAndPreprocess(image.data, backbone_->preprocess(), options_.max_image_pixels);
     }
     case ImageInput::Kind::kUint8Hwc: {
       if (shape.size() != 3 || shape[0] < 1 || shape[1] < 1 ||
@@ -107,7 +105,7 @@ absl::StatusOr<at::Tensor> Embedder::Prepare(const ImageInput& image) const {
       std::memcpy(hwc.data_ptr(), image.data.data(), image.data.size());
       auto rgb = ToRgb(hwc);
       if (!rgb.ok()) return rgb.status();
-      return Preprocess(*rgb, backbone_->preprocess());
+      return Preprocess(*rgb, backbone_->preprocess(), options_.max_image_pixels);
     }
     case ImageInput::Kind::kFloatChw: {
       if (shape.size() != 3 || shape[0] != 3 || shape[1] < 1 || shape[2] < 1) {

@@ -6,6 +6,7 @@
 #include <torch/script.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -44,7 +45,6 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
   std::mt19937_64 rng(o.seed);
   std::uniform_real_distribution<double> uniform(0, 1);
   const int first = stages.begin()->first;
-  const std::vector<StoredExample>& examples = *data.examples;
 
   // The frozen prefix's output for a batch of examples, without gradient.
   std::map<int64_t, at::Tensor> prefix_cache;
@@ -52,13 +52,27 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
     std::vector<at::Tensor> inputs, cached;
     std::vector<int64_t> missing;
     for (int64_t i : idx) {
-      if (!augment && prefix_cache.count(i)) continue;
-      auto rgb = DecodeImage(examples[i].bytes, 1LL << 40);
-      if (!rgb.ok()) return rgb.status();
-      inputs.push_back(
-          augment ? PreprocessAugmented(*rgb, backbone.preprocess(), [&] { return uniform(rng); })
-                  : Preprocess(*rgb, backbone.preprocess()));
-      missing.push_back(i);
+      if (augment || !prefix_cache.count(i)) missing.push_back(i);
+    }
+    if (!missing.empty()) {
+      auto bytes = data.read(missing);
+      if (!bytes.ok()) return bytes.status();
+      for (size_t k = 0; k < missing.size(); ++k) {
+        const PreprocessSpec& spec = backbone.preprocess();
+        absl::StatusOr<at::Tensor> x;
+        if (augment) {
+          auto rgb = DecodeImage((*bytes)[k], data.max_image_pixels);
+          if (!rgb.ok()) return rgb.status();
+          x = PreprocessAugmented(*rgb, spec, [&] { return uniform(rng); });
+        } else {
+          x = DecodeAndPreprocess((*bytes)[k], spec, data.max_image_pixels);
+        }
+        if (!x.ok()) {
+          return absl::Status(x.status().code(),
+                              absl::StrCat("example ", missing[k], ": ", x.status().message()));
+        }
+        inputs.push_back(*std::move(x));
+      }
     }
     at::Tensor computed;
     if (!inputs.empty()) {
@@ -82,11 +96,13 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
     }
     return head->forward(x.flatten(1).to(torch::kFloat));
   };
-  auto set_training = [&](bool training) {
+  // BatchNorm statistics of a batch of one are undefined (and throw on a 1×1
+  // feature map): such a batch trains with the statistics frozen.
+  auto set_training = [&](bool training, size_t batch) {
     for (auto& [i, m] : stages) {
       bool trainable = false;
       for (const auto& p : m->parameters()) trainable = trainable || p.requires_grad();
-      m->train(training && trainable && !o.freeze_batchnorm);
+      m->train(training && trainable && !o.freeze_batchnorm && batch > 1);
     }
     head->train(training);
   };
@@ -162,21 +178,59 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
 
   FineTuned out;
   const absl::Time start = absl::Now();
-  double best = -1;
+  const std::vector<int64_t>& eval_idx = data.val.empty() ? data.train : data.val;
+  // Batch boundaries: a trailing batch of one joins the batch before it.
+  auto batches = [&](const std::vector<int64_t>& order) {
+    std::vector<std::pair<size_t, size_t>> out;
+    const size_t n = order.size(), bs = static_cast<size_t>(o.batch_size);
+    for (size_t b = 0; b < n; b += bs) {
+      size_t e = std::min(n, b + bs);
+      if (n - e == 1 && bs > 1) e = n;
+      out.emplace_back(b, e);
+      if (e == n) break;
+    }
+    return out;
+  };
+  auto diverged = [](int epoch, double loss) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "training diverged: the loss became ", loss, " in epoch ", epoch,
+        "; lower options.learning_rate / options.stage_learning_rate (the model keeps its last "
+        "good version)"));
+  };
+  // Epoch 0: the starting point, evaluated like every epoch. It is the one
+  // to beat: a version never comes out worse than the one it started from.
+  set_training(false, 0);
+  double best;
+  {
+    auto ft = features(data.train);
+    if (!ft.ok()) return ft.status();
+    auto fv = features(eval_idx);
+    if (!fv.ok()) return fv.status();
+    const Evaluation tr = Evaluate(head, *ft, labels_of(data.train), classes);
+    const Evaluation va = Evaluate(head, *fv, labels_of(eval_idx), classes);
+    EpochStats s;
+    s.train_loss = tr.loss;
+    s.train_accuracy = tr.accuracy;
+    s.validation_loss = va.loss;
+    s.validation_accuracy = va.accuracy;
+    s.elapsed_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+    s.eta_seconds = 0;
+    out.history.push_back(s);
+    if (on_epoch) on_epoch(s);
+    best = va.accuracy;
+  }
   int since_best = 0;
   std::vector<at::Tensor> best_state;
   for (const auto& t : State(stages, head)) best_state.push_back(t.detach().clone());
-  const std::vector<int64_t>& eval_idx = data.val.empty() ? data.train : data.val;
   for (int epoch = 1; epoch <= o.epochs; ++epoch) {
     std::vector<int64_t> order = data.train;
     std::shuffle(order.begin(), order.end(), rng);
-    set_training(true);
     double loss_sum = 0;
     int64_t correct = 0;
-    for (size_t b = 0; b < order.size(); b += o.batch_size) {
+    for (const auto& [b, e] : batches(order)) {
       if (cancelled && cancelled()) return absl::CancelledError("the job was cancelled");
-      std::vector<int64_t> batch(order.begin() + b,
-                                 order.begin() + std::min(order.size(), b + o.batch_size));
+      std::vector<int64_t> batch(order.begin() + b, order.begin() + e);
+      set_training(true, batch.size());
       auto x = prefix(batch, o.augment);
       if (!x.ok()) return x.status();
       const at::Tensor y = labels_of(batch);
@@ -185,15 +239,18 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
       auto lo = F::CrossEntropyFuncOptions().label_smoothing(o.label_smoothing);
       if (weights.defined()) lo = lo.weight(weights);
       at::Tensor loss = F::cross_entropy(logits, y, lo);
+      const double batch_loss = loss.item<double>();
+      if (!std::isfinite(batch_loss)) return diverged(epoch, batch_loss);
       loss.backward();
       opt->step();
-      loss_sum += loss.item<double>() * batch.size();
+      loss_sum += batch_loss * batch.size();
       correct += logits.argmax(1).eq(y).sum().item<int64_t>();
     }
-    set_training(false);
+    set_training(false, 0);
     auto fv = features(eval_idx);
     if (!fv.ok()) return fv.status();
     const Evaluation va = Evaluate(head, *fv, labels_of(eval_idx), classes);
+    if (!std::isfinite(va.loss)) return diverged(epoch, va.loss);
     EpochStats s;
     s.epoch = epoch;
     s.train_loss = loss_sum / order.size();
@@ -219,7 +276,7 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
     auto now = State(stages, head);
     for (size_t k = 0; k < now.size(); ++k) now[k].copy_(best_state[k]);
   }
-  set_training(false);
+  set_training(false, 0);
   auto ft = features(data.train);
   if (!ft.ok()) return ft.status();
   out.train = Evaluate(head, *ft, labels_of(data.train), classes);

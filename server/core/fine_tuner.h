@@ -2,9 +2,15 @@
 // head, at a smaller learning rate for the stages. The shared prefix before
 // the first private stage runs without gradient (its outputs are computed
 // once and kept in memory when augmentation is off); shared stages after it
-// stay frozen and in eval mode; trainable private stages train (BatchNorm
-// too, unless freeze_batchnorm). The best epoch by validation accuracy is
-// kept. Not thread-safe; runs on the job thread.
+// stay frozen and in eval mode; trainable private stages train, their
+// BatchNorm statistics only with freeze_batchnorm off and never on a batch of
+// one (a trailing batch of one is merged into the one before it).
+//
+// Never worse than where it started: the starting point is evaluated as
+// epoch 0 and the best epoch by validation accuracy is kept, so when no epoch
+// beats the start, the starting weights come back. A non-finite loss fails
+// the run (FAILED_PRECONDITION, "diverged"). Not thread-safe; runs on the job
+// thread.
 #ifndef TLSERVE_SERVER_CORE_FINE_TUNER_H_
 #define TLSERVE_SERVER_CORE_FINE_TUNER_H_
 
@@ -22,9 +28,12 @@
 namespace tlserve {
 
 struct FineTuneData {
-  const std::vector<StoredExample>* examples;
-  std::vector<int64_t> train, val;  // indices into examples
+  // The encoded images of examples by index, read a batch at a time (the
+  // dataset is never held in memory whole).
+  std::function<absl::StatusOr<std::vector<std::string>>(const std::vector<int64_t>&)> read;
+  std::vector<int64_t> train, val;  // example indices
   std::vector<int64_t> labels;      // class index per example
+  int64_t max_image_pixels = 40'000'000;
 };
 
 struct FineTuned {

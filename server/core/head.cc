@@ -37,6 +37,15 @@ torch::nn::Sequential MakeHead(const HeadSpec& spec, int64_t in_dim, int64_t cla
   return head;
 }
 
+int64_t HeadParams(const HeadSpec& spec, int64_t in_dim, int64_t classes) {
+  int64_t params = 0, width = in_dim;
+  for (int h : spec.hidden) {
+    params += width * h + h;
+    width = h;
+  }
+  return params + width * classes + classes;
+}
+
 int64_t ParamCount(const torch::nn::Sequential& head) {
   int64_t n = 0;
   for (const auto& p : head->parameters()) n += p.numel();

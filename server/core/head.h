@@ -22,6 +22,9 @@ struct HeadSpec {
 absl::Status ValidateHeadSpec(const HeadSpec& spec);
 torch::nn::Sequential MakeHead(const HeadSpec& spec, int64_t in_dim, int64_t classes);
 int64_t ParamCount(const torch::nn::Sequential& head);
+// The parameters MakeHead(spec, in_dim, classes) would have, computed
+// without allocating them: checked against --max_head_params first.
+int64_t HeadParams(const HeadSpec& spec, int64_t in_dim, int64_t classes);
 std::string SaveHead(const torch::nn::Sequential& head);
 // Loads weights into a head made with MakeHead of the same shape.
 absl::Status LoadHead(const std::string& bytes, torch::nn::Sequential& head);

@@ -37,7 +37,9 @@ struct TrainOptions {
   // Fine-tuning (models with unfrozen stages) only:
   float stage_learning_rate = 0;  // 0: learning_rate / 10
   bool augment = false;           // random resized crop + horizontal flip
-  bool freeze_batchnorm = false;
+  // BatchNorm statistics of the private stages stay as they are (the
+  // default: trained on small batches they wrecked the model, README).
+  bool freeze_batchnorm = true;
 };
 
 // Resolves defaults for a model with (`fine_tune`) or without unfrozen

@@ -107,16 +107,27 @@ bool DecodePngInto(PngDecode* st, int64_t max_pixels) {
   if (color & PNG_COLOR_MASK_ALPHA) png_set_strip_alpha(png);
   png_set_interlace_handling(png);
   png_read_update_info(png, info);
-  if (png_get_rowbytes(png, info) != static_cast<size_t>(st->width) * 3) {
+  // Expanding a palette also expands its transparency (tRNS) into an alpha
+  // channel: read 4 channels then, and drop the alpha as PIL's RGB does.
+  const size_t channels = png_get_channels(png, info);
+  if ((channels != 3 && channels != 4) ||
+      png_get_rowbytes(png, info) != static_cast<size_t>(st->width) * channels) {
     png_error(png, "unsupported PNG pixel layout");
   }
-  st->pixels.resize(static_cast<size_t>(st->width) * st->height * 3);
+  const size_t pixels = static_cast<size_t>(st->width) * st->height;
+  st->pixels.resize(pixels * channels);
   st->rows.resize(st->height);
   for (png_uint_32 y = 0; y < st->height; ++y) {
-    st->rows[y] = st->pixels.data() + static_cast<size_t>(y) * st->width * 3;
+    st->rows[y] = st->pixels.data() + static_cast<size_t>(y) * st->width * channels;
   }
   png_read_image(png, st->rows.data());
   png_destroy_read_struct(&png, &info, nullptr);
+  if (channels == 4) {
+    for (size_t i = 0; i < pixels; ++i) {
+      std::memmove(&st->pixels[i * 3], &st->pixels[i * 4], 3);
+    }
+    st->pixels.resize(pixels * 3);
+  }
   return true;
 }
 

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include "absl/strings/str_cat.h"
+#include "server/core/contain.h"
 #include "server/core/fine_tuner.h"
 #include "server/core/image_decoder.h"
 #include "server/core/jobs.h"
@@ -12,6 +13,96 @@
 #include "server/core/preprocess.h"
 
 namespace tlserve {
+
+absl::StatusOr<std::vector<std::string>> JobRunner::ReadBytes(
+    const std::vector<StoredExample>& examples, const std::vector<int64_t>& indices) const {
+  std::vector<int64_t> ids;
+  ids.reserve(indices.size());
+  for (int64_t i : indices) ids.push_back(examples[i].id);
+  auto bytes = db_->ReadExampleBytes(ids);
+  if (!bytes.ok() && bytes.status().code() == absl::StatusCode::kNotFound) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the dataset changed under the job: ", bytes.status().message()));
+  }
+  return bytes;
+}
+
+absl::StatusOr<at::Tensor> JobRunner::Features(const std::string& id,
+                                               const std::vector<StoredExample>& examples) {
+  // Features of every example with the frozen backbone, once: normal tensors
+  // (not inference tensors), so that training can use them. The images are
+  // read from the database a batch at a time.
+  const int64_t n = static_cast<int64_t>(examples.size()), dim = backbone_->embedding_dim();
+  at::Tensor features = at::empty({n, dim});
+  constexpr int64_t kBatch = 32;
+  std::vector<int64_t> pending;
+  auto flush = [&]() -> absl::Status {
+    if (pending.empty()) return absl::OkStatus();
+    auto bytes = ReadBytes(examples, pending);
+    if (!bytes.ok()) return bytes.status();
+    std::vector<at::Tensor> inputs;
+    for (size_t k = 0; k < pending.size(); ++k) {
+      auto x = DecodeAndPreprocess((*bytes)[k], backbone_->preprocess(), max_image_pixels_);
+      if (!x.ok()) {
+        const StoredExample& e = examples[pending[k]];
+        return absl::FailedPreconditionError(absl::StrCat(
+            "example ", e.id, " (\"", Bounded(e.name), "\") cannot be used: ", x.status().message(),
+            "; delete the dataset or upload it without it"));
+      }
+      inputs.push_back(*std::move(x));
+    }
+    const at::Tensor out = backbone_->Embed(at::stack(inputs), EmbedSpec{}).clone();
+    for (size_t k = 0; k < pending.size(); ++k) {
+      features[pending[k]].copy_(out[k]);
+      feature_cache_.Put(absl::StrCat(backbone_->sha256(), ":", examples[pending[k]].id),
+                         out[k].clone());
+    }
+    pending.clear();
+    return absl::OkStatus();
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    if (Cancelled(id)) return absl::CancelledError("cancelled");
+    const at::Tensor cached =
+        feature_cache_.Get(absl::StrCat(backbone_->sha256(), ":", examples[i].id));
+    if (cached.defined()) {
+      features[i].copy_(cached);
+    } else {
+      pending.push_back(i);
+      if (static_cast<int64_t>(pending.size()) == kBatch) {
+        if (absl::Status s = flush(); !s.ok()) return s;
+        Update(id, [&](JobRecord& rec) { rec.phase = absl::StrCat("features ", i + 1, "/", n); });
+      }
+    }
+  }
+  if (absl::Status s = flush(); !s.ok()) return s;
+  return features;
+}
+
+absl::StatusOr<TrainedHead> JobRunner::FitHead(const std::string& id, const JobRecord& r,
+                                               const ModelInfo& info,
+                                               const std::vector<StoredExample>& examples,
+                                               const TrainOptions& options) {
+  auto features = Features(id, examples);
+  if (!features.ok()) return features.status();
+  std::map<std::string, int64_t> class_index;
+  for (size_t i = 0; i < info.classes.size(); ++i) class_index[info.classes[i]] = i;
+  const int64_t n = static_cast<int64_t>(examples.size()), dim = backbone_->embedding_dim();
+  std::vector<int64_t> train_idx, val_idx, train_y, val_y;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool val = DatasetCatalog::IsValidation(examples[i].hash, options.validation_fraction);
+    (val ? val_idx : train_idx).push_back(i);
+    (val ? val_y : train_y).push_back(class_index.at(examples[i].label));
+  }
+  Update(id, [](JobRecord& rec) { rec.phase = "training the head"; });
+  auto take = [&](const std::vector<int64_t>& idx) {
+    return features->index_select(0, torch::tensor(idx, torch::kLong));
+  };
+  const int64_t classes = static_cast<int64_t>(info.classes.size());
+  return TrainHead(info.head, classes, take(train_idx), torch::tensor(train_y, torch::kLong),
+                   val_idx.empty() ? at::empty({0, dim}) : take(val_idx),
+                   torch::tensor(val_y, torch::kLong), options, OnEpoch(id, r),
+                   [&] { return Cancelled(id); });
+}
 
 absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecord& r,
                                            const ModelInfo& info,
@@ -22,11 +113,29 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
   torch::nn::Sequential head = MakeHead(info.head, backbone_->embedding_dim(), classes);
   if (start->served) {  // warm start: the served version's head (the notebook's second step)
     if (absl::Status s = LoadHead(SaveHead(start->served->head), head); !s.ok()) return s;
+  } else {
+    // A cold (random) head would send large, random gradients into the
+    // unfrozen stages and wreck them: train the head alone first, on the
+    // frozen features, as the notebook does (its first step). The private
+    // stages are still copies of the shared ones, so these are the
+    // backbone's features.
+    Update(id, [](JobRecord& rec) { rec.phase = "training the head first (cold start)"; });
+    TrainOptions head_only;
+    head_only.validation_fraction = r.options.validation_fraction;
+    head_only.seed = r.options.seed;
+    auto resolved = ResolveTrainOptions(head_only, info.head, /*fine_tune=*/false);
+    if (!resolved.ok()) return resolved.status();
+    auto warm = FitHead(id, r, info, examples, *resolved);
+    if (!warm.ok()) return warm.status();
+    if (absl::Status s = LoadHead(SaveHead(warm->head), head); !s.ok()) return s;
   }
   std::map<std::string, int64_t> class_index;
   for (size_t i = 0; i < info.classes.size(); ++i) class_index[info.classes[i]] = i;
   FineTuneData data;
-  data.examples = &examples;
+  data.read = [this, &examples](const std::vector<int64_t>& indices) {
+    return ReadBytes(examples, indices);
+  };
+  data.max_image_pixels = max_image_pixels_;
   for (size_t i = 0; i < examples.size(); ++i) {
     data.labels.push_back(class_index.at(examples[i].label));
     (DatasetCatalog::IsValidation(examples[i].hash, r.options.validation_fraction) ? data.val
@@ -55,63 +164,8 @@ absl::StatusOr<int> JobRunner::Train(const std::string& id) {
   auto info = models_->Get(r.model);
   if (!info.ok()) return info.status();
   if (!info->private_stages.empty()) return FineTuneJob(id, r, *info, examples);
-  std::map<std::string, int64_t> class_index;
-  for (size_t i = 0; i < info->classes.size(); ++i) class_index[info->classes[i]] = i;
-
-  // Features of every example with the frozen backbone, once: normal tensors
-  // (not inference tensors), so that training can use them.
-  const int64_t n = static_cast<int64_t>(examples.size()), dim = backbone_->embedding_dim();
-  at::Tensor features = at::empty({n, dim});
-  constexpr int64_t kBatch = 32;
-  std::vector<int64_t> pending;
-  auto flush = [&]() -> absl::Status {
-    if (pending.empty()) return absl::OkStatus();
-    std::vector<at::Tensor> inputs;
-    for (int64_t i : pending) {
-      auto rgb = DecodeImage(examples[i].bytes, 1LL << 40);
-      if (!rgb.ok()) return rgb.status();
-      inputs.push_back(Preprocess(*rgb, backbone_->preprocess()));
-    }
-    const at::Tensor out = backbone_->Embed(at::stack(inputs), EmbedSpec{}).clone();
-    for (size_t k = 0; k < pending.size(); ++k) {
-      features[pending[k]].copy_(out[k]);
-      feature_cache_.Put(absl::StrCat(backbone_->sha256(), ":", examples[pending[k]].id),
-                         out[k].clone());
-    }
-    pending.clear();
-    return absl::OkStatus();
-  };
-  for (int64_t i = 0; i < n; ++i) {
-    if (Cancelled(id)) return absl::CancelledError("cancelled");
-    const at::Tensor cached =
-        feature_cache_.Get(absl::StrCat(backbone_->sha256(), ":", examples[i].id));
-    if (cached.defined()) {
-      features[i].copy_(cached);
-    } else {
-      pending.push_back(i);
-      if (static_cast<int64_t>(pending.size()) == kBatch) {
-        if (absl::Status s = flush(); !s.ok()) return s;
-        Update(id, [&](JobRecord& rec) { rec.phase = absl::StrCat("features ", i + 1, "/", n); });
-      }
-    }
-  }
-  if (absl::Status s = flush(); !s.ok()) return s;
-
-  std::vector<int64_t> train_idx, val_idx, train_y, val_y;
-  for (int64_t i = 0; i < n; ++i) {
-    const bool val = DatasetCatalog::IsValidation(examples[i].hash, r.options.validation_fraction);
-    (val ? val_idx : train_idx).push_back(i);
-    (val ? val_y : train_y).push_back(class_index.at(examples[i].label));
-  }
-  auto take = [&](const std::vector<int64_t>& idx) {
-    return features.index_select(0, torch::tensor(idx, torch::kLong));
-  };
-  Update(id, [](JobRecord& rec) { rec.phase = "training the head"; });
-  const int64_t classes = static_cast<int64_t>(info->classes.size());
-  auto trained = TrainHead(
-      info->head, classes, take(train_idx), torch::tensor(train_y, torch::kLong),
-      val_idx.empty() ? at::empty({0, dim}) : take(val_idx), torch::tensor(val_y, torch::kLong),
-      r.options, OnEpoch(id, r), [&] { return Cancelled(id); });
+  Update(id, [](JobRecord& rec) { rec.phase = "computing features"; });
+  auto trained = FitHead(id, r, *info, examples, r.options);
   if (!trained.ok()) return trained.status();
   VersionInfo v;
   v.job_id = id;

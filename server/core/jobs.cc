@@ -4,11 +4,13 @@
 #include <torch/torch.h>
 
 #include <ctime>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <random>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "server/core/contain.h"
 #include "server/core/fine_tuner.h"
 #include "server/core/image_decoder.h"
 #include "server/core/log.h"
@@ -17,6 +19,46 @@
 
 namespace tlserve {
 namespace {
+
+// JSON has no NaN: a non-finite number is stored as null and read back as NaN.
+double Number(const nlohmann::json& j) {
+  return j.is_number() ? j.get<double>() : std::numeric_limits<double>::quiet_NaN();
+}
+
+nlohmann::json OptionsToJson(const TrainOptions& o) {
+  return {{"epochs", o.epochs},
+          {"batch_size", o.batch_size},
+          {"optimizer", static_cast<int>(o.optimizer)},
+          {"learning_rate", o.learning_rate},
+          {"weight_decay", o.weight_decay},
+          {"label_smoothing", o.label_smoothing},
+          {"balanced_class_weights", o.balanced_class_weights},
+          {"early_stopping_patience", o.early_stopping_patience},
+          {"validation_fraction", o.validation_fraction},
+          {"seed", o.seed},
+          {"stage_learning_rate", o.stage_learning_rate},
+          {"augment", o.augment},
+          {"freeze_batchnorm", o.freeze_batchnorm}};
+}
+
+TrainOptions OptionsFromJson(const nlohmann::json& j) {
+  TrainOptions o;
+  if (!j.is_object()) return o;  // records written before options were stored
+  o.epochs = j.value("epochs", o.epochs);
+  o.batch_size = j.value("batch_size", o.batch_size);
+  o.optimizer = static_cast<TrainOptions::Optimizer>(j.value("optimizer", 0));
+  o.learning_rate = j.value("learning_rate", o.learning_rate);
+  o.weight_decay = j.value("weight_decay", o.weight_decay);
+  o.label_smoothing = j.value("label_smoothing", o.label_smoothing);
+  o.balanced_class_weights = j.value("balanced_class_weights", o.balanced_class_weights);
+  o.early_stopping_patience = j.value("early_stopping_patience", o.early_stopping_patience);
+  o.validation_fraction = j.value("validation_fraction", o.validation_fraction);
+  o.seed = j.value("seed", o.seed);
+  o.stage_learning_rate = j.value("stage_learning_rate", o.stage_learning_rate);
+  o.augment = j.value("augment", o.augment);
+  o.freeze_batchnorm = j.value("freeze_batchnorm", o.freeze_batchnorm);
+  return o;
+}
 
 nlohmann::json ToJson(const JobRecord& r) {
   nlohmann::json epochs = nlohmann::json::array();
@@ -33,7 +75,8 @@ nlohmann::json ToJson(const JobRecord& r) {
           {"epochs", epochs},
           {"error", r.error},
           {"version", r.version},
-          {"created_unix", r.created_unix}};
+          {"created_unix", r.created_unix},
+          {"options", OptionsToJson(r.options)}};
 }
 
 JobRecord FromJson(const nlohmann::json& j) {
@@ -46,8 +89,10 @@ JobRecord FromJson(const nlohmann::json& j) {
   r.error = j.at("error");
   r.version = j.at("version");
   r.created_unix = j.at("created_unix");
+  r.options = OptionsFromJson(j.value("options", nlohmann::json()));
   for (const auto& e : j.at("epochs")) {
-    r.epochs.push_back({e[0].get<int>(), e[1], e[2], e[3], e[4], e[5], e[6], e[7]});
+    r.epochs.push_back({e.at(0).get<int>(), Number(e.at(1)), Number(e.at(2)), Number(e.at(3)),
+                        Number(e.at(4)), Number(e.at(5)), Number(e.at(6)), Number(e.at(7))});
   }
   return r;
 }
@@ -71,13 +116,15 @@ const char* StateName(JobRecord::State s) {
 }
 
 JobRunner::JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* models,
-                     const Backbone* backbone, Metrics* metrics, int64_t feature_cache_bytes)
+                     const Backbone* backbone, Metrics* metrics, const Options& options)
     : db_(db),
       datasets_(datasets),
       models_(models),
       backbone_(backbone),
       metrics_(metrics),
-      feature_cache_(feature_cache_bytes) {
+      max_image_pixels_(options.max_image_pixels),
+      disk_(options.disk),
+      feature_cache_(options.feature_cache_bytes) {
   worker_ = std::thread([this] { WorkerLoop(); });
 }
 
@@ -98,7 +145,10 @@ absl::Status JobRunner::Recover() {
     absl::MutexLock lock(&mu_);
     for (const auto& [key, json] : *records) {
       const auto j = nlohmann::json::parse(json, nullptr, false);
-      if (j.is_discarded()) continue;
+      if (j.is_discarded()) {
+        LogError("job record %s is not JSON; skipped", key);
+        continue;
+      }
       Job job;
       try {
         job.record = FromJson(j);
@@ -121,11 +171,17 @@ absl::Status JobRunner::Recover() {
 
 absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::string& dataset,
                                            const TrainOptions& options) {
+  if (absl::Status s = DatasetCatalog::ValidateName(dataset, "dataset"); !s.ok()) return s;
   auto info = models_->Get(model);
   if (!info.ok()) return info.status();
+  if (disk_ != nullptr) {
+    // The job's record and its epochs; its version's weights are checked
+    // when it is written.
+    if (absl::Status s = disk_->Check(1 << 20, "a training job"); !s.ok()) return s;
+  }
   auto resolved = ResolveTrainOptions(options, info->head, !info->private_stages.empty());
   if (!resolved.ok()) return resolved.status();
-  auto examples = db_->LoadExamples(dataset);
+  auto examples = db_->ListExamples(dataset);
   if (!examples.ok()) return examples.status();
   if (examples->empty()) {
     return absl::FailedPreconditionError(absl::StrCat("dataset \"", dataset, "\" is empty"));
@@ -316,12 +372,16 @@ void JobRunner::WorkerLoop() {
   }
 }
 
+absl::StatusOr<int> JobRunner::TrainContained(const std::string& id) {
+  return Contain("training failed", [&] { return Train(id); });
+}
+
 void JobRunner::Run(const std::string& id) {
   Update(id, [](JobRecord& r) {
     r.state = JobRecord::State::kRunning;
     r.phase = "starting";
   });
-  auto version = Train(id);
+  auto version = TrainContained(id);
   bool stopping;
   {
     absl::MutexLock lock(&mu_);

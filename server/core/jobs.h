@@ -1,10 +1,13 @@
 // Training jobs: queued -> running -> succeeded / failed / cancelled, run one
-// at a time on one worker thread (one device). A head-only job computes the
+// at a time on one worker thread (one device). A run is contained: any
+// exception, error or non-finite loss fails that job with a message, and its
+// model keeps its last good version. A head-only job computes the
 // frozen backbone's features of every example once (cached in memory by
 // backbone and example, up to a bound in bytes), fits the head, and stores the best version. Every
 // state change is written to the Database before watchers hear of it; at
 // start, jobs left queued or running by a previous process are marked failed
-// ("interrupted").
+// ("interrupted"). Records carry the job's options and every epoch, NaN
+// losses included.
 //
 // Thread-safe.
 #ifndef TLSERVE_SERVER_CORE_JOBS_H_
@@ -26,6 +29,7 @@
 #include "server/core/feature_cache.h"
 #include "server/core/head_trainer.h"
 #include "server/core/models.h"
+#include "server/store/disk_budget.h"
 
 namespace tlserve {
 
@@ -48,9 +52,13 @@ const char* StateName(JobRecord::State s);
 
 class JobRunner {
  public:
-  // `feature_cache_bytes` bounds the in-memory feature cache (0: none).
+  struct Options {
+    int64_t feature_cache_bytes = int64_t{1} << 30;  // the in-memory feature cache (0: none)
+    int64_t max_image_pixels = 40'000'000;           // decoded and resized, per image
+    const DiskBudget* disk = nullptr;                // checked before a job is accepted
+  };
   JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* models, const Backbone* backbone,
-            Metrics* metrics, int64_t feature_cache_bytes = int64_t{1} << 30);
+            Metrics* metrics, const Options& options);
   ~JobRunner();  // cancels what runs, then joins
 
   // Marks jobs a previous process left unfinished as failed.
@@ -74,13 +82,23 @@ class JobRunner {
  private:
   struct Job {
     JobRecord record;
-    std::vector<StoredExample> examples;  // held from Start to the run
+    std::vector<StoredExample> examples;  // without bytes: read in batches by the run
     bool cancel = false;
     std::map<int, std::function<void(const JobRecord&)>> watchers;
   };
   void WorkerLoop();
   void Run(const std::string& id);
   absl::StatusOr<int> Train(const std::string& id);
+  // Any exception of a run becomes its FAILED state (Contain).
+  absl::StatusOr<int> TrainContained(const std::string& id);
+  absl::StatusOr<std::vector<std::string>> ReadBytes(const std::vector<StoredExample>& examples,
+                                                     const std::vector<int64_t>& indices) const;
+  absl::StatusOr<at::Tensor> Features(const std::string& id,
+                                      const std::vector<StoredExample>& examples);
+  absl::StatusOr<TrainedHead> FitHead(const std::string& id, const JobRecord& r,
+                                      const ModelInfo& info,
+                                      const std::vector<StoredExample>& examples,
+                                      const TrainOptions& options);
   absl::StatusOr<int> FineTuneJob(const std::string& id, const JobRecord& r, const ModelInfo& info,
                                   const std::vector<StoredExample>& examples);
   // Persists and tells the watchers; call without mu_ held.
@@ -96,6 +114,8 @@ class JobRunner {
   ModelRegistry* models_;
   const Backbone* backbone_;
   Metrics* metrics_;
+  const int64_t max_image_pixels_;
+  const DiskBudget* disk_;
   mutable absl::Mutex mu_;
   std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);

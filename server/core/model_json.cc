@@ -16,9 +16,13 @@ nlohmann::json ModelToJson(const ModelInfo& m) {
                         {"support", v.validation.support},
                         {"confusion", v.validation.confusion}});
   }
-  return {{"name", m.name},          {"classes", m.classes},
-          {"hidden", m.head.hidden}, {"dropout", m.head.dropout},
-          {"versions", versions},    {"served_version", m.served_version}};
+  return {{"name", m.name},
+          {"classes", m.classes},
+          {"hidden", m.head.hidden},
+          {"dropout", m.head.dropout},
+          {"versions", versions},
+          {"served_version", m.served_version},
+          {"private_stages", m.private_stages}};
 }
 
 ModelInfo ModelFromJson(const nlohmann::json& j) {

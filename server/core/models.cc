@@ -10,7 +10,9 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "server/core/contain.h"
 #include "server/core/datasets.h"
+#include "server/core/log.h"
 #include "server/core/model_json.h"
 #include "server/store/data_dir.h"
 
@@ -18,7 +20,14 @@ namespace tlserve {
 namespace {
 
 absl::Status NoSuchModel(const std::string& name) {
-  return absl::NotFoundError(absl::StrCat("model \"", name, "\" does not exist"));
+  return absl::NotFoundError(absl::StrCat("model \"", Bounded(name), "\" does not exist"));
+}
+
+absl::Status Damaged(const ModelInfo& info) {
+  if (info.problem.ok()) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("model \"", info.name, "\" could not be loaded (", info.problem.message(),
+                   "); delete it and create it again"));
 }
 
 }  // namespace
@@ -45,26 +54,43 @@ at::Tensor ServableVersion::Probabilities(const Backbone& backbone, const at::Te
 
 absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Open(Database* db,
                                                                    const std::string& weights_dir,
-                                                                   const Backbone* backbone) {
-  std::unique_ptr<ModelRegistry> r(new ModelRegistry(db, weights_dir, backbone));
+                                                                   const Backbone* backbone,
+                                                                   ModelLimits limits,
+                                                                   const DiskBudget* disk) {
+  std::unique_ptr<ModelRegistry> r(new ModelRegistry(db, weights_dir, backbone, limits, disk));
   const int64_t embedding_dim = r->dim_;
   auto records = db->ListRecords("model");
   if (!records.ok()) return records.status();
   absl::MutexLock lock(&r->mu_);
   for (const auto& [key, json] : *records) {
-    const auto j = nlohmann::json::parse(json, nullptr, false);
     Entry e;
-    try {
-      if (j.is_discarded()) throw std::runtime_error("not JSON");
-      e.info = ModelFromJson(j);
-    } catch (const std::exception& ex) {
-      return absl::DataLossError(absl::StrCat("model record ", key, " is corrupt: ", ex.what()));
-    }
-    e.info.head_params = ParamCount(MakeHead(e.info.head, embedding_dim, e.info.classes.size()));
-    if (e.info.served_version > 0) {
-      auto v = r->LoadVersion(e.info, e.info.served_version);
-      if (!v.ok()) return v.status();
-      e.loaded[e.info.served_version] = *v;
+    e.info.name = key;
+    absl::Status loaded = Contain("cannot load model", [&]() -> absl::Status {
+      const auto j = nlohmann::json::parse(json, nullptr, false);
+      try {
+        if (j.is_discarded()) throw std::runtime_error("not JSON");
+        e.info = ModelFromJson(j);
+      } catch (const std::exception& ex) {
+        return absl::DataLossError(
+            absl::StrCat("model record \"", key, "\" is corrupt: ", Bounded(ex.what(), 200)));
+      }
+      if (absl::Status s = ValidateHeadSpec(e.info.head); !s.ok()) {
+        return absl::DataLossError(
+            absl::StrCat("model record \"", key, "\" has an invalid head: ", s.message()));
+      }
+      e.info.head_params = ParamCount(MakeHead(e.info.head, embedding_dim, e.info.classes.size()));
+      if (e.info.served_version > 0) {
+        auto v = r->LoadVersion(e.info, e.info.served_version);
+        if (!v.ok()) return v.status();
+        e.loaded[e.info.served_version] = *v;
+      }
+      return absl::OkStatus();
+    });
+    if (!loaded.ok()) {
+      LogError("model %s is unavailable (the others are served): %s", key, loaded.ToString());
+      e.info.name = key;
+      e.info.problem = loaded;
+      e.loaded.clear();
     }
     r->Describe(e.info);
     r->models_[key] = std::move(e);
@@ -147,7 +173,14 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::LoadVersio
 }
 
 absl::Status ModelRegistry::Persist(const ModelInfo& info) {
-  return db_->PutRecord("model", info.name, ModelToJson(info).dump());
+  const std::string record = ModelToJson(info).dump();
+  if (disk_ != nullptr) {
+    if (absl::Status s = disk_->Check(2 * static_cast<int64_t>(record.size()), "the model record");
+        !s.ok()) {
+      return s;
+    }
+  }
+  return db_->PutRecord("model", info.name, record);
 }
 
 absl::StatusOr<ModelInfo> ModelRegistry::Create(const std::string& name,
@@ -159,12 +192,23 @@ absl::StatusOr<ModelInfo> ModelRegistry::Create(const std::string& name,
     return absl::InvalidArgumentError(
         absl::StrCat("classes: a classifier needs at least 2 classes, got ", classes.size()));
   }
+  if (static_cast<int64_t>(classes.size()) > limits_.max_classes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("classes: ", classes.size(), " classes, over the limit of ",
+                     limits_.max_classes, " (--max_model_classes)"));
+  }
   std::set<std::string> seen;
   for (size_t i = 0; i < classes.size(); ++i) {
-    if (classes[i].empty() || !seen.insert(classes[i]).second) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("classes[", i, "] \"", classes[i], "\" is empty or repeated"));
+    if (classes[i].empty() || classes[i].size() > 128 || !seen.insert(classes[i]).second) {
+      return absl::InvalidArgumentError(absl::StrCat("classes[", i, "] \"", Bounded(classes[i]),
+                                                     "\" is empty, over 128 bytes or repeated"));
     }
+  }
+  const int64_t params = HeadParams(head, dim_, static_cast<int64_t>(classes.size()));
+  if (params > limits_.max_head_params) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "head: ", params, " parameters (embedding ", dim_, " -> hidden -> ", classes.size(),
+        " classes), over the limit of ", limits_.max_head_params, " (--max_head_params)"));
   }
   absl::MutexLock lock(&mu_);
   if (models_.count(name)) {
@@ -227,6 +271,7 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::Servable(
     if (it == models_.end()) {
       return NoSuchModel(name);
     }
+    if (!it->second.info.problem.ok()) return it->second.info.problem;
     const int want = version > 0 ? version : it->second.info.served_version;
     if (want == 0) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -250,6 +295,7 @@ absl::Status ModelRegistry::BeginTraining(const std::string& name) {
   if (it == models_.end()) {
     return NoSuchModel(name);
   }
+  if (absl::Status s = Damaged(it->second.info); !s.ok()) return s;
   if (it->second.info.training) {
     return absl::FailedPreconditionError(
         absl::StrCat("model \"", name, "\" is already training; wait for or cancel that job"));
@@ -282,6 +328,7 @@ absl::StatusOr<ModelInfo> ModelRegistry::ChangeStages(
   absl::MutexLock lock(&mu_);
   auto entry = Idle(name, "change its stages after the job");
   if (!entry.ok()) return entry.status();
+  if (absl::Status s = Damaged((*entry)->info); !s.ok()) return s;
   ModelInfo next = (*entry)->info;
   for (const auto& s : stages) change(next, s);
   if (absl::Status s = Persist(next); !s.ok()) return s;
@@ -349,6 +396,16 @@ absl::StatusOr<int> ModelRegistry::AddVersion(
   ModelInfo next = it->second.info;
   info.version = next.versions.empty() ? 1 : next.versions.back().version + 1;
   info.created_unix = static_cast<int64_t>(std::time(nullptr));
+  if (disk_ != nullptr) {
+    int64_t bytes = ParamCount(head) * 4;
+    for (const auto& [index, module] : stages) {
+      for (const auto& p : module->parameters()) bytes += p.numel() * p.element_size();
+      for (const auto& b : module->buffers()) bytes += b.numel() * b.element_size();
+    }
+    if (absl::Status s = disk_->Check(bytes + (1 << 16), "the new version's weights"); !s.ok()) {
+      return s;
+    }
+  }
   if (absl::Status s = MakeDirectories(absl::StrCat(dir_, "/", name)); !s.ok()) return s;
   // Weights first, durably; then the record that points at them.
   if (absl::Status s = WriteFileAtomically(WeightsPath(name, info.version), SaveHead(head));

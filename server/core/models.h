@@ -21,6 +21,7 @@
 #include "server/core/head.h"
 #include "server/core/head_trainer.h"
 #include "server/store/database.h"
+#include "server/store/disk_budget.h"
 
 namespace tlserve {
 
@@ -67,17 +68,32 @@ struct ModelInfo {
   std::vector<VersionInfo> versions;
   int served_version = 0;
   bool training = false;
+  // Set when the model could not be loaded at start (a corrupt record, a
+  // missing or corrupt weight file): the status every use of it returns.
+  // Such a model can be described and deleted, nothing else.
+  absl::Status problem;
+};
+
+// What one model may cost (flags --max_head_params, --max_model_classes).
+struct ModelLimits {
+  int64_t max_head_params = 16'000'000;  // 64 MB of fp32 weights
+  int64_t max_classes = 10'000;
 };
 
 class ModelRegistry {
  public:
-  // Loads every model and the weights of every served version.
+  // Loads every model and the weights of every served version. A model that
+  // cannot be loaded does not stop the others: it is kept with its
+  // `problem` (DATA_LOSS naming the record or file) for describe and delete.
   static absl::StatusOr<std::unique_ptr<ModelRegistry>> Open(Database* db,
                                                              const std::string& weights_dir,
-                                                             const Backbone* backbone);
+                                                             const Backbone* backbone,
+                                                             ModelLimits limits = {},
+                                                             const DiskBudget* disk = nullptr);
 
-  // ALREADY_EXISTS; INVALID_ARGUMENT for a bad name, < 2 classes or a
-  // repeated class name.
+  // ALREADY_EXISTS; INVALID_ARGUMENT for a bad name, < 2 classes, a
+  // repeated class name or one over 128 bytes; RESOURCE_EXHAUSTED for more
+  // classes or head parameters than the limits allow.
   absl::StatusOr<ModelInfo> Create(const std::string& name, std::vector<std::string> classes,
                                    const HeadSpec& head);
   absl::StatusOr<ModelInfo> Get(const std::string& name) const;
@@ -126,8 +142,14 @@ class ModelRegistry {
     ModelInfo info;
     std::map<int, std::shared_ptr<const ServableVersion>> loaded;
   };
-  ModelRegistry(Database* db, std::string dir, const Backbone* backbone)
-      : db_(db), dir_(std::move(dir)), backbone_(backbone), dim_(backbone->embedding_dim()) {}
+  ModelRegistry(Database* db, std::string dir, const Backbone* backbone, ModelLimits limits,
+                const DiskBudget* disk)
+      : db_(db),
+        disk_(disk),
+        dir_(std::move(dir)),
+        backbone_(backbone),
+        dim_(backbone->embedding_dim()),
+        limits_(limits) {}
   absl::StatusOr<std::vector<int>> StageIndices(const std::vector<std::string>& names) const;
   // Unfreeze and Freeze: validates the stage names, applies `change` for
   // each to a copy of the idle model's info, persists it, then installs it.
@@ -135,6 +157,7 @@ class ModelRegistry {
       const std::string& name, const std::vector<std::string>& stages,
       const std::function<void(ModelInfo&, const std::string&)>& change);
   void Describe(ModelInfo& info) const;
+  // Writes the model's record, after checking the disk budget.
   absl::Status Persist(const ModelInfo& info) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The model, when it exists (NOT_FOUND) and is not training (FAILED_PRECONDITION).
   absl::StatusOr<Entry*> Idle(const std::string& name, absl::string_view advice)
@@ -145,9 +168,11 @@ class ModelRegistry {
                           const std::string& part = "head") const;
 
   Database* db_;
+  const DiskBudget* disk_;  // may be null
   const std::string dir_;
   const Backbone* backbone_;
   const int64_t dim_;
+  const ModelLimits limits_;
   mutable absl::Mutex mu_;
   std::map<std::string, Entry> models_ ABSL_GUARDED_BY(mu_);
 };

@@ -7,6 +7,8 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "server/core/image_decoder.h"
 
 namespace tlserve {
 namespace {
@@ -165,11 +167,49 @@ at::Tensor PreprocessAugmented(const at::Tensor& hwc_rgb, const PreprocessSpec& 
   return Normalize(crop, spec);
 }
 
-at::Tensor Preprocess(const at::Tensor& hwc_rgb, const PreprocessSpec& spec) {
+absl::Status CheckPreprocessBudget(int64_t height, int64_t width, const PreprocessSpec& spec,
+                                   int64_t max_pixels) {
+  if (height < 1 || width < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("image is ", width, "x", height, ": empty"));
+  }
+  if (height > max_pixels / width) {
+    return absl::InvalidArgumentError(absl::StrCat("image is ", width, "x", height,
+                                                   " pixels, over the limit of ", max_pixels,
+                                                   " (--max_image_pixels)"));
+  }
+  if (spec.resize > 0) {
+    // In double: size × long side overflows int64 for absurd ratios.
+    const double short_side = static_cast<double>(std::min(height, width));
+    const double long_side = static_cast<double>(std::max(height, width));
+    const double resized =
+        static_cast<double>(spec.resize) * std::floor(spec.resize * long_side / short_side);
+    if (resized > static_cast<double>(max_pixels)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "image is %dx%d; resizing its short side to %d would make it %.0f pixels, over the "
+          "limit of %d (--max_image_pixels): its aspect ratio is too extreme",
+          width, height, spec.resize, resized, max_pixels));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<at::Tensor> Preprocess(const at::Tensor& hwc_rgb, const PreprocessSpec& spec,
+                                      int64_t max_pixels) {
+  if (absl::Status s = CheckPreprocessBudget(hwc_rgb.size(0), hwc_rgb.size(1), spec, max_pixels);
+      !s.ok()) {
+    return s;
+  }
   at::Tensor chw = hwc_rgb.permute({2, 0, 1});
   if (spec.resize > 0) chw = ResizeShortSide(chw, spec.resize);
   chw = CenterCrop(chw, spec.crop);
   return Normalize(chw, spec);
+}
+
+absl::StatusOr<at::Tensor> DecodeAndPreprocess(absl::string_view encoded,
+                                               const PreprocessSpec& spec, int64_t max_pixels) {
+  auto rgb = DecodeImage(encoded, max_pixels);
+  if (!rgb.ok()) return rgb.status();
+  return Preprocess(*rgb, spec, max_pixels);
 }
 
 }  // namespace tlserve

@@ -33,14 +33,28 @@ absl::StatusOr<PreprocessSpec> ParsePreprocessSpec(absl::string_view json);
 // uint8 H×W×C (C = 1, 3 or 4) -> uint8 H×W×3: gray replicated, alpha dropped.
 absl::StatusOr<at::Tensor> ToRgb(const at::Tensor& hwc);
 
-// uint8 H×W×3 -> float32 3×crop×crop, normalised.
-at::Tensor Preprocess(const at::Tensor& hwc_rgb, const PreprocessSpec& spec);
+// The pixel budget of preprocessing an H×W image: the decoded image and
+// every resized intermediate must hold at most `max_pixels` pixels (a 1×30000
+// image upscaled to a short side of 256 would be 256×7,680,000).
+// INVALID_ARGUMENT naming --max_image_pixels when over; OK otherwise.
+absl::Status CheckPreprocessBudget(int64_t height, int64_t width, const PreprocessSpec& spec,
+                                   int64_t max_pixels);
+
+// uint8 H×W×3 -> float32 3×crop×crop, normalised. Checks the budget first,
+// before any memory is spent.
+absl::StatusOr<at::Tensor> Preprocess(const at::Tensor& hwc_rgb, const PreprocessSpec& spec,
+                                      int64_t max_pixels);
 
 // Training augmentation, as torchvision's RandomResizedCrop(crop) (scale
 // 0.08-1, aspect ratio 3/4-4/3, 10 tries, else a centre crop) and
 // RandomHorizontalFlip, then normalisation. `random` gives uniforms in [0, 1).
+// Its intermediates are never larger than the input or crop×crop.
 at::Tensor PreprocessAugmented(const at::Tensor& hwc_rgb, const PreprocessSpec& spec,
                                const std::function<double()>& random);
+
+// DecodeImage, then Preprocess, under one pixel budget.
+absl::StatusOr<at::Tensor> DecodeAndPreprocess(absl::string_view encoded,
+                                               const PreprocessSpec& spec, int64_t max_pixels);
 
 }  // namespace tlserve
 

@@ -62,9 +62,23 @@ absl::StatusOr<std::unique_ptr<DataDir>> DataDir::Open(const std::string& path) 
                      " is locked); give each server its own --data_dir"));
   }
   std::unique_ptr<DataDir> dir(new DataDir(path, fd));
-  // Prove now, not at the first upload, that the directory is writable.
-  if (absl::Status s = WriteFileAtomically(path + "/FORMAT", "tlserve-data 1\n"); !s.ok()) {
-    return s;
+  // Written once, when the directory is new; never again: a restart on a
+  // full disk must work. (The lock file, opened for writing, already proved
+  // that the directory is writable.)
+  constexpr char kFormat[] = "tlserve-data 1\n";
+  const std::string format_path = path + "/FORMAT";
+  struct stat st;
+  if (::stat(format_path.c_str(), &st) != 0) {
+    if (absl::Status s = WriteFileAtomically(format_path, kFormat); !s.ok()) return s;
+  } else {
+    char buf[64] = {0};
+    const int ffd = ::open(format_path.c_str(), O_RDONLY | O_CLOEXEC);
+    const ssize_t n = ffd >= 0 ? ::read(ffd, buf, sizeof(buf) - 1) : -1;
+    if (ffd >= 0) ::close(ffd);
+    if (n < 0 || std::string(buf, static_cast<size_t>(n)) != kFormat) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          format_path, " does not say \"tlserve-data 1\": not a data directory of this tlserve"));
+    }
   }
   return dir;
 }

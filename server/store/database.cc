@@ -62,8 +62,33 @@ class Statement {
   int rc_;
 };
 
+// A failed SQLite call as a status that keeps its real cause; call it
+// before anything else (a ROLLBACK) touches the connection's error state.
+absl::Status SqliteStatus(int rc, const std::string& what, const std::string& message) {
+  const std::string text = absl::StrCat("sqlite ", what, ": ", message);
+  switch (rc & 0xff) {
+    case SQLITE_FULL:
+      return absl::ResourceExhaustedError(
+          absl::StrCat(text,
+                       " (the data directory's disk is full; delete datasets or models, "
+                       "or give it more space)"));
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+      return absl::UnavailableError(text);
+    case SQLITE_CORRUPT:
+    case SQLITE_NOTADB:
+      return absl::DataLossError(text);
+    case SQLITE_READONLY:
+    case SQLITE_PERM:
+    case SQLITE_CANTOPEN:
+      return absl::PermissionDeniedError(text);
+    default:
+      return absl::InternalError(text);
+  }
+}
+
 absl::Status SqliteError(sqlite3* db, const std::string& what) {
-  return absl::InternalError(absl::StrCat("sqlite ", what, ": ", sqlite3_errmsg(db)));
+  return SqliteStatus(sqlite3_extended_errcode(db), what, sqlite3_errmsg(db));
 }
 
 }  // namespace
@@ -97,22 +122,37 @@ Database::~Database() {
 
 absl::Status Database::Exec(const std::string& sql) {
   char* error = nullptr;
-  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &error) != SQLITE_OK) {
-    absl::Status s = absl::InternalError(absl::StrCat("sqlite: ", error ? error : "?"));
+  const int rc = sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &error);
+  if (rc != SQLITE_OK) {
+    absl::Status s = SqliteStatus(rc, sql.substr(0, sql.find(' ')), error ? error : "?");
     sqlite3_free(error);
     return s;
   }
   return absl::OkStatus();
 }
 
+absl::Status Database::Rollback(absl::Status cause) {
+  // After SQLITE_FULL and some other errors SQLite has already rolled back;
+  // then ROLLBACK itself fails ("no transaction is active"): the cause is
+  // what the caller needs, so it is what comes back either way.
+  if (sqlite3_get_autocommit(db_) == 0) (void)Exec("ROLLBACK");
+  return cause;
+}
+
+int64_t Database::ReusableBytes() {
+  absl::MutexLock lock(&mu_);
+  Statement pages(db_, "PRAGMA freelist_count");
+  Statement size(db_, "PRAGMA page_size");
+  if (sqlite3_step(pages.get()) != SQLITE_ROW || sqlite3_step(size.get()) != SQLITE_ROW) return 0;
+  return pages.Int(0) * size.Int(0);
+}
+
 absl::Status Database::AppendExamples(const std::string& dataset,
                                       const std::vector<StoredExample>& examples) {
   absl::MutexLock lock(&mu_);
   if (absl::Status s = Exec("BEGIN IMMEDIATE"); !s.ok()) return s;
-  auto rollback = [this](absl::Status s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-    (void)Exec("ROLLBACK");
-    return s;
-  };
+  auto rollback = [this](absl::Status s)
+                      ABSL_NO_THREAD_SAFETY_ANALYSIS { return Rollback(std::move(s)); };
   {
     Statement create(db_, "INSERT OR IGNORE INTO datasets(name, created_unix) VALUES (?, ?)");
     if (!create.status().ok()) return rollback(create.status());
@@ -197,6 +237,37 @@ absl::StatusOr<std::vector<StoredExample>> Database::LoadExamples(const std::str
   return out;
 }
 
+absl::StatusOr<std::vector<StoredExample>> Database::ListExamples(const std::string& dataset) {
+  absl::MutexLock lock(&mu_);
+  if (auto info = GetDatasetLocked(dataset); !info.ok()) return info.status();
+  Statement q(db_, "SELECT id, name, label, hash FROM examples WHERE dataset = ? ORDER BY id");
+  if (!q.status().ok()) return q.status();
+  q.Bind(1, dataset);
+  std::vector<StoredExample> out;
+  while (sqlite3_step(q.get()) == SQLITE_ROW) {
+    out.push_back({q.Int(0), q.Text(1), q.Text(2), "", static_cast<uint64_t>(q.Int(3))});
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<std::string>> Database::ReadExampleBytes(
+    const std::vector<int64_t>& ids) {
+  absl::MutexLock lock(&mu_);
+  Statement q(db_, "SELECT bytes FROM examples WHERE id = ?");
+  if (!q.status().ok()) return q.status();
+  std::vector<std::string> out;
+  out.reserve(ids.size());
+  for (int64_t id : ids) {
+    sqlite3_reset(q.get());
+    q.Bind(1, id);
+    if (sqlite3_step(q.get()) != SQLITE_ROW) {
+      return absl::NotFoundError(absl::StrCat("example ", id, " no longer exists"));
+    }
+    out.push_back(q.Text(0));
+  }
+  return out;
+}
+
 absl::Status Database::DeleteDataset(const std::string& name) {
   absl::MutexLock lock(&mu_);
   if (auto info = GetDatasetLocked(name); !info.ok()) return info.status();
@@ -205,12 +276,10 @@ absl::Status Database::DeleteDataset(const std::string& name) {
        {"DELETE FROM examples WHERE dataset = ?", "DELETE FROM datasets WHERE name = ?"}) {
     Statement d(db_, sql);
     d.Bind(1, name);
-    if (sqlite3_step(d.get()) != SQLITE_DONE) {
-      (void)Exec("ROLLBACK");
-      return SqliteError(db_, "delete");
-    }
+    if (sqlite3_step(d.get()) != SQLITE_DONE) return Rollback(SqliteError(db_, "delete"));
   }
-  return Exec("COMMIT");
+  if (absl::Status s = Exec("COMMIT"); !s.ok()) return Rollback(s);
+  return absl::OkStatus();
 }
 
 absl::Status Database::PutRecord(const std::string& kind, const std::string& key,

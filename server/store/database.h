@@ -2,7 +2,9 @@
 // directory (WAL journal, synchronous=FULL): datasets and their examples
 // (the encoded image bytes themselves), and later models, versions and jobs.
 // Every mutating method is one transaction, committed — on disk — before it
-// returns OK; on an error nothing of it is written.
+// returns OK; on an error nothing of it is written. Errors keep SQLite's
+// cause: RESOURCE_EXHAUSTED for a full disk, UNAVAILABLE for busy, DATA_LOSS
+// for a corrupt file, INTERNAL otherwise.
 //
 // Thread-safe: calls are serialised on one connection.
 #ifndef TLSERVE_SERVER_STORE_DATABASE_H_
@@ -55,7 +57,17 @@ class Database {
   absl::StatusOr<std::vector<DatasetInfo>> ListDatasets();
   // Examples in insertion order (bytes included). NOT_FOUND for an unknown name.
   absl::StatusOr<std::vector<StoredExample>> LoadExamples(const std::string& dataset);
+  // The same without the image bytes (`bytes` empty): what a training job
+  // plans with. Jobs read the bytes a batch at a time with ReadExampleBytes.
+  absl::StatusOr<std::vector<StoredExample>> ListExamples(const std::string& dataset);
+  // The encoded bytes of examples by id, in the order given; NOT_FOUND when
+  // one no longer exists.
+  absl::StatusOr<std::vector<std::string>> ReadExampleBytes(const std::vector<int64_t>& ids);
   absl::Status DeleteDataset(const std::string& name);
+
+  // Bytes inside the database file that SQLite will reuse before growing
+  // it (free pages, e.g. of deleted datasets): free space for the disk budget.
+  int64_t ReusableBytes();
 
   // Small JSON documents by kind ("model", "version", "job") and key, for
   // the catalogue of models, their versions and the job history.
@@ -69,6 +81,8 @@ class Database {
  private:
   explicit Database(sqlite3* db) : db_(db) {}
   absl::Status Exec(const std::string& sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Ends a failed transaction; returns `cause`.
+  absl::Status Rollback(absl::Status cause) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<DatasetInfo> GetDatasetLocked(const std::string& name)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

@@ -4,6 +4,7 @@
 #include <torch/script.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -29,6 +30,133 @@ bool Same(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
     if (!a[i].equal(b[i])) return false;
   }
   return true;
+}
+
+struct Examples {
+  std::vector<StoredExample> examples;
+  std::vector<int64_t> labels;
+};
+
+Examples Load(const std::vector<std::string>& classes) {
+  Examples out;
+  int64_t id = 0;
+  for (size_t c = 0; c < classes.size(); ++c) {
+    for (const auto& f :
+         std::filesystem::directory_iterator(Fixture("fmnist/train/" + classes[c]))) {
+      StoredExample e;
+      e.id = ++id;
+      e.name = f.path().string();
+      e.label = classes[c];
+      e.bytes = ReadBytes(f.path().string());
+      e.hash = DatasetCatalog::ExampleHash(e.name, e.bytes);
+      out.examples.push_back(std::move(e));
+      out.labels.push_back(static_cast<int64_t>(c));
+    }
+  }
+  return out;
+}
+
+// The examples' bytes are read through `read`, as a job reads the database.
+FineTuneData Data(const std::vector<StoredExample>& examples, const std::vector<int64_t>& labels,
+                  double validation = 0.15) {
+  FineTuneData data;
+  data.read = [&examples](const std::vector<int64_t>& idx) {
+    std::vector<std::string> out;
+    for (int64_t i : idx) out.push_back(examples[i].bytes);
+    return absl::StatusOr<std::vector<std::string>>(out);
+  };
+  data.labels = labels;
+  for (size_t i = 0; i < examples.size(); ++i) {
+    (DatasetCatalog::IsValidation(examples[i].hash, validation) ? data.val : data.train)
+        .push_back(static_cast<int64_t>(i));
+  }
+  return data;
+}
+
+std::map<int, std::shared_ptr<torch::jit::Module>> PrivateLayer4(const Backbone& b) {
+  std::map<int, std::shared_ptr<torch::jit::Module>> stages;
+  const int i = *b.EmbeddableStage("layer4");
+  stages[i] = std::make_shared<torch::jit::Module>(b.CloneStage(i));
+  return stages;
+}
+
+std::unique_ptr<Backbone> LoadBackbone(const std::string& file) {
+  BackboneOptions bo;
+  bo.path = Fixture(file);
+  bo.device = "cpu";
+  auto b = Backbone::Load(bo);
+  EXPECT_TRUE(b.ok()) << b.status();
+  return b.ok() ? std::move(*b) : nullptr;
+}
+
+// Finding 1b of the hardening issue: BatchNorm in training mode on a batch
+// of one 1×1 value threw, and the exception aborted the server.
+TEST(FineTunerTest, ABatchOfOneOnA32PixelBackboneTrainsInsteadOfThrowing) {
+  auto b = LoadBackbone("r18tiny.pt");
+  ASSERT_NE(b, nullptr);
+  Examples ex = Load({"t-shirt", "trouser"});
+  TrainOptions o;
+  o.epochs = 1;
+  o.freeze_batchnorm = false;  // the statistics train, except on a batch of one
+  for (int batch_size : {1, 0}) {
+    FineTuneData data = Data(ex.examples, ex.labels);
+    // 0: a batch size that leaves a last batch of exactly one image.
+    o.batch_size = batch_size > 0 ? batch_size : static_cast<int>(data.train.size()) - 1;
+    auto resolved = ResolveTrainOptions(o, HeadSpec{}, /*fine_tune=*/true);
+    ASSERT_TRUE(resolved.ok()) << resolved.status();
+    auto tuned = FineTune(*b, PrivateLayer4(*b), MakeHead(HeadSpec{}, b->embedding_dim(), 2), 2,
+                          data, *resolved, nullptr, nullptr);
+    ASSERT_TRUE(tuned.ok()) << "batch size " << o.batch_size << ": " << tuned.status();
+    ASSERT_EQ(tuned->history.size(), 2u);
+    EXPECT_TRUE(std::isfinite(tuned->history[1].train_loss));
+  }
+}
+
+// Finding 10: fine-tuning published a model at chance. The starting point is
+// epoch 0 and the result is never worse on validation than it.
+TEST(FineTunerTest, NeverComesOutWorseOnValidationThanItsStartingPoint) {
+  auto b = LoadBackbone("r18small.pt");
+  ASSERT_NE(b, nullptr);
+  Examples ex = Load({"t-shirt", "trouser", "sandal"});
+  FineTuneData data = Data(ex.examples, ex.labels, 0.3);
+  TrainOptions o;
+  o.epochs = 2;
+  o.optimizer = TrainOptions::Optimizer::kAdamw;
+  o.learning_rate = 0.5f;  // far too high: the epochs wreck the model
+  o.stage_learning_rate = 0.5f;
+  o.freeze_batchnorm = false;
+  auto resolved = ResolveTrainOptions(o, HeadSpec{}, /*fine_tune=*/true);
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  auto tuned = FineTune(*b, PrivateLayer4(*b), MakeHead(HeadSpec{}, b->embedding_dim(), 3), 3, data,
+                        *resolved, nullptr, nullptr);
+  if (!tuned.ok()) {  // diverged to a non-finite loss: also a refusal to publish
+    EXPECT_EQ(tuned.status().code(), absl::StatusCode::kFailedPrecondition) << tuned.status();
+    return;
+  }
+  ASSERT_GE(tuned->history.size(), 1u);
+  EXPECT_GE(tuned->validation.accuracy, tuned->history[0].validation_accuracy);
+  for (const auto& e : tuned->history) {
+    std::printf("epoch %d: validation accuracy %.3f\n", e.epoch, e.validation_accuracy);
+  }
+}
+
+TEST(FineTunerTest, ANonFiniteLossFailsTheRunWithAMessage) {
+  auto b = LoadBackbone("r18small.pt");
+  ASSERT_NE(b, nullptr);
+  Examples ex = Load({"t-shirt", "trouser"});
+  FineTuneData data = Data(ex.examples, ex.labels);
+  TrainOptions o;
+  o.epochs = 5;
+  o.optimizer = TrainOptions::Optimizer::kSgd;
+  o.learning_rate = 100;
+  o.stage_learning_rate = 100;
+  auto resolved = ResolveTrainOptions(o, HeadSpec{}, /*fine_tune=*/true);
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  auto tuned = FineTune(*b, PrivateLayer4(*b), MakeHead(HeadSpec{}, b->embedding_dim(), 2), 2, data,
+                        *resolved, nullptr, nullptr);
+  ASSERT_FALSE(tuned.ok());
+  EXPECT_EQ(tuned.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(tuned.status().message().find("diverged"), std::string::npos) << tuned.status();
 }
 
 TEST(FineTunerTest, TrainsAPrivateLayer4AndLeavesTheSharedOneBitIdentical) {
@@ -72,12 +200,7 @@ TEST(FineTunerTest, TrainsAPrivateLayer4AndLeavesTheSharedOneBitIdentical) {
   EXPECT_EQ(params, 8'393'728);
   const auto private_before = Copy(*stages[*layer4]);
 
-  FineTuneData data;
-  data.examples = &examples;
-  data.labels = labels;
-  for (size_t i = 0; i < examples.size(); ++i) {
-    (DatasetCatalog::IsValidation(examples[i].hash, 0.15) ? data.val : data.train).push_back(i);
-  }
+  FineTuneData data = Data(examples, labels);
   TrainOptions o;
   o.epochs = 6;
   o.learning_rate = 3e-3f;
@@ -91,7 +214,8 @@ TEST(FineTunerTest, TrainsAPrivateLayer4AndLeavesTheSharedOneBitIdentical) {
   auto tuned =
       FineTune(b, stages, MakeHead(HeadSpec{}, 512, 3), 3, data, *resolved, nullptr, nullptr);
   ASSERT_TRUE(tuned.ok()) << tuned.status();
-  EXPECT_EQ(tuned->history.size(), 6u);
+  ASSERT_EQ(tuned->history.size(), 7u);  // the starting point, then 6 epochs
+  EXPECT_EQ(tuned->history[0].epoch, 0);
   EXPECT_FALSE(Same(private_before, Copy(*tuned->stages.at(*layer4))))
       << "fine-tuning did not change the private layer4";
   EXPECT_TRUE(Same(shared_before, Copy(b.stage(*layer4))))

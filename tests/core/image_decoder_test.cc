@@ -42,6 +42,20 @@ TEST(ImageDecoderTest, Reduces16BitPngTo8BitsWithRounding) {
   EXPECT_EQ(mismatches, 0);
 }
 
+// Finding 9: palette PNGs with transparency were "unsupported PNG pixel
+// layout". PIL's convert("RGB") drops the transparency; so does the decoder.
+TEST(ImageDecoderTest, DecodesPalettePngWithTransparencyAsPilDoes) {
+  auto decoded = DecodeImage(ReadBytes(Fixture("palette_trns.png")), kMaxPixels);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  const std::string want = ReadBytes(Fixture("palette_trns.expected8.u8"));
+  ASSERT_EQ(decoded->numel(), static_cast<int64_t>(want.size()));
+  EXPECT_EQ(decoded->size(2), 3);
+  const auto* got = decoded->data_ptr<uint8_t>();
+  int mismatches = 0;
+  for (size_t i = 0; i < want.size(); ++i) mismatches += got[i] != static_cast<uint8_t>(want[i]);
+  EXPECT_EQ(mismatches, 0);
+}
+
 struct BadCase {
   const char* file;
   const char* message_part;

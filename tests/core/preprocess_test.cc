@@ -55,6 +55,39 @@ TEST(ToRgbTest, ReplicatesGrayAndDropsAlpha) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// Finding 2 of the hardening issue: a 167-byte PNG of 1×30,000 pixels cost
+// 4.3 GB, because the limit was checked before the short side was upscaled.
+TEST(PreprocessTest, RefusesImagesWhoseResizedIntermediateIsOverTheBudget) {
+  PreprocessSpec spec;  // short side to 256
+  const at::Tensor thin = at::zeros({1, 30000, 3}, at::kByte);
+  auto out = Preprocess(thin, spec, 40'000'000);
+  ASSERT_FALSE(out.ok());
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(out.status().message().find("--max_image_pixels"), std::string::npos) << out.status();
+  EXPECT_NE(out.status().message().find("aspect ratio"), std::string::npos) << out.status();
+  // 100,000 × 1 too, and the checks never overflow.
+  EXPECT_FALSE(CheckPreprocessBudget(1, 100000, spec, 40'000'000).ok());
+  EXPECT_FALSE(CheckPreprocessBudget(1, int64_t{1} << 60, spec, int64_t{1} << 62).ok());
+  EXPECT_FALSE(CheckPreprocessBudget(0, 10, spec, 40'000'000).ok());
+  // An ordinary photo and a moderately wide panorama pass.
+  EXPECT_TRUE(CheckPreprocessBudget(480, 640, spec, 40'000'000).ok());
+  EXPECT_TRUE(CheckPreprocessBudget(300, 3000, spec, 40'000'000).ok());
+}
+
+TEST(PreprocessTest, DecodeAndPreprocessAppliesTheBudgetToEncodedImages) {
+  PreprocessSpec spec;
+  spec.resize = 36;
+  spec.crop = 32;
+  // A 1×1,000,000 PNG decodes to 1 M pixels, but resizing its short side to
+  // 36 would make 36 M × 36 pixels.
+  auto out = DecodeAndPreprocess(ReadBytes(Fixture("thin_1000000x1.png")), spec, 40'000'000);
+  ASSERT_FALSE(out.ok());
+  EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
+  auto ok = DecodeAndPreprocess(ReadBytes(Fixture("rgb_png.png")), spec, 40'000'000);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->sizes(), at::IntArrayRef({3, 32, 32}));
+}
+
 // The C++ pipeline on a uint8 image must be torchvision's on a uint8 tensor
 // (antialiased resize, rounded back to uint8): identical up to float32 noise.
 class PreprocessMatchesTorchvision : public ::testing::TestWithParam<std::string> {};
@@ -65,7 +98,9 @@ TEST_P(PreprocessMatchesTorchvision, OnUint8Tensors) {
   auto rgb = DecodeImage(ReadBytes(Fixture(file)), 40'000'000);
   ASSERT_TRUE(rgb.ok()) << rgb.status();
   PreprocessSpec spec;  // the r50 fixture uses the ImageNet defaults
-  at::Tensor x = Preprocess(*rgb, spec);
+  auto pre = Preprocess(*rgb, spec, 40'000'000);
+  ASSERT_TRUE(pre.ok()) << pre.status();
+  const at::Tensor& x = *pre;
   ASSERT_EQ(x.sizes(), at::IntArrayRef({3, 224, 224}));
   std::vector<float> got(x.data_ptr<float>(), x.data_ptr<float>() + x.numel());
   const auto want = ReadF32(Fixture("img_" + name + ".pre.r50.f32"));

@@ -44,7 +44,8 @@ class ServerProcess {
                                      "--data_dir=" + data_dir,
                                      "--metrics_port=0",
                                      "--device=cpu",
-                                     "--host=127.0.0.1"};
+                                     "--host=127.0.0.1",
+                                     "--min_free_disk_mb=32"};
     args.insert(args.end(), extra.begin(), extra.end());
     pid_ = ::fork();
     if (pid_ == 0) {
