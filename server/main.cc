@@ -36,6 +36,8 @@ ABSL_FLAG(int64_t, max_model_classes, 10'000, "most classes in one model");
 ABSL_FLAG(int64_t, min_free_disk_mb, 512,
           "free space the data directory's disk keeps: writes that would go below it get "
           "RESOURCE_EXHAUSTED before anything is written; deletes always work");
+ABSL_FLAG(int, max_concurrent_uploads, 16,
+          "most UploadDataset streams at once; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::string, data_dir, "./tlserve-data", "directory for the server's durable state");
 ABSL_FLAG(int, drain_seconds, 20, "on SIGTERM/SIGINT, how long in-flight calls may finish");
 
@@ -76,6 +78,7 @@ int main(int argc, char** argv) {
   o.models.max_head_params = absl::GetFlag(FLAGS_max_head_params);
   o.models.max_classes = absl::GetFlag(FLAGS_max_model_classes);
   o.min_free_disk_bytes = absl::GetFlag(FLAGS_min_free_disk_mb) << 20;
+  o.max_concurrent_uploads = absl::GetFlag(FLAGS_max_concurrent_uploads);
   const std::string host = absl::GetFlag(FLAGS_host);
   o.grpc_address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_port));
   o.metrics_address = absl::GetFlag(FLAGS_metrics_port) > 0
@@ -83,11 +86,11 @@ int main(int argc, char** argv) {
                           : "";
   if (o.limits.max_images_per_request < 1 || o.max_message_bytes < 1024 ||
       absl::GetFlag(FLAGS_feature_cache_mb) < 0 || o.models.max_head_params < 1 ||
-      o.models.max_classes < 2 || o.min_free_disk_bytes < 0) {
+      o.models.max_classes < 2 || o.min_free_disk_bytes < 0 || o.max_concurrent_uploads < 1) {
     tlserve::LogError(
         "--max_images_per_request must be >= 1, --max_message_bytes >= 1024, "
         "--feature_cache_mb >= 0, --max_head_params >= 1, --max_model_classes >= 2 and "
-        "--min_free_disk_mb >= 0");
+        "--min_free_disk_mb >= 0, --max_concurrent_uploads >= 1");
     return 2;
   }
   tlserve::LogInfo(

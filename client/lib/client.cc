@@ -146,7 +146,6 @@ absl::StatusOr<v1::UploadDatasetResponse> Client::UploadDataset(
   req.set_dataset(dataset);
   req.set_strict(strict);
   absl::Status load_error;
-  bool wrote_first = false;
   for (size_t i = 0; i < count; ++i) {
     auto e = example(i);
     if (!e.ok()) {
@@ -156,13 +155,17 @@ absl::StatusOr<v1::UploadDatasetResponse> Client::UploadDataset(
     }
     *req.add_examples() = std::move(*e);
     if (req.examples_size() >= per_message || i + 1 == count) {
+      // The last message commits the upload; without it the server stores nothing.
+      req.set_commit(i + 1 == count);
       if (!stream->Write(req)) break;
-      wrote_first = true;
       req.Clear();
       if (sent) sent(i + 1);
     }
   }
-  if (!wrote_first && load_error.ok()) stream->Write(req);  // no examples: still name the dataset
+  if (count == 0 && load_error.ok()) {  // no examples: still name the dataset, and commit
+    req.set_commit(true);
+    stream->Write(req);
+  }
   stream->WritesDone();
   absl::Status s = FromGrpc(stream->Finish());
   if (!load_error.ok()) return load_error;

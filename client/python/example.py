@@ -6,8 +6,8 @@ progress, classify held-out images, optionally export the model.
       --train DIR/train --test DIR/test --model shoes [--export shoes.pt]
 
 DIR/train and DIR/test are ImageFolder trees: DIR/<class>/<image>.png|.jpg.
-Needs Debian's python3-grpcio and python3-grpc-tools (stubs are generated
-from proto/ on first use).
+Needs Debian's python3-grpcio, protobuf-compiler and protobuf-compiler-grpc
+(stubs are generated from proto/ on first use).
 """
 import argparse
 import os

@@ -1,8 +1,12 @@
 #include "server/api/dataset_service.h"
 
+#include <atomic>
+#include <memory>
+
 #include "absl/strings/str_cat.h"
 #include "server/api/rpc_timer.h"
 #include "server/api/status_util.h"
+#include "server/core/contain.h"
 
 namespace tlserve {
 namespace {
@@ -32,76 +36,95 @@ void Finish(grpc::ServerUnaryReactor* reactor, const RpcTimer& timer, const absl
   reactor->Finish(ToGrpcStatus(s));
 }
 
-// One upload: each message's examples are checked on the pool, and the next
-// read starts only then, so a fast client cannot pile up unchecked images.
+// One upload: each message's examples are checked and staged on the pool,
+// and the next read starts only then, so a fast client cannot pile up
+// unchecked images; memory is one message plus one staging chunk.
 class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequest> {
  public:
   UploadReactor(grpc::CallbackServerContext* context, DatasetCatalog* catalog, ThreadPool* pool,
-                Metrics* metrics, v1::UploadDatasetResponse* response)
+                Metrics* metrics, v1::UploadDatasetResponse* response,
+                std::shared_ptr<std::atomic<int>> in_flight, int max_in_flight)
       : context_(context),
         catalog_(catalog),
         pool_(pool),
         response_(response),
         metrics_(metrics),
-        timer_(metrics, "UploadDataset") {
+        timer_(metrics, "UploadDataset"),
+        in_flight_(std::move(in_flight)) {
+    if (in_flight_->fetch_add(1) >= max_in_flight) {
+      Done(absl::ResourceExhaustedError(
+          absl::StrCat("too many uploads in progress (", max_in_flight,
+                       ", --max_concurrent_uploads); retry when one has finished")));
+      return;
+    }
     StartRead(&request_);
   }
 
   void OnReadDone(bool ok) override {
     if (!ok) {
-      pool_->Schedule([this] { Commit(); });
+      // The stream ended before a message with `commit`: a client that went
+      // away, a cut connection, or a message that could not be parsed. The
+      // staged examples are dropped with the upload.
+      pool_->Schedule([this] {
+        upload_.reset();
+        Done(context_->IsCancelled()
+                 ? absl::CancelledError("the upload was cancelled; nothing was stored")
+                 : absl::AbortedError(
+                       "the upload ended without its final message (commit = true), or sent a "
+                       "message the server could not parse (e.g. a name or label that is not "
+                       "UTF-8); nothing was stored"));
+      });
       return;
     }
-    if (first_) {
-      first_ = false;
-      dataset_ = request_.dataset();
-      strict_ = request_.strict();
-      if (absl::Status s = DatasetCatalog::ValidateName(dataset_, "dataset"); !s.ok()) {
-        Done(s);
-        return;
-      }
-    }
     pool_->Schedule([this] {
-      for (auto& e : *request_.mutable_examples()) {
-        UploadExample ex{e.name(), e.label(), std::move(*e.mutable_encoded())};
-        if (absl::Status s = catalog_->CheckExample(ex); !s.ok()) {
-          rejected_.push_back({index_, ex.name, std::string(s.message())});
-        } else {
-          accepted_.push_back(std::move(ex));
-        }
-        ++index_;
+      absl::Status s = Contain("upload failed", [this] { return Process(); });
+      if (!s.ok()) {
+        upload_.reset();
+        Done(s);
       }
-      request_.Clear();
-      StartRead(&request_);
     });
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    in_flight_->fetch_sub(1);
+    delete this;
+  }
 
  private:
-  void Commit() {
-    // A client that went away mid-upload did not finish it: store nothing.
-    if (context_->IsCancelled()) {
-      Done(absl::CancelledError("the upload was cancelled; nothing was stored"));
-      return;
+  // One message, on the pool: checks and stages its examples, then reads
+  // the next or, after `commit`, commits. OK: the call goes on (or is done).
+  absl::Status Process() {
+    if (upload_ == nullptr) {
+      auto upload = catalog_->BeginUpload(request_.dataset(), request_.strict());
+      if (!upload.ok()) return upload.status();
+      upload_ = std::move(*upload);
     }
-    if (first_) {
-      Done(absl::InvalidArgumentError("dataset: the upload sent no message"));
-      return;
+    for (auto& e : *request_.mutable_examples()) {
+      UploadExample ex{std::move(*e.mutable_name()), std::move(*e.mutable_label()),
+                       std::move(*e.mutable_encoded())};
+      if (absl::Status s = upload_->Add(std::move(ex)); !s.ok()) return s;
     }
-    auto result = catalog_->Commit(dataset_, std::move(accepted_), std::move(rejected_), strict_);
+    const bool commit = request_.commit();
+    request_.Clear();
+    if (!commit) {
+      StartRead(&request_);
+      return absl::OkStatus();
+    }
+    auto result = upload_->Commit();
+    upload_.reset();
     RefreshGauges(catalog_, metrics_);
-    if (result.ok()) {
-      ToProto(result->dataset, response_->mutable_dataset());
-      response_->set_accepted(result->accepted);
-      for (const auto& r : result->rejected) {
-        v1::RejectedExample* out = response_->add_rejected();
-        out->set_index(r.index);
-        out->set_name(r.name);
-        out->set_reason(r.reason);
-      }
+    if (!result.ok()) return result.status();
+    ToProto(result->dataset, response_->mutable_dataset());
+    response_->set_accepted(result->accepted);
+    response_->set_rejected_total(result->rejected_total);
+    for (const auto& r : result->rejected) {
+      v1::RejectedExample* out = response_->add_rejected();
+      out->set_index(r.index);
+      out->set_name(r.name);
+      out->set_reason(r.reason);
     }
-    Done(result.status());
+    Done(absl::OkStatus());
+    return absl::OkStatus();
   }
   void Done(const absl::Status& s) {
     timer_.Done(s);
@@ -114,26 +137,27 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
   v1::UploadDatasetResponse* response_;
   Metrics* metrics_;
   RpcTimer timer_;
+  std::shared_ptr<std::atomic<int>> in_flight_;
   v1::UploadDatasetRequest request_;
   // Touched by one thread at a time: reads and checks alternate.
-  bool first_ = true;
-  std::string dataset_;
-  bool strict_ = false;
-  int64_t index_ = 0;
-  std::vector<UploadExample> accepted_;
-  std::vector<RejectedExample> rejected_;
+  std::unique_ptr<DatasetUpload> upload_;
 };
 
 }  // namespace
 
-DatasetService::DatasetService(DatasetCatalog* catalog, ThreadPool* pool, Metrics* metrics)
-    : catalog_(catalog), pool_(pool), metrics_(metrics) {
+DatasetService::DatasetService(DatasetCatalog* catalog, ThreadPool* pool, Metrics* metrics,
+                               int max_concurrent_uploads)
+    : catalog_(catalog),
+      pool_(pool),
+      metrics_(metrics),
+      max_concurrent_uploads_(max_concurrent_uploads) {
   RefreshGauges(catalog_, metrics_);
 }
 
 grpc::ServerReadReactor<v1::UploadDatasetRequest>* DatasetService::UploadDataset(
     grpc::CallbackServerContext* context, v1::UploadDatasetResponse* response) {
-  return new UploadReactor(context, catalog_, pool_, metrics_, response);
+  return new UploadReactor(context, catalog_, pool_, metrics_, response, uploads_in_flight_,
+                           max_concurrent_uploads_);
 }
 
 grpc::ServerUnaryReactor* DatasetService::ListDatasets(grpc::CallbackServerContext* context,

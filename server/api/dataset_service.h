@@ -1,8 +1,13 @@
 // The tlserve.v1.Datasets gRPC service: uploads are checked example by
-// example on the worker pool as they arrive and committed in one transaction
-// at the end; queries go straight to the catalogue (SQLite reads are short).
+// example on the worker pool as they arrive, staged in bounded chunks and
+// committed in one transaction when the client's last message says so; at
+// most `max_concurrent_uploads` at once. Queries go straight to the
+// catalogue (SQLite reads are short).
 #ifndef TLSERVE_SERVER_API_DATASET_SERVICE_H_
 #define TLSERVE_SERVER_API_DATASET_SERVICE_H_
+
+#include <atomic>
+#include <memory>
 
 #include "server/core/datasets.h"
 #include "server/core/metrics.h"
@@ -14,7 +19,8 @@ namespace tlserve {
 class DatasetService final : public v1::Datasets::CallbackService {
  public:
   // Sets the dataset gauges from what is stored.
-  DatasetService(DatasetCatalog* catalog, ThreadPool* pool, Metrics* metrics);
+  DatasetService(DatasetCatalog* catalog, ThreadPool* pool, Metrics* metrics,
+                 int max_concurrent_uploads = 16);
 
   grpc::ServerReadReactor<v1::UploadDatasetRequest>* UploadDataset(
       grpc::CallbackServerContext* context, v1::UploadDatasetResponse* response) override;
@@ -32,6 +38,8 @@ class DatasetService final : public v1::Datasets::CallbackService {
   DatasetCatalog* catalog_;
   ThreadPool* pool_;
   Metrics* metrics_;
+  const int max_concurrent_uploads_;
+  std::shared_ptr<std::atomic<int>> uploads_in_flight_ = std::make_shared<std::atomic<int>>(0);
 };
 
 }  // namespace tlserve

@@ -82,8 +82,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   s->model_service_ =
       std::make_unique<ModelService>(s->models_.get(), s->jobs_.get(), s->datasets_.get(),
                                      s->embedder_.get(), s->metrics_.get(), options.limits);
-  s->dataset_service_ =
-      std::make_unique<DatasetService>(s->datasets_.get(), s->pool_.get(), s->metrics_.get());
+  s->dataset_service_ = std::make_unique<DatasetService>(
+      s->datasets_.get(), s->pool_.get(), s->metrics_.get(), options.max_concurrent_uploads);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

@@ -49,68 +49,78 @@ absl::Status DatasetCatalog::CheckExample(const UploadExample& e) const {
                                limits_.max_image_pixels);
 }
 
-absl::StatusOr<UploadResult> DatasetCatalog::Commit(const std::string& dataset,
-                                                    std::vector<UploadExample> accepted,
-                                                    std::vector<RejectedExample> rejected,
-                                                    bool strict) {
+absl::StatusOr<std::unique_ptr<DatasetUpload>> DatasetCatalog::BeginUpload(
+    const std::string& dataset, bool strict) {
   if (absl::Status s = ValidateName(dataset, "dataset"); !s.ok()) return s;
-  if (strict && !rejected.empty()) {
-    std::string list;
-    for (size_t i = 0; i < rejected.size() && i < 5; ++i) {
-      absl::StrAppend(&list, i ? "; " : "", "examples[", rejected[i].index, "]",
-                      rejected[i].name.empty() ? "" : " (\"" + rejected[i].name + "\")", ": ",
-                      rejected[i].reason);
+  return std::unique_ptr<DatasetUpload>(new DatasetUpload(this, dataset, strict));
+}
+
+DatasetUpload::DatasetUpload(DatasetCatalog* catalog, std::string dataset, bool strict)
+    : catalog_(catalog),
+      dataset_(std::move(dataset)),
+      strict_(strict),
+      upload_(catalog->db_->BeginUpload()) {}
+
+DatasetUpload::~DatasetUpload() {
+  if (!committed_) catalog_->db_->AbortUpload(upload_);
+}
+
+absl::Status DatasetUpload::Add(UploadExample e) {
+  const int64_t index = index_++;
+  if (absl::Status s = catalog_->CheckExample(e); !s.ok()) {
+    ++rejected_total_;
+    if (strict_) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "examples[", index, "]", e.name.empty() ? "" : " (\"" + Bounded(e.name) + "\")", ": ",
+          s.message(), "; nothing was stored (strict)"));
     }
-    return absl::InvalidArgumentError(absl::StrCat(rejected.size(),
-                                                   " example(s) rejected, so nothing was stored "
-                                                   "(strict): ",
-                                                   list));
+    if (rejected_.size() < kMaxReportedRejects) {
+      rejected_.push_back({index, Bounded(e.name, 256), std::string(s.message())});
+    }
+    return absl::OkStatus();
   }
-  if (accepted.empty() && rejected.empty()) {
+  const uint64_t h = DatasetCatalog::ExampleHash(e.name, e.bytes);
+  chunk_bytes_ += static_cast<int64_t>(e.bytes.size() + e.name.size() + e.label.size());
+  chunk_.push_back({0, std::move(e.name), std::move(e.label), std::move(e.bytes), h});
+  ++accepted_;
+  if (chunk_bytes_ >= kChunkBytes) return Flush();
+  return absl::OkStatus();
+}
+
+absl::Status DatasetUpload::Flush() {
+  if (chunk_.empty()) return absl::OkStatus();
+  if (catalog_->disk_ != nullptr) {
+    // Staged, then copied into the dataset at commit: twice the bytes.
+    if (absl::Status s = catalog_->disk_->Check(2 * chunk_bytes_, "this upload"); !s.ok()) {
+      return s;
+    }
+  }
+  if (absl::Status s = catalog_->db_->StageExamples(upload_, chunk_); !s.ok()) return s;
+  chunk_.clear();
+  chunk_bytes_ = 0;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<UploadResult> DatasetUpload::Commit() {
+  if (accepted_ == 0 && rejected_total_ == 0) {
     return absl::InvalidArgumentError("examples: the upload has no examples");
   }
-  auto before = db_->GetDataset(dataset);
-  DatasetInfo existing;
-  if (before.ok()) {
-    existing = *before;
-  } else if (before.status().code() != absl::StatusCode::kNotFound) {
-    return before.status();
-  }
-  std::map<std::string, int64_t> classes = existing.class_counts;
-  for (const auto& e : accepted) ++classes[e.label];
-  if (existing.images + static_cast<int64_t>(accepted.size()) > limits_.max_images) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("dataset \"", dataset, "\" would hold ", existing.images + accepted.size(),
-                     " images, over the limit of ", limits_.max_images, " (--max_dataset_images)"));
-  }
-  if (static_cast<int64_t>(classes.size()) > limits_.max_classes) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "dataset \"", dataset, "\" would have ", classes.size(), " classes, over the limit of ",
-        limits_.max_classes, " (--max_dataset_classes)"));
-  }
+  if (absl::Status s = Flush(); !s.ok()) return s;
+  UploadQuota quota;
+  quota.max_images = catalog_->limits_.max_images;
+  quota.max_classes = catalog_->limits_.max_classes;
+  auto added = catalog_->db_->CommitUpload(upload_, dataset_, quota);
+  if (!added.ok()) return added.status();
+  committed_ = true;
   UploadResult result;
-  result.accepted = static_cast<int64_t>(accepted.size());
-  result.rejected = std::move(rejected);
-  if (!accepted.empty() && disk_ != nullptr) {
-    int64_t bytes = 0;
-    for (const auto& e : accepted) bytes += static_cast<int64_t>(e.bytes.size() + e.name.size());
-    // Twice: the write-ahead log holds the rows before they reach the file.
-    if (absl::Status s = disk_->Check(2 * bytes, "this upload"); !s.ok()) return s;
-  }
-  if (!accepted.empty()) {
-    std::vector<StoredExample> rows;
-    rows.reserve(accepted.size());
-    for (auto& e : accepted) {
-      const uint64_t h = ExampleHash(e.name, e.bytes);
-      rows.push_back({0, std::move(e.name), std::move(e.label), std::move(e.bytes), h});
-    }
-    if (absl::Status s = db_->AppendExamples(dataset, rows); !s.ok()) return s;
-  }
-  auto after = db_->GetDataset(dataset);
+  result.accepted = *added;
+  result.rejected = std::move(rejected_);
+  result.rejected_total = rejected_total_;
+  auto after = catalog_->db_->GetDataset(dataset_);
   if (after.ok()) {
     result.dataset = *after;
-  } else if (accepted.empty()) {
-    result.dataset.name = dataset;  // nothing was stored: no dataset was made
+  } else if (*added == 0) {
+    result.dataset.name = dataset_;  // nothing was stored: no dataset was made
   } else {
     return after.status();
   }

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -48,8 +49,11 @@ struct RejectedExample {
 struct UploadResult {
   DatasetInfo dataset;  // after the upload
   int64_t accepted = 0;
-  std::vector<RejectedExample> rejected;
+  std::vector<RejectedExample> rejected;  // the first kMaxReportedRejects
+  int64_t rejected_total = 0;
 };
+
+class DatasetUpload;
 
 class DatasetCatalog {
  public:
@@ -66,13 +70,10 @@ class DatasetCatalog {
   // The reason an example cannot be stored, or OK. Decodes the image.
   absl::Status CheckExample(const UploadExample& e) const;
 
-  // Commits `accepted` (already checked) to `dataset` in one transaction,
-  // unless `strict` and something was rejected (then INVALID_ARGUMENT listing
-  // the first rejects, and nothing is written). Enforces the image and class
-  // limits over the whole dataset.
-  absl::StatusOr<UploadResult> Commit(const std::string& dataset,
-                                      std::vector<UploadExample> accepted,
-                                      std::vector<RejectedExample> rejected, bool strict);
+  // Starts an upload to `dataset` (INVALID_ARGUMENT for a bad name): see
+  // DatasetUpload. Nothing is visible until its Commit.
+  absl::StatusOr<std::unique_ptr<DatasetUpload>> BeginUpload(const std::string& dataset,
+                                                             bool strict);
 
   absl::StatusOr<DatasetInfo> Get(const std::string& name) const;
   absl::StatusOr<std::vector<DatasetInfo>> List() const;
@@ -84,11 +85,56 @@ class DatasetCatalog {
   void Release(const std::string& name);
 
  private:
+  friend class DatasetUpload;
   Database* db_;
   const DatasetLimits limits_;
   const DiskBudget* disk_;
   absl::Mutex mu_;
   std::map<std::string, int> users_ ABSL_GUARDED_BY(mu_);
+};
+
+// One upload in progress. Each example is checked as it is added; accepted
+// ones are staged in the database in chunks of at most kChunkBytes (so an
+// upload of any size holds at most one chunk in memory), invisible to every
+// reader until Commit moves them into the dataset in one transaction — where
+// the dataset's image and class limits are checked against the dataset as it
+// is then, so concurrent uploads cannot overshoot them. Destroyed without
+// Commit (the client went away, the stream broke), it stores nothing.
+//
+// Not thread-safe: one caller at a time (the upload's stream).
+class DatasetUpload {
+ public:
+  static constexpr int64_t kChunkBytes = 8 << 20;
+  static constexpr size_t kMaxReportedRejects = 1000;
+
+  ~DatasetUpload();
+  DatasetUpload(const DatasetUpload&) = delete;
+  DatasetUpload& operator=(const DatasetUpload&) = delete;
+
+  // Checks and keeps (or rejects, with its reason) the next example. An
+  // error fails the whole upload: with `strict`, INVALID_ARGUMENT for the
+  // first bad example; RESOURCE_EXHAUSTED for the disk budget.
+  absl::Status Add(UploadExample example);
+  // Makes everything accepted part of the dataset, durably, and reports.
+  // With nothing accepted and nothing rejected: INVALID_ARGUMENT.
+  absl::StatusOr<UploadResult> Commit();
+
+ private:
+  friend class DatasetCatalog;
+  DatasetUpload(DatasetCatalog* catalog, std::string dataset, bool strict);
+  absl::Status Flush();
+
+  DatasetCatalog* catalog_;
+  const std::string dataset_;
+  const bool strict_;
+  const int64_t upload_;
+  bool committed_ = false;
+  int64_t index_ = 0;
+  int64_t accepted_ = 0;
+  std::vector<StoredExample> chunk_;
+  int64_t chunk_bytes_ = 0;
+  std::vector<RejectedExample> rejected_;
+  int64_t rejected_total_ = 0;
 };
 
 }  // namespace tlserve

@@ -23,6 +23,15 @@ CREATE TABLE IF NOT EXISTS examples (
   hash INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS examples_by_dataset ON examples(dataset, id);
+CREATE TABLE IF NOT EXISTS staged_examples (
+  upload INTEGER NOT NULL,
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  name TEXT NOT NULL,
+  label TEXT NOT NULL,
+  bytes BLOB NOT NULL,
+  hash INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS staged_by_upload ON staged_examples(upload, seq);
 CREATE TABLE IF NOT EXISTS records (
   kind TEXT NOT NULL,
   key TEXT NOT NULL,
@@ -112,6 +121,8 @@ absl::StatusOr<std::unique_ptr<Database>> Database::Open(const std::string& path
     if (absl::Status s = d->Exec(pragma); !s.ok()) return s;
   }
   if (absl::Status s = d->Exec(kSchema); !s.ok()) return s;
+  // Uploads a previous process left unfinished were never acknowledged.
+  if (absl::Status s = d->Exec("DELETE FROM staged_examples"); !s.ok()) return s;
   return d;
 }
 
@@ -174,6 +185,95 @@ absl::Status Database::AppendExamples(const std::string& dataset,
   }
   if (absl::Status s = Exec("COMMIT"); !s.ok()) return rollback(s);
   return absl::OkStatus();
+}
+
+int64_t Database::BeginUpload() {
+  absl::MutexLock lock(&mu_);
+  return next_upload_++;
+}
+
+absl::Status Database::StageExamples(int64_t upload, const std::vector<StoredExample>& examples) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = Exec("BEGIN IMMEDIATE"); !s.ok()) return s;
+  Statement insert(db_,
+                   "INSERT INTO staged_examples(upload, name, label, bytes, hash) "
+                   "VALUES (?, ?, ?, ?, ?)");
+  if (!insert.status().ok()) return Rollback(insert.status());
+  for (const StoredExample& e : examples) {
+    sqlite3_reset(insert.get());
+    insert.Bind(1, upload);
+    insert.Bind(2, e.name);
+    insert.Bind(3, e.label);
+    insert.BindBlob(4, e.bytes);
+    insert.Bind(5, static_cast<int64_t>(e.hash));
+    if (sqlite3_step(insert.get()) != SQLITE_DONE) {
+      return Rollback(SqliteError(db_, "stage upload"));
+    }
+  }
+  if (absl::Status s = Exec("COMMIT"); !s.ok()) return Rollback(s);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> Database::CommitUpload(int64_t upload, const std::string& dataset,
+                                               const UploadQuota& quota) {
+  absl::MutexLock lock(&mu_);
+  // One write transaction: the quota is checked against the dataset as it
+  // is at commit, with every other writer held off (no check-then-act race).
+  if (absl::Status s = Exec("BEGIN IMMEDIATE"); !s.ok()) return s;
+  // A single number from `sql`, whose parameters are (dataset, upload).
+  auto count = [this, &dataset, upload](const char* sql)
+                   ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::StatusOr<int64_t> {
+    Statement q(db_, sql);
+    if (!q.status().ok()) return q.status();
+    const int params = sqlite3_bind_parameter_count(q.get());
+    if (params >= 1) q.Bind(1, dataset);
+    if (params >= 2) q.Bind(2, upload);
+    if (sqlite3_step(q.get()) != SQLITE_ROW) return SqliteError(db_, "count");
+    return q.Int(0);
+  };
+  auto added = count("SELECT COUNT(*) FROM staged_examples WHERE upload = ?2");
+  if (!added.ok()) return Rollback(added.status());
+  auto images = count("SELECT COUNT(*) FROM examples WHERE dataset = ?1");
+  if (!images.ok()) return Rollback(images.status());
+  if (*images + *added > quota.max_images) {
+    return Rollback(absl::ResourceExhaustedError(
+        absl::StrCat("dataset \"", dataset, "\" would hold ", *images + *added,
+                     " images, over the limit of ", quota.max_images, " (--max_dataset_images)")));
+  }
+  auto classes = count(
+      "SELECT COUNT(*) FROM (SELECT label FROM examples WHERE dataset = ?1 "
+      "UNION SELECT label FROM staged_examples WHERE upload = ?2)");
+  if (!classes.ok()) return Rollback(classes.status());
+  if (*classes > quota.max_classes) {
+    return Rollback(absl::ResourceExhaustedError(absl::StrCat(
+        "dataset \"", dataset, "\" would have ", *classes, " classes, over the limit of ",
+        quota.max_classes, " (--max_dataset_classes)")));
+  }
+  if (*added > 0) {
+    Statement create(db_, "INSERT OR IGNORE INTO datasets(name, created_unix) VALUES (?, ?)");
+    create.Bind(1, dataset);
+    create.Bind(2, static_cast<int64_t>(std::time(nullptr)));
+    if (sqlite3_step(create.get()) != SQLITE_DONE) return Rollback(SqliteError(db_, "insert"));
+    Statement move(db_,
+                   "INSERT INTO examples(dataset, name, label, bytes, hash) "
+                   "SELECT ?, name, label, bytes, hash FROM staged_examples WHERE upload = ? "
+                   "ORDER BY seq");
+    move.Bind(1, dataset);
+    move.Bind(2, upload);
+    if (sqlite3_step(move.get()) != SQLITE_DONE) return Rollback(SqliteError(db_, "commit upload"));
+    Statement drop(db_, "DELETE FROM staged_examples WHERE upload = ?");
+    drop.Bind(1, upload);
+    if (sqlite3_step(drop.get()) != SQLITE_DONE) return Rollback(SqliteError(db_, "commit upload"));
+  }
+  if (absl::Status s = Exec("COMMIT"); !s.ok()) return Rollback(s);
+  return *added;
+}
+
+void Database::AbortUpload(int64_t upload) {
+  absl::MutexLock lock(&mu_);
+  Statement drop(db_, "DELETE FROM staged_examples WHERE upload = ?");
+  drop.Bind(1, upload);
+  (void)sqlite3_step(drop.get());
 }
 
 absl::StatusOr<DatasetInfo> Database::GetDatasetLocked(const std::string& name) {

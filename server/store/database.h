@@ -41,6 +41,12 @@ struct DatasetInfo {
   std::map<std::string, int64_t> class_counts;
 };
 
+// What one dataset may hold, checked when an upload commits.
+struct UploadQuota {
+  int64_t max_images = 1'000'000;
+  int64_t max_classes = 1000;
+};
+
 class Database {
  public:
   // Opens or creates `path` and brings its schema up to date.
@@ -52,6 +58,17 @@ class Database {
   // Adds `examples` to `dataset`, creating it if needed, in one transaction.
   absl::Status AppendExamples(const std::string& dataset,
                               const std::vector<StoredExample>& examples);
+  // Uploads are staged in bounded chunks (invisible to every reader) and
+  // moved into their dataset in one transaction at commit, when the quota is
+  // checked; an upload that is aborted, or left by a crash, stores nothing.
+  int64_t BeginUpload();
+  absl::Status StageExamples(int64_t upload, const std::vector<StoredExample>& examples);
+  // The number of examples added; RESOURCE_EXHAUSTED (nothing stored) over
+  // the quota.
+  absl::StatusOr<int64_t> CommitUpload(int64_t upload, const std::string& dataset,
+                                       const UploadQuota& quota);
+  void AbortUpload(int64_t upload);
+
   // NOT_FOUND for an unknown name.
   absl::StatusOr<DatasetInfo> GetDataset(const std::string& name);
   absl::StatusOr<std::vector<DatasetInfo>> ListDatasets();
@@ -88,6 +105,7 @@ class Database {
 
   absl::Mutex mu_;
   sqlite3* db_ ABSL_GUARDED_BY(mu_);
+  int64_t next_upload_ ABSL_GUARDED_BY(mu_) = 1;
 };
 
 }  // namespace tlserve

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The Python example client (client/python/example.py, stubs generated from
-proto/ by python3-grpc-tools, stock grpcio) against a live server: embed,
+proto/ by Debian's protoc + grpc_python_plugin, stock grpcio) against a live server: embed,
 upload, train with progress, classify, export; its printed results are
 checked, and what it claims is checked against the server with tlctl.
 

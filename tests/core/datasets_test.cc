@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <set>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "tests/test_util.h"
@@ -29,22 +31,20 @@ class DatasetCatalogTest : public ::testing::Test {
     DatasetLimits limits;
     limits.max_classes = 3;
     limits.max_images = 50;
-    catalog_ = std::make_unique<DatasetCatalog>(db_.get(), limits);
+    limits.preprocess.resize = 36;
+    limits.preprocess.crop = 32;
+    catalog_ = std::make_unique<DatasetCatalog>(db_.get(), limits, disk_.get());
   }
-  // Checks like the upload RPC does, then commits.
+  // As the upload RPC does: adds each example, then commits.
   absl::StatusOr<UploadResult> Upload(const std::string& name,
                                       const std::vector<UploadExample>& examples,
                                       bool strict = false) {
-    std::vector<UploadExample> accepted;
-    std::vector<RejectedExample> rejected;
-    for (size_t i = 0; i < examples.size(); ++i) {
-      if (absl::Status s = catalog_->CheckExample(examples[i]); !s.ok()) {
-        rejected.push_back({static_cast<int64_t>(i), examples[i].name, std::string(s.message())});
-      } else {
-        accepted.push_back(examples[i]);
-      }
+    auto upload = catalog_->BeginUpload(name, strict);
+    if (!upload.ok()) return upload.status();
+    for (const auto& e : examples) {
+      if (absl::Status s = (*upload)->Add(e); !s.ok()) return s;
     }
-    return catalog_->Commit(name, accepted, rejected, strict);
+    return (*upload)->Commit();
   }
   static UploadExample Ex(const std::string& file, const std::string& label,
                           const std::string& name = "") {
@@ -52,6 +52,10 @@ class DatasetCatalogTest : public ::testing::Test {
   }
 
   std::string path_;
+  // Free bytes the fake disk reports: plenty unless a test says otherwise.
+  std::atomic<int64_t> free_bytes_{int64_t{1} << 40};
+  std::unique_ptr<DiskBudget> disk_ = std::make_unique<DiskBudget>(
+      [this]() -> absl::StatusOr<int64_t> { return free_bytes_.load(); }, 1 << 20);
   std::unique_ptr<Database> db_;
   std::unique_ptr<DatasetCatalog> catalog_;
 };
@@ -138,10 +142,11 @@ TEST_F(DatasetCatalogTest, EnforcesNameAndLimitRules) {
             absl::StatusCode::kInvalidArgument);
   auto classes = Upload("many", {Ex("rgb_png.png", "a"), Ex("rgb_png.png", "b"),
                                  Ex("rgb_png.png", "c"), Ex("rgb_png.png", "d")});
-  EXPECT_EQ(classes.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(classes.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(classes.status().message().find("--max_dataset_classes"), absl::string_view::npos);
   std::vector<UploadExample> lots(51, Ex("small_png.png", "a"));
   auto images = Upload("lots", lots);
+  EXPECT_EQ(images.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(images.status().message().find("--max_dataset_images"), absl::string_view::npos);
   auto label = Upload("labels", {Ex("rgb_png.png", "")});
   ASSERT_TRUE(label.ok());
@@ -157,6 +162,81 @@ TEST_F(DatasetCatalogTest, DeleteIsRefusedWhileAJobUsesTheDataset) {
   EXPECT_TRUE(catalog_->Delete("busy").ok());
   EXPECT_EQ(catalog_->Get("busy").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(catalog_->Delete("busy").code(), absl::StatusCode::kNotFound);
+}
+
+// Finding 9 of the hardening issue: 4 concurrent uploads stored 16 images
+// under a limit of 10 (the check and the write were separate steps).
+TEST_F(DatasetCatalogTest, ConcurrentUploadsNeverOvershootTheImageLimit) {
+  const std::string bytes = ReadBytes(Fixture("small_png.png"));
+  for (int round = 0; round < 3; ++round) {
+    const std::string name = absl::StrCat("race", round);
+    std::atomic<int> succeeded{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 8; ++t) {
+      threads.emplace_back([&, t] {
+        std::vector<UploadExample> mine;
+        for (int i = 0; i < 7; ++i) mine.push_back({absl::StrCat("t", t, "-", i), "a", bytes});
+        if (Upload(name, mine).ok()) ++succeeded;
+      });
+    }
+    for (auto& t : threads) t.join();
+    auto d = catalog_->Get(name);
+    ASSERT_TRUE(d.ok()) << d.status();
+    EXPECT_LE(d->images, 50);
+    EXPECT_EQ(d->images, succeeded.load() * 7);  // whole uploads only
+  }
+}
+
+TEST_F(DatasetCatalogTest, AnUploadThatIsNotCommittedStoresNothingEvenWhenStaged) {
+  const std::string bytes = ReadBytes(Fixture("rgb_png.png"));  // 325 kB: chunks get staged
+  {
+    auto upload = catalog_->BeginUpload("gone", false);
+    ASSERT_TRUE(upload.ok());
+    for (int i = 0; i < 40; ++i) {
+      ASSERT_TRUE((*upload)->Add({absl::StrCat("i", i), "a", bytes}).ok());
+    }
+  }  // destroyed without Commit: the client went away
+  EXPECT_EQ(catalog_->Get("gone").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(db_->ReusableBytes() > 0, true) << "the staged chunk was not deleted";
+  Reopen();
+  EXPECT_EQ(catalog_->Get("gone").status().code(), absl::StatusCode::kNotFound);
+}
+
+// Finding 3: the disk filled up. Uploads are refused before anything is
+// written once the reserve would be touched; deletes still work.
+TEST_F(DatasetCatalogTest, TheDiskBudgetRefusesUploadsBeforeWritingAndDeletesStillWork) {
+  ASSERT_TRUE(Upload("kept", {Ex("rgb_png.png", "a")}).ok());
+  free_bytes_ = 2 << 20;  // 2 MB free, 1 MB reserve: a 325 kB image x4 does not fit
+  std::vector<UploadExample> big(4, Ex("rgb_png.png", "a"));
+  for (size_t i = 0; i < big.size(); ++i) big[i].name = absl::StrCat("big", i);
+  auto r = Upload("full", big);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(r.status().message().find("--min_free_disk_mb"), absl::string_view::npos) << r.status();
+  EXPECT_EQ(catalog_->Get("full").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(catalog_->Delete("kept").ok());
+  free_bytes_ = int64_t{1} << 40;
+  EXPECT_TRUE(Upload("full", big).ok());
+}
+
+// Finding 2: an image whose resized intermediate would be gigabytes is
+// refused at upload, so no training job ever meets it.
+TEST_F(DatasetCatalogTest, ThinImagesAreRejectedAtUpload) {
+  auto r = Upload("thin", {Ex("thin_1000000x1.png", "a"), Ex("rgb_png.png", "a")});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->accepted, 1);
+  ASSERT_EQ(r->rejected.size(), 1u);
+  EXPECT_NE(r->rejected[0].reason.find("aspect ratio"), std::string::npos) << r->rejected[0].reason;
+}
+
+TEST_F(DatasetCatalogTest, ReportsAtMostAThousandRejectsButCountsThemAll) {
+  std::vector<UploadExample> bad(1500, Ex("bad_empty.png", "a"));
+  bad.push_back(Ex("rgb_png.png", "a"));
+  auto r = Upload("mostly-bad", bad);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->accepted, 1);
+  EXPECT_EQ(r->rejected.size(), DatasetUpload::kMaxReportedRejects);
+  EXPECT_EQ(r->rejected_total, 1500);
 }
 
 }  // namespace

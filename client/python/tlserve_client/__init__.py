@@ -81,9 +81,11 @@ class Client:
         examples = list(examples)
 
         def requests():
-            for i in range(0, len(examples), batch):
+            # The last message commits: a stream cut short stores nothing.
+            starts = list(range(0, len(examples), batch)) or [0]
+            for i in starts:
                 yield datasets_pb2.UploadDatasetRequest(
-                    dataset=dataset, strict=strict,
+                    dataset=dataset, strict=strict, commit=(i == starts[-1]),
                     examples=[datasets_pb2.Example(label=l, name=n, encoded=b)
                               for l, n, b in examples[i:i + batch]])
         return self.datasets.UploadDataset(requests())

@@ -1,6 +1,8 @@
 """Python stubs for tlserve's proto/, generated on first use with Debian's
-python3-grpc-tools (python3 -m grpc_tools.protoc) into a cache directory and
-put on sys.path. Regenerated when a .proto file is newer than the stubs.
+protoc and grpc_python_plugin (packages protobuf-compiler and
+protobuf-compiler-grpc; the bundled protoc of python3-grpc-tools, 3.5, is too
+old for proto3 `optional` fields) into a cache directory and put on sys.path.
+Regenerated when a .proto file is newer than the stubs.
 
 Set TLSERVE_PY_STUBS to choose the directory (default: _gen beside this
 package, or ~/.cache/tlserve/py-stubs when that is not writable).
@@ -40,16 +42,15 @@ def generate(out=None):
     out = out or _target()
     if not _stale(out):
         return out
-    try:
-        from grpc_tools import protoc  # noqa: F401
-    except ImportError:
+    protoc, plugin = shutil.which("protoc"), shutil.which("grpc_python_plugin")
+    if not protoc or not plugin:
         sys.exit("tlserve_client: the gRPC code generator is missing; install it with "
-                 "`apt-get install python3-grpc-tools` (Debian) and use /usr/bin/python3")
+                 "`apt-get install protobuf-compiler protobuf-compiler-grpc` (Debian)")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".stubs-", dir=parent)
-    cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I" + PROTO_DIR, "--python_out=" + tmp,
-           "--grpc_python_out=" + tmp] + [os.path.join(PROTO_DIR, p) for p in PROTOS]
+    cmd = [protoc, "-I" + PROTO_DIR, "--python_out=" + tmp, "--grpc_python_out=" + tmp,
+           "--plugin=protoc-gen-grpc_python=" + plugin] + [os.path.join(PROTO_DIR, p) for p in PROTOS]
     subprocess.run(cmd, check=True)
     for d in ("tlserve", os.path.join("tlserve", "v1")):
         open(os.path.join(tmp, d, "__init__.py"), "a").close()
