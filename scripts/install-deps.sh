@@ -11,6 +11,9 @@ BUILD_PACKAGES=(
   prometheus-cpp-dev libgtest-dev libgmock-dev
   libsqlite3-dev libturbojpeg0-dev libpng-dev libssl-dev nlohmann-json3-dev
 )
+# The checking builds of scripts/sanitize.sh (CI runs them after the tests): clang for
+# libFuzzer and -Wthread-safety, its sanitizer and fuzzer runtimes, llvm-symbolizer-14 for reports.
+CHECK_PACKAGES=(clang-14 libclang-rt-14-dev llvm-14)
 # Python is only a test reference and fixture maker (the product is C++); Debian's interpreter.
 TEST_PACKAGES=(
   python3 python3-torch python3-torchvision python3-numpy python3-pil python3-sklearn
@@ -23,7 +26,7 @@ want=("${BUILD_PACKAGES[@]}")
 case "${1:-all}" in
   build) ;;
   all)
-    want+=("${TEST_PACKAGES[@]}")
+    want+=("${TEST_PACKAGES[@]}" "${CHECK_PACKAGES[@]}")
     # npm fetches the chart test's Kubernetes schemas; Debian's when none is on PATH.
     command -v npm >/dev/null || want+=(nodejs npm)
     ;;
