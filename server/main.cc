@@ -21,7 +21,11 @@ ABSL_FLAG(int, preprocess_threads, 0, "image decoding threads (0: the machine's 
 ABSL_FLAG(int, max_batch_size, 32, "most images in one batched forward");
 ABSL_FLAG(int, max_queue_delay_us, 2000, "longest an image waits for a batch to fill");
 ABSL_FLAG(int, max_queue_size, 1024, "most images queued; more get RESOURCE_EXHAUSTED");
-ABSL_FLAG(int64_t, max_image_pixels, 40'000'000, "largest decoded image (width*height)");
+ABSL_FLAG(int64_t, max_image_pixels, 40'000'000,
+          "largest image (width*height), decoded or resized for the backbone");
+ABSL_FLAG(int64_t, max_request_pixels, 256'000'000,
+          "most pixels in the images of one request or stream message together (from their "
+          "headers, before decoding)");
 ABSL_FLAG(int, max_images_per_request, 256, "most images in one Embed request or stream message");
 ABSL_FLAG(int, max_message_bytes, 64 << 20, "largest gRPC message, in bytes");
 ABSL_FLAG(int64_t, max_dataset_images, 1'000'000, "most images in one dataset");
@@ -38,6 +42,9 @@ ABSL_FLAG(int64_t, min_free_disk_mb, 512,
           "RESOURCE_EXHAUSTED before anything is written; deletes always work");
 ABSL_FLAG(int, max_concurrent_uploads, 16,
           "most UploadDataset streams at once; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_concurrent_exports, 4,
+          "most ExportModel streams at once (each builds the whole network into a file); more "
+          "get RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::string, data_dir, "./tlserve-data", "directory for the server's durable state");
 ABSL_FLAG(int, drain_seconds, 20, "on SIGTERM/SIGINT, how long in-flight calls may finish");
 
@@ -66,6 +73,7 @@ int main(int argc, char** argv) {
   o.embedder.batching.max_queue_delay = absl::Microseconds(absl::GetFlag(FLAGS_max_queue_delay_us));
   o.embedder.batching.max_queue_size = absl::GetFlag(FLAGS_max_queue_size);
   o.embedder.max_image_pixels = absl::GetFlag(FLAGS_max_image_pixels);
+  o.embedder.max_request_pixels = absl::GetFlag(FLAGS_max_request_pixels);
   o.embedder.preprocess_threads =
       absl::GetFlag(FLAGS_preprocess_threads) > 0 ? absl::GetFlag(FLAGS_preprocess_threads) : cores;
   o.limits.max_images_per_request = absl::GetFlag(FLAGS_max_images_per_request);
@@ -79,6 +87,7 @@ int main(int argc, char** argv) {
   o.models.max_classes = absl::GetFlag(FLAGS_max_model_classes);
   o.min_free_disk_bytes = absl::GetFlag(FLAGS_min_free_disk_mb) << 20;
   o.max_concurrent_uploads = absl::GetFlag(FLAGS_max_concurrent_uploads);
+  o.max_concurrent_exports = absl::GetFlag(FLAGS_max_concurrent_exports);
   const std::string host = absl::GetFlag(FLAGS_host);
   o.grpc_address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_port));
   o.metrics_address = absl::GetFlag(FLAGS_metrics_port) > 0
@@ -86,11 +95,12 @@ int main(int argc, char** argv) {
                           : "";
   if (o.limits.max_images_per_request < 1 || o.max_message_bytes < 1024 ||
       absl::GetFlag(FLAGS_feature_cache_mb) < 0 || o.models.max_head_params < 1 ||
-      o.models.max_classes < 2 || o.min_free_disk_bytes < 0 || o.max_concurrent_uploads < 1) {
+      o.models.max_classes < 2 || o.min_free_disk_bytes < 0 || o.max_concurrent_uploads < 1 ||
+      o.max_concurrent_exports < 1) {
     tlserve::LogError(
         "--max_images_per_request must be >= 1, --max_message_bytes >= 1024, "
         "--feature_cache_mb >= 0, --max_head_params >= 1, --max_model_classes >= 2 and "
-        "--min_free_disk_mb >= 0, --max_concurrent_uploads >= 1");
+        "--min_free_disk_mb >= 0, --max_concurrent_uploads >= 1, --max_concurrent_exports >= 1");
     return 2;
   }
   tlserve::LogInfo(

@@ -19,6 +19,12 @@ absl::StatusOr<std::string> ReadFileBytes(const std::string& path);
 // The file as an encoded image named by its path.
 absl::StatusOr<v1::Image> ReadImage(const std::string& path);
 
+// File names are bytes; protobuf strings must be UTF-8 (a server cannot
+// parse a message that holds anything else).
+bool IsUtf8(const std::string& s);
+// `s` with every byte that is not part of valid UTF-8 replaced by U+FFFD.
+std::string ToUtf8(const std::string& s);
+
 }  // namespace tlserve
 
 #endif  // TLSERVE_CLIENT_LIB_IMAGE_FILES_H_

@@ -200,7 +200,16 @@ int Upload(Client& c, const Args& a) {
       std::cerr << "tlctl: skipping " << f << ": not inside a class directory\n";
       continue;
     }
-    examples.emplace_back(f, rel.substr(0, slash));
+    // Protobuf strings are UTF-8: a class directory named in another
+    // encoding (Latin-1, say) cannot be a label, and the server would refuse
+    // the whole upload. Say so before sending anything.
+    const std::string label = rel.substr(0, slash);
+    if (!IsUtf8(label)) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("class directory \"", ToUtf8(label), "\" (", f,
+                       ") is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8)")));
+    }
+    examples.emplace_back(f, label);
   }
   if (examples.empty()) {
     return Fail(absl::NotFoundError(absl::StrCat(root, " has no DIR/<class>/<image> files")));
@@ -212,7 +221,7 @@ int Upload(Client& c, const Args& a) {
         auto bytes = ReadFileBytes(examples[i].first);
         if (!bytes.ok()) return bytes.status();
         v1::Example e;
-        e.set_name(examples[i].first);
+        e.set_name(ToUtf8(examples[i].first));  // a name is only for reports
         e.set_label(examples[i].second);
         e.set_encoded(std::move(*bytes));
         return e;
@@ -230,13 +239,18 @@ int Upload(Client& c, const Args& a) {
     }
     nlohmann::json j = {{"dataset", DatasetJson(r->dataset())},
                         {"accepted", r->accepted()},
-                        {"rejected", rejected}};
+                        {"rejected", rejected},
+                        {"rejected_total", r->rejected_total()}};
     std::cout << j.dump() << "\n";
   } else {
-    std::cout << "uploaded " << r->accepted() << " images, " << r->rejected_size() << " rejected\n";
+    std::cout << "uploaded " << r->accepted() << " images, " << r->rejected_total()
+              << " rejected\n";
+    if (r->rejected_total() > r->rejected_size()) {
+      std::cerr << "tlctl: (the first " << r->rejected_size() << " rejects are listed)\n";
+    }
     PrintDataset(r->dataset());
   }
-  return r->rejected_size() > 0 ? 1 : 0;
+  return r->rejected_total() > 0 ? 1 : 0;
 }
 
 int Datasets(Client& c, const Args& a) {

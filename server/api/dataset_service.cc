@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "server/api/contained_call.h"
 #include "server/api/rpc_timer.h"
 #include "server/api/status_util.h"
 #include "server/core/contain.h"
@@ -29,11 +30,6 @@ void RefreshGauges(DatasetCatalog* catalog, Metrics* metrics) {
   double images = 0;
   for (const auto& d : *list) images += static_cast<double>(d.images);
   metrics->SetDatasets(static_cast<double>(list->size()), images);
-}
-
-void Finish(grpc::ServerUnaryReactor* reactor, const RpcTimer& timer, const absl::Status& s) {
-  timer.Done(s);
-  reactor->Finish(ToGrpcStatus(s));
 }
 
 // One upload: each message's examples are checked and staged on the pool,
@@ -163,36 +159,32 @@ grpc::ServerReadReactor<v1::UploadDatasetRequest>* DatasetService::UploadDataset
 grpc::ServerUnaryReactor* DatasetService::ListDatasets(grpc::CallbackServerContext* context,
                                                        const v1::ListDatasetsRequest*,
                                                        v1::ListDatasetsResponse* response) {
-  RpcTimer timer(metrics_, "ListDatasets");
-  auto list = catalog_->List();
-  if (list.ok()) {
+  return ContainedUnary(context, metrics_, "ListDatasets", [&]() -> absl::Status {
+    auto list = catalog_->List();
+    if (!list.ok()) return list.status();
     for (const auto& d : *list) ToProto(d, response->add_datasets());
-  }
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  Finish(reactor, timer, list.status());
-  return reactor;
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerUnaryReactor* DatasetService::GetDataset(grpc::CallbackServerContext* context,
                                                      const v1::GetDatasetRequest* request,
                                                      v1::Dataset* response) {
-  RpcTimer timer(metrics_, "GetDataset");
-  auto info = catalog_->Get(request->name());
-  if (info.ok()) ToProto(*info, response);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  Finish(reactor, timer, info.status());
-  return reactor;
+  return ContainedUnary(context, metrics_, "GetDataset", [&]() -> absl::Status {
+    auto info = catalog_->Get(request->name());
+    if (info.ok()) ToProto(*info, response);
+    return info.status();
+  });
 }
 
 grpc::ServerUnaryReactor* DatasetService::DeleteDataset(grpc::CallbackServerContext* context,
                                                         const v1::DeleteDatasetRequest* request,
                                                         v1::DeleteDatasetResponse*) {
-  RpcTimer timer(metrics_, "DeleteDataset");
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status s = catalog_->Delete(request->name());
-  RefreshGauges(catalog_, metrics_);
-  Finish(reactor, timer, s);
-  return reactor;
+  return ContainedUnary(context, metrics_, "DeleteDataset", [&]() -> absl::Status {
+    absl::Status s = catalog_->Delete(request->name());
+    RefreshGauges(catalog_, metrics_);
+    return s;
+  });
 }
 
 }  // namespace tlserve

@@ -1,17 +1,36 @@
 #include "server/api/export_reactor.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <random>
+
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "server/api/status_util.h"
+#include "server/core/contain.h"
 #include "server/core/log.h"
 
 namespace tlserve {
 namespace {
-constexpr size_t kChunkBytes = 1 << 20;
+constexpr int64_t kChunkBytes = 1 << 20;
 }  // namespace
 
 ExportReactor::ExportReactor(const ModelRegistry* models, Metrics* metrics,
-                             const v1::ExportModelRequest& req)
-    : models_(models), timer_(metrics, "ExportModel") {
+                             const v1::ExportModelRequest& req, const ExportOptions& options,
+                             std::shared_ptr<std::atomic<int>> in_flight)
+    : models_(models),
+      options_(options),
+      in_flight_(std::move(in_flight)),
+      timer_(metrics, "ExportModel") {
+  if (in_flight_->fetch_add(1) >= options_.max_concurrent) {
+    End(absl::ResourceExhaustedError(
+        absl::StrCat(options_.max_concurrent,
+                     " exports are in progress (--max_concurrent_exports); retry when one ends")));
+    return;
+  }
   if (req.version() < 0) {
     End(absl::InvalidArgumentError("version must be >= 0 (0: the served version)"));
     return;
@@ -26,23 +45,36 @@ ExportReactor::ExportReactor(const ModelRegistry* models, Metrics* metrics,
 
 void ExportReactor::Build(std::shared_ptr<const ServableVersion> version) {
   const absl::Time start = absl::Now();
-  absl::StatusOr<ExportedModel> file;
-  try {
-    file = ExportModel(models_->backbone(), *version);
-  } catch (const std::exception& e) {  // c10::Error, TorchScript's ErrorReport
-    file = absl::InternalError(absl::StrCat("export failed: ", e.what()));
+  if (options_.disk != nullptr) {
+    // The file holds every weight of the network once, in float32.
+    int64_t bytes = int64_t{1} << 20;
+    for (const auto& p : version->head->parameters()) bytes += p.numel() * 4;
+    auto summary = models_->backbone().Describe({});
+    if (summary.ok()) bytes += summary->total_params * 4;
+    if (absl::Status s = options_.disk->Check(bytes, "the export"); !s.ok()) return End(s);
   }
+  std::random_device rd;
+  const std::string path =
+      absl::StrFormat("%s/%s-v%d-%08x.pt", options_.dir, version->model, version->version, rd());
+  absl::StatusOr<ExportedModel> file =
+      Contain("export failed", [&] { return ExportModel(models_->backbone(), *version, path); });
+  if (file.ok()) {
+    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0)
+      file = absl::InternalError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
+  }
+  ::unlink(path.c_str());  // open or not, the name goes now: nothing is left behind
   if (!file.ok()) return End(file.status());
   if (cancelled_) return End(absl::CancelledError("the client cancelled the export"));
-  file_ = *std::move(file);
+  size_ = file->size;
   LogInfo("exporting model %s v%d: %d bytes, sha256 %s, built in %.2f s", version->model,
-          version->version, file_.bytes.size(), file_.sha256.substr(0, 12),
+          version->version, size_, file->sha256.substr(0, 12),
           absl::ToDoubleSeconds(absl::Now() - start));
   v1::ExportInfo* info = message_.mutable_info();
   info->set_model(version->model);
   info->set_version(version->version);
-  info->set_size_bytes(static_cast<int64_t>(file_.bytes.size()));
-  info->set_sha256(file_.sha256);
+  info->set_size_bytes(size_);
+  info->set_sha256(file->sha256);
   for (const auto& c : version->classes) info->add_classes(c);
   info->set_crop(models_->backbone().preprocess().crop);
   StartWrite(&message_);
@@ -50,14 +82,26 @@ void ExportReactor::Build(std::shared_ptr<const ServableVersion> version) {
 
 void ExportReactor::OnWriteDone(bool ok) {
   if (!ok) return End(absl::CancelledError("the client went away during the export"));
-  if (offset_ >= file_.bytes.size()) return End(absl::OkStatus());
+  if (offset_ >= size_) return End(absl::OkStatus());
   WriteNext();
 }
 
 void ExportReactor::WriteNext() {
-  const size_t n = std::min(kChunkBytes, file_.bytes.size() - offset_);
+  const int64_t n = std::min(kChunkBytes, size_ - offset_);
   message_.Clear();
-  message_.set_chunk(file_.bytes.substr(offset_, n));
+  std::string* chunk = message_.mutable_chunk();
+  chunk->resize(static_cast<size_t>(n));
+  int64_t got = 0;
+  while (got < n) {
+    const ssize_t r =
+        ::pread(fd_, chunk->data() + got, static_cast<size_t>(n - got), offset_ + got);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) {
+      return End(absl::InternalError(absl::StrCat("cannot read the export back: ",
+                                                  r < 0 ? std::strerror(errno) : "end of file")));
+    }
+    got += r;
+  }
   offset_ += n;
   StartWrite(&message_);
 }
@@ -76,6 +120,8 @@ void ExportReactor::OnDone() {
       worker_.join();
     }
   }
+  if (fd_ >= 0) ::close(fd_);
+  in_flight_->fetch_sub(1);
   delete this;
 }
 

@@ -3,6 +3,8 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "server/api/caller_lane.h"
+#include "server/api/contained_call.h"
 #include "server/api/convert.h"
 #include "server/api/export_reactor.h"
 #include "server/api/rpc_timer.h"
@@ -12,14 +14,6 @@
 
 namespace tlserve {
 namespace {
-
-grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* c, const RpcTimer& t,
-                               const absl::Status& s) {
-  t.Done(s);
-  grpc::ServerUnaryReactor* r = c->DefaultReactor();
-  r->Finish(ToGrpcStatus(s));
-  return r;
-}
 
 void ToProto(const ModelInfo& m, v1::Model* out) {
   out->set_name(m.name);
@@ -215,46 +209,50 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Job> {
 grpc::ServerUnaryReactor* ModelService::CreateModel(grpc::CallbackServerContext* c,
                                                     const v1::CreateModelRequest* req,
                                                     v1::Model* resp) {
-  RpcTimer t(metrics_, "CreateModel");
-  std::vector<std::string> classes(req->classes().begin(), req->classes().end());
-  if (!req->dataset().empty()) {
-    if (!classes.empty()) {
-      return Done(c, t, absl::InvalidArgumentError("give classes or dataset, not both"));
+  return ContainedUnary(c, metrics_, "CreateModel", [&]() -> absl::Status {
+    std::vector<std::string> classes(req->classes().begin(), req->classes().end());
+    if (!req->dataset().empty()) {
+      if (!classes.empty()) return absl::InvalidArgumentError("give classes or dataset, not both");
+      auto d = datasets_->Get(req->dataset());
+      if (!d.ok()) return d.status();
+      for (const auto& [label, n] : d->class_counts) classes.push_back(label);
     }
-    auto d = datasets_->Get(req->dataset());
-    if (!d.ok()) return Done(c, t, d.status());
-    for (const auto& [label, n] : d->class_counts) classes.push_back(label);
-  }
-  HeadSpec head{{req->head().hidden().begin(), req->head().hidden().end()}, req->head().dropout()};
-  auto m = models_->Create(req->name(), std::move(classes), head);
-  if (m.ok()) ToProto(*m, resp);
-  metrics_->SetModels(models_->size());
-  return Done(c, t, m.status());
+    HeadSpec head{{req->head().hidden().begin(), req->head().hidden().end()},
+                  req->head().dropout()};
+    auto m = models_->Create(req->name(), std::move(classes), head);
+    if (m.ok()) ToProto(*m, resp);
+    metrics_->SetModels(models_->size());
+    return m.status();
+  });
 }
 
 grpc::ServerUnaryReactor* ModelService::GetModel(grpc::CallbackServerContext* c,
                                                  const v1::GetModelRequest* req, v1::Model* resp) {
-  RpcTimer t(metrics_, "GetModel");
-  auto m = models_->Get(req->name());
-  if (m.ok()) ToProto(*m, resp);
-  return Done(c, t, m.status());
+  return ContainedUnary(c, metrics_, "GetModel", [&]() -> absl::Status {
+    auto m = models_->Get(req->name());
+    if (m.ok()) ToProto(*m, resp);
+    return m.status();
+  });
 }
 
 grpc::ServerUnaryReactor* ModelService::ListModels(grpc::CallbackServerContext* c,
                                                    const v1::ListModelsRequest*,
                                                    v1::ListModelsResponse* resp) {
-  RpcTimer t(metrics_, "ListModels");
-  for (const auto& m : models_->List()) ToProto(m, resp->add_models());
-  return Done(c, t, absl::OkStatus());
+  return ContainedUnary(c, metrics_, "ListModels", [&]() -> absl::Status {
+    for (const auto& m : models_->List()) ToProto(m, resp->add_models());
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerUnaryReactor* ModelService::DeleteModel(grpc::CallbackServerContext* c,
                                                     const v1::DeleteModelRequest* req,
                                                     v1::DeleteModelResponse*) {
-  RpcTimer t(metrics_, "DeleteModel");
-  absl::Status s = models_->Delete(req->name());
-  metrics_->SetModels(models_->size());
-  return Done(c, t, s);
+  return ContainedUnary(c, metrics_, "DeleteModel", [&]() -> absl::Status {
+    absl::Status s = models_->Delete(req->name());
+    if (s.ok()) metrics_->RemoveModel(req->name());
+    metrics_->SetModels(models_->size());
+    return s;
+  });
 }
 
 namespace {
@@ -276,34 +274,37 @@ absl::StatusOr<std::vector<std::string>> StageList(
 grpc::ServerUnaryReactor* ModelService::UnfreezeLayers(grpc::CallbackServerContext* c,
                                                        const v1::UnfreezeLayersRequest* req,
                                                        v1::Model* resp) {
-  RpcTimer t(metrics_, "UnfreezeLayers");
-  auto stages = StageList(*models_, req->stages(), req->from());
-  if (!stages.ok()) return Done(c, t, stages.status());
-  auto m = models_->Unfreeze(req->model(), *stages);
-  if (m.ok()) ToProto(*m, resp);
-  return Done(c, t, m.status());
+  return ContainedUnary(c, metrics_, "UnfreezeLayers", [&]() -> absl::Status {
+    auto stages = StageList(*models_, req->stages(), req->from());
+    if (!stages.ok()) return stages.status();
+    auto m = models_->Unfreeze(req->model(), *stages);
+    if (m.ok()) ToProto(*m, resp);
+    return m.status();
+  });
 }
 
 grpc::ServerUnaryReactor* ModelService::FreezeLayers(grpc::CallbackServerContext* c,
                                                      const v1::FreezeLayersRequest* req,
                                                      v1::Model* resp) {
-  RpcTimer t(metrics_, "FreezeLayers");
-  auto stages = StageList(*models_, req->stages(), req->from());
-  if (!stages.ok()) return Done(c, t, stages.status());
-  auto m = models_->Freeze(req->model(), *stages, req->drop_private());
-  if (m.ok()) ToProto(*m, resp);
-  return Done(c, t, m.status());
+  return ContainedUnary(c, metrics_, "FreezeLayers", [&]() -> absl::Status {
+    auto stages = StageList(*models_, req->stages(), req->from());
+    if (!stages.ok()) return stages.status();
+    auto m = models_->Freeze(req->model(), *stages, req->drop_private());
+    if (m.ok()) ToProto(*m, resp);
+    return m.status();
+  });
 }
 
 grpc::ServerUnaryReactor* ModelService::StartTraining(grpc::CallbackServerContext* c,
                                                       const v1::StartTrainingRequest* req,
                                                       v1::Job* resp) {
-  RpcTimer t(metrics_, "StartTraining");
-  auto options = FromProto(req->options());
-  if (!options.ok()) return Done(c, t, options.status());
-  auto j = jobs_->Start(req->model(), req->dataset(), *options);
-  if (j.ok()) ToProto(*j, resp);
-  return Done(c, t, j.status());
+  return ContainedUnary(c, metrics_, "StartTraining", [&]() -> absl::Status {
+    auto options = FromProto(req->options());
+    if (!options.ok()) return options.status();
+    auto j = jobs_->Start(req->model(), req->dataset(), *options);
+    if (j.ok()) ToProto(*j, resp);
+    return j.status();
+  });
 }
 
 grpc::ServerWriteReactor<v1::Job>* ModelService::WatchJob(grpc::CallbackServerContext*,
@@ -313,59 +314,65 @@ grpc::ServerWriteReactor<v1::Job>* ModelService::WatchJob(grpc::CallbackServerCo
 
 grpc::ServerUnaryReactor* ModelService::GetJob(grpc::CallbackServerContext* c,
                                                const v1::GetJobRequest* req, v1::Job* resp) {
-  RpcTimer t(metrics_, "GetJob");
-  auto j = jobs_->Get(req->id());
-  if (j.ok()) ToProto(*j, resp);
-  return Done(c, t, j.status());
+  return ContainedUnary(c, metrics_, "GetJob", [&]() -> absl::Status {
+    auto j = jobs_->Get(req->id());
+    if (j.ok()) ToProto(*j, resp);
+    return j.status();
+  });
 }
 
 grpc::ServerUnaryReactor* ModelService::ListJobs(grpc::CallbackServerContext* c,
                                                  const v1::ListJobsRequest* req,
                                                  v1::ListJobsResponse* resp) {
-  RpcTimer t(metrics_, "ListJobs");
-  for (const auto& j : jobs_->List(req->model())) ToProto(j, resp->add_jobs());
-  return Done(c, t, absl::OkStatus());
+  return ContainedUnary(c, metrics_, "ListJobs", [&]() -> absl::Status {
+    for (const auto& j : jobs_->List(req->model())) ToProto(j, resp->add_jobs());
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerUnaryReactor* ModelService::CancelJob(grpc::CallbackServerContext* c,
                                                   const v1::CancelJobRequest* req, v1::Job* resp) {
-  RpcTimer t(metrics_, "CancelJob");
-  auto j = jobs_->Cancel(req->id());
-  if (j.ok()) ToProto(*j, resp);
-  return Done(c, t, j.status());
+  return ContainedUnary(c, metrics_, "CancelJob", [&]() -> absl::Status {
+    auto j = jobs_->Cancel(req->id());
+    if (j.ok()) ToProto(*j, resp);
+    return j.status();
+  });
 }
 
 grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
                                                  const v1::ClassifyRequest* req,
                                                  v1::ClassifyResponse* resp) {
-  RpcTimer t(metrics_, "Classify");
   metrics_->AddImages("Classify", req->images_size());
-  if (req->images_size() == 0) {
-    return Done(c, t, absl::InvalidArgumentError("images: the request has no images"));
-  }
-  if (req->images_size() > limits_.max_images_per_request) {
-    return Done(c, t,
-                absl::InvalidArgumentError(
-                    absl::StrCat("images: ", req->images_size(), " images, over the limit of ",
-                                 limits_.max_images_per_request, " (--max_images_per_request)")));
-  }
-  if (req->top_k() < 0) return Done(c, t, absl::InvalidArgumentError("top_k must be >= 0"));
-  auto version = models_->Servable(req->model(), req->version());
-  if (!version.ok()) return Done(c, t, version.status());
-  auto inputs = ToImageInputs(req->images(), 0);
-  if (!inputs.ok()) return Done(c, t, inputs.status());
-  const int k = std::min<int>(req->top_k() == 0 ? 5 : req->top_k(),
-                              static_cast<int>((*version)->classes.size()));
-  resp->set_version((*version)->version);
-  for (int i = 0; i < req->images_size(); ++i) resp->add_results();
-  grpc::ServerUnaryReactor* reactor = c->DefaultReactor();
-  auto v = *version;
-  embedder_->Classify(
-      *inputs, v, absl::FromChrono(c->deadline()), [c] { return c->IsCancelled(); },
-      FinishAfterImages(reactor, t, (*inputs)->size(), [resp, v, k](size_t i, const at::Tensor& p) {
-        TopK(*v, p, k, resp->mutable_results(static_cast<int>(i)));
-      }));
-  return reactor;
+  return ContainedAsyncUnary(
+      c, metrics_, "Classify",
+      [&](grpc::ServerUnaryReactor* reactor, const RpcTimer& t) -> absl::Status {
+        if (req->images_size() == 0) {
+          return absl::InvalidArgumentError("images: the request has no images");
+        }
+        if (req->images_size() > limits_.max_images_per_request) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("images: ", req->images_size(), " images, over the limit of ",
+                           limits_.max_images_per_request, " (--max_images_per_request)"));
+        }
+        if (req->top_k() < 0) return absl::InvalidArgumentError("top_k must be >= 0");
+        auto version = models_->Servable(req->model(), req->version());
+        if (!version.ok()) return version.status();
+        auto inputs = ToImageInputs(req->images(), 0);
+        if (!inputs.ok()) return inputs.status();
+        const int k = std::min<int>(req->top_k() == 0 ? 5 : req->top_k(),
+                                    static_cast<int>((*version)->classes.size()));
+        resp->set_version((*version)->version);
+        for (int i = 0; i < req->images_size(); ++i) resp->add_results();
+        auto v = *version;
+        embedder_->Classify(
+            *inputs, v, absl::FromChrono(c->deadline()), [c] { return c->IsCancelled(); },
+            FinishAfterImages(reactor, t, (*inputs)->size(),
+                              [resp, v, k](size_t i, const at::Tensor& p) {
+                                TopK(*v, p, k, resp->mutable_results(static_cast<int>(i)));
+                              }),
+            CallerLane(*c));
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse>*
@@ -375,7 +382,7 @@ ModelService::StreamClassify(grpc::CallbackServerContext* c) {
 
 grpc::ServerWriteReactor<v1::ExportModelResponse>* ModelService::ExportModel(
     grpc::CallbackServerContext*, const v1::ExportModelRequest* req) {
-  return new ExportReactor(models_, metrics_, *req);
+  return new ExportReactor(models_, metrics_, *req, exports_, exports_in_flight_);
 }
 
 }  // namespace tlserve

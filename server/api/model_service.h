@@ -4,6 +4,10 @@
 #ifndef TLSERVE_SERVER_API_MODEL_SERVICE_H_
 #define TLSERVE_SERVER_API_MODEL_SERVICE_H_
 
+#include <atomic>
+#include <memory>
+
+#include "server/api/export_reactor.h"
 #include "server/api/inference_service.h"
 #include "server/core/datasets.h"
 #include "server/core/embedder.h"
@@ -17,13 +21,14 @@ namespace tlserve {
 class ModelService final : public v1::Models::CallbackService {
  public:
   ModelService(ModelRegistry* models, JobRunner* jobs, DatasetCatalog* datasets, Embedder* embedder,
-               Metrics* metrics, ApiLimits limits)
+               Metrics* metrics, ApiLimits limits, ExportOptions exports = {})
       : models_(models),
         jobs_(jobs),
         datasets_(datasets),
         embedder_(embedder),
         metrics_(metrics),
-        limits_(limits) {}
+        limits_(limits),
+        exports_(std::move(exports)) {}
 
   grpc::ServerUnaryReactor* CreateModel(grpc::CallbackServerContext* c,
                                         const v1::CreateModelRequest* req,
@@ -67,6 +72,8 @@ class ModelService final : public v1::Models::CallbackService {
   Embedder* embedder_;
   Metrics* metrics_;
   const ApiLimits limits_;
+  const ExportOptions exports_;
+  std::shared_ptr<std::atomic<int>> exports_in_flight_ = std::make_shared<std::atomic<int>>(0);
 };
 
 }  // namespace tlserve

@@ -4,6 +4,8 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/server_builder.h>
 
+#include <filesystem>
+
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/core/device_memory.h"
@@ -79,9 +81,17 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
                          s->disk_.get()});
   if (absl::Status st = s->jobs_->Recover(); !st.ok()) return st;
   s->metrics_->SetModels(s->models_->size());
-  s->model_service_ =
-      std::make_unique<ModelService>(s->models_.get(), s->jobs_.get(), s->datasets_.get(),
-                                     s->embedder_.get(), s->metrics_.get(), options.limits);
+  ExportOptions exports;
+  exports.dir = options.data_dir + "/exports";
+  exports.max_concurrent = options.max_concurrent_exports;
+  exports.disk = s->disk_.get();
+  // Exports are unlinked once open; what a crash left behind goes now.
+  std::error_code ignored;
+  std::filesystem::remove_all(exports.dir, ignored);
+  if (absl::Status st = MakeDirectories(exports.dir); !st.ok()) return st;
+  s->model_service_ = std::make_unique<ModelService>(s->models_.get(), s->jobs_.get(),
+                                                     s->datasets_.get(), s->embedder_.get(),
+                                                     s->metrics_.get(), options.limits, exports);
   s->dataset_service_ = std::make_unique<DatasetService>(
       s->datasets_.get(), s->pool_.get(), s->metrics_.get(), options.max_concurrent_uploads);
   grpc::EnableDefaultHealthCheckService(true);

@@ -40,6 +40,7 @@ struct ServerOptions {
   int64_t feature_cache_bytes = int64_t{1} << 30;    // training jobs' feature cache
   int64_t min_free_disk_bytes = int64_t{512} << 20;  // the data directory's reserve
   int max_concurrent_uploads = 16;
+  int max_concurrent_exports = 4;
 };
 
 class Server {

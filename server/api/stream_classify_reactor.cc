@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "server/api/caller_lane.h"
 #include "server/api/convert.h"
 
 namespace tlserve {
@@ -67,7 +68,7 @@ void StreamClassifyReactor::Start(Slot* slot, int64_t first_index) {
   }
   embedder_->Classify(
       *inputs, version_, absl::FromChrono(context()->deadline()), [this] { return Cancelled(); },
-      done);
+      done, CallerLane(*context()));
 }
 
 }  // namespace tlserve

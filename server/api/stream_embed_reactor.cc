@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "server/api/caller_lane.h"
 #include "server/api/convert.h"
 
 namespace tlserve {
@@ -48,7 +49,7 @@ void StreamEmbedReactor::Start(Slot* slot, int64_t first_index) {
   }
   embedder_->Embed(
       *inputs, *spec_, absl::FromChrono(context()->deadline()), [this] { return Cancelled(); },
-      done);
+      done, CallerLane(*context()));
 }
 
 }  // namespace tlserve

@@ -156,6 +156,7 @@ absl::StatusOr<std::unique_ptr<Backbone>> Backbone::Load(const BackboneOptions& 
     b->stage_names_.push_back(child.name);
     m.stages.push_back(child.value);
   }
+
   if (m.stages.size() < 2) {
     return absl::InvalidArgumentError(absl::StrCat(
         "backbone ", options.path, " has ", m.stages.size(),
@@ -262,9 +263,11 @@ absl::StatusOr<BackboneSummary> Backbone::Describe(std::vector<int64_t> input_ch
   const int64_t crop = preprocess_.crop;
   if (input_chw.empty()) input_chw = {3, crop, crop};
   if (input_chw.size() != 3 || input_chw[0] != 3 || input_chw[1] < 1 || input_chw[2] < 1 ||
-      input_chw[1] * input_chw[2] > 4096 * 4096) {
+      input_chw[1] > kMaxDescribePixels || input_chw[2] > kMaxDescribePixels ||
+      input_chw[1] * input_chw[2] > kMaxDescribePixels) {
     return absl::InvalidArgumentError(
-        "input_shape must be 3xHxW with 1 <= H, W and H*W <= 4096*4096");
+        absl::StrCat("input_shape must be 3xHxW with H, W >= 1 and H*W <= ", kMaxDescribePixels,
+                     " (1024x1024): the shapes are computed with a real forward of one image"));
   }
   {
     absl::MutexLock lock(&cache_mu_);
@@ -300,7 +303,7 @@ absl::StatusOr<BackboneSummary> Backbone::Summarize(const std::vector<int64_t>& 
     } catch (const c10::Error& e) {
       return absl::InvalidArgumentError(absl::StrCat("input ", input_chw[1], "x", input_chw[2],
                                                      " is too small for stage ", s.name, ": ",
-                                                     e.msg()));
+                                                     e.msg().substr(0, e.msg().find('\n'))));
     }
     s.output_shape.assign(x.sizes().begin() + 1, x.sizes().end());
     summary.stages.push_back(std::move(s));

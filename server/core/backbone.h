@@ -63,6 +63,8 @@ struct EmbedSpec {
 
 class Backbone {
  public:
+  static constexpr int64_t kMaxDescribePixels = 1024 * 1024;
+
   // Loads, freezes and verifies the module: on a probe input, running the
   // stages in order (flattening before the head) must equal its forward.
   static absl::StatusOr<std::unique_ptr<Backbone>> Load(const BackboneOptions& options);
@@ -85,8 +87,10 @@ class Backbone {
   // head or an unknown name, listing the valid ones.
   absl::StatusOr<int> EmbeddableStage(const std::string& name) const;
 
-  // Output shapes for one input of `input_chw` (empty: 3×crop×crop). Runs a
-  // forward once per input size; later calls are answered from a small cache.
+  // Output shapes for one input of `input_chw` (empty: 3×crop×crop), at most
+  // kMaxDescribePixels: a real forward of one image (LibTorch 1.13 cannot
+  // run convolutions on the meta device from C++), once per size; answers
+  // are cached. Embedder::Describe runs it on a lane of its own.
   absl::StatusOr<BackboneSummary> Describe(std::vector<int64_t> input_chw) const;
 
   // float32 N×3×H×W on the CPU -> float32 N×D on the CPU.

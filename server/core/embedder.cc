@@ -8,6 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "server/core/contain.h"
 #include "server/core/image_decoder.h"
 #include "server/core/metrics.h"
 
@@ -38,8 +39,9 @@ absl::Status Annotate(const ImageInput& image, const absl::Status& s) {
 absl::StatusOr<std::unique_ptr<Embedder>> Embedder::Create(const Backbone* backbone,
                                                            const Options& options,
                                                            Metrics* metrics) {
-  if (options.max_image_pixels < 1) {
-    return absl::InvalidArgumentError("max_image_pixels must be positive");
+  if (options.max_image_pixels < 1 || options.max_request_pixels < 1) {
+    return absl::InvalidArgumentError(
+        "--max_image_pixels and --max_request_pixels must be positive");
   }
   std::unique_ptr<Embedder> e(new Embedder(backbone, options));
   Batcher::Instruments instruments;
@@ -60,9 +62,11 @@ absl::StatusOr<std::unique_ptr<Embedder>> Embedder::Create(const Backbone* backb
 Embedder::Embedder(const Backbone* backbone, const Options& options)
     : backbone_(backbone),
       options_(options),
-      pool_(std::make_unique<ThreadPool>(options.preprocess_threads)) {}
+      pool_(std::make_unique<ThreadPool>(options.preprocess_threads)),
+      describe_lane_(std::make_unique<ThreadPool>(1)) {}
 
 Embedder::~Embedder() {
+  describe_lane_.reset();
   pool_.reset();  // finishes preprocessing, which may still submit
   batcher_.reset();
 }
@@ -91,10 +95,11 @@ absl::StatusOr<at::Tensor> Embedder::Prepare(const ImageInput& image) const {
           (shape[2] != 1 && shape[2] != 3 && shape[2] != 4)) {
         return absl::InvalidArgumentError("uint8 tensor shape must be HxWxC with C in {1, 3, 4}");
       }
-      if (shape[0] * shape[1] > options_.max_image_pixels) {
-        return absl::InvalidArgumentError(absl::StrCat("tensor has ", shape[0] * shape[1],
-                                                       " pixels, over the limit of ",
-                                                       options_.max_image_pixels));
+      // Divided, not multiplied: a client's dimensions can overflow int64.
+      if (shape[0] > options_.max_image_pixels / shape[1]) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("tensor is ", shape[0], "x", shape[1], " pixels, over the limit of ",
+                         options_.max_image_pixels, " (--max_image_pixels)"));
       }
       if (static_cast<int64_t>(image.data.size()) != shape[0] * shape[1] * shape[2]) {
         return absl::InvalidArgumentError(
@@ -111,10 +116,10 @@ absl::StatusOr<at::Tensor> Embedder::Prepare(const ImageInput& image) const {
       if (shape.size() != 3 || shape[0] != 3 || shape[1] < 1 || shape[2] < 1) {
         return absl::InvalidArgumentError("float32 tensor shape must be 3xHxW");
       }
-      if (shape[1] * shape[2] > options_.max_image_pixels) {
-        return absl::InvalidArgumentError(absl::StrCat("tensor has ", shape[1] * shape[2],
-                                                       " pixels, over the limit of ",
-                                                       options_.max_image_pixels));
+      if (shape[1] > options_.max_image_pixels / shape[2]) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("tensor is ", shape[1], "x", shape[2], " pixels, over the limit of ",
+                         options_.max_image_pixels, " (--max_image_pixels)"));
       }
       const int64_t want = shape[0] * shape[1] * shape[2] * 4;
       if (static_cast<int64_t>(image.data.size()) != want) {
@@ -131,26 +136,53 @@ absl::StatusOr<at::Tensor> Embedder::Prepare(const ImageInput& image) const {
 }
 
 void Embedder::Embed(std::shared_ptr<const std::vector<ImageInput>> images, const EmbedSpec& spec,
-                     absl::Time deadline, std::function<bool()> cancelled, ImageDone done) {
-  Submit(std::move(images), SpecKey(spec), nullptr, deadline, std::move(cancelled),
-         std::move(done));
+                     absl::Time deadline, std::function<bool()> cancelled, ImageDone done,
+                     uint64_t caller) {
+  Submit(std::move(images), SpecKey(spec), nullptr, deadline, std::move(cancelled), std::move(done),
+         caller);
 }
 
 void Embedder::Classify(std::shared_ptr<const std::vector<ImageInput>> images,
                         std::shared_ptr<const ServableVersion> version, absl::Time deadline,
-                        std::function<bool()> cancelled, ImageDone done) {
+                        std::function<bool()> cancelled, ImageDone done, uint64_t caller) {
   const Backbone* backbone = backbone_;
   Batcher::RunFn run = [backbone, version](const std::string&,
                                            const at::Tensor& batch) -> absl::StatusOr<at::Tensor> {
     return version->Probabilities(*backbone, batch);
   };
   Submit(std::move(images), absl::StrCat("classify:", version->model, ":", version->version),
-         std::move(run), deadline, std::move(cancelled), std::move(done));
+         std::move(run), deadline, std::move(cancelled), std::move(done), caller);
+}
+
+absl::Status Embedder::CheckRequestPixels(const std::vector<ImageInput>& images) const {
+  int64_t total = 0;
+  for (const ImageInput& image : images) {
+    int64_t pixels = 0;
+    if (image.kind == ImageInput::Kind::kEncoded) {
+      // A header that cannot be read costs nothing: Prepare reports it.
+      pixels = PeekImagePixels(image.data).value_or(0);
+    } else if (image.shape.size() == 3) {
+      const int64_t h = image.kind == ImageInput::Kind::kUint8Hwc ? image.shape[0] : image.shape[1];
+      const int64_t w = image.kind == ImageInput::Kind::kUint8Hwc ? image.shape[1] : image.shape[2];
+      // Invalid or oversized shapes fail alone in Prepare; no overflow here.
+      pixels = h >= 1 && w >= 1 && h <= options_.max_image_pixels / w ? h * w : 0;
+    }
+    // An image over --max_image_pixels fails alone, from its header, before
+    // it costs anything: it does not count against the request.
+    if (pixels < 0 || pixels > options_.max_image_pixels) pixels = 0;
+    total += pixels;
+    if (total > options_.max_request_pixels) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "images: the request's images hold over ", options_.max_request_pixels,
+          " pixels together (--max_request_pixels); send fewer or smaller images per request"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 void Embedder::Submit(std::shared_ptr<const std::vector<ImageInput>> images, const std::string& key,
                       Batcher::RunFn run, absl::Time deadline, std::function<bool()> cancelled,
-                      ImageDone done) {
+                      ImageDone done, uint64_t caller) {
   // Every image is prepared on the pool; they are queued together once all
   // are ready, so a request's images tend to share batches.
   struct Pending {
@@ -191,17 +223,17 @@ void Embedder::Submit(std::shared_ptr<const std::vector<ImageInput>> images, con
     }
   };
   if (n == 0) return;
+  if (absl::Status s = CheckRequestPixels(*images); !s.ok()) {
+    for (size_t i = 0; i < n; ++i) done(i, s);
+    return;
+  }
   for (size_t i = 0; i < n; ++i) {
-    pool_->Schedule([this, pending, i, cancelled, submit]() {
+    pool_->Schedule(caller, [this, pending, i, cancelled, submit]() {
       const ImageInput& image = (*pending->images)[i];
       if (cancelled && cancelled()) {
         pending->inputs[i] = absl::CancelledError("the request was cancelled");
       } else {
-        try {
-          pending->inputs[i] = Prepare(image);
-        } catch (const std::exception& e) {
-          pending->inputs[i] = absl::InvalidArgumentError(e.what());
-        }
+        pending->inputs[i] = Contain("preprocessing failed", [&] { return Prepare(image); });
       }
       if (pending->remaining.fetch_sub(1) == 1) submit();
     });
@@ -210,8 +242,17 @@ void Embedder::Submit(std::shared_ptr<const std::vector<ImageInput>> images, con
 
 void Embedder::Describe(std::vector<int64_t> input_chw,
                         std::function<void(absl::StatusOr<BackboneSummary>)> done) {
-  pool_->Schedule([this, input_chw = std::move(input_chw), done = std::move(done)]() {
-    done(backbone_->Describe(input_chw));
+  if (describes_.fetch_add(1) >= kMaxDescribesQueued) {
+    describes_.fetch_sub(1);
+    done(absl::ResourceExhaustedError(
+        absl::StrCat(kMaxDescribesQueued, " DescribeBackbone calls are already waiting; retry")));
+    return;
+  }
+  describe_lane_->Schedule([this, input_chw = std::move(input_chw), done = std::move(done)]() {
+    auto summary =
+        Contain("DescribeBackbone failed", [&] { return backbone_->Describe(input_chw); });
+    describes_.fetch_sub(1);
+    done(std::move(summary));
   });
 }
 

@@ -9,6 +9,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -43,6 +44,9 @@ class Embedder {
   struct Options {
     Batcher::Options batching;
     int64_t max_image_pixels = 40'000'000;
+    // The decoded pixels of one request (or stream message) together,
+    // checked from the headers before anything is decoded.
+    int64_t max_request_pixels = 256'000'000;
     int preprocess_threads = 2;
   };
   using ImageDone = std::function<void(size_t i, absl::StatusOr<at::Tensor> vector)>;
@@ -57,17 +61,23 @@ class Embedder {
   // Calls `done(i, ...)` exactly once for each images[i], from a worker
   // thread, with a float vector or a status whose message names the image's
   // index and name. A queue without room fails every image with
-  // RESOURCE_EXHAUSTED. `cancelled` (may be empty) is polled before work.
+  // RESOURCE_EXHAUSTED; images over --max_request_pixels together fail with
+  // INVALID_ARGUMENT before any is decoded. `cancelled` (may be empty) is
+  // polled before work. `caller` is the caller's lane of the preprocessing
+  // pool (e.g. a hash of its connection): callers take turns.
   void Embed(std::shared_ptr<const std::vector<ImageInput>> images, const EmbedSpec& spec,
-             absl::Time deadline, std::function<bool()> cancelled, ImageDone done);
+             absl::Time deadline, std::function<bool()> cancelled, ImageDone done,
+             uint64_t caller = 0);
 
   // Class probabilities (softmax of the version's head on the embedding),
   // batched like Embed; `done` as for Embed, with a vector of classes.size().
   void Classify(std::shared_ptr<const std::vector<ImageInput>> images,
                 std::shared_ptr<const ServableVersion> version, absl::Time deadline,
-                std::function<bool()> cancelled, ImageDone done);
+                std::function<bool()> cancelled, ImageDone done, uint64_t caller = 0);
 
-  // Backbone::Describe on the worker pool; `done` runs there.
+  // Backbone::Describe on a lane of its own (one thread, at most
+  // kMaxDescribesQueued waiting: RESOURCE_EXHAUSTED beyond); `done` runs there.
+  static constexpr int kMaxDescribesQueued = 4;
   void Describe(std::vector<int64_t> input_chw,
                 std::function<void(absl::StatusOr<BackboneSummary>)> done);
 
@@ -82,12 +92,16 @@ class Embedder {
   // Prepares every image on the pool, then queues them under `key`.
   void Submit(std::shared_ptr<const std::vector<ImageInput>> images, const std::string& key,
               Batcher::RunFn run, absl::Time deadline, std::function<bool()> cancelled,
-              ImageDone done);
+              ImageDone done, uint64_t caller);
+  // OK when the request's images hold at most max_request_pixels together.
+  absl::Status CheckRequestPixels(const std::vector<ImageInput>& images) const;
 
   const Backbone* backbone_;
   const Options options_;
   std::unique_ptr<Batcher> batcher_;
   std::unique_ptr<ThreadPool> pool_;
+  std::unique_ptr<ThreadPool> describe_lane_;
+  std::atomic<int> describes_ = 0;
 };
 
 }  // namespace tlserve

@@ -5,8 +5,8 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/script.h>
 
+#include <filesystem>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
@@ -59,8 +59,8 @@ absl::StatusOr<torch::jit::Module> ScriptHead(const torch::nn::Sequential& head)
 
 }  // namespace
 
-absl::StatusOr<ExportedModel> ExportModel(const Backbone& backbone,
-                                          const ServableVersion& version) {
+absl::StatusOr<ExportedModel> ExportModel(const Backbone& backbone, const ServableVersion& version,
+                                          const std::string& path) {
   const std::vector<std::string>& names = backbone.stage_names();
   for (const auto& name : names) {
     if (!IsIdentifier(name)) {
@@ -112,11 +112,15 @@ absl::StatusOr<ExportedModel> ExportModel(const Backbone& backbone,
                      {"model", version.model},      {"version", version.version},
                      {"backbone", backbone.name()}, {"backbone_sha256", backbone.sha256()}}
           .dump();
-  std::ostringstream out;
-  top.save(out, extra);
+  top.save(path, extra);
+  auto sha = FileSha256(path);
+  if (!sha.ok()) return sha.status();
+  std::error_code error;
+  const auto size = std::filesystem::file_size(path, error);
+  if (error) return absl::InternalError(absl::StrCat("cannot size ", path, ": ", error.message()));
   ExportedModel result;
-  result.bytes = std::move(out).str();
-  result.sha256 = Sha256Hex(result.bytes);
+  result.size = static_cast<int64_t>(size);
+  result.sha256 = *sha;
   return result;
 }
 

@@ -10,6 +10,7 @@
 #ifndef TLSERVE_SERVER_CORE_EXPORT_H_
 #define TLSERVE_SERVER_CORE_EXPORT_H_
 
+#include <cstdint>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -19,15 +20,17 @@
 namespace tlserve {
 
 struct ExportedModel {
-  std::string bytes;  // the TorchScript zip file
+  int64_t size = 0;  // of the TorchScript zip file
   std::string sha256;
 };
 
-// Builds the file on the CPU in float32, whatever the serving device, and
-// checks it: on a probe batch its softmax must equal the version's
-// Probabilities (INTERNAL otherwise). INVALID_ARGUMENT when a stage name is
-// not a Python identifier (TorchScript could not name it).
-absl::StatusOr<ExportedModel> ExportModel(const Backbone& backbone, const ServableVersion& version);
+// Builds the file on the CPU in float32, whatever the serving device, checks
+// it (on a probe batch its softmax must equal the version's Probabilities,
+// INTERNAL otherwise) and writes it to `path` — a file, not memory, so that
+// exports in flight hold no copies of models. INVALID_ARGUMENT when a stage
+// name is not a Python identifier (TorchScript could not name it).
+absl::StatusOr<ExportedModel> ExportModel(const Backbone& backbone, const ServableVersion& version,
+                                          const std::string& path);
 
 }  // namespace tlserve
 

@@ -144,18 +144,50 @@ absl::StatusOr<at::Tensor> DecodePng(absl::string_view bytes, int64_t max_pixels
   return out;
 }
 
+constexpr unsigned char kPngMagic[] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+constexpr unsigned char kJpegMagic[] = {0xff, 0xd8, 0xff};
+
+bool StartsWith(absl::string_view bytes, const unsigned char* magic, size_t n) {
+  return bytes.size() >= n && std::memcmp(bytes.data(), magic, n) == 0;
+}
+
 }  // namespace
+
+absl::StatusOr<int64_t> PeekImagePixels(absl::string_view bytes) {
+  if (StartsWith(bytes, kPngMagic, sizeof(kPngMagic))) {
+    // The IHDR chunk comes first: length (4), "IHDR", width (4), height (4).
+    if (bytes.size() < 24 || bytes.substr(12, 4) != "IHDR") {
+      return absl::InvalidArgumentError("corrupt PNG: no IHDR chunk");
+    }
+    auto be32 = [&](size_t at) {
+      const auto* p = reinterpret_cast<const unsigned char*>(bytes.data()) + at;
+      return (int64_t{p[0]} << 24) | (int64_t{p[1]} << 16) | (int64_t{p[2]} << 8) | p[3];
+    };
+    const int64_t width = be32(16), height = be32(20);
+    if (width > 0x7fffffff || height > 0x7fffffff) {  // the PNG spec's limit
+      return absl::InvalidArgumentError("corrupt PNG: width or height over 2^31 - 1");
+    }
+    return width * height;
+  }
+  if (StartsWith(bytes, kJpegMagic, sizeof(kJpegMagic))) {
+    std::unique_ptr<void, int (*)(tjhandle)> handle(tjInitDecompress(), tjDestroy);
+    if (handle == nullptr) return absl::InternalError("cannot initialise the JPEG decoder");
+    int width = 0, height = 0, subsamp = 0, colorspace = 0;
+    if (tjDecompressHeader3(handle.get(), reinterpret_cast<const unsigned char*>(bytes.data()),
+                            bytes.size(), &width, &height, &subsamp, &colorspace) != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("corrupt JPEG header: ", tjGetErrorStr2(handle.get())));
+    }
+    return int64_t{width} * height;
+  }
+  return absl::InvalidArgumentError(
+      "unsupported image format: expected JPEG or PNG bytes (or send a raw tensor)");
+}
 
 absl::StatusOr<at::Tensor> DecodeImage(absl::string_view bytes, int64_t max_pixels) {
   if (bytes.empty()) return absl::InvalidArgumentError("image is empty (0 bytes)");
-  static constexpr unsigned char kPng[] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
-  static constexpr unsigned char kJpeg[] = {0xff, 0xd8, 0xff};
-  if (bytes.size() >= sizeof(kPng) && std::memcmp(bytes.data(), kPng, sizeof(kPng)) == 0) {
-    return DecodePng(bytes, max_pixels);
-  }
-  if (bytes.size() >= sizeof(kJpeg) && std::memcmp(bytes.data(), kJpeg, sizeof(kJpeg)) == 0) {
-    return DecodeJpeg(bytes, max_pixels);
-  }
+  if (StartsWith(bytes, kPngMagic, sizeof(kPngMagic))) return DecodePng(bytes, max_pixels);
+  if (StartsWith(bytes, kJpegMagic, sizeof(kJpegMagic))) return DecodeJpeg(bytes, max_pixels);
   return absl::InvalidArgumentError(
       "unsupported image format: expected JPEG or PNG bytes (or send a raw tensor)");
 }

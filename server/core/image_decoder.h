@@ -20,6 +20,11 @@ namespace tlserve {
 
 absl::StatusOr<at::Tensor> DecodeImage(absl::string_view bytes, int64_t max_pixels);
 
+// Width × height from the header alone (no pixel decoded): what a request's
+// images will cost, checked before any of them is decoded. INVALID_ARGUMENT
+// for data that is not a JPEG or PNG header.
+absl::StatusOr<int64_t> PeekImagePixels(absl::string_view bytes);
+
 }  // namespace tlserve
 
 #endif  // TLSERVE_SERVER_CORE_IMAGE_DECODER_H_

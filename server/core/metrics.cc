@@ -92,6 +92,14 @@ void Metrics::SetTrainingEpoch(const std::string& model, double loss, double tra
   accuracy_->Add({{"model", model}, {"split", "validation"}}).Set(validation_accuracy);
 }
 
+void Metrics::RemoveModel(const std::string& model) {
+  // Add returns the existing series (or makes one), which Remove then drops.
+  epoch_loss_->Remove(&epoch_loss_->Add({{"model", model}}));
+  for (const char* split : {"train", "validation"}) {
+    accuracy_->Remove(&accuracy_->Add({{"model", model}, {"split", split}}));
+  }
+}
+
 void Metrics::SetModels(double n) { models_->Set(n); }
 
 void Metrics::SetDatasets(double datasets, double images) {

@@ -32,6 +32,9 @@ class Metrics {
   void SetTrainingJobs(const std::string& state, double n);
   void SetTrainingEpoch(const std::string& model, double loss, double train_accuracy,
                         double validation_accuracy);
+  // Drops a deleted model's per-model series (so deleted models do not
+  // accumulate in every scrape).
+  void RemoveModel(const std::string& model);
   void SetModels(double n);
   void SetDatasets(double datasets, double images);
 

@@ -13,6 +13,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 
 namespace tlserve {
 
@@ -64,6 +65,10 @@ MetricsExposer::~MetricsExposer() {
   stopping_ = true;
   thread_.join();
   ::close(listen_fd_);
+  // Handlers end within their deadlines; they use `this` until then.
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(
+      +[](int* n) { return *n == 0; }, &connections_));
 }
 
 void MetricsExposer::RegisterCollectable(const std::weak_ptr<prometheus::Collectable>& c) {
@@ -77,18 +82,33 @@ void MetricsExposer::ServeLoop() {
     if (::poll(&p, 1, 200) <= 0) continue;  // wake up to notice stopping_
     const int connection = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
     if (connection < 0) continue;
+    {
+      absl::MutexLock lock(&mu_);
+      if (connections_ >= kMaxConnections) {
+        ::close(connection);  // the scraper retries; a flood does not pile up threads
+        continue;
+      }
+      ++connections_;
+    }
     timeval timeout{5, 0};
-    ::setsockopt(connection, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
     ::setsockopt(connection, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
-    Handle(connection);
-    ::close(connection);
+    std::thread([this, connection] {
+      Handle(connection);
+      ::close(connection);
+      absl::MutexLock lock(&mu_);
+      --connections_;
+    }).detach();
   }
 }
 
 void MetricsExposer::Handle(int connection) {
   std::string request;
   char buf[2048];
+  const absl::Time deadline = absl::Now() + absl::Milliseconds(kRequestDeadlineMs);
   while (request.find("\r\n\r\n") == std::string::npos && request.size() < 16384) {
+    const int64_t left = absl::ToInt64Milliseconds(deadline - absl::Now());
+    pollfd p{connection, POLLIN, 0};
+    if (left <= 0 || ::poll(&p, 1, static_cast<int>(left)) <= 0) return;  // too slow: dropped
     const ssize_t n = ::recv(connection, buf, sizeof(buf), 0);
     if (n <= 0) return;
     request.append(buf, static_cast<size_t>(n));

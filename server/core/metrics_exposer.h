@@ -1,10 +1,10 @@
-// Serves the Prometheus text format on http://ADDRESS/metrics from one
-// thread. It stands in for prometheus-cpp's civetweb Exposer, which cannot
-// start in a process that links LibTorch: civetweb 1.15 (Debian) creates its
-// threads with a fixed 100 KiB stack, and glibc refuses such a stack
-// (pthread_create: EINVAL) once the static TLS of LibTorch's libraries
-// (OpenBLAS, glog, ...) is loaded. Scrapes are rare and small, so one thread
-// handling one connection at a time is enough.
+// Serves the Prometheus text format on http://ADDRESS/metrics. It stands in for prometheus-cpp's
+// civetweb Exposer, which cannot start in a process that links LibTorch: civetweb 1.15 (Debian)
+// creates its threads with a fixed 100 KiB stack, and glibc refuses such a stack (pthread_create:
+// EINVAL) once the static TLS of LibTorch's libraries (OpenBLAS, glog, ...) is loaded. One thread
+// accepts; each connection gets a thread of its own (at most kMaxConnections at once; more are
+// closed) and kRequestDeadline to send its request, so a client that trickles bytes cannot hold up
+// the scrapes.
 //
 // Thread-safe. Collectables are held weakly, as prometheus-cpp does.
 #ifndef TLSERVE_SERVER_CORE_METRICS_EXPOSER_H_
@@ -33,6 +33,9 @@ class MetricsExposer {
   MetricsExposer(const MetricsExposer&) = delete;
   MetricsExposer& operator=(const MetricsExposer&) = delete;
 
+  static constexpr int kMaxConnections = 8;
+  static constexpr int kRequestDeadlineMs = 2000;
+
   int port() const { return port_; }
   void RegisterCollectable(const std::weak_ptr<prometheus::Collectable>& collectable);
 
@@ -47,6 +50,7 @@ class MetricsExposer {
   std::atomic<bool> stopping_{false};
   absl::Mutex mu_;
   std::vector<std::weak_ptr<prometheus::Collectable>> collectables_ ABSL_GUARDED_BY(mu_);
+  int connections_ ABSL_GUARDED_BY(mu_) = 0;  // handler threads running
   std::thread thread_;
 };
 

@@ -14,9 +14,17 @@ ThreadPool::~ThreadPool() {
   for (auto& t : threads_) t.join();
 }
 
-void ThreadPool::Schedule(std::function<void()> fn) {
+void ThreadPool::Schedule(uint64_t lane, std::function<void()> fn) {
   absl::MutexLock lock(&mu_);
-  queue_.push_back(std::move(fn));
+  auto& queue = lanes_[lane];
+  if (queue.empty()) turns_.push_back(lane);
+  queue.push_back(std::move(fn));
+  ++queued_;
+}
+
+size_t ThreadPool::queued() const {
+  absl::MutexLock lock(&mu_);
+  return queued_;
 }
 
 void ThreadPool::WorkerLoop() {
@@ -26,11 +34,20 @@ void ThreadPool::WorkerLoop() {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
           +[](ThreadPool* p)
-               ABSL_NO_THREAD_SAFETY_ANALYSIS { return p->stopping_ || !p->queue_.empty(); },
+               ABSL_NO_THREAD_SAFETY_ANALYSIS { return p->stopping_ || !p->turns_.empty(); },
           this));
-      if (queue_.empty()) return;
-      fn = std::move(queue_.front());
-      queue_.pop_front();
+      if (turns_.empty()) return;
+      const uint64_t lane = turns_.front();
+      turns_.pop_front();
+      auto it = lanes_.find(lane);
+      fn = std::move(it->second.front());
+      it->second.pop_front();
+      if (it->second.empty()) {
+        lanes_.erase(it);
+      } else {
+        turns_.push_back(lane);  // its next closure waits for the other lanes' turns
+      }
+      --queued_;
     }
     fn();
   }

@@ -1,11 +1,16 @@
-// A fixed set of worker threads running closures in FIFO order: image
-// decoding and preprocessing run here, off the gRPC threads. Thread-safe.
-// The destructor runs what is queued, then joins.
+// A fixed set of worker threads running closures off the gRPC threads (image
+// decoding and preprocessing, upload checks). Fair by lane: closures of one
+// lane run in FIFO order, and the lanes with work take turns, so a caller
+// (a connection, say) that queues a thousand expensive images delays another
+// caller's one image by one closure per worker, not by a thousand.
+// Thread-safe. The destructor runs what is queued, then joins.
 #ifndef TLSERVE_SERVER_CORE_THREAD_POOL_H_
 #define TLSERVE_SERVER_CORE_THREAD_POOL_H_
 
+#include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <thread>
 #include <vector>
 
@@ -21,13 +26,19 @@ class ThreadPool {
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
-  void Schedule(std::function<void()> fn);
+  // On lane 0.
+  void Schedule(std::function<void()> fn) { Schedule(0, std::move(fn)); }
+  void Schedule(uint64_t lane, std::function<void()> fn);
+  // Closures queued and not yet started.
+  size_t queued() const;
 
  private:
   void WorkerLoop();
 
-  absl::Mutex mu_;
-  std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
+  mutable absl::Mutex mu_;
+  std::map<uint64_t, std::deque<std::function<void()>>> lanes_ ABSL_GUARDED_BY(mu_);
+  std::deque<uint64_t> turns_ ABSL_GUARDED_BY(mu_);  // lanes with work, each once
+  size_t queued_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;
 };

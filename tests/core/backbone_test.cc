@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include "absl/time/clock.h"
 #include "tests/test_util.h"
 
 namespace tlserve {
@@ -95,6 +96,19 @@ TEST_F(ResNet50Test, UnknownLayerAndHeadAreInvalidArguments) {
   EXPECT_NE(unknown.status().message().find("layer4"), absl::string_view::npos);
   auto head = backbone_->EmbeddableStage("fc");
   EXPECT_NE(head.status().message().find("dropped head"), absl::string_view::npos);
+}
+
+// Finding 7 of the hardening issue: `tlctl summary --input 3x4096x4096` ran a
+// 16 M-pixel forward and stalled every client for seconds. Describe is
+// capped at 1024x1024 (the notebook's largest), on a lane of its own.
+TEST_F(ResNet50Test, DescribeIsCappedAtOneMegapixel) {
+  auto big = backbone_->Describe({3, 4096, 4096});
+  ASSERT_FALSE(big.ok());
+  EXPECT_EQ(big.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(big.status().message().find("1024x1024"), absl::string_view::npos) << big.status();
+  EXPECT_FALSE(backbone_->Describe({3, 1, 2'000'000}).ok());
+  auto notebook = backbone_->Describe({3, 1024, 1024});  // the largest allowed
+  EXPECT_TRUE(notebook.ok()) << notebook.status();
 }
 
 TEST_F(ResNet50Test, DescribeRejectsBadInputShapes) {

@@ -43,6 +43,7 @@ ServerOptions TestOptions(const std::string& backbone) {
   o.embedder.batching.max_queue_delay = absl::Milliseconds(20);
   o.limits.max_images_per_request = 40;
   o.max_message_bytes = 4 << 20;
+  o.embedder.max_request_pixels = 16'000'000;
   return o;
 }
 
@@ -298,6 +299,55 @@ TEST_F(ServerTest, BadRequestsGetCanonicalCodes) {
   img->set_encoded(std::string(5 << 20, 'x'));  // over max_message_bytes (4 MiB)
   auto big = client_->Embed(huge);
   EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted) << big.status();
+  ASSERT_TRUE(EmbedFiles({"gray_png.png"}).ok());
+}
+
+// Found by UBSan (fuzz/crashes/embed_tensor_shape_overflow): a raw tensor
+// whose H*W overflows int64 passed the pixel check with empty data.
+TEST_F(ServerTest, RawTensorShapesThatOverflowAreInvalidArguments) {
+  for (auto layout : {v1::RawTensor::UINT8_HWC, v1::RawTensor::FLOAT32_CHW}) {
+    v1::EmbedRequest req;
+    v1::Image* img = req.add_images();
+    img->set_name("overflow");
+    img->mutable_tensor()->set_layout(layout);
+    const int64_t big = int64_t{1} << 32;
+    for (int64_t d : layout == v1::RawTensor::UINT8_HWC ? std::vector<int64_t>{big, big, 3}
+                                                        : std::vector<int64_t>{3, big, big}) {
+      img->mutable_tensor()->add_shape(d);
+    }
+    auto r = client_->Embed(req);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+    EXPECT_NE(r.status().message().find("--max_image_pixels"), absl::string_view::npos)
+        << r.status();
+    EXPECT_LT(r.status().message().size(), 300u) << "a backtrace came back: " << r.status();
+  }
+  ASSERT_TRUE(EmbedFiles({"gray_png.png"}).ok());
+}
+
+// Finding 7: one request of 256 images declaring 6000x6000 pixels each kept
+// the preprocessing pool busy for everyone. A request's images are limited
+// together (--max_request_pixels), from their headers, before any decoding.
+TEST_F(ServerTest, RequestsOverThePixelBudgetAreRefusedBeforeDecoding) {
+  // 20 PNGs of 1000x1000 = 20 M pixels; the test server allows 16 M a request.
+  // The signature and IHDR chunk of a PNG, its width and height (big-endian
+  // at 16 and 20) patched to 1000x1000: only headers are read before the
+  // request is refused, so no pixel data is needed.
+  std::string png = ReadBytes(Fixture("rgb_png.png")).substr(0, 33);
+  for (int at : {16, 20}) {
+    png[at] = 0;
+    png[at + 1] = 0;
+    png[at + 2] = static_cast<char>(1000 >> 8);
+    png[at + 3] = static_cast<char>(1000 & 0xff);
+  }
+  v1::EmbedRequest req;
+  for (int i = 0; i < 20; ++i) {
+    v1::Image* img = req.add_images();
+    img->set_encoded(png);
+  }
+  auto r = client_->Embed(req);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  EXPECT_NE(r.status().message().find("--max_request_pixels"), absl::string_view::npos)
+      << r.status();
   ASSERT_TRUE(EmbedFiles({"gray_png.png"}).ok());
 }
 
