@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Reproducer (found by UBSan in the scripts/sanitize.sh tree, not yet fixed):
+"""Reproducer (found by UBSan in the scripts/sanitize.sh tree; fixed by 35039bb,
+kept to replay against any server):
 an Embed whose raw tensor's shape overflows int64 in Embedder::Prepare's
 checks (server/core/embedder.cc: shape[0] * shape[1] > max_image_pixels).
 
@@ -12,7 +13,8 @@ Sanitized server: "runtime error: signed integer overflow: 4294967296 *
 the product wraps to 0, so the pixel limit and the data-size check pass with
 empty data, and at::empty's own overflow check throws; the client gets
 INVALID_ARGUMENT with LibTorch's whole C++ backtrace as the message.
-Expected: INVALID_ARGUMENT naming the shape, from the checks themselves.
+Expected (and since 35039bb what happens): INVALID_ARGUMENT naming the
+shape, from the checks themselves.
 """
 import os
 import sys
