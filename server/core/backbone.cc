@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "server/core/contain.h"
 #include "server/core/log.h"
 #include "server/core/sha256.h"
 
@@ -213,9 +214,10 @@ absl::StatusOr<int> Backbone::EmbeddableStage(const std::string& name) const {
     if (stage_names_[i] == name) return i;
   }
   std::vector<std::string> valid(stage_names_.begin(), stage_names_.end() - 1);
-  return absl::InvalidArgumentError(absl::StrCat(
-      "layer \"", name, "\" ", name == stage_names_.back() ? "is the dropped head" : "is unknown",
-      "; choose one of: ", absl::StrJoin(valid, ", ")));
+  return absl::InvalidArgumentError(
+      absl::StrCat("layer \"", Bounded(name), "\" ",
+                   name == stage_names_.back() ? "is the dropped head" : "is unknown",
+                   "; choose one of: ", absl::StrJoin(valid, ", ")));
 }
 
 torch::Tensor Backbone::ToDevice(const torch::Tensor& cpu_batch) const {

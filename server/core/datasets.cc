@@ -128,6 +128,7 @@ absl::StatusOr<UploadResult> DatasetUpload::Commit() {
 }
 
 absl::StatusOr<DatasetInfo> DatasetCatalog::Get(const std::string& name) const {
+  if (absl::Status s = ValidateName(name, "dataset"); !s.ok()) return s;
   return db_->GetDataset(name);
 }
 
@@ -136,6 +137,7 @@ absl::StatusOr<std::vector<DatasetInfo>> DatasetCatalog::List() const {
 }
 
 absl::Status DatasetCatalog::Delete(const std::string& name) {
+  if (absl::Status s = ValidateName(name, "dataset"); !s.ok()) return s;
   {
     absl::MutexLock lock(&mu_);
     if (users_[name] > 0) {

@@ -232,7 +232,7 @@ absl::StatusOr<JobRecord> JobRunner::Get(const std::string& id) const {
   absl::MutexLock lock(&mu_);
   auto it = jobs_.find(id);
   if (it == jobs_.end())
-    return absl::NotFoundError(absl::StrCat("job \"", id, "\" does not exist"));
+    return absl::NotFoundError(absl::StrCat("job \"", Bounded(id), "\" does not exist"));
   return it->second.record;
 }
 
@@ -254,7 +254,7 @@ absl::StatusOr<JobRecord> JobRunner::Cancel(const std::string& id) {
     absl::MutexLock lock(&mu_);
     auto it = jobs_.find(id);
     if (it == jobs_.end()) {
-      return absl::NotFoundError(absl::StrCat("job \"", id, "\" does not exist"));
+      return absl::NotFoundError(absl::StrCat("job \"", Bounded(id), "\" does not exist"));
     }
     if (it->second.record.final()) return it->second.record;
     it->second.cancel = true;
@@ -285,7 +285,7 @@ absl::StatusOr<int> JobRunner::Watch(const std::string& id,
     absl::MutexLock lock(&mu_);
     auto it = jobs_.find(id);
     if (it == jobs_.end()) {
-      return absl::NotFoundError(absl::StrCat("job \"", id, "\" does not exist"));
+      return absl::NotFoundError(absl::StrCat("job \"", Bounded(id), "\" does not exist"));
     }
     token = next_token_++;
     now = it->second.record;
