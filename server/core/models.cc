@@ -62,7 +62,11 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Open(Database* db,
   auto records = db->ListRecords("model");
   if (!records.ok()) return records.status();
   absl::MutexLock lock(&r->mu_);
-  for (const auto& [key, json] : *records) {
+  for (const auto& record : *records) {
+    // Named references, not structured bindings: the lambda below captures
+    // them, which C++17 (and clang before 16) does not allow for bindings.
+    const std::string& key = record.first;
+    const std::string& json = record.second;
     Entry e;
     e.info.name = key;
     absl::Status loaded = Contain("cannot load model", [&]() -> absl::Status {
