@@ -191,12 +191,6 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
     }
     return out;
   };
-  auto diverged = [](int epoch, double loss) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "training diverged: the loss became ", loss, " in epoch ", epoch,
-        "; lower options.learning_rate / options.stage_learning_rate (the model keeps its last "
-        "good version)"));
-  };
   // Epoch 0: the starting point, evaluated like every epoch. It is the one
   // to beat: a version never comes out worse than the one it started from.
   set_training(false, 0);
@@ -240,7 +234,7 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
       if (weights.defined()) lo = lo.weight(weights);
       at::Tensor loss = F::cross_entropy(logits, y, lo);
       const double batch_loss = loss.item<double>();
-      if (!std::isfinite(batch_loss)) return diverged(epoch, batch_loss);
+      if (!std::isfinite(batch_loss)) return TrainingDiverged(epoch, batch_loss);
       loss.backward();
       opt->step();
       loss_sum += batch_loss * batch.size();
@@ -250,7 +244,7 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
     auto fv = features(eval_idx);
     if (!fv.ok()) return fv.status();
     const Evaluation va = Evaluate(head, *fv, labels_of(eval_idx), classes);
-    if (!std::isfinite(va.loss)) return diverged(epoch, va.loss);
+    if (!std::isfinite(va.loss)) return TrainingDiverged(epoch, va.loss);
     EpochStats s;
     s.epoch = epoch;
     s.train_loss = loss_sum / order.size();

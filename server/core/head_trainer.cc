@@ -92,6 +92,13 @@ absl::StatusOr<TrainOptions> ResolveTrainOptions(TrainOptions o, const HeadSpec&
   return o;
 }
 
+absl::Status TrainingDiverged(int epoch, double loss) {
+  return absl::FailedPreconditionError(absl::StrCat(
+      "training diverged: the loss became ", loss, " in epoch ", epoch,
+      "; lower options.learning_rate (and stage_learning_rate); the model keeps its last good "
+      "version"));
+}
+
 Evaluation Evaluate(torch::nn::Sequential& head, const at::Tensor& x, const at::Tensor& y,
                     int64_t classes) {
   Evaluation e;
@@ -187,11 +194,14 @@ absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
         opt->zero_grad();
         at::Tensor loss = Loss(head->forward(x_train.index_select(0, idx)),
                                y_train.index_select(0, idx), weights, o.label_smoothing);
+        const double value = loss.item<double>();
+        if (!std::isfinite(value)) return TrainingDiverged(epoch, value);
         loss.backward();
         opt->step();
       }
     }
     const Evaluation tr = Evaluate(head, x_train, y_train, classes);
+    if (!std::isfinite(tr.loss)) return TrainingDiverged(epoch, tr.loss);
     const Evaluation va = has_val ? Evaluate(head, x_val, y_val, classes) : tr;
     EpochStats s;
     s.epoch = epoch;

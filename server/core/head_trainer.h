@@ -71,7 +71,11 @@ struct TrainedHead {
   Evaluation train, validation;
 };
 
-// CANCELLED when `cancelled()` turns true between epochs.
+// The error of a run whose loss became `loss` (NaN or infinite) in `epoch`.
+absl::Status TrainingDiverged(int epoch, double loss);
+
+// CANCELLED when `cancelled()` turns true between epochs; FAILED_PRECONDITION
+// (TrainingDiverged) when the loss stops being finite.
 absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
                                       const at::Tensor& x_train, const at::Tensor& y_train,
                                       const at::Tensor& x_val, const at::Tensor& y_val,

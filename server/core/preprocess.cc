@@ -189,6 +189,13 @@ absl::Status CheckPreprocessBudget(int64_t height, int64_t width, const Preproce
           "limit of %d (--max_image_pixels): its aspect ratio is too extreme",
           width, height, spec.resize, resized, max_pixels));
     }
+    // On a small backbone (short side to 36) a 1×30,000 image would still fit
+    // the pixel limit, as 36×1,080,000 — a gigabyte of floats for one crop.
+    if (long_side > kMaxAspectRatio * short_side) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "image is %dx%d: its aspect ratio is over %d:1, too extreme to resize and crop", width,
+          height, kMaxAspectRatio));
+    }
   }
   return absl::OkStatus();
 }

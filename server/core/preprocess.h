@@ -35,8 +35,10 @@ absl::StatusOr<at::Tensor> ToRgb(const at::Tensor& hwc);
 
 // The pixel budget of preprocessing an H×W image: the decoded image and
 // every resized intermediate must hold at most `max_pixels` pixels (a 1×30000
-// image upscaled to a short side of 256 would be 256×7,680,000).
-// INVALID_ARGUMENT naming --max_image_pixels when over; OK otherwise.
+// image upscaled to a short side of 256 would be 256×7,680,000), and an image
+// to be resized may not be longer than kMaxAspectRatio times its width.
+// INVALID_ARGUMENT naming the limit when over; OK otherwise.
+inline constexpr int kMaxAspectRatio = 50;
 absl::Status CheckPreprocessBudget(int64_t height, int64_t width, const PreprocessSpec& spec,
                                    int64_t max_pixels);
 

@@ -72,6 +72,16 @@ TEST(PreprocessTest, RefusesImagesWhoseResizedIntermediateIsOverTheBudget) {
   // An ordinary photo and a moderately wide panorama pass.
   EXPECT_TRUE(CheckPreprocessBudget(480, 640, spec, 40'000'000).ok());
   EXPECT_TRUE(CheckPreprocessBudget(300, 3000, spec, 40'000'000).ok());
+  // On a 32-pixel backbone the pixel limit alone would let 1×30,000 through
+  // (36×1,080,000 = 38.9 M pixels, ~1 GB of floats): the aspect ratio does not.
+  PreprocessSpec tiny;
+  tiny.resize = 36;
+  tiny.crop = 32;
+  const absl::Status ratio = CheckPreprocessBudget(30000, 1, tiny, 40'000'000);
+  ASSERT_FALSE(ratio.ok());
+  EXPECT_NE(ratio.message().find("aspect ratio"), absl::string_view::npos) << ratio;
+  EXPECT_TRUE(CheckPreprocessBudget(28, 28 * 50, tiny, 40'000'000).ok());
+  EXPECT_FALSE(CheckPreprocessBudget(28, 28 * 50 + 1, tiny, 40'000'000).ok());
 }
 
 TEST(PreprocessTest, DecodeAndPreprocessAppliesTheBudgetToEncodedImages) {

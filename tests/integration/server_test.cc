@@ -403,6 +403,32 @@ TEST_F(ServerTest, ManyImagesStreamInOrder) {
   EXPECT_TRUE(in_order);
 }
 
+// Finding 9: a client sending one byte every 3 s made every scrape time out
+// (one thread served one connection at a time, 5 s per read).
+TEST_F(ServerTest, ClientsThatTrickleBytesDoNotBlockTheMetricsScrape) {
+  std::vector<int> slow;
+  for (int i = 0; i < 3; ++i) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(server_->metrics_port()));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    ASSERT_EQ(::write(fd, "G", 1), 1);  // and never the rest
+    slow.push_back(fd);
+  }
+  const std::string text = HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_NE(text.find("tlserve_backbone_info"), std::string::npos);
+  // The trickling connections are closed by the server after its deadline.
+  for (int fd : slow) {
+    char c;
+    timeval timeout{10, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    EXPECT_EQ(::read(fd, &c, 1), 0) << "the server kept a trickling connection open";
+    ::close(fd);
+  }
+}
+
 TEST_F(ServerTest, MetricsAreExportedAndPassPromtool) {
   ASSERT_TRUE(EmbedFiles({"rgb_png.png"}).ok());
   ASSERT_FALSE(EmbedFiles({"bad_empty.png"}).ok());
