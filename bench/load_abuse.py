@@ -106,6 +106,9 @@ def blank_png(width, height, truncate=False):
             + (b"" if truncate else _chunk(b"IEND", b"")))
 
 
+MAX_ASPECT_RATIO = 50
+
+
 def expected_for_size(width, height, resize, max_pixels):
     """The server's budget rule (CheckPreprocessBudget) for an image's header."""
     if width * height > max_pixels:
@@ -113,6 +116,8 @@ def expected_for_size(width, height, resize, max_pixels):
     if resize > 0:
         short, long_ = min(width, height), max(width, height)
         if resize * (resize * long_ // short) > max_pixels:
+            return "INVALID_ARGUMENT"
+        if long_ > MAX_ASPECT_RATIO * short:  # kMaxAspectRatio in preprocess.h
             return "INVALID_ARGUMENT"
     return OK
 
