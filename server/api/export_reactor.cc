@@ -31,62 +31,76 @@ ExportReactor::ExportReactor(const ModelRegistry* models, Metrics* metrics,
                      " exports are in progress (--max_concurrent_exports); retry when one ends")));
     return;
   }
-  if (req.version() < 0) {
-    End(absl::InvalidArgumentError("version must be >= 0 (0: the served version)"));
-    return;
-  }
-  auto version = models_->Servable(req.model(), req.version());
-  if (!version.ok()) {
-    End(version.status());
-    return;
-  }
-  worker_ = std::thread([this, v = *version] { Build(v); });
+  // Contained: an exception here must still finish the call and free the slot.
+  const absl::Status started = Contain("export failed", [&]() -> absl::Status {
+    if (req.version() < 0) {
+      return absl::InvalidArgumentError("version must be >= 0 (0: the served version)");
+    }
+    auto version = models_->Servable(req.model(), req.version());
+    if (!version.ok()) return version.status();
+    worker_ = std::thread([this, v = *version] { Build(v); });
+    return absl::OkStatus();
+  });
+  if (!started.ok()) End(started);
 }
 
 void ExportReactor::Build(std::shared_ptr<const ServableVersion> version) {
+  // The whole build is contained: this thread has no other boundary.
+  const absl::Status built =
+      Contain("export failed", [&]() -> absl::Status { return BuildFile(*version); });
+  if (!built.ok()) return End(built);
+  StartWrite(&message_);
+}
+
+absl::Status ExportReactor::BuildFile(const ServableVersion& version) {
   const absl::Time start = absl::Now();
   if (options_.disk != nullptr) {
     // The file holds every weight of the network once, in float32.
     int64_t bytes = int64_t{1} << 20;
-    for (const auto& p : version->head->parameters()) bytes += p.numel() * 4;
+    for (const auto& p : version.head->parameters()) bytes += p.numel() * 4;
     auto summary = models_->backbone().Describe({});
     if (summary.ok()) bytes += summary->total_params * 4;
-    if (absl::Status s = options_.disk->Check(bytes, "the export"); !s.ok()) return End(s);
+    if (absl::Status s = options_.disk->Check(bytes, "the export", DiskBudget::Into::kFile);
+        !s.ok()) {
+      return s;
+    }
   }
   std::random_device rd;
   const std::string path =
-      absl::StrFormat("%s/%s-v%d-%08x.pt", options_.dir, version->model, version->version, rd());
-  absl::StatusOr<ExportedModel> file =
-      Contain("export failed", [&] { return ExportModel(models_->backbone(), *version, path); });
+      absl::StrFormat("%s/%s-v%d-%08x.pt", options_.dir, version.model, version.version, rd());
+  absl::StatusOr<ExportedModel> file = ExportModel(models_->backbone(), version, path);
   if (file.ok()) {
     fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd_ < 0)
+    if (fd_ < 0) {
       file = absl::InternalError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
+    }
   }
   ::unlink(path.c_str());  // open or not, the name goes now: nothing is left behind
-  if (!file.ok()) return End(file.status());
-  if (cancelled_) return End(absl::CancelledError("the client cancelled the export"));
+  if (!file.ok()) return file.status();
+  if (cancelled_) return absl::CancelledError("the client cancelled the export");
   size_ = file->size;
-  LogInfo("exporting model %s v%d: %d bytes, sha256 %s, built in %.2f s", version->model,
-          version->version, size_, file->sha256.substr(0, 12),
+  LogInfo("exporting model %s v%d: %d bytes, sha256 %s, built in %.2f s", version.model,
+          version.version, size_, file->sha256.substr(0, 12),
           absl::ToDoubleSeconds(absl::Now() - start));
   v1::ExportInfo* info = message_.mutable_info();
-  info->set_model(version->model);
-  info->set_version(version->version);
+  info->set_model(version.model);
+  info->set_version(version.version);
   info->set_size_bytes(size_);
   info->set_sha256(file->sha256);
-  for (const auto& c : version->classes) info->add_classes(c);
+  for (const auto& c : version.classes) info->add_classes(c);
   info->set_crop(models_->backbone().preprocess().crop);
-  StartWrite(&message_);
+  return absl::OkStatus();
 }
 
 void ExportReactor::OnWriteDone(bool ok) {
   if (!ok) return End(absl::CancelledError("the client went away during the export"));
   if (offset_ >= size_) return End(absl::OkStatus());
-  WriteNext();
+  const absl::Status read = Contain("export failed", [&] { return ReadNextChunk(); });
+  if (!read.ok()) return End(read);
+  StartWrite(&message_);
 }
 
-void ExportReactor::WriteNext() {
+absl::Status ExportReactor::ReadNextChunk() {
   const int64_t n = std::min(kChunkBytes, size_ - offset_);
   message_.Clear();
   std::string* chunk = message_.mutable_chunk();
@@ -97,13 +111,13 @@ void ExportReactor::WriteNext() {
         ::pread(fd_, chunk->data() + got, static_cast<size_t>(n - got), offset_ + got);
     if (r < 0 && errno == EINTR) continue;
     if (r <= 0) {
-      return End(absl::InternalError(absl::StrCat("cannot read the export back: ",
-                                                  r < 0 ? std::strerror(errno) : "end of file")));
+      return absl::InternalError(absl::StrCat("cannot read the export back: ",
+                                              r < 0 ? std::strerror(errno) : "end of file"));
     }
     got += r;
   }
   offset_ += n;
-  StartWrite(&message_);
+  return absl::OkStatus();
 }
 
 void ExportReactor::End(const absl::Status& status) {

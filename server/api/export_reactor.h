@@ -38,8 +38,10 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportModelRespo
   void OnDone() override;
 
  private:
+  // On the worker thread: BuildFile, contained, then the first write.
   void Build(std::shared_ptr<const ServableVersion> version);
-  void WriteNext();
+  absl::Status BuildFile(const ServableVersion& version);
+  absl::Status ReadNextChunk();
   void End(const absl::Status& status);
 
   const ModelRegistry* models_;

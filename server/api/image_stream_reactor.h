@@ -25,6 +25,7 @@
 #include "absl/synchronization/mutex.h"
 #include "server/api/rpc_timer.h"
 #include "server/api/status_util.h"
+#include "server/core/contain.h"
 #include "server/core/metrics.h"
 
 namespace tlserve {
@@ -36,7 +37,12 @@ class ImageStreamReactor : public grpc::ServerBidiReactor<Request, Response> {
 
   void OnReadDone(bool ok) override {
     absl::Status dispatched;
-    if (ok) dispatched = Dispatch(std::move(reading_));
+    // Contained: an exception here would leave the stream hanging (gRPC
+    // swallows what a reactor callback throws).
+    if (ok) {
+      dispatched = Contain(absl::StrCat(method_, " failed"),
+                           [&]() -> absl::Status { return Dispatch(std::move(reading_)); });
+    }
     Actions actions;
     {
       absl::MutexLock lock(&mu_);

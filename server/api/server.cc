@@ -28,10 +28,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   if (!db.ok()) return db.status();
   s->database_ = std::move(*db);
   Database* database = s->database_.get();
-  s->disk_ = std::make_unique<DiskBudget>(
-      DiskBudget::FileSystemProbe(options.data_dir,
-                                  [database] { return database->ReusableBytes(); }),
-      options.min_free_disk_bytes);
+  s->disk_ = std::make_unique<DiskBudget>(DiskBudget::FileSystemProbe(options.data_dir),
+                                          options.min_free_disk_bytes,
+                                          [database] { return database->ReusableBytes(); });
   s->pool_ = std::make_unique<ThreadPool>(options.embedder.preprocess_threads);
 
   auto backbone = Backbone::Load(options.backbone);

@@ -96,6 +96,7 @@ absl::Status DatasetUpload::Flush() {
     }
   }
   if (absl::Status s = catalog_->db_->StageExamples(upload_, chunk_); !s.ok()) return s;
+  staged_bytes_ += chunk_bytes_;
   chunk_.clear();
   chunk_bytes_ = 0;
   return absl::OkStatus();
@@ -106,6 +107,14 @@ absl::StatusOr<UploadResult> DatasetUpload::Commit() {
     return absl::InvalidArgumentError("examples: the upload has no examples");
   }
   if (absl::Status s = Flush(); !s.ok()) return s;
+  if (catalog_->disk_ != nullptr && staged_bytes_ > 0) {
+    // The commit copies the staged rows into the dataset, through the
+    // write-ahead log: twice what was staged, before the staging is freed.
+    if (absl::Status s = catalog_->disk_->Check(2 * staged_bytes_, "committing this upload");
+        !s.ok()) {
+      return s;
+    }
+  }
   UploadQuota quota;
   quota.max_images = catalog_->limits_.max_images;
   quota.max_classes = catalog_->limits_.max_classes;

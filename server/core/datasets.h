@@ -133,6 +133,7 @@ class DatasetUpload {
   int64_t accepted_ = 0;
   std::vector<StoredExample> chunk_;
   int64_t chunk_bytes_ = 0;
+  int64_t staged_bytes_ = 0;
   std::vector<RejectedExample> rejected_;
   int64_t rejected_total_ = 0;
 };

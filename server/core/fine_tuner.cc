@@ -48,6 +48,7 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
 
   // The frozen prefix's output for a batch of examples, without gradient.
   std::map<int64_t, at::Tensor> prefix_cache;
+  int64_t prefix_cache_bytes = 0;
   auto prefix = [&](const std::vector<int64_t>& idx, bool augment) -> absl::StatusOr<at::Tensor> {
     std::vector<at::Tensor> inputs, cached;
     std::vector<int64_t> missing;
@@ -79,9 +80,24 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
       torch::NoGradGuard no_grad;
       computed = backbone.Forward(backbone.ToDevice(at::stack(inputs)), 0, first - 1);
       if (augment) return computed;
-      for (size_t k = 0; k < missing.size(); ++k) prefix_cache[missing[k]] = computed[k];
     }
-    for (int64_t i : idx) cached.push_back(prefix_cache.at(i));
+    // Kept for the next epochs while the budget lasts (a ResNet-50's layer3
+    // output is 800 KB an image); the rest are recomputed each time.
+    std::map<int64_t, at::Tensor> fresh;
+    for (size_t k = 0; k < missing.size(); ++k) {
+      at::Tensor t = computed[k];
+      const int64_t bytes = t.numel() * t.element_size();
+      if (prefix_cache_bytes + bytes <= data.prefix_cache_bytes) {
+        prefix_cache[missing[k]] = t.clone();  // not a view pinning the whole batch
+        prefix_cache_bytes += bytes;
+      } else {
+        fresh[missing[k]] = t;
+      }
+    }
+    for (int64_t i : idx) {
+      auto it = prefix_cache.find(i);
+      cached.push_back(it != prefix_cache.end() ? it->second : fresh.at(i));
+    }
     return at::stack(cached);
   };
   // From the first private stage through the head.

@@ -34,6 +34,9 @@ struct FineTuneData {
   std::vector<int64_t> train, val;  // example indices
   std::vector<int64_t> labels;      // class index per example
   int64_t max_image_pixels = 40'000'000;
+  // The frozen prefix's outputs are kept between epochs (without
+  // augmentation) up to this many bytes; the rest are recomputed.
+  int64_t prefix_cache_bytes = int64_t{1} << 30;
 };
 
 struct FineTuned {

@@ -81,7 +81,7 @@ absl::StatusOr<at::Tensor> JobRunner::Features(const std::string& id,
 absl::StatusOr<TrainedHead> JobRunner::FitHead(const std::string& id, const JobRecord& r,
                                                const ModelInfo& info,
                                                const std::vector<StoredExample>& examples,
-                                               const TrainOptions& options) {
+                                               const TrainOptions& options, bool warmup) {
   auto features = Features(id, examples);
   if (!features.ok()) return features.status();
   std::map<std::string, int64_t> class_index;
@@ -100,7 +100,8 @@ absl::StatusOr<TrainedHead> JobRunner::FitHead(const std::string& id, const JobR
   const int64_t classes = static_cast<int64_t>(info.classes.size());
   return TrainHead(info.head, classes, take(train_idx), torch::tensor(train_y, torch::kLong),
                    val_idx.empty() ? at::empty({0, dim}) : take(val_idx),
-                   torch::tensor(val_y, torch::kLong), options, OnEpoch(id, r),
+                   torch::tensor(val_y, torch::kLong), options,
+                   OnEpoch(id, r, options.epochs, warmup ? "head first: " : ""),
                    [&] { return Cancelled(id); });
 }
 
@@ -125,7 +126,7 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
     head_only.seed = r.options.seed;
     auto resolved = ResolveTrainOptions(head_only, info.head, /*fine_tune=*/false);
     if (!resolved.ok()) return resolved.status();
-    auto warm = FitHead(id, r, info, examples, *resolved);
+    auto warm = FitHead(id, r, info, examples, *resolved, /*warmup=*/true);
     if (!warm.ok()) return warm.status();
     if (absl::Status s = LoadHead(SaveHead(warm->head), head); !s.ok()) return s;
   }
@@ -136,6 +137,7 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
     return ReadBytes(examples, indices);
   };
   data.max_image_pixels = max_image_pixels_;
+  data.prefix_cache_bytes = prefix_cache_bytes_;
   for (size_t i = 0; i < examples.size(); ++i) {
     data.labels.push_back(class_index.at(examples[i].label));
     (DatasetCatalog::IsValidation(examples[i].hash, r.options.validation_fraction) ? data.val
@@ -165,7 +167,7 @@ absl::StatusOr<int> JobRunner::Train(const std::string& id) {
   if (!info.ok()) return info.status();
   if (!info->private_stages.empty()) return FineTuneJob(id, r, *info, examples);
   Update(id, [](JobRecord& rec) { rec.phase = "computing features"; });
-  auto trained = FitHead(id, r, *info, examples, r.options);
+  auto trained = FitHead(id, r, *info, examples, r.options, /*warmup=*/false);
   if (!trained.ok()) return trained.status();
   VersionInfo v;
   v.job_id = id;

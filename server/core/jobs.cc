@@ -123,6 +123,7 @@ JobRunner::JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* mode
       backbone_(backbone),
       metrics_(metrics),
       max_image_pixels_(options.max_image_pixels),
+      prefix_cache_bytes_(options.feature_cache_bytes),
       disk_(options.disk),
       feature_cache_(options.feature_cache_bytes) {
   worker_ = std::thread([this] { WorkerLoop(); });
@@ -326,15 +327,16 @@ void JobRunner::Update(const std::string& id, const std::function<void(JobRecord
   Publish(id);
 }
 
-std::function<void(const EpochStats&)> JobRunner::OnEpoch(const std::string& id,
-                                                          const JobRecord& r) {
-  return [this, id, model = r.model, epochs = r.options.epochs](const EpochStats& s) {
+std::function<void(const EpochStats&)> JobRunner::OnEpoch(const std::string& id, const JobRecord& r,
+                                                          int epochs, const std::string& what) {
+  if (epochs == 0) epochs = r.options.epochs;
+  return [this, id, model = r.model, epochs, what](const EpochStats& s) {
     if (metrics_) {
       metrics_->SetTrainingEpoch(model, s.train_loss, s.train_accuracy, s.validation_accuracy);
     }
     Update(id, [&](JobRecord& rec) {
       rec.epochs.push_back(s);
-      rec.phase = absl::StrCat("epoch ", s.epoch, "/", epochs);
+      rec.phase = absl::StrCat(what, "epoch ", s.epoch, "/", epochs);
     });
   };
 }

@@ -98,7 +98,7 @@ class JobRunner {
   absl::StatusOr<TrainedHead> FitHead(const std::string& id, const JobRecord& r,
                                       const ModelInfo& info,
                                       const std::vector<StoredExample>& examples,
-                                      const TrainOptions& options);
+                                      const TrainOptions& options, bool warmup);
   absl::StatusOr<int> FineTuneJob(const std::string& id, const JobRecord& r, const ModelInfo& info,
                                   const std::vector<StoredExample>& examples);
   // Persists and tells the watchers; call without mu_ held.
@@ -106,7 +106,10 @@ class JobRunner {
   void Update(const std::string& id, const std::function<void(JobRecord&)>& change);
   bool Cancelled(const std::string& id);
   // Records an epoch in the job and the training metrics.
-  std::function<void(const EpochStats&)> OnEpoch(const std::string& id, const JobRecord& r);
+  // `epochs` (0: the job's) and `what` ("" or e.g. "head first: ") shape the
+  // phase shown to watchers.
+  std::function<void(const EpochStats&)> OnEpoch(const std::string& id, const JobRecord& r,
+                                                 int epochs = 0, const std::string& what = "");
   void UpdateStateMetrics() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   Database* db_;
@@ -115,6 +118,7 @@ class JobRunner {
   const Backbone* backbone_;
   Metrics* metrics_;
   const int64_t max_image_pixels_;
+  const int64_t prefix_cache_bytes_;  // fine-tuning's, the same budget as the feature cache
   const DiskBudget* disk_;
   mutable absl::Mutex mu_;
   std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);

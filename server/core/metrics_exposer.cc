@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -85,17 +86,28 @@ void MetricsExposer::ServeLoop() {
     {
       absl::MutexLock lock(&mu_);
       if (connections_ >= kMaxConnections) {
-        ::close(connection);  // the scraper retries; a flood does not pile up threads
-        continue;
+        if (reading_.empty()) {
+          ::close(connection);  // every slot is answering a request: retry
+          continue;
+        }
+        // Make room: the oldest connection still sending its request goes
+        // (its thread sees the shutdown and ends).
+        auto oldest =
+            std::min_element(reading_.begin(), reading_.end(),
+                             [](const auto& a, const auto& b) { return a.second < b.second; });
+        ::shutdown(oldest->first, SHUT_RDWR);
+        reading_.erase(oldest);
       }
       ++connections_;
+      reading_[connection] = absl::Now();
     }
     timeval timeout{5, 0};
     ::setsockopt(connection, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
     std::thread([this, connection] {
       Handle(connection);
-      ::close(connection);
       absl::MutexLock lock(&mu_);
+      reading_.erase(connection);  // before close: the number may be reused at once
+      ::close(connection);
       --connections_;
     }).detach();
   }
@@ -112,6 +124,10 @@ void MetricsExposer::Handle(int connection) {
     const ssize_t n = ::recv(connection, buf, sizeof(buf), 0);
     if (n <= 0) return;
     request.append(buf, static_cast<size_t>(n));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    reading_.erase(connection);  // it has asked: no longer evictable
   }
   std::string status = "200 OK", type = "text/plain; version=0.0.4; charset=utf-8", body;
   const bool get = request.rfind("GET ", 0) == 0;

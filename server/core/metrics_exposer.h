@@ -1,10 +1,13 @@
-// Serves the Prometheus text format on http://ADDRESS/metrics. It stands in for prometheus-cpp's
-// civetweb Exposer, which cannot start in a process that links LibTorch: civetweb 1.15 (Debian)
-// creates its threads with a fixed 100 KiB stack, and glibc refuses such a stack (pthread_create:
-// EINVAL) once the static TLS of LibTorch's libraries (OpenBLAS, glog, ...) is loaded. One thread
-// accepts; each connection gets a thread of its own (at most kMaxConnections at once; more are
-// closed) and kRequestDeadline to send its request, so a client that trickles bytes cannot hold up
-// the scrapes.
+// Serves the Prometheus text format on http://ADDRESS/metrics. It stands in
+// for prometheus-cpp's civetweb Exposer, which cannot start in a process that
+// links LibTorch: civetweb 1.15 (Debian) creates its threads with a fixed
+// 100 KiB stack, and glibc refuses such a stack (pthread_create: EINVAL) once
+// the static TLS of LibTorch's libraries (OpenBLAS, glog, ...) is loaded.
+// One thread accepts; each connection gets a thread of its own and
+// kRequestDeadlineMs to send its request. At most kMaxConnections at once:
+// when full, a new connection evicts the oldest one that has still not sent
+// its request, so clients that trickle bytes or send nothing cannot keep a
+// scraper (which sends its request at once) out.
 //
 // Thread-safe. Collectables are held weakly, as prometheus-cpp does.
 #ifndef TLSERVE_SERVER_CORE_METRICS_EXPOSER_H_
@@ -13,6 +16,7 @@
 #include <prometheus/collectable.h>
 
 #include <atomic>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -21,6 +25,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 
 namespace tlserve {
 
@@ -51,6 +56,8 @@ class MetricsExposer {
   absl::Mutex mu_;
   std::vector<std::weak_ptr<prometheus::Collectable>> collectables_ ABSL_GUARDED_BY(mu_);
   int connections_ ABSL_GUARDED_BY(mu_) = 0;  // handler threads running
+  // Connections still reading their request, by when they started.
+  std::map<int, absl::Time> reading_ ABSL_GUARDED_BY(mu_);
   std::thread thread_;
 };
 

@@ -406,7 +406,9 @@ absl::StatusOr<int> ModelRegistry::AddVersion(
       for (const auto& p : module->parameters()) bytes += p.numel() * p.element_size();
       for (const auto& b : module->buffers()) bytes += b.numel() * b.element_size();
     }
-    if (absl::Status s = disk_->Check(bytes + (1 << 16), "the new version's weights"); !s.ok()) {
+    if (absl::Status s =
+            disk_->Check(bytes + (1 << 16), "the new version's weights", DiskBudget::Into::kFile);
+        !s.ok()) {
       return s;
     }
   }

@@ -116,13 +116,22 @@ absl::StatusOr<std::unique_ptr<Database>> Database::Open(const std::string& path
   absl::MutexLock lock(&d->mu_);
   // FULL: a commit is fsync'd before it returns, so an acknowledged write
   // survives a crash or power loss.
-  for (const char* pragma : {"PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL",
-                             "PRAGMA foreign_keys=ON", "PRAGMA busy_timeout=5000"}) {
+  // journal_size_limit: the write-ahead log is cut back to 64 MiB after a
+  // checkpoint instead of keeping the size of the largest upload.
+  for (const char* pragma :
+       {"PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL", "PRAGMA foreign_keys=ON",
+        "PRAGMA busy_timeout=5000", "PRAGMA journal_size_limit=67108864"}) {
     if (absl::Status s = d->Exec(pragma); !s.ok()) return s;
   }
   if (absl::Status s = d->Exec(kSchema); !s.ok()) return s;
   // Uploads a previous process left unfinished were never acknowledged.
-  if (absl::Status s = d->Exec("DELETE FROM staged_examples"); !s.ok()) return s;
+  // (Only when there are some: a start on a full disk must not write.)
+  {
+    Statement any(d->db_, "SELECT EXISTS (SELECT 1 FROM staged_examples)");
+    if (sqlite3_step(any.get()) == SQLITE_ROW && any.Int(0) != 0) {
+      if (absl::Status s = d->Exec("DELETE FROM staged_examples"); !s.ok()) return s;
+    }
+  }
   return d;
 }
 

@@ -10,21 +10,20 @@
 
 namespace tlserve {
 
-DiskBudget::Probe DiskBudget::FileSystemProbe(std::string dir, std::function<int64_t()> reusable) {
-  return [dir = std::move(dir), reusable = std::move(reusable)]() -> absl::StatusOr<int64_t> {
+DiskBudget::Probe DiskBudget::FileSystemProbe(std::string dir) {
+  return [dir = std::move(dir)]() -> absl::StatusOr<int64_t> {
     struct statvfs st;
     if (::statvfs(dir.c_str(), &st) != 0) {
       return absl::InternalError(absl::StrCat("statvfs ", dir, ": ", std::strerror(errno)));
     }
-    int64_t free = static_cast<int64_t>(st.f_bavail) * static_cast<int64_t>(st.f_frsize);
-    if (reusable) free += reusable();
-    return free;
+    return static_cast<int64_t>(st.f_bavail) * static_cast<int64_t>(st.f_frsize);
   };
 }
 
-absl::Status DiskBudget::Check(int64_t bytes, absl::string_view what) const {
+absl::Status DiskBudget::Check(int64_t bytes, absl::string_view what, Into into) const {
   auto free = probe_();
   if (!free.ok()) return free.status();
+  if (into == Into::kDatabase && reusable_) *free += reusable_();
   if (*free - bytes >= min_free_bytes_) return absl::OkStatus();
   return absl::ResourceExhaustedError(absl::StrFormat(
       "%s needs about %.1f MB of disk, but the data directory has %.1f MB free and keeps "

@@ -1,9 +1,10 @@
 // The disk budget of the data directory (--min_free_disk_mb): a write that
 // would leave less free space than the reserve fails with RESOURCE_EXHAUSTED
 // *before* anything is written, so the disk never fills up under tlserve —
-// deletes, restarts and job records always have room. Free space counts the
-// file system's free bytes plus what the database will reuse (free pages of
-// deleted datasets). The probe is injectable, so tests can fake a full disk.
+// deletes, restarts and job records always have room. Free space is the file
+// system's free bytes; a write into the database also counts what the
+// database will reuse (free pages of deleted datasets), a file (weights, an
+// export) does not. The probes are injectable, so tests can fake a full disk.
 //
 // Thread-safe (stateless apart from the probe, which must be thread-safe).
 #ifndef TLSERVE_SERVER_STORE_DISK_BUDGET_H_
@@ -23,21 +24,26 @@ class DiskBudget {
  public:
   // Free bytes now.
   using Probe = std::function<absl::StatusOr<int64_t>()>;
+  // Where a write goes.
+  enum class Into { kFile, kDatabase };
 
-  // statvfs(`dir`) plus `reusable()` (may be empty).
-  static Probe FileSystemProbe(std::string dir, std::function<int64_t()> reusable);
+  // statvfs(`dir`).
+  static Probe FileSystemProbe(std::string dir);
 
-  DiskBudget(Probe probe, int64_t min_free_bytes)
-      : probe_(std::move(probe)), min_free_bytes_(min_free_bytes) {}
+  // `reusable` (may be empty): bytes the database reuses before it grows.
+  DiskBudget(Probe probe, int64_t min_free_bytes, std::function<int64_t()> reusable = nullptr)
+      : probe_(std::move(probe)), reusable_(std::move(reusable)), min_free_bytes_(min_free_bytes) {}
 
-  // OK when `bytes` more can be written and `min_free_bytes` stay free;
-  // RESOURCE_EXHAUSTED naming `what`, the free space and the flag otherwise.
-  absl::Status Check(int64_t bytes, absl::string_view what) const;
+  // OK when `bytes` more can be written `into` a file or the database and
+  // `min_free_bytes` stay free; RESOURCE_EXHAUSTED naming `what`, the free
+  // space and the flag otherwise.
+  absl::Status Check(int64_t bytes, absl::string_view what, Into into = Into::kDatabase) const;
 
   int64_t min_free_bytes() const { return min_free_bytes_; }
 
  private:
   Probe probe_;
+  std::function<int64_t()> reusable_;
   int64_t min_free_bytes_;
 };
 

@@ -404,10 +404,13 @@ TEST_F(ServerTest, ManyImagesStreamInOrder) {
 }
 
 // Finding 9: a client sending one byte every 3 s made every scrape time out
-// (one thread served one connection at a time, 5 s per read).
+// (one thread served one connection at a time, 5 s per read); so would a
+// dozen connections that send nothing, if the connection limit kept them.
 TEST_F(ServerTest, ClientsThatTrickleBytesDoNotBlockTheMetricsScrape) {
+  // More than the exposer's connection limit (8): the oldest that have not
+  // sent their request make room for the scraper.
   std::vector<int> slow;
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < 12; ++i) {
     const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in addr{};
     addr.sin_family = AF_INET;

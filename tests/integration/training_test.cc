@@ -243,6 +243,22 @@ TEST_F(TrainingTest, TrainsAHeadClassifiesAndSurvivesARestart) {
   ASSERT_TRUE(stub_->GetJob(&ctx, req, &again).ok());
   EXPECT_EQ(again.state(), v1::Job::SUCCEEDED);
   EXPECT_EQ(again.epochs_size(), last.epochs_size());
+
+  // Finding 9 of the hardening issue: a deleted model's series stayed in
+  // every scrape forever. (A job first, so that this process has them.)
+  auto retrain = Start("clothes", "fmnist");
+  ASSERT_TRUE(retrain.ok()) << retrain.status();
+  ASSERT_EQ(Watch(retrain->id()).back().state(), v1::Job::SUCCEEDED);
+  ASSERT_NE(testing::HttpGet(server_->metrics_port(), "/metrics").find("model=\"clothes\""),
+            std::string::npos);
+  grpc::ClientContext del_ctx;
+  v1::DeleteModelRequest del;
+  del.set_name("clothes");
+  v1::DeleteModelResponse deleted;
+  ASSERT_TRUE(stub_->DeleteModel(&del_ctx, del, &deleted).ok());
+  const std::string gone = testing::HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_NE(gone.find("tlserve_models 0\n"), std::string::npos);
+  EXPECT_EQ(gone.find("model=\"clothes\""), std::string::npos) << gone;
 }
 
 TEST_F(TrainingTest, UnfreezesLayer4FineTunesAndServesThePreviousVersionMeanwhile) {
