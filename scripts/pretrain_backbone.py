@@ -86,7 +86,9 @@ def main():
             job = c.train("fmnist-resnet18", "source", on_progress=progress, epochs=a.epochs,
                           batch_size=a.batch_size, optimizer=models_pb2.TrainingOptions.ADAMW,
                           learning_rate=a.lr, stage_learning_rate=a.lr, seed=a.seed,
-                          freeze_batchnorm=False)  # from scratch: the statistics must train
+                          # From scratch: the statistics must train, and a head fitted on
+                          # random features would only get in the way.
+                          freeze_batchnorm=False, head_first=False)
             print()
             if job.state != models_pb2.Job.SUCCEEDED:
                 sys.exit("pretraining %s: %s" % (models_pb2.Job.State.Name(job.state), job.error))

@@ -144,7 +144,7 @@ int Train(Client& c, const Args& a) {
         "usage: tlctl train MODEL --dataset D [--epochs N --head-lr X --lr X --optimizer "
         "lbfgs|adamw|sgd "
         "--batch-size N --weight-decay X --label-smoothing X --balanced --patience N --augment "
-        "--train-batchnorm --seed N] [--wait]"));
+        "--train-batchnorm --no-head-first --seed N] [--wait]"));
   }
   v1::StartTrainingRequest req;
   req.set_model(a.positional[0]);
@@ -184,6 +184,7 @@ int Train(Client& c, const Args& a) {
   }
   if (a.Has("freeze-batchnorm")) o->set_freeze_batchnorm(true);
   if (a.Has("train-batchnorm")) o->set_freeze_batchnorm(false);
+  if (a.Has("no-head-first")) o->set_head_first(false);
   auto job = c.Call(&v1::Models::Stub::StartTraining, req);
   if (!job.ok()) return Fail(job.status());
   if (a.Has("wait")) return Follow(c, job->id(), a.Has("json"));

@@ -43,7 +43,7 @@ commands:
                                  stop training them (--drop: back to the shared stages)
   train MODEL --dataset D [--epochs N --head-lr X --lr X (stages) --optimizer lbfgs|adamw|sgd
         --batch-size N --weight-decay X --label-smoothing X --balanced --patience N
-        --augment --train-batchnorm --seed N] [--wait]
+        --augment --train-batchnorm --no-head-first --seed N] [--wait]
                                  start a job; --wait follows it (Ctrl-C: cancel or detach)
   jobs [--model M]               training jobs
   watch JOB                      follow a job

@@ -79,6 +79,7 @@ void ToProto(const JobRecord& r, v1::Job* out) {
   po->set_stage_learning_rate(o.stage_learning_rate);
   po->set_augment(o.augment);
   po->set_freeze_batchnorm(o.freeze_batchnorm);
+  po->set_head_first(o.head_first);
   po->set_label_smoothing(o.label_smoothing);
   po->set_balanced_class_weights(o.balanced_class_weights);
   po->set_early_stopping_patience(o.early_stopping_patience);
@@ -113,6 +114,7 @@ absl::StatusOr<TrainOptions> FromProto(const v1::TrainingOptions& p) {
   o.stage_learning_rate = p.stage_learning_rate();
   o.augment = p.augment();
   if (p.has_freeze_batchnorm()) o.freeze_batchnorm = p.freeze_batchnorm();
+  if (p.has_head_first()) o.head_first = p.head_first();
   o.learning_rate = p.learning_rate();
   if (p.has_weight_decay()) o.weight_decay = p.weight_decay();
   o.label_smoothing = p.label_smoothing();

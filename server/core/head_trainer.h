@@ -40,6 +40,8 @@ struct TrainOptions {
   // BatchNorm statistics of the private stages stay as they are (the
   // default: trained on small batches they wrecked the model, README).
   bool freeze_batchnorm = true;
+  // A cold head (no trained version yet) is fitted alone before fine-tuning.
+  bool head_first = true;
 };
 
 // Resolves defaults for a model with (`fine_tune`) or without unfrozen

@@ -114,7 +114,7 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
   torch::nn::Sequential head = MakeHead(info.head, backbone_->embedding_dim(), classes);
   if (start->served) {  // warm start: the served version's head (the notebook's second step)
     if (absl::Status s = LoadHead(SaveHead(start->served->head), head); !s.ok()) return s;
-  } else {
+  } else if (r.options.head_first) {
     // A cold (random) head would send large, random gradients into the
     // unfrozen stages and wreck them: train the head alone first, on the
     // frozen features, as the notebook does (its first step). The private

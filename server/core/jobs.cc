@@ -38,7 +38,8 @@ nlohmann::json OptionsToJson(const TrainOptions& o) {
           {"seed", o.seed},
           {"stage_learning_rate", o.stage_learning_rate},
           {"augment", o.augment},
-          {"freeze_batchnorm", o.freeze_batchnorm}};
+          {"freeze_batchnorm", o.freeze_batchnorm},
+          {"head_first", o.head_first}};
 }
 
 TrainOptions OptionsFromJson(const nlohmann::json& j) {
@@ -57,6 +58,7 @@ TrainOptions OptionsFromJson(const nlohmann::json& j) {
   o.stage_learning_rate = j.value("stage_learning_rate", o.stage_learning_rate);
   o.augment = j.value("augment", o.augment);
   o.freeze_batchnorm = j.value("freeze_batchnorm", o.freeze_batchnorm);
+  o.head_first = j.value("head_first", o.head_first);
   return o;
 }
 
