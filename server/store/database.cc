@@ -167,35 +167,6 @@ int64_t Database::ReusableBytes() {
   return pages.Int(0) * size.Int(0);
 }
 
-absl::Status Database::AppendExamples(const std::string& dataset,
-                                      const std::vector<StoredExample>& examples) {
-  absl::MutexLock lock(&mu_);
-  if (absl::Status s = Exec("BEGIN IMMEDIATE"); !s.ok()) return s;
-  auto rollback = [this](absl::Status s)
-                      ABSL_NO_THREAD_SAFETY_ANALYSIS { return Rollback(std::move(s)); };
-  {
-    Statement create(db_, "INSERT OR IGNORE INTO datasets(name, created_unix) VALUES (?, ?)");
-    if (!create.status().ok()) return rollback(create.status());
-    create.Bind(1, dataset);
-    create.Bind(2, static_cast<int64_t>(std::time(nullptr)));
-    if (sqlite3_step(create.get()) != SQLITE_DONE) return rollback(SqliteError(db_, "insert"));
-  }
-  Statement insert(
-      db_, "INSERT INTO examples(dataset, name, label, bytes, hash) VALUES (?, ?, ?, ?, ?)");
-  if (!insert.status().ok()) return rollback(insert.status());
-  for (const StoredExample& e : examples) {
-    sqlite3_reset(insert.get());
-    insert.Bind(1, dataset);
-    insert.Bind(2, e.name);
-    insert.Bind(3, e.label);
-    insert.BindBlob(4, e.bytes);
-    insert.Bind(5, static_cast<int64_t>(e.hash));
-    if (sqlite3_step(insert.get()) != SQLITE_DONE) return rollback(SqliteError(db_, "insert"));
-  }
-  if (absl::Status s = Exec("COMMIT"); !s.ok()) return rollback(s);
-  return absl::OkStatus();
-}
-
 int64_t Database::BeginUpload() {
   absl::MutexLock lock(&mu_);
   return next_upload_++;

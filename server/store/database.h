@@ -55,9 +55,6 @@ class Database {
   Database(const Database&) = delete;
   Database& operator=(const Database&) = delete;
 
-  // Adds `examples` to `dataset`, creating it if needed, in one transaction.
-  absl::Status AppendExamples(const std::string& dataset,
-                              const std::vector<StoredExample>& examples);
   // Uploads are staged in bounded chunks (invisible to every reader) and
   // moved into their dataset in one transaction at commit, when the quota is
   // checked; an upload that is aborted, or left by a crash, stores nothing.
