@@ -27,6 +27,9 @@ from tlserve_client import Client, image_folder  # noqa: E402
 from tlserve_client.local_server import LocalServer  # noqa: E402
 
 BIN, FIX = sys.argv[1], sys.argv[2]
+# The server's device: TLSERVE_TEST_DEVICE=cuda runs the suite on the GPU (the flag
+# comes after LocalServer's own --device=cpu, and the last one counts).
+DEVICE_FLAGS = ["--device=" + (os.environ.get("TLSERVE_TEST_DEVICE") or "cpu")]
 
 
 def torchvision_batch(paths, spec):
@@ -66,8 +69,8 @@ def main():
     test_paths = [os.path.join(test_root, name) for _, name, _ in test]
     worst = 0.0
     try:
-        with LocalServer(BIN, os.path.join(FIX, "r18small.pt"), os.path.join(tmp, "data")) as s, \
-                Client(s.target) as c:
+        with LocalServer(BIN, os.path.join(FIX, "r18small.pt"), os.path.join(tmp, "data"),
+                         extra_flags=DEVICE_FLAGS) as s, Client(s.target) as c:
             c.upload("fm", train)
             c.create_model("head", dataset="fm")
             assert c.train("head", "fm").state == 3
@@ -137,7 +140,8 @@ def main():
         # The exported fine-tuned classifier as a backbone: its head is dropped.
         path = os.path.join(tmp, "ft.pt")
         module, extra = load(path)
-        with LocalServer(BIN, path, os.path.join(tmp, "data2")) as s, Client(s.target) as c:
+        with LocalServer(BIN, path, os.path.join(tmp, "data2"), extra_flags=DEVICE_FLAGS) as s, \
+                Client(s.target) as c:
             b = c.describe_backbone()
             names = [st.name for st in b.stages]
             assert names == [n for n, _ in module.named_children()], names

@@ -19,12 +19,16 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "client", "python"))
 from tlserve_client.local_server import LocalServer  # noqa: E402
 
 BIN, FIX = sys.argv[1], sys.argv[2]
+# The server's device: TLSERVE_TEST_DEVICE=cuda runs the suite on the GPU (the flag
+# comes after LocalServer's own --device=cpu, and the last one counts).
+DEVICE_FLAGS = ["--device=" + (os.environ.get("TLSERVE_TEST_DEVICE") or "cpu")]
 
 
 def main():
     tmp = tempfile.mkdtemp(prefix="tlserve-pyclient-")
     try:
-        with LocalServer(BIN, os.path.join(FIX, "r18small.pt"), os.path.join(tmp, "data")) as s:
+        with LocalServer(BIN, os.path.join(FIX, "r18small.pt"), os.path.join(tmp, "data"),
+                         extra_flags=DEVICE_FLAGS) as s:
             r = subprocess.run(
                 [sys.executable, os.path.join(HERE, "..", "..", "client", "python", "example.py"),
                  "--server", s.target, "--train", os.path.join(FIX, "fmnist", "train"),

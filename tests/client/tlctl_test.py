@@ -16,6 +16,8 @@ import unittest
 import numpy as np
 
 BIN, FIX = sys.argv[1], sys.argv[2]
+# The server's device: TLSERVE_TEST_DEVICE=cuda runs the suite on the GPU.
+DEVICE = os.environ.get("TLSERVE_TEST_DEVICE") or "cpu"
 
 
 def free_port():
@@ -32,9 +34,11 @@ class TlctlTest(unittest.TestCase):
         cls.log = open(os.path.join(cls.tmp, "server.log"), "w")
         cls.server = subprocess.Popen(
             [os.path.join(BIN, "tlserve"), "--backbone=" + os.path.join(FIX, "r18small.pt"),
-             "--port=%d" % cls.port, "--metrics_port=0", "--host=127.0.0.1", "--device=cpu",
+             "--port=%d" % cls.port, "--metrics_port=0", "--host=127.0.0.1", "--device=" + DEVICE,
              "--data_dir=" + os.path.join(cls.tmp, "data")], stderr=cls.log)
         for _ in range(600):
+            if cls.server.poll() is not None:  # e.g. a device it cannot use: fail now, not in minutes
+                raise RuntimeError("server exited with %d: %s" % (cls.server.returncode, open(cls.log.name).read()))
             if cls.run_tlctl("health").returncode == 0:
                 break
             time.sleep(0.1)

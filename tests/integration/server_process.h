@@ -2,9 +2,7 @@
 #ifndef TLSERVE_TESTS_INTEGRATION_SERVER_PROCESS_H_
 #define TLSERVE_TESTS_INTEGRATION_SERVER_PROCESS_H_
 
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -15,22 +13,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/lib/client.h"
+#include "tests/integration/test_env.h"
 
 namespace tlserve::testing {
 
-inline int FreePort() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
-
-// $TLSERVE_BIN/tlserve on a free loopback port with `data_dir`, stderr to `log`.
+// $TLSERVE_BIN/tlserve on a free loopback port with `data_dir`, stderr to `log`,
+// on TestDevice() ($TLSERVE_TEST_DEVICE, default cpu), metrics off.
 class ServerProcess {
  public:
   ServerProcess(const std::string& backbone, const std::string& data_dir, const std::string& log,
@@ -43,7 +31,7 @@ class ServerProcess {
                                      absl::StrCat("--port=", port_),
                                      "--data_dir=" + data_dir,
                                      "--metrics_port=0",
-                                     "--device=cpu",
+                                     "--device=" + TestDevice(),
                                      "--host=127.0.0.1",
                                      "--min_free_disk_mb=32"};
     args.insert(args.end(), extra.begin(), extra.end());
