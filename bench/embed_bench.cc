@@ -180,9 +180,10 @@ int Main() {
   at::set_num_threads(threads);
   ServerOptions o;
   o.backbone = {path, device, precision, threads};
-  o.embedder.batching.max_batch_size = batch;
-  o.embedder.batching.max_queue_delay = absl::Milliseconds(5);
-  o.embedder.batching.max_queue_size = 4 * batch;
+  o.engine.max_batch_size = batch;
+  o.engine.max_queue_delay = absl::Milliseconds(5);
+  o.engine.max_queue_size = 4 * batch;
+  o.engine.threads = threads;
   o.embedder.preprocess_threads = threads;
   o.limits.max_images_per_request = batch;
   o.max_message_bytes = 256 << 20;

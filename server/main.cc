@@ -16,11 +16,23 @@ ABSL_FLAG(std::string, precision, "fp32", "fp32 | bf16 | fp16 (reduced precision
 ABSL_FLAG(int, port, 50051, "gRPC port");
 ABSL_FLAG(int, metrics_port, 9090, "Prometheus /metrics port; 0 disables the exposer");
 ABSL_FLAG(std::string, host, "0.0.0.0", "address to listen on for gRPC and metrics");
-ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads (0: the machine's cores)");
-ABSL_FLAG(int, preprocess_threads, 0, "image decoding threads (0: the machine's cores)");
-ABSL_FLAG(int, max_batch_size, 32, "most images in one batched forward");
+ABSL_FLAG(int, threads, 0,
+          "LibTorch intra-op threads of the device engine's forwards, and OpenBLAS's pool "
+          "(0: the machine's cores)");
+ABSL_FLAG(int, train_threads, 1,
+          "LibTorch intra-op threads of training jobs (their backward passes), so that serving "
+          "keeps its cores");
+ABSL_FLAG(int, preprocess_threads, 0,
+          "image decoding threads, one intra-op thread each (0: the machine's cores)");
+ABSL_FLAG(int, max_batch_size, 0,
+          "most images in one batched forward (0: 256 on CUDA, 32 on the CPU)");
+ABSL_FLAG(int64_t, device_memory_budget_mb, 0,
+          "device memory for models' private stages and heads; least recently used ones go back "
+          "to host memory (0: 80% of the free device memory; on the CPU, 40% of MemAvailable)");
 ABSL_FLAG(int, max_queue_delay_us, 2000, "longest an image waits for a batch to fill");
-ABSL_FLAG(int, max_queue_size, 1024, "most images queued; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_queue_size, 0,
+          "most images queued; more get RESOURCE_EXHAUSTED (0: 32 x the batch size, at least "
+          "1024)");
 ABSL_FLAG(int64_t, max_image_pixels, 40'000'000,
           "largest image (width*height), decoded or resized for the backbone");
 ABSL_FLAG(int64_t, max_request_pixels, 256'000'000,
@@ -69,9 +81,12 @@ int main(int argc, char** argv) {
   o.backbone.device = absl::GetFlag(FLAGS_device);
   o.backbone.precision = absl::GetFlag(FLAGS_precision);
   o.backbone.threads = absl::GetFlag(FLAGS_threads) > 0 ? absl::GetFlag(FLAGS_threads) : cores;
-  o.embedder.batching.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
-  o.embedder.batching.max_queue_delay = absl::Microseconds(absl::GetFlag(FLAGS_max_queue_delay_us));
-  o.embedder.batching.max_queue_size = absl::GetFlag(FLAGS_max_queue_size);
+  o.engine.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
+  o.engine.max_queue_delay = absl::Microseconds(absl::GetFlag(FLAGS_max_queue_delay_us));
+  o.engine.max_queue_size = absl::GetFlag(FLAGS_max_queue_size);
+  o.engine.device_memory_budget_bytes = absl::GetFlag(FLAGS_device_memory_budget_mb) << 20;
+  o.engine.threads = o.backbone.threads;
+  o.train_threads = absl::GetFlag(FLAGS_train_threads);
   o.embedder.max_image_pixels = absl::GetFlag(FLAGS_max_image_pixels);
   o.embedder.max_request_pixels = absl::GetFlag(FLAGS_max_request_pixels);
   o.embedder.preprocess_threads =
@@ -96,18 +111,20 @@ int main(int argc, char** argv) {
   if (o.limits.max_images_per_request < 1 || o.max_message_bytes < 1024 ||
       absl::GetFlag(FLAGS_feature_cache_mb) < 0 || o.models.max_head_params < 1 ||
       o.models.max_classes < 2 || o.min_free_disk_bytes < 0 || o.max_concurrent_uploads < 1 ||
-      o.max_concurrent_exports < 1) {
+      o.max_concurrent_exports < 1 || o.train_threads < 1 ||
+      absl::GetFlag(FLAGS_device_memory_budget_mb) < 0) {
     tlserve::LogError(
         "--max_images_per_request must be >= 1, --max_message_bytes >= 1024, "
         "--feature_cache_mb >= 0, --max_head_params >= 1, --max_model_classes >= 2 and "
-        "--min_free_disk_mb >= 0, --max_concurrent_uploads >= 1, --max_concurrent_exports >= 1");
+        "--min_free_disk_mb >= 0, --max_concurrent_uploads >= 1, --max_concurrent_exports >= 1, "
+        "--train_threads >= 1 and --device_memory_budget_mb >= 0");
     return 2;
   }
   tlserve::LogInfo(
       "starting tlserve: backbone %s, device %s, precision %s, %d threads, "
-      "max batch %d, data dir %s",
+      "max batch %d (0: the device's default), data dir %s",
       o.backbone.path, o.backbone.device, o.backbone.precision, o.backbone.threads,
-      o.embedder.batching.max_batch_size, o.data_dir);
+      o.engine.max_batch_size, o.data_dir);
 
   auto server = tlserve::Server::Start(o);
   if (!server.ok()) {

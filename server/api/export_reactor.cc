@@ -18,10 +18,11 @@ namespace {
 constexpr int64_t kChunkBytes = 1 << 20;
 }  // namespace
 
-ExportReactor::ExportReactor(const ModelRegistry* models, Metrics* metrics,
+ExportReactor::ExportReactor(ModelRegistry* models, Engine* engine, Metrics* metrics,
                              const v1::ExportModelRequest& req, const ExportOptions& options,
                              std::shared_ptr<std::atomic<int>> in_flight)
     : models_(models),
+      engine_(engine),
       options_(options),
       in_flight_(std::move(in_flight)),
       timer_(metrics, "ExportModel") {
@@ -36,9 +37,13 @@ ExportReactor::ExportReactor(const ModelRegistry* models, Metrics* metrics,
     if (req.version() < 0) {
       return absl::InvalidArgumentError("version must be >= 0 (0: the served version)");
     }
-    auto version = models_->Servable(req.model(), req.version());
-    if (!version.ok()) return version.status();
-    worker_ = std::thread([this, v = *version] { Build(v); });
+    // The version is looked up (and read, when not loaded) on the export's
+    // own thread, not the gRPC one.
+    worker_ = std::thread([this, model = req.model(), number = req.version()] {
+      auto version = Contain("export failed", [&] { return models_->ServableNow(model, number); });
+      if (!version.ok()) return End(version.status());
+      Build(*version);
+    });
     return absl::OkStatus();
   });
   if (!started.ok()) End(started);
@@ -47,17 +52,18 @@ ExportReactor::ExportReactor(const ModelRegistry* models, Metrics* metrics,
 void ExportReactor::Build(std::shared_ptr<const ServableVersion> version) {
   // The whole build is contained: this thread has no other boundary.
   const absl::Status built =
-      Contain("export failed", [&]() -> absl::Status { return BuildFile(*version); });
+      Contain("export failed", [&]() -> absl::Status { return BuildFile(version); });
   if (!built.ok()) return End(built);
   StartWrite(&message_);
 }
 
-absl::Status ExportReactor::BuildFile(const ServableVersion& version) {
+absl::Status ExportReactor::BuildFile(const std::shared_ptr<const ServableVersion>& handle) {
+  const ServableVersion& version = *handle;
   const absl::Time start = absl::Now();
   if (options_.disk != nullptr) {
     // The file holds every weight of the network once, in float32.
     int64_t bytes = int64_t{1} << 20;
-    for (const auto& p : version.head->parameters()) bytes += p.numel() * 4;
+    bytes += version.plan.bytes();
     auto summary = models_->backbone().Describe({});
     if (summary.ok()) bytes += summary->total_params * 4;
     if (absl::Status s = options_.disk->Check(bytes, "the export", DiskBudget::Into::kFile);
@@ -68,7 +74,7 @@ absl::Status ExportReactor::BuildFile(const ServableVersion& version) {
   std::random_device rd;
   const std::string path =
       absl::StrFormat("%s/%s-v%d-%08x.pt", options_.dir, version.model, version.version, rd());
-  absl::StatusOr<ExportedModel> file = ExportModel(models_->backbone(), version, path);
+  absl::StatusOr<ExportedModel> file = ExportModel(*engine_, handle, path);
   if (file.ok()) {
     fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd_ < 0) {

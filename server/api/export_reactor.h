@@ -31,8 +31,9 @@ struct ExportOptions {
 
 class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportModelResponse> {
  public:
-  ExportReactor(const ModelRegistry* models, Metrics* metrics, const v1::ExportModelRequest& req,
-                const ExportOptions& options, std::shared_ptr<std::atomic<int>> in_flight);
+  ExportReactor(ModelRegistry* models, Engine* engine, Metrics* metrics,
+                const v1::ExportModelRequest& req, const ExportOptions& options,
+                std::shared_ptr<std::atomic<int>> in_flight);
   void OnWriteDone(bool ok) override;
   void OnCancel() override { cancelled_ = true; }
   void OnDone() override;
@@ -40,11 +41,12 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportModelRespo
  private:
   // On the worker thread: BuildFile, contained, then the first write.
   void Build(std::shared_ptr<const ServableVersion> version);
-  absl::Status BuildFile(const ServableVersion& version);
+  absl::Status BuildFile(const std::shared_ptr<const ServableVersion>& version);
   absl::Status ReadNextChunk();
   void End(const absl::Status& status);
 
-  const ModelRegistry* models_;
+  ModelRegistry* models_;
+  Engine* engine_;
   const ExportOptions options_;
   std::shared_ptr<std::atomic<int>> in_flight_;
   RpcTimer timer_;

@@ -115,6 +115,32 @@ class ImageStreamReactor : public grpc::ServerBidiReactor<Request, Response> {
     }
     Run(actions);
   }
+  // Ends the stream with `error` once the messages in flight are done (for
+  // a failure found after Begin, on another thread).
+  void Fail(const absl::Status& error) {
+    Actions actions;
+    {
+      absl::MutexLock lock(&mu_);
+      if (error_.ok()) error_ = error;
+      actions = NextActionsLocked();
+    }
+    Run(actions);
+  }
+  // Work outside the slots that must end before the stream does (a version
+  // being read): Hold before starting it, Release when it is over.
+  void Hold() {
+    absl::MutexLock lock(&mu_);
+    ++holds_;
+  }
+  void Release() {
+    Actions actions;
+    {
+      absl::MutexLock lock(&mu_);
+      --holds_;
+      actions = NextActionsLocked();
+    }
+    Run(actions);
+  }
   // For work that must be dropped when the client has gone.
   bool Cancelled() const { return context_->IsCancelled(); }
   grpc::CallbackServerContext* context() const { return context_; }
@@ -177,7 +203,7 @@ class ImageStreamReactor : public grpc::ServerBidiReactor<Request, Response> {
       read_pending_ = true;
       a.read = true;
     }
-    if (stop_reading && slots_.empty() && !writing_) {
+    if (stop_reading && slots_.empty() && !writing_ && holds_ == 0) {
       finished_ = true;
       a.finish = cancelled ? absl::CancelledError("the client cancelled the stream") : error_;
     }
@@ -209,6 +235,7 @@ class ImageStreamReactor : public grpc::ServerBidiReactor<Request, Response> {
   bool read_pending_ ABSL_GUARDED_BY(mu_) = false;
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  int holds_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Status error_ ABSL_GUARDED_BY(mu_);
 };
 

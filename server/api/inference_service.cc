@@ -80,7 +80,8 @@ grpc::ServerUnaryReactor* InferenceService::Embed(grpc::CallbackServerContext* c
             *inputs, *spec, absl::FromChrono(context->deadline()),
             [context] { return context->IsCancelled(); },
             FinishAfterImages(reactor, timer, (*inputs)->size(),
-                              [response](size_t i, const at::Tensor& v) {
+                              [response](size_t i, const EngineResult& r) {
+                                const at::Tensor& v = r.values;
                                 const float* p = v.data_ptr<float>();
                                 response->set_dim(v.size(0));
                                 response->mutable_embeddings(static_cast<int>(i))

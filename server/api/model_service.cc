@@ -300,13 +300,24 @@ grpc::ServerUnaryReactor* ModelService::FreezeLayers(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* ModelService::StartTraining(grpc::CallbackServerContext* c,
                                                       const v1::StartTrainingRequest* req,
                                                       v1::Job* resp) {
-  return ContainedUnary(c, metrics_, "StartTraining", [&]() -> absl::Status {
-    auto options = FromProto(req->options());
-    if (!options.ok()) return options.status();
-    auto j = jobs_->Start(req->model(), req->dataset(), *options);
-    if (j.ok()) ToProto(*j, resp);
-    return j.status();
-  });
+  // Starting reads the dataset's index and writes the job's record: on a
+  // worker, not on the gRPC thread.
+  return ContainedAsyncUnary(
+      c, metrics_, "StartTraining",
+      [&](grpc::ServerUnaryReactor* reactor, const RpcTimer& t) -> absl::Status {
+        auto options = FromProto(req->options());
+        if (!options.ok()) return options.status();
+        work_->Schedule([this, req, resp, reactor, timer = t, options = *options]() {
+          const absl::Status s = Contain("StartTraining failed", [&]() -> absl::Status {
+            auto j = jobs_->Start(req->model(), req->dataset(), options);
+            if (j.ok()) ToProto(*j, resp);
+            return j.status();
+          });
+          timer.Done(s);
+          reactor->Finish(ToGrpcStatus(s));
+        });
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerWriteReactor<v1::Job>* ModelService::WatchJob(grpc::CallbackServerContext*,
@@ -357,22 +368,35 @@ grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
                            limits_.max_images_per_request, " (--max_images_per_request)"));
         }
         if (req->top_k() < 0) return absl::InvalidArgumentError("top_k must be >= 0");
-        auto version = models_->Servable(req->model(), req->version());
-        if (!version.ok()) return version.status();
         auto inputs = ToImageInputs(req->images(), 0);
         if (!inputs.ok()) return inputs.status();
-        const int k = std::min<int>(req->top_k() == 0 ? 5 : req->top_k(),
-                                    static_cast<int>((*version)->classes.size()));
-        resp->set_version((*version)->version);
-        for (int i = 0; i < req->images_size(); ++i) resp->add_results();
-        auto v = *version;
-        embedder_->Classify(
-            *inputs, v, absl::FromChrono(c->deadline()), [c] { return c->IsCancelled(); },
-            FinishAfterImages(reactor, t, (*inputs)->size(),
-                              [resp, v, k](size_t i, const at::Tensor& p) {
-                                TopK(*v, p, k, resp->mutable_results(static_cast<int>(i)));
-                              }),
-            CallerLane(*c));
+        // The served version is at hand; an older one not loaded yet is read
+        // on the registry's loader thread, and the call goes on from there.
+        models_->Servable(
+            req->model(), req->version(),
+            [this, c, req, resp, reactor, timer = t,
+             inputs = *inputs](absl::StatusOr<std::shared_ptr<const ServableVersion>> version) {
+              const absl::Status s = Contain("Classify failed", [&]() -> absl::Status {
+                if (!version.ok()) return version.status();
+                auto v = *version;
+                const int k = std::min<int>(req->top_k() == 0 ? 5 : req->top_k(),
+                                            static_cast<int>(v->classes.size()));
+                resp->set_version(v->version);
+                for (int i = 0; i < req->images_size(); ++i) resp->add_results();
+                embedder_->Classify(
+                    inputs, v, k, absl::FromChrono(c->deadline()), [c] { return c->IsCancelled(); },
+                    FinishAfterImages(reactor, timer, inputs->size(),
+                                      [resp, v](size_t i, const EngineResult& top) {
+                                        TopK(*v, top, resp->mutable_results(static_cast<int>(i)));
+                                      }),
+                    CallerLane(*c));
+                return absl::OkStatus();
+              });
+              if (!s.ok()) {
+                timer.Done(s);
+                reactor->Finish(ToGrpcStatus(s));
+              }
+            });
         return absl::OkStatus();
       });
 }
@@ -384,7 +408,8 @@ ModelService::StreamClassify(grpc::CallbackServerContext* c) {
 
 grpc::ServerWriteReactor<v1::ExportModelResponse>* ModelService::ExportModel(
     grpc::CallbackServerContext*, const v1::ExportModelRequest* req) {
-  return new ExportReactor(models_, metrics_, *req, exports_, exports_in_flight_);
+  return new ExportReactor(models_, &embedder_->engine(), metrics_, *req, exports_,
+                           exports_in_flight_);
 }
 
 }  // namespace tlserve

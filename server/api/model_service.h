@@ -20,12 +20,15 @@ namespace tlserve {
 
 class ModelService final : public v1::Models::CallbackService {
  public:
+  // `work` runs the handlers that touch the disk (StartTraining) off the
+  // gRPC threads.
   ModelService(ModelRegistry* models, JobRunner* jobs, DatasetCatalog* datasets, Embedder* embedder,
-               Metrics* metrics, ApiLimits limits, ExportOptions exports = {})
+               ThreadPool* work, Metrics* metrics, ApiLimits limits, ExportOptions exports = {})
       : models_(models),
         jobs_(jobs),
         datasets_(datasets),
         embedder_(embedder),
+        work_(work),
         metrics_(metrics),
         limits_(limits),
         exports_(std::move(exports)) {}
@@ -70,6 +73,7 @@ class ModelService final : public v1::Models::CallbackService {
   JobRunner* jobs_;
   DatasetCatalog* datasets_;
   Embedder* embedder_;
+  ThreadPool* work_;
   Metrics* metrics_;
   const ApiLimits limits_;
   const ExportOptions exports_;

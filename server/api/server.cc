@@ -50,10 +50,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   s->metrics_->SetBackboneInfo(s->backbone_->name(), s->backbone_->device(), s->backbone_->dtype(),
                                s->backbone_->pretrained());
 
-  auto embedder = Embedder::Create(s->backbone_.get(), options.embedder, s->metrics_.get());
+  auto engine = Engine::Create(s->backbone_.get(), options.engine, s->metrics_.get());
+  if (!engine.ok()) return engine.status();
+  s->engine_ = std::move(*engine);
+  s->engine_->Warmup();
+  auto embedder = Embedder::Create(s->engine_.get(), options.embedder);
   if (!embedder.ok()) return embedder.status();
   s->embedder_ = std::move(*embedder);
-  s->embedder_->Warmup();
 
   if (!options.metrics_address.empty()) {
     auto exposer = MetricsExposer::Start(options.metrics_address);
@@ -73,11 +76,17 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
                                     s->backbone_.get(), options.models, s->disk_.get());
   if (!models.ok()) return models.status();
   s->models_ = std::move(*models);
-  s->jobs_ = std::make_unique<JobRunner>(
-      s->database_.get(), s->datasets_.get(), s->models_.get(), s->backbone_.get(),
-      s->metrics_.get(),
-      JobRunner::Options{options.feature_cache_bytes, options.embedder.max_image_pixels,
-                         s->disk_.get()});
+  JobRunner::Options jobs;
+  jobs.feature_cache_bytes = options.feature_cache_bytes;
+  // On CUDA, fine-tuning keeps prefix activations on the device up to a
+  // quarter of the engine's budget (then in host memory).
+  jobs.prefix_cache_device_bytes = s->engine_->device_memory_budget_bytes() / 4;
+  jobs.train_threads = options.train_threads;
+  jobs.max_image_pixels = options.embedder.max_image_pixels;
+  jobs.disk = s->disk_.get();
+  jobs.before_step = options.before_training_step;
+  s->jobs_ = std::make_unique<JobRunner>(s->database_.get(), s->datasets_.get(), s->models_.get(),
+                                         s->engine_.get(), s->metrics_.get(), jobs);
   if (absl::Status st = s->jobs_->Recover(); !st.ok()) return st;
   s->metrics_->SetModels(s->models_->size());
   ExportOptions exports;
@@ -88,9 +97,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   std::error_code ignored;
   std::filesystem::remove_all(exports.dir, ignored);
   if (absl::Status st = MakeDirectories(exports.dir); !st.ok()) return st;
-  s->model_service_ = std::make_unique<ModelService>(s->models_.get(), s->jobs_.get(),
-                                                     s->datasets_.get(), s->embedder_.get(),
-                                                     s->metrics_.get(), options.limits, exports);
+  s->model_service_ = std::make_unique<ModelService>(
+      s->models_.get(), s->jobs_.get(), s->datasets_.get(), s->embedder_.get(), s->pool_.get(),
+      s->metrics_.get(), options.limits, exports);
   s->dataset_service_ = std::make_unique<DatasetService>(
       s->datasets_.get(), s->pool_.get(), s->metrics_.get(), options.max_concurrent_uploads);
   grpc::EnableDefaultHealthCheckService(true);
@@ -130,7 +139,8 @@ int Server::metrics_port() const { return exposer_ ? exposer_->port() : 0; }
 
 Server::~Server() {
   Shutdown(absl::Seconds(5));
-  // Members go in reverse order: gRPC, exposer, service, embedder, backbone.
+  // Members go in reverse order: gRPC, exposer, services, jobs, models,
+  // embedder, engine, backbone.
 }
 
 }  // namespace tlserve

@@ -29,6 +29,7 @@ class MetricsExposer;
 
 struct ServerOptions {
   BackboneOptions backbone;
+  Engine::Options engine;
   Embedder::Options embedder;
   ApiLimits limits;
   DatasetLimits datasets;
@@ -37,7 +38,10 @@ struct ServerOptions {
   std::string grpc_address = "0.0.0.0:50051";    // port 0 picks a free one
   std::string metrics_address = "0.0.0.0:9090";  // empty: no exposer
   int max_message_bytes = 64 << 20;
-  int64_t feature_cache_bytes = int64_t{1} << 30;    // training jobs' feature cache
+  int64_t feature_cache_bytes = int64_t{1} << 30;  // training jobs' feature cache
+  int train_threads = 1;                           // LibTorch intra-op threads of training
+  // Tests only: called before each fine-tuning step (JobRunner::Options).
+  std::function<void(const std::string&)> before_training_step;
   int64_t min_free_disk_bytes = int64_t{512} << 20;  // the data directory's reserve
   int max_concurrent_uploads = 16;
   int max_concurrent_exports = 4;
@@ -64,6 +68,7 @@ class Server {
   std::unique_ptr<DataDir> data_dir_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<Backbone> backbone_;
+  std::unique_ptr<Engine> engine_;
   std::unique_ptr<Embedder> embedder_;
   std::unique_ptr<Database> database_;
   std::unique_ptr<DiskBudget> disk_;

@@ -10,17 +10,16 @@
 
 namespace tlserve {
 
-void TopK(const ServableVersion& version, const at::Tensor& probabilities, int k,
-          v1::Classification* out) {
-  const float* prob = probabilities.data_ptr<float>();
-  std::vector<int> order(version.classes.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                    [prob](int a, int b) { return prob[a] > prob[b]; });
-  for (int j = 0; j < k; ++j) {
-    v1::Prediction* p = out->add_top();
-    p->set_label(version.classes[order[j]]);
-    p->set_probability(prob[order[j]]);
+void TopK(const ServableVersion& version, const EngineResult& top, v1::Classification* out) {
+  // Chosen on the device (highest first); only the top k came back.
+  const at::Tensor p = top.values.to(at::kFloat).contiguous();
+  const at::Tensor c = top.indices.to(at::kLong).contiguous();
+  const float* prob = p.data_ptr<float>();
+  const int64_t* cls = c.data_ptr<int64_t>();
+  for (int64_t j = 0; j < p.size(0); ++j) {
+    v1::Prediction* pred = out->add_top();
+    pred->set_label(version.classes[cls[j]]);
+    pred->set_probability(prob[j]);
   }
 }
 
@@ -35,26 +34,87 @@ StreamClassifyReactor::StreamClassifyReactor(grpc::CallbackServerContext* contex
 
 absl::Status StreamClassifyReactor::Begin(const v1::StreamClassifyRequest& first) {
   if (first.top_k() < 0) return absl::InvalidArgumentError("top_k must be >= 0");
-  auto version = models_->Servable(first.model(), first.version());
-  if (!version.ok()) return version.status();
-  version_ = *version;
-  top_k_ = std::min<int>(first.top_k() == 0 ? 5 : first.top_k(),
-                         static_cast<int>(version_->classes.size()));
-  return absl::OkStatus();
+  requested_top_k_ = first.top_k();
+  {
+    absl::MutexLock lock(&mu_);
+    in_begin_ = true;
+  }
+  // Resolved now when loaded, else later on the loader thread: the stream
+  // does not end before (Hold).
+  Hold();
+  models_->Servable(first.model(), first.version(),
+                    [this](absl::StatusOr<std::shared_ptr<const ServableVersion>> version) {
+                      Resolved(std::move(version));
+                      Release();
+                    });
+  absl::MutexLock lock(&mu_);
+  in_begin_ = false;
+  return failed_;  // known already: the stream ends with it now
+}
+
+void StreamClassifyReactor::Resolved(
+    absl::StatusOr<std::shared_ptr<const ServableVersion>> version) {
+  std::vector<std::pair<Slot*, int64_t>> waiting;
+  {
+    absl::MutexLock lock(&mu_);
+    if (version.ok()) {
+      version_ = *version;
+      top_k_ = std::min<int>(requested_top_k_ == 0 ? 5 : requested_top_k_,
+                             static_cast<int>(version_->classes.size()));
+    } else {
+      failed_ = version.status();
+      if (in_begin_) return;  // Begin returns it
+    }
+    waiting.swap(waiting_);
+  }
+  if (!version.ok()) {
+    Fail(version.status());
+    for (auto& [slot, first] : waiting) {
+      for (int i = 0; i < slot->request->images_size(); ++i) ImageDone(slot);
+    }
+    return;
+  }
+  for (auto& [slot, first] : waiting) Run(slot, first);
 }
 
 void StreamClassifyReactor::Start(Slot* slot, int64_t first_index) {
+  absl::Status error;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!version_ && failed_.ok()) {  // still being read
+      waiting_.emplace_back(slot, first_index);
+      return;
+    }
+    error = failed_;
+  }
+  if (!error.ok()) {
+    // The stream ends with the error once this message is done.
+    Fail(error);
+    for (int i = 0; i < slot->request->images_size(); ++i) ImageDone(slot);
+    return;
+  }
+  Run(slot, first_index);
+}
+
+void StreamClassifyReactor::Run(Slot* slot, int64_t first_index) {
+  std::shared_ptr<const ServableVersion> version;
+  int top_k;
+  {
+    absl::MutexLock lock(&mu_);
+    version = version_;
+    top_k = top_k_;
+  }
   const auto& images = slot->request->images();
-  slot->response.set_version(version_->version);
+  slot->response.set_version(version->version);
   for (int i = 0; i < images.size(); ++i) {
     v1::ClassifyResult* r = slot->response.add_results();
     r->set_index(first_index + i);
     r->set_name(images[i].name());
   }
-  auto done = [this, slot](size_t i, absl::StatusOr<at::Tensor> p) {
+  auto done = [this, slot, version](size_t i, absl::StatusOr<EngineResult> p) {
     v1::ClassifyResult* r = slot->response.mutable_results(static_cast<int>(i));
     if (p.ok()) {
-      TopK(*version_, *p, top_k_, r->mutable_classification());
+      TopK(*version, *p, r->mutable_classification());
     } else {
       r->mutable_error()->set_code(static_cast<int>(p.status().code()));
       r->mutable_error()->set_message(std::string(p.status().message()));
@@ -67,8 +127,8 @@ void StreamClassifyReactor::Start(Slot* slot, int64_t first_index) {
     return;
   }
   embedder_->Classify(
-      *inputs, version_, absl::FromChrono(context()->deadline()), [this] { return Cancelled(); },
-      done, CallerLane(*context()));
+      *inputs, version, top_k, absl::FromChrono(context()->deadline()),
+      [this] { return Cancelled(); }, done, CallerLane(*context()));
 }
 
 }  // namespace tlserve

@@ -1,10 +1,16 @@
 // One StreamClassify call (see ImageStreamReactor): the first message names
-// the model; the version it resolves to serves the whole stream.
+// the model; the version it resolves to serves the whole stream. A version
+// that must be read from disk is read on the registry's loader thread; the
+// messages that arrive meanwhile wait for it.
 #ifndef TLSERVE_SERVER_API_STREAM_CLASSIFY_REACTOR_H_
 #define TLSERVE_SERVER_API_STREAM_CLASSIFY_REACTOR_H_
 
 #include <memory>
+#include <utility>
+#include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "server/api/image_stream_reactor.h"
 #include "server/core/embedder.h"
 #include "server/core/models.h"
@@ -21,16 +27,25 @@ class StreamClassifyReactor final
  private:
   absl::Status Begin(const v1::StreamClassifyRequest& first) override;
   void Start(Slot* slot, int64_t first_index) override;
+  // The version is known: classify the slot's images.
+  void Run(Slot* slot, int64_t first_index);
+  void Resolved(absl::StatusOr<std::shared_ptr<const ServableVersion>> version);
 
   ModelRegistry* const models_;
   Embedder* const embedder_;
-  std::shared_ptr<const ServableVersion> version_;  // set by Begin
-  int top_k_ = 5;
+  int requested_top_k_ = 0;
+  absl::Mutex mu_;
+  // Set once the version is resolved (by Begin, or later by the loader).
+  std::shared_ptr<const ServableVersion> version_ ABSL_GUARDED_BY(mu_);
+  int top_k_ ABSL_GUARDED_BY(mu_) = 5;
+  absl::Status failed_ ABSL_GUARDED_BY(mu_);
+  bool in_begin_ ABSL_GUARDED_BY(mu_) = false;
+  // Messages that arrived before the version was read.
+  std::vector<std::pair<Slot*, int64_t>> waiting_ ABSL_GUARDED_BY(mu_);
 };
 
-// The k most probable labels of one image's probabilities.
-void TopK(const ServableVersion& version, const at::Tensor& probabilities, int k,
-          v1::Classification* out);
+// The top classes of one image, from the engine's result, into `out`.
+void TopK(const ServableVersion& version, const EngineResult& top, v1::Classification* out);
 
 }  // namespace tlserve
 

@@ -31,11 +31,11 @@ void StreamEmbedReactor::Start(Slot* slot, int64_t first_index) {
     r->set_index(first_index + i);
     r->set_name(images[i].name());
   }
-  auto done = [this, slot](size_t i, absl::StatusOr<at::Tensor> v) {
+  auto done = [this, slot](size_t i, absl::StatusOr<EngineResult> v) {
     v1::EmbedResult* r = slot->response.mutable_results(static_cast<int>(i));
     if (v.ok()) {
-      const float* p = v->data_ptr<float>();
-      r->mutable_embedding()->mutable_values()->Add(p, p + v->size(0));
+      const float* p = v->values.data_ptr<float>();
+      r->mutable_embedding()->mutable_values()->Add(p, p + v->values.size(0));
     } else {
       r->mutable_error()->set_code(static_cast<int>(v.status().code()));
       r->mutable_error()->set_message(std::string(v.status().message()));

@@ -19,9 +19,9 @@
 namespace tlserve {
 
 // `fill(i, result)` runs under a lock, once per successful image.
-inline Embedder::ImageDone FinishAfterImages(grpc::ServerUnaryReactor* reactor, RpcTimer timer,
-                                             size_t images,
-                                             std::function<void(size_t, const at::Tensor&)> fill) {
+inline Embedder::ImageDone FinishAfterImages(
+    grpc::ServerUnaryReactor* reactor, RpcTimer timer, size_t images,
+    std::function<void(size_t, const EngineResult&)> fill) {
   struct State {
     absl::Mutex mu;
     size_t remaining;
@@ -30,7 +30,7 @@ inline Embedder::ImageDone FinishAfterImages(grpc::ServerUnaryReactor* reactor, 
   };
   auto state = std::make_shared<State>();
   state->remaining = images;
-  return [state, reactor, timer, fill](size_t i, absl::StatusOr<at::Tensor> result) {
+  return [state, reactor, timer, fill](size_t i, absl::StatusOr<EngineResult> result) {
     absl::MutexLock lock(&state->mu);
     if (result.ok()) {
       fill(i, *result);

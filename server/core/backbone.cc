@@ -1,6 +1,7 @@
 #include "server/core/backbone.h"
 
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 #include <torch/cuda.h>
 #include <torch/script.h>
 
@@ -103,7 +104,16 @@ Backbone::~Backbone() = default;
 
 absl::StatusOr<std::unique_ptr<Backbone>> Backbone::Load(const BackboneOptions& options) {
   const absl::Time start = absl::Now();
-  if (options.threads > 0) at::set_num_threads(options.threads);
+  if (options.threads > 0) {
+    // Thread pools are sized once, here: LibTorch's (this thread's; the
+    // engine, preprocessing workers and jobs set their own) and OpenBLAS's,
+    // which LibTorch's CPU matrix products use and which is process-wide.
+    at::set_num_threads(options.threads);
+    using SetThreads = void (*)(int);
+    if (auto set = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) {
+      set(options.threads);
+    }
+  }
   auto device = ParseDevice(options.device);
   if (!device.ok()) return device.status();
   auto dtype = ParsePrecision(options.precision, *device);
@@ -146,8 +156,9 @@ absl::StatusOr<std::unique_ptr<Backbone>> Backbone::Load(const BackboneOptions& 
   for (const auto& p : m.module.parameters()) p.set_requires_grad(false);
   m.module.eval();
   m.module.to(m.device, m.dtype);
-  if (m.device.is_cuda() && m.dtype != torch::kFloat) {
-    // Reduced precision on tensor cores is fastest with channels_last.
+  if (m.device.is_cuda()) {
+    // Convolutions on CUDA are fastest with channels_last, fp32 included (a
+    // ResNet-50 on an H100: 7,486 vs 6,219 img/s in fp32).
     m.channels_last = true;
     for (const auto& p : m.module.parameters()) {
       if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
@@ -237,6 +248,22 @@ torch::Tensor Backbone::Forward(torch::Tensor x, int first, int last) const {
 
 const torch::jit::Module& Backbone::stage(int i) const { return impl_->stages[i]; }
 
+c10::Device Backbone::torch_device() const { return impl_->device; }
+at::ScalarType Backbone::scalar_type() const { return impl_->dtype; }
+bool Backbone::channels_last() const { return impl_->channels_last; }
+
+torch::jit::Module Backbone::OnDevice(const torch::jit::Module& module, bool float32) const {
+  torch::NoGradGuard no_grad;
+  torch::jit::Module copy = module.clone();
+  copy.to(impl_->device, float32 ? torch::kFloat : impl_->dtype);
+  if (impl_->channels_last) {
+    for (const auto& p : copy.parameters()) {
+      if (p.dim() == 4) p.set_data(p.contiguous(torch::MemoryFormat::ChannelsLast));
+    }
+  }
+  return copy;
+}
+
 torch::jit::Module Backbone::CloneStage(int i) const {
   torch::NoGradGuard no_grad;
   torch::jit::Module copy = impl_->stages[i].clone();
@@ -248,10 +275,8 @@ torch::Tensor Backbone::RunStages(torch::Tensor x, int last_stage) const {
   return Forward(ToDevice(x), 0, last_stage).to(torch::kCPU, torch::kFloat);
 }
 
-torch::Tensor Backbone::Embed(const torch::Tensor& batch, const EmbedSpec& spec) const {
-  c10::InferenceMode guard;
-  const int last = spec.stage < 0 ? static_cast<int>(impl_->stages.size()) - 2 : spec.stage;
-  torch::Tensor x = RunStages(batch, last);
+torch::Tensor PoolEmbedding(const torch::Tensor& stage_output, const EmbedSpec& spec) {
+  torch::Tensor x = stage_output.to(torch::kFloat);
   if (x.dim() > 2) {
     x = spec.stage < 0            ? x.flatten(1)
         : spec.pool == Pool::kMax ? x.flatten(2).amax(2)
@@ -259,6 +284,12 @@ torch::Tensor Backbone::Embed(const torch::Tensor& batch, const EmbedSpec& spec)
   }
   if (spec.normalize) x = x / x.norm(2, 1, /*keepdim=*/true).clamp_min(1e-12);
   return x.contiguous();
+}
+
+torch::Tensor Backbone::Embed(const torch::Tensor& batch, const EmbedSpec& spec) const {
+  c10::InferenceMode guard;
+  const int last = spec.stage < 0 ? static_cast<int>(impl_->stages.size()) - 2 : spec.stage;
+  return PoolEmbedding(RunStages(batch, last), spec);
 }
 
 absl::StatusOr<BackboneSummary> Backbone::Describe(std::vector<int64_t> input_chw) const {

@@ -61,6 +61,11 @@ struct EmbedSpec {
   bool normalize = false;
 };
 
+// A stage's output N×… (any device) as the embedding `spec` asks for:
+// flattened (the default stage) or pooled over space, optionally L2-normed,
+// in float32.
+at::Tensor PoolEmbedding(const at::Tensor& stage_output, const EmbedSpec& spec);
+
 class Backbone {
  public:
   static constexpr int64_t kMaxDescribePixels = 1024 * 1024;
@@ -93,14 +98,24 @@ class Backbone {
   // are cached. Embedder::Describe runs it on a lane of its own.
   absl::StatusOr<BackboneSummary> Describe(std::vector<int64_t> input_chw) const;
 
-  // float32 N×3×H×W on the CPU -> float32 N×D on the CPU.
+  // float32 N×3×H×W on the CPU -> float32 N×D on the CPU, on the calling
+  // thread: the reference (load-time checks, tests); serving and training
+  // go through the device engine.
   at::Tensor Embed(const at::Tensor& batch, const EmbedSpec& spec) const;
 
   // The pieces models compose with their private stages. Stage indices are
   // into stage_names(); the head is the last.
   int head_index() const { return static_cast<int>(stage_names_.size()) - 1; }
-  // A CPU float batch on the backbone's device, dtype and memory format.
+  // A float batch (on any device) on the backbone's device, dtype and memory
+  // format.
   at::Tensor ToDevice(const at::Tensor& cpu_batch) const;
+  c10::Device torch_device() const;
+  at::ScalarType scalar_type() const;
+  bool channels_last() const;
+  // A copy of `module` (a private stage) on the backbone's device, in its
+  // memory format, in its dtype or (`float32`: training's master weights)
+  // in float32; made under NoGradGuard, so its parameters are leaves.
+  torch::jit::Module OnDevice(const torch::jit::Module& module, bool float32) const;
   // Runs the shared stages first..last on a device tensor (flattening before
   // the head). The caller chooses the autograd mode.
   at::Tensor Forward(at::Tensor x, int first, int last) const;

@@ -3,7 +3,6 @@
 #include <ATen/ATen.h>
 
 #include <atomic>
-#include <cstdio>
 #include <cstring>
 
 #include "absl/status/status.h"
@@ -15,19 +14,6 @@
 namespace tlserve {
 namespace {
 
-std::string SpecKey(const EmbedSpec& s) {
-  return absl::StrCat(s.stage, ",", static_cast<int>(s.pool), ",", s.normalize ? 1 : 0);
-}
-
-EmbedSpec ParseSpecKey(const std::string& key) {
-  EmbedSpec s;
-  int pool = 0, normalize = 0;
-  std::sscanf(key.c_str(), "%d,%d,%d", &s.stage, &pool, &normalize);
-  s.pool = static_cast<Pool>(pool);
-  s.normalize = normalize != 0;
-  return s;
-}
-
 absl::Status Annotate(const ImageInput& image, const absl::Status& s) {
   std::string where = absl::StrCat("images[", image.index, "]");
   if (!image.name.empty()) absl::StrAppend(&where, " (\"", image.name, "\")");
@@ -36,39 +22,28 @@ absl::Status Annotate(const ImageInput& image, const absl::Status& s) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Embedder>> Embedder::Create(const Backbone* backbone,
-                                                           const Options& options,
-                                                           Metrics* metrics) {
+absl::StatusOr<std::unique_ptr<Embedder>> Embedder::Create(Engine* engine, const Options& options) {
   if (options.max_image_pixels < 1 || options.max_request_pixels < 1) {
     return absl::InvalidArgumentError(
         "--max_image_pixels and --max_request_pixels must be positive");
   }
-  std::unique_ptr<Embedder> e(new Embedder(backbone, options));
-  Batcher::Instruments instruments;
-  if (metrics != nullptr) {
-    instruments = {&metrics->batch_size(), &metrics->queue_seconds(), &metrics->queue_depth()};
+  if (options.preprocess_threads < 1) {
+    return absl::InvalidArgumentError("--preprocess_threads must be at least 1");
   }
-  auto batcher = Batcher::Create(
-      options.batching,
-      [backbone](const std::string& key, const at::Tensor& batch) -> absl::StatusOr<at::Tensor> {
-        return backbone->Embed(batch, ParseSpecKey(key));
-      },
-      instruments);
-  if (!batcher.ok()) return batcher.status();
-  e->batcher_ = std::move(*batcher);
-  return e;
+  return std::unique_ptr<Embedder>(new Embedder(engine, options));
 }
 
-Embedder::Embedder(const Backbone* backbone, const Options& options)
-    : backbone_(backbone),
+Embedder::Embedder(Engine* engine, const Options& options)
+    : engine_(engine),
+      backbone_(&engine->backbone()),
       options_(options),
-      pool_(std::make_unique<ThreadPool>(options.preprocess_threads)),
-      describe_lane_(std::make_unique<ThreadPool>(1)) {}
+      pool_(
+          std::make_unique<ThreadPool>(options.preprocess_threads, [] { at::set_num_threads(1); })),
+      describe_lane_(std::make_unique<ThreadPool>(1, [] { at::set_num_threads(1); })) {}
 
 Embedder::~Embedder() {
   describe_lane_.reset();
   pool_.reset();  // finishes preprocessing, which may still submit
-  batcher_.reset();
 }
 
 absl::StatusOr<EmbedSpec> Embedder::MakeSpec(const std::string& layer, Pool pool,
@@ -88,7 +63,8 @@ absl::StatusOr<at::Tensor> Embedder::Prepare(const ImageInput& image) const {
   const auto& shape = image.shape;
   switch (image.kind) {
     case ImageInput::Kind::kEncoded: {
-      return DecodeAndPreprocess(image.data, backbone_->preprocess(), options_.max_image_pixels);
+      return DecodeAndPreprocessUint8(image.data, backbone_->preprocess(),
+                                      options_.max_image_pixels);
     }
     case ImageInput::Kind::kUint8Hwc: {
       if (shape.size() != 3 || shape[0] < 1 || shape[1] < 1 ||
@@ -110,7 +86,7 @@ absl::StatusOr<at::Tensor> Embedder::Prepare(const ImageInput& image) const {
       std::memcpy(hwc.data_ptr(), image.data.data(), image.data.size());
       auto rgb = ToRgb(hwc);
       if (!rgb.ok()) return rgb.status();
-      return Preprocess(*rgb, backbone_->preprocess(), options_.max_image_pixels);
+      return PreprocessUint8(*rgb, backbone_->preprocess(), options_.max_image_pixels);
     }
     case ImageInput::Kind::kFloatChw: {
       if (shape.size() != 3 || shape[0] != 3 || shape[1] < 1 || shape[2] < 1) {
@@ -138,20 +114,25 @@ absl::StatusOr<at::Tensor> Embedder::Prepare(const ImageInput& image) const {
 void Embedder::Embed(std::shared_ptr<const std::vector<ImageInput>> images, const EmbedSpec& spec,
                      absl::Time deadline, std::function<bool()> cancelled, ImageDone done,
                      uint64_t caller) {
-  Submit(std::move(images), SpecKey(spec), nullptr, deadline, std::move(cancelled), std::move(done),
-         caller);
+  Engine::Work work;
+  work.output = Engine::Output::kEmbedding;
+  work.spec = spec;
+  work.deadline = deadline;
+  work.cancelled = std::move(cancelled);
+  Submit(std::move(images), work, std::move(done), caller);
 }
 
 void Embedder::Classify(std::shared_ptr<const std::vector<ImageInput>> images,
-                        std::shared_ptr<const ServableVersion> version, absl::Time deadline,
-                        std::function<bool()> cancelled, ImageDone done, uint64_t caller) {
-  const Backbone* backbone = backbone_;
-  Batcher::RunFn run = [backbone, version](const std::string&,
-                                           const at::Tensor& batch) -> absl::StatusOr<at::Tensor> {
-    return version->Probabilities(*backbone, batch);
-  };
-  Submit(std::move(images), absl::StrCat("classify:", version->model, ":", version->version),
-         std::move(run), deadline, std::move(cancelled), std::move(done), caller);
+                        std::shared_ptr<const ServableVersion> version, int top_k,
+                        absl::Time deadline, std::function<bool()> cancelled, ImageDone done,
+                        uint64_t caller) {
+  Engine::Work work;
+  work.output = Engine::Output::kClassification;
+  work.version = std::move(version);
+  work.top_k = top_k;
+  work.deadline = deadline;
+  work.cancelled = std::move(cancelled);
+  Submit(std::move(images), work, std::move(done), caller);
 }
 
 absl::Status Embedder::CheckRequestPixels(const std::vector<ImageInput>& images) const {
@@ -180,9 +161,8 @@ absl::Status Embedder::CheckRequestPixels(const std::vector<ImageInput>& images)
   return absl::OkStatus();
 }
 
-void Embedder::Submit(std::shared_ptr<const std::vector<ImageInput>> images, const std::string& key,
-                      Batcher::RunFn run, absl::Time deadline, std::function<bool()> cancelled,
-                      ImageDone done, uint64_t caller) {
+void Embedder::Submit(std::shared_ptr<const std::vector<ImageInput>> images,
+                      const Engine::Work& work, ImageDone done, uint64_t caller) {
   // Every image is prepared on the pool; they are queued together once all
   // are ready, so a request's images tend to share batches.
   struct Pending {
@@ -195,8 +175,8 @@ void Embedder::Submit(std::shared_ptr<const std::vector<ImageInput>> images, con
   pending->images = images;
   pending->inputs.resize(n);
   pending->remaining = n;
-  auto submit = [this, pending, key, run, deadline, cancelled, done]() {
-    std::vector<Batcher::Task> tasks;
+  auto submit = [this, pending, work, done, caller]() {
+    std::vector<Engine::Work> tasks;
     std::vector<size_t> which;
     for (size_t i = 0; i < pending->inputs.size(); ++i) {
       const ImageInput& image = (*pending->images)[i];
@@ -204,20 +184,17 @@ void Embedder::Submit(std::shared_ptr<const std::vector<ImageInput>> images, con
         done(i, Annotate(image, pending->inputs[i].status()));
         continue;
       }
-      Batcher::Task t;
-      t.key = key;
+      Engine::Work t = work;
       t.input = std::move(*pending->inputs[i]);
-      t.deadline = deadline;
-      t.cancelled = cancelled;
-      t.run = run;
-      t.done = [done, i, image](absl::StatusOr<at::Tensor> v) {
-        done(i, v.ok() ? std::move(v) : absl::StatusOr<at::Tensor>(Annotate(image, v.status())));
+      t.lane = caller;
+      t.done = [done, i, image](absl::StatusOr<EngineResult> r) {
+        done(i, r.ok() ? std::move(r) : absl::StatusOr<EngineResult>(Annotate(image, r.status())));
       };
       tasks.push_back(std::move(t));
       which.push_back(i);
     }
     if (tasks.empty()) return;
-    absl::Status queued = batcher_->Submit(std::move(tasks));
+    absl::Status queued = engine_->Submit(std::move(tasks));
     if (!queued.ok()) {
       for (size_t i : which) done(i, Annotate((*pending->images)[i], queued));
     }
@@ -227,6 +204,7 @@ void Embedder::Submit(std::shared_ptr<const std::vector<ImageInput>> images, con
     for (size_t i = 0; i < n; ++i) done(i, s);
     return;
   }
+  const std::function<bool()>& cancelled = work.cancelled;
   for (size_t i = 0; i < n; ++i) {
     pool_->Schedule(caller, [this, pending, i, cancelled, submit]() {
       const ImageInput& image = (*pending->images)[i];
@@ -254,14 +232,6 @@ void Embedder::Describe(std::vector<int64_t> input_chw,
     describes_.fetch_sub(1);
     done(std::move(summary));
   });
-}
-
-void Embedder::Warmup() {
-  // TorchScript's profiling executor records the first run and optimises on
-  // the second: two full batches leave the first request nothing to pay.
-  const int64_t crop = backbone_->preprocess().crop;
-  const at::Tensor batch = at::zeros({options_.batching.max_batch_size, 3, crop, crop});
-  for (int i = 0; i < 2; ++i) backbone_->Embed(batch, EmbedSpec{});
 }
 
 }  // namespace tlserve

@@ -59,8 +59,11 @@ absl::StatusOr<torch::jit::Module> ScriptHead(const torch::nn::Sequential& head)
 
 }  // namespace
 
-absl::StatusOr<ExportedModel> ExportModel(const Backbone& backbone, const ServableVersion& version,
+absl::StatusOr<ExportedModel> ExportModel(Engine& engine,
+                                          const std::shared_ptr<const ServableVersion>& handle,
                                           const std::string& path) {
+  const Backbone& backbone = engine.backbone();
+  const ServableVersion& version = *handle;
   const std::vector<std::string>& names = backbone.stage_names();
   for (const auto& name : names) {
     if (!IsIdentifier(name)) {
@@ -69,16 +72,14 @@ absl::StatusOr<ExportedModel> ExportModel(const Backbone& backbone, const Servab
           "\" is not a Python identifier, so TorchScript cannot name it in the exported forward"));
     }
   }
-  auto head = ScriptHead(version.head);
+  auto head = ScriptHead(version.plan.head());
   if (!head.ok()) return head.status();
 
   torch::jit::Module top("tlserve_Classifier");
   top.register_attribute("training", c10::BoolType::get(), false);
   std::string forward = "def forward(self, x):\n";
   for (int i = 0; i < backbone.head_index(); ++i) {
-    auto own = version.private_stages.find(i);
-    top.register_module(
-        names[i], Frozen(own != version.private_stages.end() ? *own->second : backbone.stage(i)));
+    top.register_module(names[i], Frozen(version.plan.module(i)));
     absl::StrAppend(&forward, "    x = self.", names[i], ".forward(x)\n");
   }
   top.register_module(names.back(), *head);
@@ -87,14 +88,27 @@ absl::StatusOr<ExportedModel> ExportModel(const Backbone& backbone, const Servab
   top.define(forward);
   top.eval();
 
-  // The file must compute what Classify computes.
+  // The file must compute what Classify computes (the engine, on the
+  // serving device, in the serving dtype).
   {
-    c10::InferenceMode guard;
     const int64_t crop = backbone.preprocess().crop;
     torch::manual_seed(0);
-    at::Tensor probe = torch::randn({2, 3, crop, crop});
-    at::Tensor mine = at::softmax(top.forward({probe}).toTensor(), 1);
-    at::Tensor served = version.Probabilities(backbone, probe);
+    const at::Tensor probe = torch::randn({2, 3, crop, crop});
+    std::vector<Engine::Work> work(2);
+    for (int64_t i = 0; i < 2; ++i) {
+      work[i].input = probe[i].clone();
+      work[i].output = Engine::Output::kClassification;
+      work[i].version = handle;
+      work[i].priority = Engine::Priority::kTraining;  // behind serving
+    }
+    auto top_k = engine.Run(std::move(work));
+    if (!top_k.ok()) return top_k.status();
+    c10::InferenceMode guard;
+    const at::Tensor mine = at::softmax(top.forward({probe}).toTensor(), 1);
+    at::Tensor served = at::zeros_like(mine);
+    for (int64_t i = 0; i < 2; ++i) {
+      served[i].index_put_({(*top_k)[i].indices}, (*top_k)[i].values.to(at::kFloat));
+    }
     const double diff = (mine - served).abs().max().item<double>();
     if (!mine.sizes().equals(served.sizes()) ||
         diff > (backbone.dtype() == "float32" ? 1e-4 : 5e-2)) {

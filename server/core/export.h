@@ -14,8 +14,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "server/core/backbone.h"
-#include "server/core/models.h"
+#include "server/core/engine/engine.h"
 
 namespace tlserve {
 
@@ -25,11 +24,12 @@ struct ExportedModel {
 };
 
 // Builds the file on the CPU in float32, whatever the serving device, checks
-// it (on a probe batch its softmax must equal the version's Probabilities,
-// INTERNAL otherwise) and writes it to `path` — a file, not memory, so that
+// it (on a probe batch its softmax must equal what the engine's Classify
+// computes, INTERNAL otherwise) and writes it to `path` — a file, not memory, so that
 // exports in flight hold no copies of models. INVALID_ARGUMENT when a stage
 // name is not a Python identifier (TorchScript could not name it).
-absl::StatusOr<ExportedModel> ExportModel(const Backbone& backbone, const ServableVersion& version,
+absl::StatusOr<ExportedModel> ExportModel(Engine& engine,
+                                          const std::shared_ptr<const ServableVersion>& version,
                                           const std::string& path);
 
 }  // namespace tlserve

@@ -11,8 +11,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "server/core/engine/stage_plan.h"
 #include "server/core/image_decoder.h"
 #include "server/core/preprocess.h"
+
+#if __has_include(<ATen/autocast_mode.h>)
+#include <ATen/autocast_mode.h>
+#define TLSERVE_HAVE_AUTOCAST 1
+#endif
 
 namespace tlserve {
 namespace {
@@ -31,14 +37,54 @@ std::vector<at::Tensor> State(std::map<int, std::shared_ptr<torch::jit::Module>>
   return out;
 }
 
+// Mixed precision on CUDA when the backbone runs in a reduced dtype: the
+// master weights stay float32, the forward runs in the backbone's dtype
+// (autocast, thread-local: this job's thread only). Nothing on the CPU.
+class Autocast {
+ public:
+  explicit Autocast(const Backbone& backbone) {
+#ifdef TLSERVE_HAVE_AUTOCAST
+    on_ = backbone.torch_device().is_cuda() && backbone.scalar_type() != at::kFloat;
+    if (!on_) return;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    at::autocast::set_autocast_dtype(at::kCUDA, backbone.scalar_type());
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+#else
+    at::autocast::set_autocast_gpu_dtype(backbone.scalar_type());
+    at::autocast::set_enabled(true);
+#endif
+#else
+    (void)backbone;
+#endif
+  }
+  ~Autocast() {
+#ifdef TLSERVE_HAVE_AUTOCAST
+    if (!on_) return;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    at::autocast::set_autocast_enabled(at::kCUDA, false);
+#else
+    at::autocast::set_enabled(false);
+#endif
+    at::autocast::clear_cache();
+#endif
+  }
+  Autocast(const Autocast&) = delete;
+  Autocast& operator=(const Autocast&) = delete;
+
+ private:
+  bool on_ = false;
+};
+
 }  // namespace
 
-absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
+absl::StatusOr<FineTuned> FineTune(Engine& engine,
                                    std::map<int, std::shared_ptr<torch::jit::Module>> stages,
                                    torch::nn::Sequential head, int64_t classes,
                                    const FineTuneData& data, const TrainOptions& o,
                                    const std::function<void(const EpochStats&)>& on_epoch,
                                    const std::function<bool()>& cancelled) {
+  const Backbone& backbone = engine.backbone();
+  const torch::Device device = backbone.torch_device();
   if (stages.empty()) return absl::InvalidArgumentError("no private stages to fine-tune");
   if (data.train.empty()) return absl::FailedPreconditionError("no training examples");
   torch::manual_seed(o.seed);
@@ -46,9 +92,13 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
   std::uniform_real_distribution<double> uniform(0, 1);
   const int first = stages.begin()->first;
 
-  // The frozen prefix's output for a batch of examples, without gradient.
+  // The frozen prefix's output for a batch of examples, without gradient,
+  // computed by the device engine (at training priority, in its batches).
+  // Kept between epochs (without augmentation) while the budgets last: on
+  // the device first, then in host memory (pinned on CUDA); the rest are
+  // recomputed each time.
   std::map<int64_t, at::Tensor> prefix_cache;
-  int64_t prefix_cache_bytes = 0;
+  int64_t device_cache_bytes = 0, host_cache_bytes = 0;
   auto prefix = [&](const std::vector<int64_t>& idx, bool augment) -> absl::StatusOr<at::Tensor> {
     std::vector<at::Tensor> inputs, cached;
     std::vector<int64_t> missing;
@@ -66,7 +116,7 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
           if (!rgb.ok()) return rgb.status();
           x = PreprocessAugmented(*rgb, spec, [&] { return uniform(rng); });
         } else {
-          x = DecodeAndPreprocess((*bytes)[k], spec, data.max_image_pixels);
+          x = DecodeAndPreprocessUint8((*bytes)[k], spec, data.max_image_pixels);
         }
         if (!x.ok()) {
           return absl::Status(x.status().code(),
@@ -78,40 +128,56 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
     at::Tensor computed;
     if (!inputs.empty()) {
       torch::NoGradGuard no_grad;
-      computed = backbone.Forward(backbone.ToDevice(at::stack(inputs)), 0, first - 1);
+      if (first == 0) {  // no shared prefix: the normalised input itself
+        at::Tensor x = at::stack(inputs);
+        if (x.scalar_type() == at::kByte) x = Normalize(x, backbone.preprocess());
+        computed = backbone.ToDevice(x);
+      } else {
+        std::vector<Engine::Work> work(inputs.size());
+        for (size_t k = 0; k < inputs.size(); ++k) {
+          work[k].input = std::move(inputs[k]);
+          work[k].output = Engine::Output::kActivations;
+          work[k].spec.stage = first - 1;
+          work[k].priority = Engine::Priority::kTraining;
+          work[k].lane = data.lane;
+        }
+        auto out = engine.Run(std::move(work));
+        if (!out.ok()) return out.status();
+        std::vector<at::Tensor> rows;
+        for (const EngineResult& r : *out) rows.push_back(r.values);
+        computed = at::stack(rows);
+      }
       if (augment) return computed;
     }
-    // Kept for the next epochs while the budget lasts (a ResNet-50's layer3
-    // output is 800 KB an image); the rest are recomputed each time.
+    // A ResNet-50's layer3 output is 800 KB an image in float32.
     std::map<int64_t, at::Tensor> fresh;
     for (size_t k = 0; k < missing.size(); ++k) {
       at::Tensor t = computed[k];
       const int64_t bytes = t.numel() * t.element_size();
-      if (prefix_cache_bytes + bytes <= data.prefix_cache_bytes) {
+      if (device.is_cuda() && device_cache_bytes + bytes <= data.prefix_cache_device_bytes) {
         prefix_cache[missing[k]] = t.clone();  // not a view pinning the whole batch
-        prefix_cache_bytes += bytes;
+        device_cache_bytes += bytes;
+      } else if (host_cache_bytes + bytes <= data.prefix_cache_bytes) {
+        at::Tensor host = t.to(torch::kCPU).clone();
+        prefix_cache[missing[k]] = device.is_cuda() ? host.pin_memory() : host;
+        host_cache_bytes += bytes;
       } else {
         fresh[missing[k]] = t;
       }
     }
     for (int64_t i : idx) {
       auto it = prefix_cache.find(i);
-      cached.push_back(it != prefix_cache.end() ? it->second : fresh.at(i));
+      cached.push_back(it != prefix_cache.end() ? it->second.to(device, /*non_blocking=*/true)
+                                                : fresh.at(i));
     }
     return at::stack(cached);
   };
-  // From the first private stage through the head.
-  auto suffix = [&](at::Tensor x) {
-    for (int i = first; i < backbone.head_index(); ++i) {
-      auto own = stages.find(i);
-      if (own != stages.end()) {
-        x = own->second->forward({x}).toTensor();
-      } else {
-        x = backbone.Forward(x, i, i);  // shared: frozen, but gradients flow through
-      }
-    }
-    return head->forward(x.flatten(1).to(torch::kFloat));
-  };
+  // The run's plan: its own copies of the private stages and its head on
+  // the device; shared stages after the first private one stay frozen, but
+  // gradients flow through them.
+  head->to(device);
+  const StagePlan plan(backbone, stages, head);
+  Autocast autocast(backbone);
   // BatchNorm statistics of a batch of one are undefined (and throw on a 1×1
   // feature map): such a batch trains with the statistics frozen.
   auto set_training = [&](bool training, size_t batch) {
@@ -166,12 +232,12 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
     for (int64_t c = 0; c < classes; ++c) {
       w[c] = static_cast<float>(data.train.size() / (classes * std::max(1.0, counts[c])));
     }
-    weights = torch::tensor(w);
+    weights = torch::tensor(w).to(device);
   }
   auto labels_of = [&](const std::vector<int64_t>& idx) {
     std::vector<int64_t> y;
     for (int64_t i : idx) y.push_back(data.labels[i]);
-    return torch::tensor(y, torch::kLong);
+    return torch::tensor(y, torch::kLong).to(device);
   };
   // Features of a split through the current stages, for evaluation.
   auto features = [&](const std::vector<int64_t>& idx) -> absl::StatusOr<at::Tensor> {
@@ -182,12 +248,7 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
                                  idx.begin() + std::min(idx.size(), b + o.batch_size));
       auto x = prefix(batch, false);
       if (!x.ok()) return x.status();
-      at::Tensor h = *x;
-      for (int i = first; i < backbone.head_index(); ++i) {
-        auto own = stages.find(i);
-        h = own != stages.end() ? own->second->forward({h}).toTensor() : backbone.Forward(h, i, i);
-      }
-      parts.push_back(h.flatten(1).to(torch::kFloat));
+      parts.push_back(plan.Run(*x, first, backbone.head_index() - 1).flatten(1).to(torch::kFloat));
     }
     return at::cat(parts);
   };
@@ -240,12 +301,13 @@ absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
     for (const auto& [b, e] : batches(order)) {
       if (cancelled && cancelled()) return absl::CancelledError("the job was cancelled");
       std::vector<int64_t> batch(order.begin() + b, order.begin() + e);
+      if (data.before_step) data.before_step();
       set_training(true, batch.size());
       auto x = prefix(batch, o.augment);
       if (!x.ok()) return x.status();
       const at::Tensor y = labels_of(batch);
       opt->zero_grad();
-      const at::Tensor logits = suffix(*x);
+      const at::Tensor logits = plan.Logits(*x);
       auto lo = F::CrossEntropyFuncOptions().label_smoothing(o.label_smoothing);
       if (weights.defined()) lo = lo.weight(weights);
       at::Tensor loss = F::cross_entropy(logits, y, lo);

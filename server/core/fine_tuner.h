@@ -1,8 +1,12 @@
 // Fine-tuning: trains a model's private (unfrozen) stages together with its
-// head, at a smaller learning rate for the stages. The shared prefix before
-// the first private stage runs without gradient (its outputs are computed
-// once and kept in memory when augmentation is off); shared stages after it
-// stay frozen and in eval mode; trainable private stages train, their
+// head, at a smaller learning rate for the stages, on the backbone's device
+// (every tensor, the head included; mixed precision on CUDA: float32 master
+// weights, autocast to the backbone's dtype). The shared prefix before the
+// first private stage runs without gradient in the device engine, at
+// training priority (its outputs are computed once and kept when
+// augmentation is off: on the device up to prefix_cache_device_bytes, then
+// in host memory up to prefix_cache_bytes, the rest recomputed each epoch);
+// shared stages after it stay frozen and in eval mode; trainable private stages train, their
 // BatchNorm statistics only with freeze_batchnorm off and never on a batch of
 // one (a trailing batch of one is merged into the one before it).
 //
@@ -22,6 +26,7 @@
 
 #include "absl/status/statusor.h"
 #include "server/core/backbone.h"
+#include "server/core/engine/engine.h"
 #include "server/core/head_trainer.h"
 #include "server/store/database.h"
 
@@ -35,8 +40,12 @@ struct FineTuneData {
   std::vector<int64_t> labels;      // class index per example
   int64_t max_image_pixels = 40'000'000;
   // The frozen prefix's outputs are kept between epochs (without
-  // augmentation) up to this many bytes; the rest are recomputed.
+  // augmentation): on a CUDA device up to prefix_cache_device_bytes, then in
+  // host memory up to prefix_cache_bytes; the rest are recomputed.
   int64_t prefix_cache_bytes = int64_t{1} << 30;
+  int64_t prefix_cache_device_bytes = 0;
+  uint64_t lane = 0;                  // the job's lane in the engine
+  std::function<void()> before_step;  // tests: called before each training step
 };
 
 struct FineTuned {
@@ -48,7 +57,7 @@ struct FineTuned {
 
 // `stages` (private copies; trainable ones have requires_grad) and `head`
 // are trained in place and returned. CANCELLED when `cancelled()` turns true.
-absl::StatusOr<FineTuned> FineTune(const Backbone& backbone,
+absl::StatusOr<FineTuned> FineTune(Engine& engine,
                                    std::map<int, std::shared_ptr<torch::jit::Module>> stages,
                                    torch::nn::Sequential head, int64_t classes,
                                    const FineTuneData& data, const TrainOptions& options,

@@ -26,7 +26,7 @@ at::Tensor Loss(const at::Tensor& logits, const at::Tensor& y, const at::Tensor&
 }
 
 at::Tensor L2(torch::nn::Sequential& head) {
-  at::Tensor sum = torch::zeros({});
+  at::Tensor sum = torch::zeros({}, head->parameters().front().options());
   for (const auto& p : head->named_parameters()) {
     if (p.key().find("weight") != std::string::npos) sum = sum + p.value().pow(2).sum();
   }
@@ -109,11 +109,13 @@ Evaluation Evaluate(torch::nn::Sequential& head, const at::Tensor& x, const at::
   if (x.size(0) == 0) return e;
   torch::NoGradGuard no_grad;
   head->eval();
-  const at::Tensor logits = head->forward(x);
-  e.loss = F::cross_entropy(logits, y).item<double>();
+  // Computed where the head is; scored on the host.
+  const at::Tensor logits = head->forward(x).to(torch::kCPU, torch::kFloat);
+  e.loss = F::cross_entropy(logits, y.to(torch::kCPU)).item<double>();
   const at::Tensor pred = logits.argmax(1);
-  e.accuracy = pred.eq(y).to(torch::kDouble).mean().item<double>();
-  const auto* t = y.data_ptr<int64_t>();
+  const at::Tensor y64 = y.to(torch::kCPU, torch::kLong).contiguous();
+  e.accuracy = pred.eq(y64).to(torch::kDouble).mean().item<double>();
+  const auto* t = y64.data_ptr<int64_t>();
   const at::Tensor p64 = pred.to(torch::kLong).contiguous();
   const auto* p = p64.data_ptr<int64_t>();
   for (int64_t i = 0; i < y.size(0); ++i) ++e.confusion[t[i] * classes + p[i]];
@@ -130,11 +132,17 @@ Evaluation Evaluate(torch::nn::Sequential& head, const at::Tensor& x, const at::
 }
 
 absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
-                                      const at::Tensor& x_train_raw, const at::Tensor& y_train,
-                                      const at::Tensor& x_val_raw, const at::Tensor& y_val,
+                                      const at::Tensor& x_train_in, const at::Tensor& y_train_in,
+                                      const at::Tensor& x_val_in, const at::Tensor& y_val_in,
                                       const TrainOptions& o,
                                       const std::function<void(const EpochStats&)>& on_epoch,
-                                      const std::function<bool()>& cancelled) {
+                                      const std::function<bool()>& cancelled,
+                                      const torch::Device& device) {
+  // Everything on one device: the features, the labels and the head.
+  const at::Tensor x_train_raw = x_train_in.to(device, torch::kFloat);
+  const at::Tensor y_train = y_train_in.to(device);
+  const at::Tensor x_val_raw = x_val_in.to(device, torch::kFloat);
+  const at::Tensor y_val = y_val_in.to(device);
   const int64_t n = x_train_raw.size(0), dim = x_train_raw.size(1);
   if (n == 0) return absl::FailedPreconditionError("no training examples");
   torch::manual_seed(o.seed);
@@ -152,6 +160,7 @@ absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
   TrainedHead out;
   out.head = MakeHead(spec, dim, classes);
   torch::nn::Sequential& head = out.head;
+  head->to(device);
   const bool lbfgs = o.optimizer == TrainOptions::Optimizer::kLbfgs;
   std::unique_ptr<torch::optim::Optimizer> opt;
   if (lbfgs) {
@@ -188,7 +197,8 @@ absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
       };
       static_cast<torch::optim::LBFGS*>(opt.get())->step(closure);
     } else {
-      const at::Tensor order = torch::randperm(n);
+      const at::Tensor order =
+          torch::randperm(n, torch::TensorOptions().dtype(torch::kLong)).to(device);
       for (int64_t b = 0; b < n; b += o.batch_size) {
         const at::Tensor idx = order.slice(0, b, std::min(n, b + o.batch_size));
         opt->zero_grad();

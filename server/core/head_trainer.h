@@ -63,7 +63,8 @@ struct Evaluation {
   std::vector<int64_t> confusion;  // true × predicted, row-major
 };
 
-// Loss and metrics of `head` on features `x` (N×D) with labels `y` (N).
+// Loss and metrics of `head` on features `x` (N×D, on the head's device)
+// with labels `y` (N, any device), scored on the host.
 Evaluation Evaluate(torch::nn::Sequential& head, const at::Tensor& x, const at::Tensor& y,
                     int64_t classes);
 
@@ -77,13 +78,16 @@ struct TrainedHead {
 absl::Status TrainingDiverged(int epoch, double loss);
 
 // CANCELLED when `cancelled()` turns true between epochs; FAILED_PRECONDITION
-// (TrainingDiverged) when the loss stops being finite.
+// (TrainingDiverged) when the loss stops being finite. The features, labels
+// and head all live on `device` (the backbone's) while training; the head
+// comes back there.
 absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
                                       const at::Tensor& x_train, const at::Tensor& y_train,
                                       const at::Tensor& x_val, const at::Tensor& y_val,
                                       const TrainOptions& options,
                                       const std::function<void(const EpochStats&)>& on_epoch,
-                                      const std::function<bool()>& cancelled);
+                                      const std::function<bool()>& cancelled,
+                                      const torch::Device& device = torch::kCPU);
 
 }  // namespace tlserve
 

@@ -13,6 +13,19 @@
 #include "server/core/preprocess.h"
 
 namespace tlserve {
+namespace {
+
+// `from`'s weights into `to` (same shape, any devices).
+void CopyHead(const torch::nn::Sequential& from, torch::nn::Sequential& to) {
+  torch::NoGradGuard no_grad;
+  auto src = from->parameters();
+  auto dst = to->parameters();
+  for (size_t i = 0; i < dst.size(); ++i) dst[i].copy_(src[i]);
+}
+
+uint64_t Lane(const std::string& job) { return std::hash<std::string>()(job) | 1; }
+
+}  // namespace
 
 absl::StatusOr<std::vector<std::string>> JobRunner::ReadBytes(
     const std::vector<StoredExample>& examples, const std::vector<int64_t>& indices) const {
@@ -29,33 +42,37 @@ absl::StatusOr<std::vector<std::string>> JobRunner::ReadBytes(
 
 absl::StatusOr<at::Tensor> JobRunner::Features(const std::string& id,
                                                const std::vector<StoredExample>& examples) {
-  // Features of every example with the frozen backbone, once: normal tensors
-  // (not inference tensors), so that training can use them. The images are
-  // read from the database a batch at a time.
+  // Features of every example with the frozen backbone, once, through the
+  // device engine at training priority: normal tensors (not inference
+  // tensors), so that training can use them. The images are read from the
+  // database a batch at a time, a full engine batch each.
   const int64_t n = static_cast<int64_t>(examples.size()), dim = backbone_->embedding_dim();
   at::Tensor features = at::empty({n, dim});
-  constexpr int64_t kBatch = 32;
+  const int64_t kBatch = engine_->max_batch_size();
   std::vector<int64_t> pending;
   auto flush = [&]() -> absl::Status {
     if (pending.empty()) return absl::OkStatus();
     auto bytes = ReadBytes(examples, pending);
     if (!bytes.ok()) return bytes.status();
-    std::vector<at::Tensor> inputs;
+    std::vector<Engine::Work> work(pending.size());
     for (size_t k = 0; k < pending.size(); ++k) {
-      auto x = DecodeAndPreprocess((*bytes)[k], backbone_->preprocess(), max_image_pixels_);
+      auto x = DecodeAndPreprocessUint8((*bytes)[k], backbone_->preprocess(), max_image_pixels_);
       if (!x.ok()) {
         const StoredExample& e = examples[pending[k]];
         return absl::FailedPreconditionError(absl::StrCat(
             "example ", e.id, " (\"", Bounded(e.name), "\") cannot be used: ", x.status().message(),
             "; delete the dataset or upload it without it"));
       }
-      inputs.push_back(*std::move(x));
+      work[k].input = *std::move(x);
+      work[k].priority = Engine::Priority::kTraining;
+      work[k].lane = Lane(id);
     }
-    const at::Tensor out = backbone_->Embed(at::stack(inputs), EmbedSpec{}).clone();
+    auto out = engine_->Run(std::move(work));
+    if (!out.ok()) return out.status();
     for (size_t k = 0; k < pending.size(); ++k) {
-      features[pending[k]].copy_(out[k]);
+      features[pending[k]].copy_((*out)[k].values);
       feature_cache_.Put(absl::StrCat(backbone_->sha256(), ":", examples[pending[k]].id),
-                         out[k].clone());
+                         (*out)[k].values.clone());
     }
     pending.clear();
     return absl::OkStatus();
@@ -98,11 +115,11 @@ absl::StatusOr<TrainedHead> JobRunner::FitHead(const std::string& id, const JobR
     return features->index_select(0, torch::tensor(idx, torch::kLong));
   };
   const int64_t classes = static_cast<int64_t>(info.classes.size());
-  return TrainHead(info.head, classes, take(train_idx), torch::tensor(train_y, torch::kLong),
-                   val_idx.empty() ? at::empty({0, dim}) : take(val_idx),
-                   torch::tensor(val_y, torch::kLong), options,
-                   OnEpoch(id, r, options.epochs, warmup ? "head first: " : ""),
-                   [&] { return Cancelled(id); });
+  return TrainHead(
+      info.head, classes, take(train_idx), torch::tensor(train_y, torch::kLong),
+      val_idx.empty() ? at::empty({0, dim}) : take(val_idx), torch::tensor(val_y, torch::kLong),
+      options, OnEpoch(id, r, options.epochs, warmup ? "head first: " : ""),
+      [&] { return Cancelled(id); }, backbone_->torch_device());
 }
 
 absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecord& r,
@@ -113,7 +130,7 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
   const int64_t classes = static_cast<int64_t>(info.classes.size());
   torch::nn::Sequential head = MakeHead(info.head, backbone_->embedding_dim(), classes);
   if (start->served) {  // warm start: the served version's head (the notebook's second step)
-    if (absl::Status s = LoadHead(SaveHead(start->served->head), head); !s.ok()) return s;
+    CopyHead(start->served->plan.head(), head);
   } else if (r.options.head_first) {
     // A cold (random) head would send large, random gradients into the
     // unfrozen stages and wreck them: train the head alone first, on the
@@ -128,7 +145,7 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
     if (!resolved.ok()) return resolved.status();
     auto warm = FitHead(id, r, info, examples, *resolved, /*warmup=*/true);
     if (!warm.ok()) return warm.status();
-    if (absl::Status s = LoadHead(SaveHead(warm->head), head); !s.ok()) return s;
+    CopyHead(warm->head, head);
   }
   std::map<std::string, int64_t> class_index;
   for (size_t i = 0; i < info.classes.size(); ++i) class_index[info.classes[i]] = i;
@@ -138,6 +155,9 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
   };
   data.max_image_pixels = max_image_pixels_;
   data.prefix_cache_bytes = prefix_cache_bytes_;
+  data.prefix_cache_device_bytes = prefix_cache_device_bytes_;
+  data.lane = Lane(id);
+  if (before_step_) data.before_step = [this, model = r.model] { before_step_(model); };
   for (size_t i = 0; i < examples.size(); ++i) {
     data.labels.push_back(class_index.at(examples[i].label));
     (DatasetCatalog::IsValidation(examples[i].hash, r.options.validation_fraction) ? data.val
@@ -145,7 +165,7 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
         .push_back(static_cast<int64_t>(i));
   }
   Update(id, [](JobRecord& rec) { rec.phase = "fine-tuning"; });
-  auto tuned = FineTune(*backbone_, std::move(start->stages), head, classes, data, r.options,
+  auto tuned = FineTune(*engine_, std::move(start->stages), head, classes, data, r.options,
                         OnEpoch(id, r), [&] { return Cancelled(id); });
   if (!tuned.ok()) return tuned.status();
   VersionInfo v;
@@ -157,14 +177,19 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
 
 absl::StatusOr<int> JobRunner::Train(const std::string& id) {
   JobRecord r;
-  std::vector<StoredExample> examples;
   {
     absl::MutexLock lock(&mu_);
     r = jobs_.at(id).record;
-    examples = std::move(jobs_.at(id).examples);
   }
   auto info = models_->Get(r.model);
   if (!info.ok()) return info.status();
+  // The dataset's index (without image bytes, which are read a batch at a
+  // time): read here, by the job, not by StartTraining. The dataset cannot
+  // change while the job holds it (DatasetCatalog::Acquire).
+  Update(id, [](JobRecord& rec) { rec.phase = "reading the dataset"; });
+  auto listed = db_->ListExamples(r.dataset);
+  if (!listed.ok()) return listed.status();
+  const std::vector<StoredExample>& examples = *listed;
   if (!info->private_stages.empty()) return FineTuneJob(id, r, *info, examples);
   Update(id, [](JobRecord& rec) { rec.phase = "computing features"; });
   auto trained = FitHead(id, r, *info, examples, r.options, /*warmup=*/false);

@@ -117,15 +117,19 @@ const char* StateName(JobRecord::State s) {
   return "unknown";
 }
 
-JobRunner::JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* models,
-                     const Backbone* backbone, Metrics* metrics, const Options& options)
+JobRunner::JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* models, Engine* engine,
+                     Metrics* metrics, const Options& options)
     : db_(db),
       datasets_(datasets),
       models_(models),
-      backbone_(backbone),
+      engine_(engine),
+      backbone_(&engine->backbone()),
       metrics_(metrics),
       max_image_pixels_(options.max_image_pixels),
       prefix_cache_bytes_(options.feature_cache_bytes),
+      prefix_cache_device_bytes_(options.prefix_cache_device_bytes),
+      train_threads_(std::max(1, options.train_threads)),
+      before_step_(options.before_step),
       disk_(options.disk),
       feature_cache_(options.feature_cache_bytes) {
   worker_ = std::thread([this] { WorkerLoop(); });
@@ -221,7 +225,6 @@ absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::
     absl::MutexLock lock(&mu_);
     Job job;
     job.record = r;
-    job.examples = std::move(*examples);
     jobs_[r.id] = std::move(job);
     queue_.push_back(r.id);
     UpdateStateMetrics();
@@ -266,7 +269,6 @@ absl::StatusOr<JobRecord> JobRunner::Cancel(const std::string& id) {
       queue_.erase(std::remove(queue_.begin(), queue_.end(), id), queue_.end());
       it->second.record.state = JobRecord::State::kCancelled;
       it->second.record.phase = "cancelled before it started";
-      it->second.examples.clear();
       model = it->second.record.model;
       dataset = it->second.record.dataset;
       UpdateStateMetrics();
@@ -360,6 +362,10 @@ void JobRunner::UpdateStateMetrics() {
 }
 
 void JobRunner::WorkerLoop() {
+  // Training's own threads and (on CUDA) its own low-priority stream, so
+  // that serving keeps its cores and its stream.
+  at::set_num_threads(train_threads_);
+  engine_->streams().BindTraining();
   for (;;) {
     std::string id;
     {
@@ -397,7 +403,6 @@ void JobRunner::Run(const std::string& id) {
     Job& job = jobs_.at(id);
     model = job.record.model;
     dataset = job.record.dataset;
-    job.examples.clear();
   }
   // Released before the final state is published: a client that sees the
   // job end may start the model's next job at once.

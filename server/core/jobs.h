@@ -1,9 +1,14 @@
 // Training jobs: queued -> running -> succeeded / failed / cancelled, run one
-// at a time on one worker thread (one device). A run is contained: any
-// exception, error or non-finite loss fails that job with a message, and its
-// model keeps its last good version. A head-only job computes the
-// frozen backbone's features of every example once (cached in memory by
-// backbone and example, up to a bound in bytes), fits the head, and stores the best version. Every
+// at a time on one worker thread, a client of the device engine at training
+// priority (its forwards queue behind serving's), with its own LibTorch
+// intra-op threads (--train_threads) and, on CUDA, its own low-priority
+// stream. A run is contained: any exception (a CUDA out-of-memory included),
+// error or non-finite loss fails that job with a message, and its model keeps
+// its last good version. A job reads its dataset itself when it runs. A
+// head-only job computes the frozen backbone's features of every example
+// once, through the engine in large batches (cached in memory by backbone
+// and example, up to a bound in bytes), fits the head on the device, and
+// stores the best version. Every
 // state change is written to the Database before watchers hear of it; at
 // start, jobs left queued or running by a previous process are marked failed
 // ("interrupted"). Records carry the job's options and every epoch, NaN
@@ -26,6 +31,7 @@
 #include "absl/synchronization/mutex.h"
 #include "server/core/backbone.h"
 #include "server/core/datasets.h"
+#include "server/core/engine/engine.h"
 #include "server/core/feature_cache.h"
 #include "server/core/head_trainer.h"
 #include "server/core/models.h"
@@ -54,10 +60,17 @@ class JobRunner {
  public:
   struct Options {
     int64_t feature_cache_bytes = int64_t{1} << 30;  // the in-memory feature cache (0: none)
-    int64_t max_image_pixels = 40'000'000;           // decoded and resized, per image
-    const DiskBudget* disk = nullptr;                // checked before a job is accepted
+    // Fine-tuning's prefix activations kept on a CUDA device (then in host
+    // memory up to feature_cache_bytes).
+    int64_t prefix_cache_device_bytes = int64_t{1} << 30;
+    int train_threads = 1;                  // LibTorch intra-op threads of the job thread
+    int64_t max_image_pixels = 40'000'000;  // decoded and resized, per image
+    const DiskBudget* disk = nullptr;       // checked before a job is accepted
+    // Tests only: called before each training step of a fine-tune with the
+    // model's name; what it throws fails that job.
+    std::function<void(const std::string&)> before_step;
   };
-  JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* models, const Backbone* backbone,
+  JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* models, Engine* engine,
             Metrics* metrics, const Options& options);
   ~JobRunner();  // cancels what runs, then joins
 
@@ -82,7 +95,6 @@ class JobRunner {
  private:
   struct Job {
     JobRecord record;
-    std::vector<StoredExample> examples;  // without bytes: read in batches by the run
     bool cancel = false;
     std::map<int, std::function<void(const JobRecord&)>> watchers;
   };
@@ -115,10 +127,14 @@ class JobRunner {
   Database* db_;
   DatasetCatalog* datasets_;
   ModelRegistry* models_;
+  Engine* engine_;
   const Backbone* backbone_;
   Metrics* metrics_;
   const int64_t max_image_pixels_;
   const int64_t prefix_cache_bytes_;  // fine-tuning's, the same budget as the feature cache
+  const int64_t prefix_cache_device_bytes_;
+  const int train_threads_;
+  const std::function<void(const std::string&)> before_step_;
   const DiskBudget* disk_;
   mutable absl::Mutex mu_;
   std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);

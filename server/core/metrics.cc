@@ -38,6 +38,49 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                         .Help("Time an image waited in the batching queue.")
                         .Register(*registry_)
                         .Add({}, Exponential(1e-5, 4, 12));
+  engine_forwards_ = &prometheus::BuildCounter()
+                          .Name("tlserve_engine_forwards_total")
+                          .Help(
+                              "Forwards run by the device engine, by queue: prefix (the shared "
+                              "stages of a serving batch), train (those of a training batch), "
+                              "private (a model's own stages on its slice), head.")
+                          .Register(*registry_);
+  engine_images_ = &prometheus::BuildCounter()
+                        .Name("tlserve_engine_images_total")
+                        .Help("Images through the device engine's forwards, by queue.")
+                        .Register(*registry_);
+  batch_fill_ = &prometheus::BuildHistogram()
+                     .Name("tlserve_engine_batch_fill")
+                     .Help("Images per engine batch as a fraction of --max_batch_size.")
+                     .Register(*registry_)
+                     .Add({}, prometheus::Histogram::BucketBoundaries{0.05, 0.1, 0.2, 0.3, 0.4, 0.5,
+                                                                      0.6, 0.7, 0.8, 0.9, 1.0});
+  device_wait_ = &prometheus::BuildHistogram()
+                      .Name("tlserve_engine_device_wait_seconds")
+                      .Help(
+                          "Time a formed batch waited for the device (a slot among the "
+                          "batches in flight).")
+                      .Register(*registry_)
+                      .Add({}, Exponential(1e-5, 4, 12));
+  residency_ = &prometheus::BuildGauge()
+                    .Name("tlserve_model_residency")
+                    .Help(
+                        "Model versions the engine has run, by state: device (private "
+                        "stages and head resident on the device) or host (dropped to their "
+                        "host copy by the --device_memory_budget_mb budget).")
+                    .Register(*registry_);
+  resident_bytes_ = &prometheus::BuildGauge()
+                         .Name("tlserve_model_resident_bytes")
+                         .Help("Bytes of private stages and heads resident on the device.")
+                         .Register(*registry_)
+                         .Add({});
+  evictions_ = &prometheus::BuildCounter()
+                    .Name("tlserve_model_evictions_total")
+                    .Help(
+                        "Model versions dropped from the device to keep within "
+                        "--device_memory_budget_mb.")
+                    .Register(*registry_)
+                    .Add({});
   training_jobs_ = &prometheus::BuildGauge()
                         .Name("tlserve_training_jobs")
                         .Help("Training jobs by state.")
@@ -115,6 +158,23 @@ void Metrics::SetBackboneInfo(const std::string& name, const std::string& device
              {"dtype", dtype},
              {"pretrained", pretrained ? "true" : "false"}})
       .Set(1);
+}
+
+void Metrics::EngineForward(const char* queue, double images) {
+  engine_forwards_->Add({{"queue", queue}}).Increment();
+  engine_images_->Add({{"queue", queue}}).Increment(images);
+}
+
+void Metrics::EngineBatch(double fill, double device_wait_seconds) {
+  batch_fill_->Observe(fill);
+  device_wait_->Observe(device_wait_seconds);
+}
+
+void Metrics::SetResidency(double on_device, double on_host, int64_t device_bytes, bool evicted) {
+  residency_->Add({{"state", "device"}}).Set(on_device);
+  residency_->Add({{"state", "host"}}).Set(on_host);
+  resident_bytes_->Set(static_cast<double>(device_bytes));
+  if (evicted) evictions_->Increment();
 }
 
 }  // namespace tlserve

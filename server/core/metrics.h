@@ -38,6 +38,18 @@ class Metrics {
   void SetModels(double n);
   void SetDatasets(double datasets, double images);
 
+  // The device engine (server/core/engine): a forward of `images` images
+  // through one of its stages of work ("prefix": the shared stages of a
+  // serving batch, "train": those of a training batch, "private": a model's
+  // own stages, "head": a model's head).
+  void EngineForward(const char* queue, double images);
+  // A batch's fill (images / max batch size) and the time the launch thread
+  // waited for the device (for a slot among the batches in flight).
+  void EngineBatch(double fill, double device_wait_seconds);
+  // Model versions resident on the device and dropped to host memory, and
+  // one more eviction (when `evicted`).
+  void SetResidency(double on_device, double on_host, int64_t device_bytes, bool evicted);
+
   prometheus::Histogram& batch_size() { return *batch_size_; }
   prometheus::Histogram& queue_seconds() { return *queue_seconds_; }
   prometheus::Gauge& queue_depth() { return *queue_depth_; }
@@ -57,6 +69,13 @@ class Metrics {
   prometheus::Histogram* batch_size_;
   prometheus::Histogram* queue_seconds_;
   prometheus::Gauge* queue_depth_;
+  prometheus::Family<prometheus::Counter>* engine_forwards_;
+  prometheus::Family<prometheus::Counter>* engine_images_;
+  prometheus::Histogram* batch_fill_;
+  prometheus::Histogram* device_wait_;
+  prometheus::Family<prometheus::Gauge>* residency_;
+  prometheus::Gauge* resident_bytes_;
+  prometheus::Counter* evictions_;
 };
 
 }  // namespace tlserve

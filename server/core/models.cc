@@ -32,26 +32,6 @@ absl::Status Damaged(const ModelInfo& info) {
 
 }  // namespace
 
-at::Tensor ServableVersion::Probabilities(const Backbone& backbone, const at::Tensor& batch) const {
-  c10::InferenceMode guard;
-  at::Tensor features;
-  if (private_stages.empty()) {
-    features = backbone.Embed(batch, EmbedSpec{});
-  } else {
-    // The shared prefix, then this version's own stages where it has them.
-    const int first = private_stages.begin()->first;
-    at::Tensor x = backbone.Forward(backbone.ToDevice(batch), 0, first - 1);
-    for (int i = first; i < backbone.head_index(); ++i) {
-      auto own = private_stages.find(i);
-      x = own != private_stages.end() ? own->second->forward({x}).toTensor()
-                                      : backbone.Forward(x, i, i);
-    }
-    features = x.flatten(1).to(torch::kCPU, torch::kFloat);
-  }
-  torch::nn::Sequential h = head;  // a holder sharing the immutable module
-  return at::softmax(h->forward(features), 1);
-}
-
 absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Open(Database* db,
                                                                    const std::string& weights_dir,
                                                                    const Backbone* backbone,
@@ -130,13 +110,13 @@ absl::StatusOr<std::vector<std::string>> ModelRegistry::StagesFrom(const std::st
 
 void ModelRegistry::Describe(ModelInfo& info) const {
   info.stages.clear();
+  auto plan = StagePlan::Declare(*backbone_, info.private_stages);
   const auto& names = backbone_->stage_names();
   for (int i = 0; i < backbone_->head_index(); ++i) {
     ModelStage st;
     st.name = names[i];
-    auto it = info.private_stages.find(st.name);
-    st.is_private = it != info.private_stages.end();
-    st.trainable = st.is_private && it->second;
+    st.is_private = plan.ok() && plan->is_private(i);
+    st.trainable = plan.ok() && plan->kind(i) == StagePlan::Kind::kTrainable;
     for (const auto& p : backbone_->stage(i).parameters()) st.params += p.numel();
     info.stages.push_back(st);
   }
@@ -153,27 +133,29 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::LoadVersio
   }
   std::stringstream bytes;
   bytes << in.rdbuf();
-  auto v = std::make_shared<ServableVersion>();
-  v->model = info.name;
-  v->version = version;
-  v->classes = info.classes;
-  v->head = MakeHead(info.head, dim_, info.classes.size());
-  if (absl::Status s = LoadHead(bytes.str(), v->head); !s.ok()) return s;
-  v->head->eval();
+  torch::nn::Sequential head = MakeHead(info.head, dim_, info.classes.size());
+  if (absl::Status s = LoadHead(bytes.str(), head); !s.ok()) return s;
+  head->eval();
+  StagePlan::Stages own;
   for (const std::string& stage : vi ? vi->private_stages : std::vector<std::string>{}) {
     auto index = backbone_->EmbeddableStage(stage);
     if (!index.ok()) return index.status();
     try {
-      auto m = std::make_shared<torch::jit::Module>(torch::jit::load(
-          WeightsPath(info.name, version, stage), torch::Device(backbone_->device())));
+      // The host copy, in float32 whatever the file holds (a version trained
+      // under another --precision loads too); the engine makes the device one.
+      auto m = std::make_shared<torch::jit::Module>(
+          torch::jit::load(WeightsPath(info.name, version, stage), torch::Device(torch::kCPU)));
+      m->to(torch::kFloat);
+      for (const auto& p : m->parameters()) p.set_requires_grad(false);
       m->eval();
-      v->private_stages[*index] = std::move(m);
+      own[*index] = std::move(m);
     } catch (const c10::Error& e) {
       return absl::DataLossError(absl::StrCat("cannot load stage ", stage, " of ", info.name, " v",
-                                              version, ": ", e.msg()));
+                                              version, ": ", Bounded(e.msg(), 200)));
     }
   }
-  return std::shared_ptr<const ServableVersion>(std::move(v));
+  return std::make_shared<const ServableVersion>(info.name, version, info.classes,
+                                                 StagePlan(*backbone_, std::move(own), head));
 }
 
 absl::Status ModelRegistry::Persist(const ModelInfo& info) {
@@ -214,9 +196,12 @@ absl::StatusOr<ModelInfo> ModelRegistry::Create(const std::string& name,
         "head: ", params, " parameters (embedding ", dim_, " -> hidden -> ", classes.size(),
         " classes), over the limit of ", limits_.max_head_params, " (--max_head_params)"));
   }
-  absl::MutexLock lock(&mu_);
-  if (models_.count(name)) {
-    return absl::AlreadyExistsError(absl::StrCat("model \"", name, "\" already exists"));
+  absl::MutexLock write(&write_mu_);
+  {
+    absl::MutexLock lock(&mu_);
+    if (models_.count(name)) {
+      return absl::AlreadyExistsError(absl::StrCat("model \"", name, "\" already exists"));
+    }
   }
   Entry e;
   e.info.name = name;
@@ -226,6 +211,7 @@ absl::StatusOr<ModelInfo> ModelRegistry::Create(const std::string& name,
   if (absl::Status s = Persist(e.info); !s.ok()) return s;
   Describe(e.info);
   ModelInfo out = e.info;
+  absl::MutexLock lock(&mu_);
   models_[name] = std::move(e);
   return out;
 }
@@ -252,48 +238,105 @@ int ModelRegistry::size() const {
 }
 
 absl::Status ModelRegistry::Delete(const std::string& name) {
-  absl::MutexLock lock(&mu_);
-  auto entry = Idle(name, "cancel its job first");
-  if (!entry.ok()) return entry.status();
+  absl::MutexLock write(&write_mu_);
+  std::vector<VersionInfo> versions;
+  {
+    absl::MutexLock lock(&mu_);
+    auto entry = Idle(name, "cancel its job first");
+    if (!entry.ok()) return entry.status();
+    versions = (*entry)->info.versions;
+  }
   if (absl::Status s = db_->DeleteRecords("model", name); !s.ok()) return s;
-  for (const auto& v : (*entry)->info.versions) {
+  {
+    absl::MutexLock lock(&mu_);
+    models_.erase(name);
+  }
+  for (const auto& v : versions) {
     std::remove(WeightsPath(name, v.version).c_str());
     for (const auto& stage : v.private_stages) {
       std::remove(WeightsPath(name, v.version, stage).c_str());
     }
   }
-  models_.erase(name);
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::Servable(
-    const std::string& name, int version) const {
-  ModelInfo info;
-  {
-    absl::MutexLock lock(&mu_);
-    auto it = models_.find(name);
-    if (it == models_.end()) {
-      return NoSuchModel(name);
-    }
-    if (!it->second.info.problem.ok()) return it->second.info.problem;
-    const int want = version > 0 ? version : it->second.info.served_version;
-    if (want == 0) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "model \"", name, "\" has no trained version yet; train it first (StartTraining)"));
-    }
-    if (auto v = it->second.loaded.find(want); v != it->second.loaded.end()) return v->second;
-    bool exists = false;
-    for (const auto& v : it->second.info.versions) exists = exists || v.version == want;
-    if (!exists) {
-      return absl::NotFoundError(absl::StrCat("model \"", name, "\" has no version ", want));
-    }
-    info = it->second.info;
+absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::Lookup(
+    const std::string& name, int version, ModelInfo* info, int* resolved) {
+  absl::MutexLock lock(&mu_);
+  auto it = models_.find(name);
+  if (it == models_.end()) return NoSuchModel(name);
+  Entry& e = it->second;
+  if (!e.info.problem.ok()) return e.info.problem;
+  const int want = version > 0 ? version : e.info.served_version;
+  if (want == 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "model \"", name, "\" has no trained version yet; train it first (StartTraining)"));
   }
-  // An older version: loaded on demand (not cached, to bound memory).
-  return LoadVersion(info, version);
+  if (auto v = e.loaded.find(want); v != e.loaded.end()) {
+    if (want != e.info.served_version) e.last_use[want] = ++use_clock_;
+    return v->second;
+  }
+  bool exists = false;
+  for (const auto& v : e.info.versions) exists = exists || v.version == want;
+  if (!exists)
+    return absl::NotFoundError(absl::StrCat("model \"", name, "\" has no version ", want));
+  *info = e.info;
+  *resolved = want;
+  return std::shared_ptr<const ServableVersion>();
+}
+
+void ModelRegistry::Keep(const std::string& name,
+                         const std::shared_ptr<const ServableVersion>& version) {
+  absl::MutexLock lock(&mu_);
+  auto it = models_.find(name);
+  if (it == models_.end()) return;
+  Entry& e = it->second;
+  e.loaded[version->version] = version;
+  e.last_use[version->version] = ++use_clock_;
+  TrimOlder(e);
+}
+
+void ModelRegistry::TrimOlder(Entry& e) {
+  // Older versions beyond the bound go, least recently used first.
+  while (static_cast<int>(e.last_use.size()) > kMaxOlderVersions) {
+    auto lru = e.last_use.begin();
+    for (auto u = e.last_use.begin(); u != e.last_use.end(); ++u) {
+      if (u->second < lru->second) lru = u;
+    }
+    e.loaded.erase(lru->first);
+    e.last_use.erase(lru);
+  }
+}
+
+void ModelRegistry::Servable(const std::string& name, int version, ServableDone done) {
+  ModelInfo info;
+  int want = 0;
+  auto found = Lookup(name, version, &info, &want);
+  if (!found.ok() || *found) {
+    done(std::move(found));
+    return;
+  }
+  // Read from disk on the loader thread, never the caller's (a gRPC thread).
+  loader_->Schedule([this, name, info = std::move(info), want, done = std::move(done)]() {
+    auto v = Contain("cannot load the version", [&] { return LoadVersion(info, want); });
+    if (v.ok()) Keep(name, *v);
+    done(std::move(v));
+  });
+}
+
+absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::ServableNow(
+    const std::string& name, int version) {
+  ModelInfo info;
+  int want = 0;
+  auto found = Lookup(name, version, &info, &want);
+  if (!found.ok() || *found) return found;
+  auto v = LoadVersion(info, want);
+  if (v.ok()) Keep(name, *v);
+  return v;
 }
 
 absl::Status ModelRegistry::BeginTraining(const std::string& name) {
+  absl::MutexLock write(&write_mu_);  // not while a Delete or a stage change is writing
   absl::MutexLock lock(&mu_);
   auto it = models_.find(name);
   if (it == models_.end()) {
@@ -329,15 +372,20 @@ absl::StatusOr<ModelInfo> ModelRegistry::ChangeStages(
     const std::function<void(ModelInfo&, const std::string&)>& change) {
   auto indices = StageIndices(stages);
   if (!indices.ok()) return indices.status();
-  absl::MutexLock lock(&mu_);
-  auto entry = Idle(name, "change its stages after the job");
-  if (!entry.ok()) return entry.status();
-  if (absl::Status s = Damaged((*entry)->info); !s.ok()) return s;
-  ModelInfo next = (*entry)->info;
+  absl::MutexLock write(&write_mu_);
+  ModelInfo next;
+  {
+    absl::MutexLock lock(&mu_);
+    auto entry = Idle(name, "change its stages after the job");
+    if (!entry.ok()) return entry.status();
+    if (absl::Status s = Damaged((*entry)->info); !s.ok()) return s;
+    next = (*entry)->info;
+  }
   for (const auto& s : stages) change(next, s);
   if (absl::Status s = Persist(next); !s.ok()) return s;
   Describe(next);
-  (*entry)->info = next;
+  absl::MutexLock lock(&mu_);
+  models_[name].info = next;  // not deleted: Delete needs write_mu_
   return next;
 }
 
@@ -374,15 +422,14 @@ absl::StatusOr<ModelRegistry::StartingPoint> ModelRegistry::Start(const std::str
       start.served = v->second;
     }
   }
-  for (const auto& [stage, trainable] : info.private_stages) {
-    const int i = *backbone_->EmbeddableStage(stage);
-    std::shared_ptr<torch::jit::Module> copy;
-    if (start.served && start.served->private_stages.count(i)) {
-      torch::NoGradGuard no_grad;
-      copy = std::make_shared<torch::jit::Module>(start.served->private_stages.at(i)->clone());
-    } else {
-      copy = std::make_shared<torch::jit::Module>(backbone_->CloneStage(i));
-    }
+  auto declared = StagePlan::Declare(*backbone_, info.private_stages);
+  if (!declared.ok()) return declared.status();
+  for (int i : declared->private_indices()) {
+    // The served version's own copy where it has one, else the shared stage.
+    const torch::jit::Module& from =
+        start.served ? start.served->plan.module(i) : backbone_->stage(i);
+    auto copy = std::make_shared<torch::jit::Module>(backbone_->OnDevice(from, /*float32=*/true));
+    const bool trainable = declared->kind(i) == StagePlan::Kind::kTrainable;
     for (const auto& p : copy->parameters()) p.set_requires_grad(trainable);
     start.stages[i] = std::move(copy);
   }
@@ -392,34 +439,50 @@ absl::StatusOr<ModelRegistry::StartingPoint> ModelRegistry::Start(const std::str
 absl::StatusOr<int> ModelRegistry::AddVersion(
     const std::string& name, const torch::nn::Sequential& head,
     const std::map<int, std::shared_ptr<torch::jit::Module>>& stages, VersionInfo info) {
-  absl::MutexLock lock(&mu_);
-  auto it = models_.find(name);
-  if (it == models_.end()) {
-    return absl::NotFoundError(absl::StrCat("model \"", name, "\" was deleted"));
+  absl::MutexLock write(&write_mu_);
+  ModelInfo next;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = models_.find(name);
+    if (it == models_.end()) {
+      return absl::NotFoundError(absl::StrCat("model \"", name, "\" was deleted"));
+    }
+    next = it->second.info;
   }
-  ModelInfo next = it->second.info;
   info.version = next.versions.empty() ? 1 : next.versions.back().version + 1;
   info.created_unix = static_cast<int64_t>(std::time(nullptr));
+  // The host copies (float32, CPU, frozen): what is written and what the
+  // engine copies to the device.
+  auto host_head = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(head->clone(torch::kCPU));
+  host_head->to(torch::kFloat);
+  host_head->eval();
+  for (const auto& p : host_head->parameters()) p.set_requires_grad(false);
+  StagePlan::Stages own;
+  for (const auto& [index, module] : stages) {
+    torch::NoGradGuard no_grad;
+    auto copy = std::make_shared<torch::jit::Module>(module->clone());
+    copy->to(torch::kCPU, torch::kFloat);
+    for (const auto& p : copy->parameters()) p.set_requires_grad(false);
+    copy->eval();
+    own[index] = std::move(copy);
+  }
+  const StagePlan plan(*backbone_, std::move(own), torch::nn::Sequential(host_head));
   if (disk_ != nullptr) {
-    int64_t bytes = ParamCount(head) * 4;
-    for (const auto& [index, module] : stages) {
-      for (const auto& p : module->parameters()) bytes += p.numel() * p.element_size();
-      for (const auto& b : module->buffers()) bytes += b.numel() * b.element_size();
-    }
-    if (absl::Status s =
-            disk_->Check(bytes + (1 << 16), "the new version's weights", DiskBudget::Into::kFile);
+    if (absl::Status s = disk_->Check(plan.bytes() + (1 << 16), "the new version's weights",
+                                      DiskBudget::Into::kFile);
         !s.ok()) {
       return s;
     }
   }
+  // No lock that serving takes is held from here to the swap: weights
+  // first, durably; then the record that points at them.
   if (absl::Status s = MakeDirectories(absl::StrCat(dir_, "/", name)); !s.ok()) return s;
-  // Weights first, durably; then the record that points at them.
-  if (absl::Status s = WriteFileAtomically(WeightsPath(name, info.version), SaveHead(head));
+  if (absl::Status s = WriteFileAtomically(WeightsPath(name, info.version), SaveHead(plan.head()));
       !s.ok()) {
     return s;
   }
   info.private_stages.clear();
-  for (const auto& [index, module] : stages) {
+  for (const auto& [index, module] : plan.own()) {
     const std::string& stage = backbone_->stage_names()[index];
     std::ostringstream bytes;
     module->save(bytes);
@@ -432,12 +495,17 @@ absl::StatusOr<int> ModelRegistry::AddVersion(
   next.versions.push_back(info);
   next.served_version = info.version;
   if (absl::Status s = Persist(next); !s.ok()) return s;
-  auto v = LoadVersion(next, info.version);
-  if (!v.ok()) return v.status();
+  auto version = std::make_shared<const ServableVersion>(name, info.version, next.classes, plan);
   Describe(next);
-  it->second.info = std::move(next);
-  it->second.loaded.clear();
-  it->second.loaded[info.version] = *v;  // swapped in: new calls see it, old ones keep theirs
+  absl::MutexLock lock(&mu_);
+  Entry& e = models_[name];  // not deleted: Delete needs write_mu_
+  const int previous = e.info.served_version;
+  e.info = std::move(next);
+  // Swapped in: new calls see it, old ones keep theirs. The previous
+  // served version stays loaded as an older one.
+  e.loaded[info.version] = version;
+  if (previous > 0 && e.loaded.count(previous)) e.last_use[previous] = ++use_clock_;
+  TrimOlder(e);
   return info.version;
 }
 

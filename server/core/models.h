@@ -4,6 +4,13 @@
 // a shared_ptr to the version it started with; a new version is swapped in
 // atomically, so an in-flight call never sees half a model.
 //
+// Disk I/O happens with no lock that serving needs held: mutations are
+// serialised by their own lock (write_mu_), write and fsync under it, then
+// install the result under the short lock (mu_) that Servable takes. Loaded
+// versions (host copies) are kept: every served version, and up to
+// kMaxOlderVersions older ones (least recently used first out); an older
+// version not loaded yet is read on the loader thread, never the caller's.
+//
 // Thread-safe.
 #ifndef TLSERVE_SERVER_CORE_MODELS_H_
 #define TLSERVE_SERVER_CORE_MODELS_H_
@@ -18,8 +25,10 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "server/core/backbone.h"
+#include "server/core/engine/servable.h"
 #include "server/core/head.h"
 #include "server/core/head_trainer.h"
+#include "server/core/thread_pool.h"
 #include "server/store/database.h"
 #include "server/store/disk_budget.h"
 
@@ -33,19 +42,6 @@ struct VersionInfo {
   std::string job_id;
   double train_accuracy = 0;
   Evaluation validation;
-};
-
-// An immutable trained version: what Classify runs. Stages without a
-// private copy are the backbone's shared ones.
-struct ServableVersion {
-  std::string model;
-  int version = 0;
-  std::vector<std::string> classes;
-  torch::nn::Sequential head;                                         // eval mode; forward only
-  std::map<int, std::shared_ptr<torch::jit::Module>> private_stages;  // eval mode
-
-  // Class probabilities for a CPU float batch N×3×H×W.
-  at::Tensor Probabilities(const Backbone& backbone, const at::Tensor& batch) const;
 };
 
 // One stage of a model as DescribeModel shows it.
@@ -103,10 +99,16 @@ class ModelRegistry {
   int size() const;
   const Backbone& backbone() const { return *backbone_; }
 
+  static constexpr int kMaxOlderVersions = 8;
+  using ServableDone = std::function<void(absl::StatusOr<std::shared_ptr<const ServableVersion>>)>;
   // The served version (`version` 0) or a given one. NOT_FOUND for an unknown
   // model or version; FAILED_PRECONDITION when it has no trained version.
-  absl::StatusOr<std::shared_ptr<const ServableVersion>> Servable(const std::string& name,
-                                                                  int version) const;
+  // `done` runs on the calling thread when the version is loaded (always
+  // for the served one), else on the loader thread once it is read.
+  void Servable(const std::string& name, int version, ServableDone done);
+  // The same, waiting for the load (job and export threads, tests).
+  absl::StatusOr<std::shared_ptr<const ServableVersion>> ServableNow(const std::string& name,
+                                                                     int version);
 
   // Gives the model its own trainable copies of `stages` (names; the head or
   // an unknown name is INVALID_ARGUMENT); FAILED_PRECONDITION while training.
@@ -119,8 +121,9 @@ class ModelRegistry {
                                    bool drop);
 
   // Where a training job starts from: copies of the private stages (from
-  // the served version where it has them, else from the shared backbone),
-  // and the served version's head, if any (null otherwise).
+  // the served version where it has them, else from the shared backbone) on
+  // the backbone's device in float32 (the master weights; trainable ones
+  // require grad), and the served version, if any (null otherwise).
   struct StartingPoint {
     std::map<int, std::shared_ptr<torch::jit::Module>> stages;
     std::shared_ptr<const ServableVersion> served;
@@ -131,8 +134,9 @@ class ModelRegistry {
   absl::Status BeginTraining(const std::string& name);
   void EndTraining(const std::string& name);
 
-  // Stores `head` and the private `stages` as the next version, durably,
-  // and serves it.
+  // Stores `head` and the private `stages` (on any device) as the next
+  // version, durably, and serves it. The model must be training (one
+  // version is added at a time per model).
   absl::StatusOr<int> AddVersion(const std::string& name, const torch::nn::Sequential& head,
                                  const std::map<int, std::shared_ptr<torch::jit::Module>>& stages,
                                  VersionInfo info);
@@ -141,6 +145,7 @@ class ModelRegistry {
   struct Entry {
     ModelInfo info;
     std::map<int, std::shared_ptr<const ServableVersion>> loaded;
+    std::map<int, uint64_t> last_use;  // of loaded older versions
   };
   ModelRegistry(Database* db, std::string dir, const Backbone* backbone, ModelLimits limits,
                 const DiskBudget* disk)
@@ -158,12 +163,20 @@ class ModelRegistry {
       const std::function<void(ModelInfo&, const std::string&)>& change);
   void Describe(ModelInfo& info) const;
   // Writes the model's record, after checking the disk budget.
-  absl::Status Persist(const ModelInfo& info) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Persist(const ModelInfo& info) ABSL_EXCLUSIVE_LOCKS_REQUIRED(write_mu_);
   // The model, when it exists (NOT_FOUND) and is not training (FAILED_PRECONDITION).
   absl::StatusOr<Entry*> Idle(const std::string& name, absl::string_view advice)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<std::shared_ptr<const ServableVersion>> LoadVersion(const ModelInfo& info,
                                                                      int version) const;
+  // The loaded version, or (when it must be read) the model's info to read it
+  // with: OK with a null version and `info` set.
+  absl::StatusOr<std::shared_ptr<const ServableVersion>> Lookup(const std::string& name,
+                                                                int version, ModelInfo* info,
+                                                                int* resolved);
+  void TrimOlder(Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Keeps a version read from disk (older versions: LRU, bounded).
+  void Keep(const std::string& name, const std::shared_ptr<const ServableVersion>& version);
   std::string WeightsPath(const std::string& model, int version,
                           const std::string& part = "head") const;
 
@@ -173,8 +186,13 @@ class ModelRegistry {
   const Backbone* backbone_;
   const int64_t dim_;
   const ModelLimits limits_;
+  // Serialises mutations (and their disk writes); taken before mu_.
+  absl::Mutex write_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  // Guards the in-memory state only; never held across disk I/O.
   mutable absl::Mutex mu_;
   std::map<std::string, Entry> models_ ABSL_GUARDED_BY(mu_);
+  uint64_t use_clock_ ABSL_GUARDED_BY(mu_) = 0;
+  std::unique_ptr<ThreadPool> loader_ = std::make_unique<ThreadPool>(1);
 };
 
 }  // namespace tlserve

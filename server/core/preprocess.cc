@@ -112,17 +112,15 @@ absl::StatusOr<at::Tensor> ToRgb(const at::Tensor& hwc) {
   }
 }
 
-namespace {
-
-// ToTensor then Normalize, in torchvision's order of operations.
+// ToTensor then Normalize, in torchvision's order of operations, on the
+// input's device.
 at::Tensor Normalize(const at::Tensor& chw, const PreprocessSpec& spec) {
   at::Tensor x = chw.to(at::kFloat).div(255);
-  const auto mean = at::tensor({spec.mean[0], spec.mean[1], spec.mean[2]}).view({3, 1, 1});
-  const auto std = at::tensor({spec.std[0], spec.std[1], spec.std[2]}).view({3, 1, 1});
+  const auto on = at::TensorOptions().device(chw.device());
+  const auto mean = at::tensor({spec.mean[0], spec.mean[1], spec.mean[2]}, on).view({3, 1, 1});
+  const auto std = at::tensor({spec.std[0], spec.std[1], spec.std[2]}, on).view({3, 1, 1});
   return x.sub(mean).div(std).contiguous();
 }
-
-}  // namespace
 
 at::Tensor PreprocessAugmented(const at::Tensor& hwc_rgb, const PreprocessSpec& spec,
                                const std::function<double()>& random) {
@@ -200,16 +198,30 @@ absl::Status CheckPreprocessBudget(int64_t height, int64_t width, const Preproce
   return absl::OkStatus();
 }
 
-absl::StatusOr<at::Tensor> Preprocess(const at::Tensor& hwc_rgb, const PreprocessSpec& spec,
-                                      int64_t max_pixels) {
+absl::StatusOr<at::Tensor> PreprocessUint8(const at::Tensor& hwc_rgb, const PreprocessSpec& spec,
+                                           int64_t max_pixels) {
   if (absl::Status s = CheckPreprocessBudget(hwc_rgb.size(0), hwc_rgb.size(1), spec, max_pixels);
       !s.ok()) {
     return s;
   }
   at::Tensor chw = hwc_rgb.permute({2, 0, 1});
   if (spec.resize > 0) chw = ResizeShortSide(chw, spec.resize);
-  chw = CenterCrop(chw, spec.crop);
-  return Normalize(chw, spec);
+  return CenterCrop(chw, spec.crop).contiguous();
+}
+
+absl::StatusOr<at::Tensor> Preprocess(const at::Tensor& hwc_rgb, const PreprocessSpec& spec,
+                                      int64_t max_pixels) {
+  auto chw = PreprocessUint8(hwc_rgb, spec, max_pixels);
+  if (!chw.ok()) return chw.status();
+  return Normalize(*chw, spec);
+}
+
+absl::StatusOr<at::Tensor> DecodeAndPreprocessUint8(absl::string_view encoded,
+                                                    const PreprocessSpec& spec,
+                                                    int64_t max_pixels) {
+  auto rgb = DecodeImage(encoded, max_pixels);
+  if (!rgb.ok()) return rgb.status();
+  return PreprocessUint8(*rgb, spec, max_pixels);
 }
 
 absl::StatusOr<at::Tensor> DecodeAndPreprocess(absl::string_view encoded,

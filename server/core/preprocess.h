@@ -42,8 +42,18 @@ inline constexpr int kMaxAspectRatio = 50;
 absl::Status CheckPreprocessBudget(int64_t height, int64_t width, const PreprocessSpec& spec,
                                    int64_t max_pixels);
 
-// uint8 H×W×3 -> float32 3×crop×crop, normalised. Checks the budget first,
-// before any memory is spent.
+// uint8 H×W×3 -> uint8 3×crop×crop: resized and cropped, not yet
+// normalised (the device engine normalises whole batches on the device).
+// Checks the budget first, before any memory is spent.
+absl::StatusOr<at::Tensor> PreprocessUint8(const at::Tensor& hwc_rgb, const PreprocessSpec& spec,
+                                           int64_t max_pixels);
+
+// uint8 3×H×W (or N×3×H×W), on any device -> float32, /255 then mean/std:
+// torchvision's ToTensor and Normalize, in their order of operations.
+at::Tensor Normalize(const at::Tensor& chw, const PreprocessSpec& spec);
+
+// uint8 H×W×3 -> float32 3×crop×crop, normalised: PreprocessUint8, then
+// Normalize.
 absl::StatusOr<at::Tensor> Preprocess(const at::Tensor& hwc_rgb, const PreprocessSpec& spec,
                                       int64_t max_pixels);
 
@@ -53,6 +63,10 @@ absl::StatusOr<at::Tensor> Preprocess(const at::Tensor& hwc_rgb, const Preproces
 // Its intermediates are never larger than the input or crop×crop.
 at::Tensor PreprocessAugmented(const at::Tensor& hwc_rgb, const PreprocessSpec& spec,
                                const std::function<double()>& random);
+
+// DecodeImage, then PreprocessUint8, under one pixel budget.
+absl::StatusOr<at::Tensor> DecodeAndPreprocessUint8(absl::string_view encoded,
+                                                    const PreprocessSpec& spec, int64_t max_pixels);
 
 // DecodeImage, then Preprocess, under one pixel budget.
 absl::StatusOr<at::Tensor> DecodeAndPreprocess(absl::string_view encoded,

@@ -2,8 +2,13 @@
 
 namespace tlserve {
 
-ThreadPool::ThreadPool(int threads) {
-  for (int i = 0; i < std::max(1, threads); ++i) threads_.emplace_back([this] { WorkerLoop(); });
+ThreadPool::ThreadPool(int threads, std::function<void()> on_start) {
+  for (int i = 0; i < std::max(1, threads); ++i) {
+    threads_.emplace_back([this, on_start] {
+      if (on_start) on_start();
+      WorkerLoop();
+    });
+  }
 }
 
 ThreadPool::~ThreadPool() {

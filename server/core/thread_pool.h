@@ -21,7 +21,9 @@ namespace tlserve {
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int threads);
+  // `on_start` (may be empty) runs first on each worker thread, e.g. to
+  // set the thread's LibTorch intra-op threads.
+  explicit ThreadPool(int threads, std::function<void()> on_start = {});
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;

@@ -89,6 +89,15 @@ std::unique_ptr<Backbone> LoadBackbone(const std::string& file) {
   return b.ok() ? std::move(*b) : nullptr;
 }
 
+// The device engine fine-tuning runs its frozen prefix in.
+std::unique_ptr<Engine> EngineOf(const Backbone& b) {
+  Engine::Options o;
+  o.max_batch_size = 8;
+  auto e = Engine::Create(&b, o, nullptr);
+  EXPECT_TRUE(e.ok()) << e.status();
+  return e.ok() ? std::move(*e) : nullptr;
+}
+
 // Finding 1b of the hardening issue: BatchNorm in training mode on a batch
 // of one 1×1 value threw, and the exception aborted the server.
 TEST(FineTunerTest, ABatchOfOneOnA32PixelBackboneTrainsInsteadOfThrowing) {
@@ -104,8 +113,9 @@ TEST(FineTunerTest, ABatchOfOneOnA32PixelBackboneTrainsInsteadOfThrowing) {
     o.batch_size = batch_size > 0 ? batch_size : static_cast<int>(data.train.size()) - 1;
     auto resolved = ResolveTrainOptions(o, HeadSpec{}, /*fine_tune=*/true);
     ASSERT_TRUE(resolved.ok()) << resolved.status();
-    auto tuned = FineTune(*b, PrivateLayer4(*b), MakeHead(HeadSpec{}, b->embedding_dim(), 2), 2,
-                          data, *resolved, nullptr, nullptr);
+    auto tuned =
+        FineTune(*EngineOf(*b), PrivateLayer4(*b), MakeHead(HeadSpec{}, b->embedding_dim(), 2), 2,
+                 data, *resolved, nullptr, nullptr);
     ASSERT_TRUE(tuned.ok()) << "batch size " << o.batch_size << ": " << tuned.status();
     ASSERT_EQ(tuned->history.size(), 2u);
     EXPECT_TRUE(std::isfinite(tuned->history[1].train_loss));
@@ -127,8 +137,9 @@ TEST(FineTunerTest, NeverComesOutWorseOnValidationThanItsStartingPoint) {
   o.freeze_batchnorm = false;
   auto resolved = ResolveTrainOptions(o, HeadSpec{}, /*fine_tune=*/true);
   ASSERT_TRUE(resolved.ok()) << resolved.status();
-  auto tuned = FineTune(*b, PrivateLayer4(*b), MakeHead(HeadSpec{}, b->embedding_dim(), 3), 3, data,
-                        *resolved, nullptr, nullptr);
+  auto tuned =
+      FineTune(*EngineOf(*b), PrivateLayer4(*b), MakeHead(HeadSpec{}, b->embedding_dim(), 3), 3,
+               data, *resolved, nullptr, nullptr);
   if (!tuned.ok()) {  // diverged to a non-finite loss: also a refusal to publish
     EXPECT_EQ(tuned.status().code(), absl::StatusCode::kFailedPrecondition) << tuned.status();
     return;
@@ -152,8 +163,9 @@ TEST(FineTunerTest, ANonFiniteLossFailsTheRunWithAMessage) {
   o.stage_learning_rate = 100;
   auto resolved = ResolveTrainOptions(o, HeadSpec{}, /*fine_tune=*/true);
   ASSERT_TRUE(resolved.ok()) << resolved.status();
-  auto tuned = FineTune(*b, PrivateLayer4(*b), MakeHead(HeadSpec{}, b->embedding_dim(), 2), 2, data,
-                        *resolved, nullptr, nullptr);
+  auto tuned =
+      FineTune(*EngineOf(*b), PrivateLayer4(*b), MakeHead(HeadSpec{}, b->embedding_dim(), 2), 2,
+               data, *resolved, nullptr, nullptr);
   ASSERT_FALSE(tuned.ok());
   EXPECT_EQ(tuned.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(tuned.status().message().find("diverged"), std::string::npos) << tuned.status();
@@ -211,8 +223,8 @@ TEST(FineTunerTest, TrainsAPrivateLayer4AndLeavesTheSharedOneBitIdentical) {
   auto resolved = ResolveTrainOptions(o, HeadSpec{}, /*fine_tune=*/true);
   ASSERT_TRUE(resolved.ok()) << resolved.status();
   EXPECT_FLOAT_EQ(resolved->stage_learning_rate, resolved->learning_rate / 10);
-  auto tuned =
-      FineTune(b, stages, MakeHead(HeadSpec{}, 512, 3), 3, data, *resolved, nullptr, nullptr);
+  auto tuned = FineTune(*EngineOf(b), stages, MakeHead(HeadSpec{}, 512, 3), 3, data, *resolved,
+                        nullptr, nullptr);
   ASSERT_TRUE(tuned.ok()) << tuned.status();
   ASSERT_EQ(tuned->history.size(), 7u);  // the starting point, then 6 epochs
   EXPECT_EQ(tuned->history[0].epoch, 0);

@@ -39,8 +39,8 @@ std::string TempDir() {
 
 ServerOptions TestOptions(const std::string& backbone) {
   ServerOptions o = testing::LoopbackOptions(backbone, TempDir());
-  o.embedder.batching.max_batch_size = 16;
-  o.embedder.batching.max_queue_delay = absl::Milliseconds(20);
+  o.engine.max_batch_size = 16;
+  o.engine.max_queue_delay = absl::Milliseconds(20);
   o.limits.max_images_per_request = 40;
   o.max_message_bytes = 4 << 20;
   o.embedder.max_request_pixels = 16'000'000;
@@ -454,8 +454,8 @@ TEST_F(ServerTest, MetricsAreExportedAndPassPromtool) {
 
 TEST(ServerQueueTest, FullQueueIsResourceExhausted) {
   ServerOptions o = TestOptions("r18small.pt");
-  o.embedder.batching.max_batch_size = 1;
-  o.embedder.batching.max_queue_size = 2;
+  o.engine.max_batch_size = 1;
+  o.engine.max_queue_size = 2;
   auto s = Server::Start(o);
   ASSERT_TRUE(s.ok()) << s.status();
   auto c = Client::Connect(absl::StrCat("127.0.0.1:", (*s)->grpc_port()));

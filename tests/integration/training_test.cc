@@ -13,6 +13,7 @@
 #include "server/core/datasets.h"
 #include "tests/integration/http_get.h"
 #include "tests/integration/loopback_options.h"
+#include "tests/integration/training_fixture.h"
 #include "tests/test_util.h"
 #include "tlserve/v1/models.grpc.pb.h"
 
@@ -22,136 +23,8 @@ namespace {
 using ::tlserve::testing::Fixture;
 using ::tlserve::testing::ReadBytes;
 
-ServerOptions Options(const std::string& data_dir) {
-  return testing::LoopbackOptions("r18small.pt", data_dir);
-}
-
-// ImageFolder files: (path, label).
-std::vector<std::pair<std::string, std::string>> Folder(const std::string& dir) {
-  std::vector<std::pair<std::string, std::string>> out;
-  auto files = ListImageFiles({dir});
-  EXPECT_TRUE(files.ok()) << files.status();
-  if (!files.ok()) return out;
-  for (const auto& f : *files) {
-    out.emplace_back(f, std::filesystem::path(f).parent_path().filename().string());
-  }
-  return out;
-}
-
-class TrainingTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    char tmpl[] = "/tmp/tlserve-train-XXXXXX";
-    dir_ = ::mkdtemp(tmpl);
-    Restart();
-  }
-  void Restart() {
-    stub_.reset();
-    client_.reset();
-    server_.reset();
-    auto s = Server::Start(Options(dir_));
-    ASSERT_TRUE(s.ok()) << s.status();
-    server_ = std::move(*s);
-    auto c = Client::Connect(absl::StrCat("127.0.0.1:", server_->grpc_port()));
-    ASSERT_TRUE(c.ok());
-    client_ = std::move(*c);
-    stub_ = v1::Models::NewStub(client_->channel());
-  }
-  void UploadTrainingSet() {
-    auto files = Folder(Fixture("fmnist/train"));
-    auto r = client_->UploadDataset("fmnist", false, files.size(), 16,
-                                    [&](size_t i) -> absl::StatusOr<v1::Example> {
-                                      v1::Example e;
-                                      e.set_name(files[i].first);
-                                      e.set_label(files[i].second);
-                                      e.set_encoded(ReadBytes(files[i].first));
-                                      return e;
-                                    });
-    ASSERT_TRUE(r.ok()) << r.status();
-    ASSERT_EQ(r->accepted(), 120);
-  }
-  absl::Status CreateModel(const std::string& name, const std::string& dataset,
-                           std::vector<std::string> classes = {}) {
-    grpc::ClientContext ctx;
-    v1::CreateModelRequest req;
-    req.set_name(name);
-    req.set_dataset(dataset);
-    for (const auto& c : classes) req.add_classes(c);
-    v1::Model m;
-    return FromGrpc(stub_->CreateModel(&ctx, req, &m));
-  }
-  absl::StatusOr<v1::Job> Start(const std::string& model, const std::string& dataset,
-                                const v1::TrainingOptions& options = {}) {
-    grpc::ClientContext ctx;
-    v1::StartTrainingRequest req;
-    req.set_model(model);
-    req.set_dataset(dataset);
-    *req.mutable_options() = options;
-    v1::Job job;
-    if (auto s = FromGrpc(stub_->StartTraining(&ctx, req, &job)); !s.ok()) return s;
-    return job;
-  }
-  std::vector<v1::Job> Watch(const std::string& id) {
-    grpc::ClientContext ctx;
-    v1::WatchJobRequest req;
-    req.set_id(id);
-    auto reader = stub_->WatchJob(&ctx, req);
-    std::vector<v1::Job> seen;
-    v1::Job j;
-    while (reader->Read(&j)) seen.push_back(j);
-    EXPECT_TRUE(reader->Finish().ok());
-    return seen;
-  }
-  absl::StatusOr<v1::ClassifyResponse> Classify(const std::string& model,
-                                                const std::vector<std::string>& files) {
-    grpc::ClientContext ctx;
-    v1::ClassifyRequest req;
-    req.set_model(model);
-    req.set_top_k(2);
-    for (const auto& f : files) {
-      v1::Image* img = req.add_images();
-      img->set_name(f);
-      img->set_encoded(ReadBytes(f));
-    }
-    v1::ClassifyResponse resp;
-    if (auto s = FromGrpc(stub_->Classify(&ctx, req, &resp)); !s.ok()) return s;
-    return resp;
-  }
-
-  absl::StatusOr<v1::Model> Unfreeze(const std::string& model, std::vector<std::string> stages,
-                                     const std::string& from = "") {
-    grpc::ClientContext ctx;
-    v1::UnfreezeLayersRequest req;
-    req.set_model(model);
-    for (const auto& st : stages) req.add_stages(st);
-    req.set_from(from);
-    v1::Model m;
-    if (auto s = FromGrpc(stub_->UnfreezeLayers(&ctx, req, &m)); !s.ok()) return s;
-    return m;
-  }
-  v1::Job GetJob(const std::string& id) {
-    grpc::ClientContext ctx;
-    v1::GetJobRequest req;
-    req.set_id(id);
-    v1::Job j;
-    EXPECT_TRUE(stub_->GetJob(&ctx, req, &j).ok());
-    return j;
-  }
-  std::vector<float> EmbedValues(const std::string& file) {
-    v1::EmbedRequest req;
-    v1::Image* img = req.add_images();
-    img->set_encoded(ReadBytes(file));
-    auto r = client_->Embed(req);
-    EXPECT_TRUE(r.ok()) << r.status();
-    if (!r.ok()) return {};
-    return {r->embeddings(0).values().begin(), r->embeddings(0).values().end()};
-  }
-
-  std::string dir_;
-  std::unique_ptr<Server> server_;
-  std::unique_ptr<Client> client_;
-  std::unique_ptr<v1::Models::Stub> stub_;
-};
+using testing::Folder;
+using testing::TrainingTest;
 
 TEST_F(TrainingTest, TrainsAHeadClassifiesAndSurvivesARestart) {
   UploadTrainingSet();

@@ -1,0 +1,554 @@
+#include "server/core/engine/engine.h"
+
+#include <ATen/ATen.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <torch/nn/module.h>
+#include <torch/script.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "server/core/contain.h"
+#include "server/core/log.h"
+#include "server/core/metrics.h"
+#include "server/core/preprocess.h"
+
+namespace tlserve {
+
+struct Engine::Resident {
+  std::weak_ptr<const ServableVersion> version;
+  std::optional<StagePlan> plan;  // the device copy; empty once dropped to the host copy
+  int64_t bytes = 0;
+  uint64_t last_use = 0;
+};
+
+// A launched batch: its items (the ones that did not run have their result
+// already), their results (host copies started), and the fence after which
+// the results are valid.
+struct Engine::InFlight {
+  std::vector<Queued> items;
+  std::vector<absl::StatusOr<EngineResult>> results;
+  std::unique_ptr<DeviceStreams::Fence> fence;
+  at::Tensor host_input;  // alive until the fence: the device copy reads it
+};
+
+absl::Time Engine::Queue::oldest() const {
+  absl::Time t = absl::InfiniteFuture();
+  for (const auto& [lane, items] : lanes) {
+    if (!items.empty()) t = std::min(t, items.front().enqueued);
+  }
+  return t;
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const Backbone* backbone,
+                                                       const Options& options, Metrics* metrics) {
+  Options o = options;
+  const bool cuda = backbone->torch_device().is_cuda();
+  if (o.max_batch_size == 0) o.max_batch_size = cuda ? 256 : 32;
+  if (o.max_batch_size < 1 || o.max_batch_size > 4096) {
+    return absl::InvalidArgumentError("--max_batch_size must be in [1, 4096] (0: the default)");
+  }
+  if (o.max_queue_size == 0) o.max_queue_size = std::max(1024, 32 * o.max_batch_size);
+  if (o.max_queue_size < o.max_batch_size) {
+    return absl::InvalidArgumentError("--max_queue_size must be at least --max_batch_size");
+  }
+  if (o.max_queue_delay < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--max_queue_delay_us must not be negative");
+  }
+  if (o.device_memory_budget_bytes < 0) {
+    return absl::InvalidArgumentError("--device_memory_budget_mb must not be negative");
+  }
+  if (o.in_flight < 1 || o.in_flight > 8) return absl::InvalidArgumentError("in_flight: 1 to 8");
+  if (cuda) at::globalContext().setBenchmarkCuDNN(true);
+  return std::unique_ptr<Engine>(new Engine(backbone, o, metrics));
+}
+
+Engine::Engine(const Backbone* backbone, const Options& options, Metrics* metrics)
+    : backbone_(backbone),
+      options_(options),
+      metrics_(metrics),
+      device_(std::make_unique<DeviceStreams>(backbone->torch_device())) {
+  if (options_.device_memory_budget_bytes == 0) {
+    options_.device_memory_budget_bytes = device_->FreeBytes() / 10 * 8;
+  }
+  LogInfo("device engine on %s: batches of up to %d images, %d in flight, %d MB for models",
+          backbone_->device(), options_.max_batch_size, options_.in_flight,
+          options_.device_memory_budget_bytes >> 20);
+  launcher_ = std::thread([this] { LaunchLoop(); });
+  completer_ = std::thread([this] { CompletionLoop(); });
+}
+
+Engine::~Engine() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  launcher_.join();
+  completer_.join();
+}
+
+int Engine::queue_depth() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int>(queued_);
+}
+
+Engine::Counters Engine::counters() const {
+  absl::MutexLock lock(&counters_mu_);
+  return counters_;
+}
+
+absl::Status Engine::Submit(std::vector<Work> work) {
+  std::vector<Queued> items;
+  items.reserve(work.size());
+  const absl::Time now = absl::Now();
+  for (size_t i = 0; i < work.size(); ++i) {
+    Work& w = work[i];
+    const at::Tensor& in = w.input;
+    if (!in.defined() || in.dim() != 3 || !in.device().is_cpu() ||
+        (in.scalar_type() != at::kByte && in.scalar_type() != at::kFloat)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("work[", i, "]: the input must be a uint8 or float32 C×H×W CPU tensor"));
+    }
+    Queued q;
+    switch (w.output) {
+      case Output::kEmbedding:
+        q.prefix_end = w.spec.stage < 0 ? backbone_->head_index() : w.spec.stage + 1;
+        break;
+      case Output::kActivations:
+        if (w.spec.stage < 0) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("work[", i, "]: activations need a stage"));
+        }
+        q.prefix_end = w.spec.stage + 1;
+        break;
+      case Output::kClassification:
+        if (!w.version || !w.version->plan.head()) {
+          return absl::InvalidArgumentError(absl::StrCat("work[", i, "]: no model version"));
+        }
+        q.prefix_end = w.version->plan.first_private();
+        break;
+    }
+    if (q.prefix_end > backbone_->head_index()) {
+      return absl::InvalidArgumentError(absl::StrCat("work[", i, "]: no such stage"));
+    }
+    q.work = std::move(w);
+    q.enqueued = now;
+    items.push_back(std::move(q));
+  }
+  absl::MutexLock lock(&mu_);
+  if (stopping_) return absl::UnavailableError("the server is shutting down");
+  if (queued_ + items.size() > static_cast<size_t>(options_.max_queue_size)) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the device queue is full (", queued_, " of ", options_.max_queue_size, " images queued, ",
+        items.size(), " more asked); retry later or raise --max_queue_size"));
+  }
+  for (Queued& q : items) {
+    const at::Tensor& in = q.work.input;
+    QueueKey key{static_cast<int>(q.work.priority), static_cast<int>(in.scalar_type()),
+                 in.sizes().vec()};
+    Queue& queue = queues_[key];
+    queue.lanes[q.work.lane].push_back(std::move(q));
+    ++queue.size;
+    ++queued_;
+  }
+  if (metrics_) metrics_->queue_depth().Set(static_cast<double>(queued_));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<EngineResult>> Engine::Run(std::vector<Work> work) {
+  struct State {
+    absl::Mutex mu;
+    std::vector<EngineResult> results;
+    absl::Status error;
+    size_t remaining = 0;
+    absl::Notification all_done;
+  };
+  auto state = std::make_shared<State>();
+  state->results.resize(work.size());
+  state->remaining = work.size();
+  if (work.empty()) return state->results;
+  for (size_t i = 0; i < work.size(); ++i) {
+    work[i].done = [state, i](absl::StatusOr<EngineResult> r) {
+      absl::MutexLock lock(&state->mu);
+      if (r.ok()) {
+        state->results[i] = *std::move(r);
+      } else if (state->error.ok()) {
+        state->error = r.status();
+      }
+      if (--state->remaining == 0) state->all_done.Notify();
+    };
+  }
+  if (absl::Status s = Submit(std::move(work)); !s.ok()) return s;
+  state->all_done.WaitForNotification();
+  absl::MutexLock lock(&state->mu);
+  if (!state->error.ok()) return state->error;
+  return std::move(state->results);
+}
+
+Engine::Queue* Engine::ReadyQueue(absl::Time now, absl::Time* wake) {
+  Queue* ready[2] = {nullptr, nullptr};  // by priority: the one with the oldest item
+  absl::Time oldest[2] = {absl::InfiniteFuture(), absl::InfiniteFuture()};
+  for (auto& [key, q] : queues_) {
+    if (q.size == 0) continue;
+    const absl::Time first = q.oldest();
+    const absl::Time due = first + options_.max_queue_delay;
+    const int p = std::get<0>(key);
+    if (stopping_ || q.size >= static_cast<size_t>(options_.max_batch_size) || now >= due) {
+      if (first < oldest[p]) {
+        oldest[p] = first;
+        ready[p] = &q;
+      }
+    } else {
+      *wake = std::min(*wake, due);
+    }
+  }
+  const int serving = static_cast<int>(Priority::kServing);
+  const int training = static_cast<int>(Priority::kTraining);
+  if (ready[serving] && (!ready[training] || serving_in_a_row_ < kTrainingShare - 1)) {
+    ++serving_in_a_row_;
+    return ready[serving];
+  }
+  serving_in_a_row_ = 0;
+  return ready[training];
+}
+
+std::vector<Engine::Queued> Engine::TakeBatch(Queue& q) {
+  std::vector<Queued> batch;
+  auto it = q.lanes.lower_bound(q.next_lane);
+  while (batch.size() < static_cast<size_t>(options_.max_batch_size) && q.size > 0) {
+    if (it == q.lanes.end()) it = q.lanes.begin();
+    batch.push_back(std::move(it->second.front()));
+    it->second.pop_front();
+    --q.size;
+    --queued_;
+    it = it->second.empty() ? q.lanes.erase(it) : std::next(it);
+  }
+  q.next_lane = it == q.lanes.end() ? 0 : it->first;
+  if (metrics_) metrics_->queue_depth().Set(static_cast<double>(queued_));
+  return batch;
+}
+
+void Engine::LaunchLoop() {
+  device_->BindCompute();
+  if (options_.threads > 0) at::set_num_threads(options_.threads);
+  uint64_t seen = 0;
+  for (;;) {
+    std::vector<Queued> batch;
+    {
+      absl::MutexLock lock(&mu_);
+      for (;;) {
+        if (stopping_ && queued_ == 0) break;
+        absl::Time wake = absl::InfiniteFuture();
+        if (Queue* q = ReadyQueue(absl::Now(), &wake)) {
+          batch = TakeBatch(*q);
+          for (auto it = queues_.begin(); it != queues_.end();) {
+            it = it->second.size == 0 ? queues_.erase(it) : std::next(it);
+          }
+          break;
+        }
+        seen = queued_;
+        struct Args {
+          Engine* e;
+          uint64_t seen;
+        } args{this, seen};
+        mu_.AwaitWithDeadline(absl::Condition(
+                                  +[](Args* a) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                    return a->e->stopping_ || a->e->queued_ != a->seen;
+                                  },
+                                  &args),
+                              wake);
+      }
+    }
+    if (batch.empty()) break;
+    const absl::Time before = absl::Now();
+    {
+      absl::MutexLock lock(&done_mu_);
+      struct Args {
+        Engine* e;
+      } args{this};
+      done_mu_.Await(absl::Condition(
+          +[](Args* a) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            return a->e->in_flight_.size() < static_cast<size_t>(a->e->options_.in_flight);
+          },
+          &args));
+    }
+    const double waited = absl::ToDoubleSeconds(absl::Now() - before);
+    if (metrics_) {
+      metrics_->EngineBatch(static_cast<double>(batch.size()) / options_.max_batch_size, waited);
+    }
+    std::unique_ptr<InFlight> launched = Launch(std::move(batch));
+    absl::MutexLock lock(&done_mu_);
+    in_flight_.push_back(std::move(launched));
+  }
+  absl::MutexLock lock(&done_mu_);
+  launch_done_ = true;
+}
+
+void Engine::CompletionLoop() {
+  for (;;) {
+    InFlight* f = nullptr;
+    {
+      absl::MutexLock lock(&done_mu_);
+      done_mu_.Await(absl::Condition(
+          +[](Engine* e)
+               ABSL_NO_THREAD_SAFETY_ANALYSIS { return e->launch_done_ || !e->in_flight_.empty(); },
+          this));
+      if (in_flight_.empty()) return;  // launching is over and everything is delivered
+      f = in_flight_.front().get();
+    }
+    absl::Status waited = Contain("the device failed the batch", [&]() -> absl::Status {
+      if (f->fence) f->fence->Wait();
+      return absl::OkStatus();
+    });
+    for (size_t i = 0; i < f->items.size(); ++i) {
+      absl::StatusOr<EngineResult> r = waited.ok() ? std::move(f->results[i]) : waited;
+      try {
+        f->items[i].work.done(std::move(r));
+      } catch (const std::exception& e) {
+        LogError("an engine caller's completion threw: %s", Bounded(e.what(), 200));
+      }
+    }
+    absl::MutexLock lock(&done_mu_);
+    in_flight_.pop_front();
+  }
+}
+
+const StagePlan& Engine::Acquire(const std::shared_ptr<const ServableVersion>& version,
+                                 const std::vector<const ServableVersion*>& pinned) {
+  for (auto it = resident_.begin(); it != resident_.end();) {
+    if (it->second->version.expired()) {
+      if (it->second->plan) resident_bytes_ -= it->second->bytes;
+      it = resident_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  std::unique_ptr<Resident>& r = resident_[version.get()];
+  if (!r) {
+    r = std::make_unique<Resident>();
+    r->version = version;
+  }
+  r->last_use = ++use_clock_;
+  bool evicted = false;
+  if (!r->plan) {
+    const StagePlan& host = version->plan;
+    if (backbone_->torch_device().is_cpu()) {
+      r->plan = host;  // the host copy is what runs
+    } else {
+      StagePlan::Stages own;
+      for (const auto& [i, module] : host.own()) {
+        auto copy = std::make_shared<torch::jit::Module>(backbone_->OnDevice(*module, false));
+        copy->eval();
+        own[i] = std::move(copy);
+      }
+      auto head = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(host.head()->clone());
+      head->to(backbone_->torch_device());
+      head->eval();
+      r->plan.emplace(*backbone_, std::move(own), torch::nn::Sequential(head));
+    }
+    r->bytes = r->plan->bytes();
+    resident_bytes_ += r->bytes;
+    // Over the budget: the least recently used versions not in this batch
+    // go back to their host copy.
+    while (resident_bytes_ > options_.device_memory_budget_bytes) {
+      Resident* lru = nullptr;
+      for (auto& [key, other] : resident_) {
+        if (!other->plan || other.get() == r.get() ||
+            std::find(pinned.begin(), pinned.end(), key) != pinned.end()) {
+          continue;
+        }
+        if (lru == nullptr || other->last_use < lru->last_use) lru = other.get();
+      }
+      if (lru == nullptr) break;  // this batch alone is over the budget: it runs anyway
+      lru->plan.reset();
+      resident_bytes_ -= lru->bytes;
+      evicted = true;
+      absl::MutexLock lock(&counters_mu_);
+      ++counters_.evictions;
+    }
+  }
+  int on_device = 0, on_host = 0;
+  for (const auto& [key, other] : resident_) (other->plan ? on_device : on_host) += 1;
+  {
+    absl::MutexLock lock(&counters_mu_);
+    counters_.resident = on_device;
+    counters_.host = on_host;
+  }
+  if (metrics_) metrics_->SetResidency(on_device, on_host, resident_bytes_, evicted);
+  return *r->plan;
+}
+
+std::unique_ptr<Engine::InFlight> Engine::Launch(std::vector<Queued> batch) {
+  auto f = std::make_unique<InFlight>();
+  const absl::Time now = absl::Now();
+  f->results.resize(batch.size(), absl::InternalError("not computed"));
+  std::vector<size_t> live;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const Work& w = batch[i].work;
+    if (metrics_) metrics_->queue_seconds().Observe(absl::ToDoubleSeconds(now - batch[i].enqueued));
+    if (w.cancelled && w.cancelled()) {
+      f->results[i] = absl::CancelledError("the request was cancelled while queued");
+    } else if (now > w.deadline) {
+      f->results[i] = absl::DeadlineExceededError("the deadline passed while the image was queued");
+    } else {
+      live.push_back(i);
+    }
+  }
+  f->items = std::move(batch);
+  if (live.empty()) return f;
+  const auto& items = f->items;
+  // Rows in the order the shared stages leave them: the longest prefix
+  // first, and within a prefix by what is computed next (a model, an
+  // embedding spec), so that each group is one contiguous slice.
+  auto group_of = [&](size_t i) {
+    const Work& w = items[i].work;
+    return std::make_tuple(-items[i].prefix_end, static_cast<int>(w.output),
+                           reinterpret_cast<uintptr_t>(w.version.get()), w.spec.stage,
+                           static_cast<int>(w.spec.pool), w.spec.normalize);
+  };
+  std::stable_sort(live.begin(), live.end(),
+                   [&](size_t a, size_t b) { return group_of(a) < group_of(b); });
+  const int64_t n = static_cast<int64_t>(live.size());
+  const bool training = items[live[0]].work.priority == Priority::kTraining;
+
+  std::optional<c10::InferenceMode> inference;
+  std::optional<torch::NoGradGuard> no_grad;
+  if (training) {
+    no_grad.emplace();  // normal tensors: training may save them for backward
+  } else {
+    inference.emplace();
+  }
+  std::vector<at::Tensor> out(n);  // the prefix output each row left in
+  // The shared stages fail the whole batch; a model's own part fails only
+  // its rows (a damaged model never takes other tenants' images with it).
+  absl::Status failed = Contain("the batch failed", [&]() -> absl::Status {
+    const at::Tensor& first = items[live[0]].work.input;
+    std::vector<int64_t> sizes = {n};
+    sizes.insert(sizes.end(), first.sizes().begin(), first.sizes().end());
+    f->host_input = device_->HostBuffer(sizes, first.scalar_type());
+    for (int64_t k = 0; k < n; ++k) f->host_input[k].copy_(items[live[k]].work.input);
+    at::Tensor x = device_->ToDevice(f->host_input);
+    if (x.scalar_type() == at::kByte) x = Normalize(x, backbone_->preprocess());
+    x = backbone_->ToDevice(x);
+
+    // The shared stages, once for the whole batch; rows leave where their
+    // prefix ends (they are sorted by it, longest first).
+    auto rows_past = [&](int stage) {  // rows whose prefix runs past `stage`
+      int64_t k = 0;
+      while (k < n && items[live[k]].prefix_end > stage) ++k;
+      return k;
+    };
+    auto keep = [&](int end, const at::Tensor& t) {  // t: the rows still running
+      for (int64_t k = 0; k < t.size(0); ++k) {
+        if (items[live[k]].prefix_end == end && !out[k].defined()) out[k] = t;
+      }
+    };
+    const int max_end = items[live[0]].prefix_end;
+    keep(0, x);
+    for (int s = 0; s < max_end; ++s) {
+      const int64_t running = rows_past(s);
+      if (running < x.size(0)) x = x.narrow(0, 0, running);
+      x = backbone_->Forward(x, s, s);
+      keep(s + 1, x);
+    }
+    if (max_end > 0 && metrics_) metrics_->EngineForward(training ? "train" : "prefix", n);
+    {
+      absl::MutexLock lock(&counters_mu_);
+      ++counters_.batches;
+      if (max_end > 0) {
+        ++counters_.prefix_forwards;
+        counters_.prefix_images += n;
+      }
+    }
+    if (metrics_) metrics_->batch_size().Observe(static_cast<double>(n));
+    return absl::OkStatus();
+  });
+  if (!failed.ok()) {
+    for (size_t i : live) f->results[i] = failed;
+    f->fence = device_->Record();
+    return f;
+  }
+
+  // Then each group on its slice: a model's private stages and head, or an
+  // embedding's pooling, all on the device.
+  std::vector<const ServableVersion*> pinned;
+  for (size_t i : live) {
+    if (items[i].work.version) pinned.push_back(items[i].work.version.get());
+  }
+  for (int64_t k = 0; k < n;) {
+    int64_t e = k + 1;
+    while (e < n && group_of(live[e]) == group_of(live[k])) ++e;
+    // Rows k..e-1 share a prefix end: x was only ever cut from the end, so
+    // row r of the batch is row r of the tensor its prefix left in.
+    const Work& w = items[live[k]].work;
+    const absl::Status group = Contain("the batch failed", [&]() -> absl::Status {
+      const at::Tensor slice = out[k].narrow(0, k, e - k);
+      switch (w.output) {
+        case Output::kEmbedding: {
+          const at::Tensor v = device_->ToHost(PoolEmbedding(slice, w.spec));
+          for (int64_t r = k; r < e; ++r) f->results[live[r]] = EngineResult{v[r - k], {}};
+          break;
+        }
+        case Output::kActivations: {
+          for (int64_t r = k; r < e; ++r) f->results[live[r]] = EngineResult{slice[r - k], {}};
+          break;
+        }
+        case Output::kClassification: {
+          const StagePlan& plan = Acquire(w.version, pinned);
+          const at::Tensor probabilities = at::softmax(plan.Logits(slice), 1);
+          const int64_t classes = probabilities.size(1);
+          const int64_t top = w.top_k <= 0 ? classes : std::min<int64_t>(w.top_k, classes);
+          auto [values, indices] = probabilities.topk(top, 1);
+          const at::Tensor hv = device_->ToHost(values), hi = device_->ToHost(indices);
+          for (int64_t r = k; r < e; ++r) {
+            f->results[live[r]] = EngineResult{hv[r - k], hi[r - k]};
+          }
+          absl::MutexLock lock(&counters_mu_);
+          if (plan.first_private() < backbone_->head_index()) {
+            ++counters_.private_forwards;
+            counters_.private_images += e - k;
+            if (metrics_) metrics_->EngineForward("private", e - k);
+          }
+          ++counters_.head_forwards;
+          counters_.head_images += e - k;
+          if (metrics_) metrics_->EngineForward("head", e - k);
+          break;
+        }
+      }
+      return absl::OkStatus();
+    });
+    if (!group.ok()) {
+      for (int64_t r = k; r < e; ++r) f->results[live[r]] = group;
+    }
+    k = e;
+  }
+  f->fence = device_->Record();
+  return f;
+}
+
+void Engine::Warmup() {
+  const int64_t crop = backbone_->preprocess().crop;
+  std::vector<int> sizes;
+  if (device_->cuda()) {
+    // cuDNN's benchmark mode picks kernels per shape on first sight: the
+    // powers of two up to the largest batch, then the largest itself.
+    for (int b = 1; b < options_.max_batch_size; b *= 2) sizes.push_back(b);
+  }
+  // TorchScript's profiling executor records the first run and optimises on
+  // the second: two full batches leave the first request nothing to pay.
+  sizes.push_back(options_.max_batch_size);
+  sizes.push_back(options_.max_batch_size);
+  for (int b : sizes) {
+    std::vector<Work> work(b);
+    for (Work& w : work) w.input = at::zeros({3, crop, crop}, at::kByte);
+    auto done = Run(std::move(work));
+    if (!done.ok()) LogWarning("warm-up of a batch of %d failed: %s", b, done.status().ToString());
+  }
+}
+
+}  // namespace tlserve
