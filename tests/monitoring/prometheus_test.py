@@ -4,7 +4,12 @@
   tlserve_requests_total has series and a latency histogram_quantile answers;
 - monitoring/alerts.yml passes `promtool check rules`;
 - every query of monitoring/grafana-dashboard.json runs in that Prometheus,
-  and every metric it names is one tlserve exports.
+  and every metric it names is one tlserve exports;
+- the device engine's metrics (issue 10, ENGINE_METRICS below) have panels on
+  the dashboard and are exported all together or not at all: until the engine
+  exports them, their panels' queries must still run (and are empty); once any
+  is exported, all must be, with their types, label values and invariants
+  (images >= forwards per queue, batch fill within 0..1).
 
 usage: prometheus_test.py BIN_DIR FIXTURES_DIR
 """
@@ -23,6 +28,40 @@ import urllib.request
 
 BIN, FIX = sys.argv[1], sys.argv[2]
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+
+
+# The device engine's metrics (issue 10) and their types. The dashboard's
+# "Device engine" row charts them.
+ENGINE_METRICS = {
+    "tlserve_engine_forwards_total": "counter",       # {queue}
+    "tlserve_engine_images_total": "counter",         # {queue}
+    "tlserve_engine_batch_fill": "histogram",         # images per forward / max batch size
+    "tlserve_engine_device_wait_seconds": "histogram",  # a ready batch waiting for the device
+    "tlserve_model_residency": "gauge",               # {state}
+    "tlserve_model_evictions_total": "counter",
+}
+ENGINE_QUEUES = {"prefix", "private", "head", "train"}
+RESIDENCY_STATES = {"device", "host"}
+SAMPLE = re.compile(r"^(\w+)(?:\{([^}]*)\})?\s+(\S+)", re.M)
+
+
+def samples(text, name):
+    """[(labels dict, value)] of the series called exactly `name`."""
+    out = []
+    for m in SAMPLE.finditer(text):
+        if m.group(1) == name:
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+            out.append((labels, float(m.group(3))))
+    return out
+
+
+def load_dashboard():
+    with open(os.path.join(ROOT, "monitoring", "grafana-dashboard.json")) as f:
+        return json.load(f)
+
+
+def with_suffixes(names, types):
+    return set(names) | {n + s for n in names if types.get(n) == "histogram" for s in ("_bucket", "_sum", "_count")}
 
 
 def free_port():
@@ -60,9 +99,11 @@ class PrometheusTest(unittest.TestCase):
         for args in (["upload", os.path.join(FIX, "fmnist", "train"), "--dataset", "fm"],
                      ["create-model", "fm", "--dataset", "fm"], ["train", "fm", "--dataset", "fm", "--wait"]):
             subprocess.run(cls.tlctl + args, capture_output=True, check=True)
-        # Traffic over several scrapes, so that rates and quantiles have data.
+        # Traffic over several scrapes, so that rates and quantiles have data;
+        # Classify too, so that a model version runs (the engine's residency series).
         for _ in range(6):
             subprocess.run(cls.tlctl + ["embed", os.path.join(FIX, "rgb_png.png"), "--json"], capture_output=True)
+            subprocess.run(cls.tlctl + ["classify", "fm", os.path.join(FIX, "rgb_png.png")], capture_output=True)
             time.sleep(0.6)
 
     @classmethod
@@ -127,18 +168,66 @@ class PrometheusTest(unittest.TestCase):
         names = {rule["name"] for g in rules["data"]["groups"] for rule in g["rules"]}
         self.assertIn("TlserveDown", names)
 
-    def test_dashboard_queries_run_and_use_exported_metrics(self):
-        dash = json.load(open(os.path.join(ROOT, "monitoring", "grafana-dashboard.json")))
+    def exported_types(self):
         text = get("http://127.0.0.1:%d/metrics" % self.metrics_port)
-        exported = set(re.findall(r"^# TYPE (\w+)", text, re.M))
-        histograms = {m + s for m in re.findall(r"^# TYPE (\w+) histogram", text, re.M)
-                      for s in ("_bucket", "_sum", "_count")}
-        exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+        return text, dict(re.findall(r"^# TYPE (\w+) (\w+)", text, re.M))
+
+    def test_dashboard_queries_run_and_use_exported_metrics(self):
+        dash = load_dashboard()
+        _, types = self.exported_types()
+        exported = with_suffixes(types, types)
+        # Until the device engine exports its metrics (none of them is), their
+        # panels may name them; test_engine_metrics checks all-or-none.
+        pending = set() if set(ENGINE_METRICS) & set(types) else with_suffixes(ENGINE_METRICS, ENGINE_METRICS)
+        exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]  # rows have none
         self.assertGreaterEqual(len(exprs), 10)
         for expr in exprs:
             for name in set(re.findall(r"\btlserve_\w+", expr)):
-                self.assertIn(name, exported | histograms, "%s: %s is not exported" % (expr, name))
+                self.assertIn(name, exported | pending, "%s: %s is not exported" % (expr, name))
             self.query(expr.replace("$__rate_interval", "1m"))  # parses and runs
+
+    def test_dashboard_charts_engine_metrics(self):
+        dash = load_dashboard()
+        named = {n for p in dash["panels"] for t in p.get("targets", []) for n in re.findall(r"\btlserve_\w+", t["expr"])}
+        for name in ENGINE_METRICS:
+            self.assertTrue(with_suffixes([name], ENGINE_METRICS) & named, "no dashboard panel charts " + name)
+        ids = [p["id"] for p in dash["panels"]]
+        self.assertEqual(len(ids), len(set(ids)), "panel ids are unique")
+
+    def test_engine_metrics(self):
+        text, types = self.exported_types()
+        present = set(ENGINE_METRICS) & set(types)
+        if not present:
+            print("\n  note: the device engine's metrics are not exported yet (issue 10): %s"
+                  % ", ".join(sorted(ENGINE_METRICS)), file=sys.stderr)
+            return
+        # All of them, with their types (after this test's Embed and Classify traffic and training job).
+        for name, kind in ENGINE_METRICS.items():
+            self.assertEqual(types.get(name), kind, "%s: exported as %s, expected %s (exported: %s)"
+                             % (name, types.get(name), kind, ", ".join(sorted(present))))
+        forwards = {l.get("queue"): v for l, v in samples(text, "tlserve_engine_forwards_total")}
+        images = {l.get("queue"): v for l, v in samples(text, "tlserve_engine_images_total")}
+        self.assertLessEqual(set(forwards) | set(images), ENGINE_QUEUES, "queue label values")
+        self.assertGreaterEqual(forwards.get("prefix", 0), 1, "Embeds ran forwards of the prefix queue")
+        for q, n in forwards.items():
+            self.assertGreaterEqual(images.get(q, 0), n, "queue %s: at least one image a forward" % q)
+        fill_count = sum(v for _, v in samples(text, "tlserve_engine_batch_fill_count"))
+        fill_sum = sum(v for _, v in samples(text, "tlserve_engine_batch_fill_sum"))
+        self.assertGreaterEqual(fill_count, 1, "batch fill observed")
+        self.assertLessEqual(fill_sum, fill_count + 1e-9, "batch fill within 0..1 (mean)")
+        self.assertGreater(fill_sum, 0, "batch fill above 0")
+        buckets = {}  # le -> count, summed over label sets
+        for l, v in samples(text, "tlserve_engine_batch_fill_bucket"):
+            buckets[float(l["le"])] = buckets.get(float(l["le"]), 0) + v
+        top = min((le for le in buckets if 1 <= le < float("inf")), default=None)
+        if top is not None:
+            self.assertEqual(buckets[top], buckets[float("inf")], "every batch fill observation <= %g" % top)
+        wait = samples(text, "tlserve_engine_device_wait_seconds_sum")
+        self.assertTrue(wait and all(v >= 0 for _, v in wait), "device wait observed, >= 0")
+        residency = samples(text, "tlserve_model_residency")
+        self.assertLessEqual({l.get("state") for l, _ in residency}, RESIDENCY_STATES, "residency states")
+        self.assertTrue(all(v >= 0 for _, v in residency), "residency counts >= 0")
+        self.assertTrue(all(v >= 0 for _, v in samples(text, "tlserve_model_evictions_total")))
 
 
 if __name__ == "__main__":
