@@ -15,6 +15,7 @@
 #include "server/api/rpc_timer.h"
 #include "server/api/status_util.h"
 #include "server/core/contain.h"
+#include "server/core/thread_pool.h"
 
 namespace tlserve {
 
@@ -47,6 +48,26 @@ grpc::ServerUnaryReactor* ContainedAsyncUnary(grpc::CallbackServerContext* conte
     reactor->Finish(ToGrpcStatus(status));
   }
   return reactor;
+}
+
+// A unary handler whose body writes to disk (or waits for a lock that a
+// write holds): `body()` runs on `pool`, not on the gRPC thread, contained,
+// and the call finishes from there. `body` must capture by value (the
+// request and response pointers stay valid until the call finishes).
+template <typename Body>
+grpc::ServerUnaryReactor* ContainedOnWorker(grpc::CallbackServerContext* context, Metrics* metrics,
+                                            const char* method, ThreadPool* pool, Body body) {
+  return ContainedAsyncUnary(
+      context, metrics, method,
+      [&](grpc::ServerUnaryReactor* reactor, const RpcTimer& timer) -> absl::Status {
+        pool->Schedule([reactor, timer, method, body = std::move(body)]() mutable {
+          const absl::Status status =
+              Contain(absl::StrCat(method, " failed"), [&]() -> absl::Status { return body(); });
+          timer.Done(status);
+          reactor->Finish(ToGrpcStatus(status));
+        });
+        return absl::OkStatus();
+      });
 }
 
 }  // namespace tlserve

@@ -180,11 +180,13 @@ grpc::ServerUnaryReactor* DatasetService::GetDataset(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* DatasetService::DeleteDataset(grpc::CallbackServerContext* context,
                                                         const v1::DeleteDatasetRequest* request,
                                                         v1::DeleteDatasetResponse*) {
-  return ContainedUnary(context, metrics_, "DeleteDataset", [&]() -> absl::Status {
-    absl::Status s = catalog_->Delete(request->name());
-    RefreshGauges(catalog_, metrics_);
-    return s;
-  });
+  // Deleting frees a dataset's images: on a worker, not the gRPC thread.
+  return ContainedOnWorker(context, metrics_, "DeleteDataset", pool_,
+                           [this, request]() -> absl::Status {
+                             absl::Status s = catalog_->Delete(request->name());
+                             RefreshGauges(catalog_, metrics_);
+                             return s;
+                           });
 }
 
 }  // namespace tlserve

@@ -211,7 +211,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Job> {
 grpc::ServerUnaryReactor* ModelService::CreateModel(grpc::CallbackServerContext* c,
                                                     const v1::CreateModelRequest* req,
                                                     v1::Model* resp) {
-  return ContainedUnary(c, metrics_, "CreateModel", [&]() -> absl::Status {
+  return ContainedOnWorker(c, metrics_, "CreateModel", work_, [this, req, resp]() -> absl::Status {
     std::vector<std::string> classes(req->classes().begin(), req->classes().end());
     if (!req->dataset().empty()) {
       if (!classes.empty()) return absl::InvalidArgumentError("give classes or dataset, not both");
@@ -249,7 +249,7 @@ grpc::ServerUnaryReactor* ModelService::ListModels(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* ModelService::DeleteModel(grpc::CallbackServerContext* c,
                                                     const v1::DeleteModelRequest* req,
                                                     v1::DeleteModelResponse*) {
-  return ContainedUnary(c, metrics_, "DeleteModel", [&]() -> absl::Status {
+  return ContainedOnWorker(c, metrics_, "DeleteModel", work_, [this, req]() -> absl::Status {
     absl::Status s = models_->Delete(req->name());
     if (s.ok()) metrics_->RemoveModel(req->name());
     metrics_->SetModels(models_->size());
@@ -276,19 +276,20 @@ absl::StatusOr<std::vector<std::string>> StageList(
 grpc::ServerUnaryReactor* ModelService::UnfreezeLayers(grpc::CallbackServerContext* c,
                                                        const v1::UnfreezeLayersRequest* req,
                                                        v1::Model* resp) {
-  return ContainedUnary(c, metrics_, "UnfreezeLayers", [&]() -> absl::Status {
-    auto stages = StageList(*models_, req->stages(), req->from());
-    if (!stages.ok()) return stages.status();
-    auto m = models_->Unfreeze(req->model(), *stages);
-    if (m.ok()) ToProto(*m, resp);
-    return m.status();
-  });
+  return ContainedOnWorker(c, metrics_, "UnfreezeLayers", work_,
+                           [this, req, resp]() -> absl::Status {
+                             auto stages = StageList(*models_, req->stages(), req->from());
+                             if (!stages.ok()) return stages.status();
+                             auto m = models_->Unfreeze(req->model(), *stages);
+                             if (m.ok()) ToProto(*m, resp);
+                             return m.status();
+                           });
 }
 
 grpc::ServerUnaryReactor* ModelService::FreezeLayers(grpc::CallbackServerContext* c,
                                                      const v1::FreezeLayersRequest* req,
                                                      v1::Model* resp) {
-  return ContainedUnary(c, metrics_, "FreezeLayers", [&]() -> absl::Status {
+  return ContainedOnWorker(c, metrics_, "FreezeLayers", work_, [this, req, resp]() -> absl::Status {
     auto stages = StageList(*models_, req->stages(), req->from());
     if (!stages.ok()) return stages.status();
     auto m = models_->Freeze(req->model(), *stages, req->drop_private());
@@ -300,24 +301,15 @@ grpc::ServerUnaryReactor* ModelService::FreezeLayers(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* ModelService::StartTraining(grpc::CallbackServerContext* c,
                                                       const v1::StartTrainingRequest* req,
                                                       v1::Job* resp) {
-  // Starting reads the dataset's index and writes the job's record: on a
-  // worker, not on the gRPC thread.
-  return ContainedAsyncUnary(
-      c, metrics_, "StartTraining",
-      [&](grpc::ServerUnaryReactor* reactor, const RpcTimer& t) -> absl::Status {
-        auto options = FromProto(req->options());
-        if (!options.ok()) return options.status();
-        work_->Schedule([this, req, resp, reactor, timer = t, options = *options]() {
-          const absl::Status s = Contain("StartTraining failed", [&]() -> absl::Status {
-            auto j = jobs_->Start(req->model(), req->dataset(), options);
-            if (j.ok()) ToProto(*j, resp);
-            return j.status();
-          });
-          timer.Done(s);
-          reactor->Finish(ToGrpcStatus(s));
-        });
-        return absl::OkStatus();
-      });
+  // Starting reads the dataset's index and writes the job's record.
+  return ContainedOnWorker(c, metrics_, "StartTraining", work_,
+                           [this, req, resp]() -> absl::Status {
+                             auto options = FromProto(req->options());
+                             if (!options.ok()) return options.status();
+                             auto j = jobs_->Start(req->model(), req->dataset(), *options);
+                             if (j.ok()) ToProto(*j, resp);
+                             return j.status();
+                           });
 }
 
 grpc::ServerWriteReactor<v1::Job>* ModelService::WatchJob(grpc::CallbackServerContext*,

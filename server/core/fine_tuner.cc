@@ -5,6 +5,7 @@
 #include <torch/optim/sgd.h>
 #include <torch/script.h>
 #include <torch/torch.h>
+#include <torch/version.h>
 
 #include <cmath>
 #include <random>
@@ -38,8 +39,11 @@ std::vector<at::Tensor> State(std::map<int, std::shared_ptr<torch::jit::Module>>
 }
 
 // Mixed precision on CUDA when the backbone runs in a reduced dtype: the
-// master weights stay float32, the forward runs in the backbone's dtype
-// (autocast, thread-local: this job's thread only). Nothing on the CPU.
+// master weights stay float32, each forward runs under autocast to bf16
+// (thread-local: this job's thread only; bf16 needs no loss scaling, also
+// when the backbone serves in fp16). One guard per forward: leaving it
+// clears autocast's cache of low-precision weight copies, which would go
+// stale after the optimizer's step. Nothing on the CPU.
 class Autocast {
  public:
   explicit Autocast(const Backbone& backbone) {
@@ -47,10 +51,10 @@ class Autocast {
     on_ = backbone.torch_device().is_cuda() && backbone.scalar_type() != at::kFloat;
     if (!on_) return;
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-    at::autocast::set_autocast_dtype(at::kCUDA, backbone.scalar_type());
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
     at::autocast::set_autocast_enabled(at::kCUDA, true);
 #else
-    at::autocast::set_autocast_gpu_dtype(backbone.scalar_type());
+    at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
     at::autocast::set_enabled(true);
 #endif
 #else
@@ -144,7 +148,10 @@ absl::StatusOr<FineTuned> FineTune(Engine& engine,
         auto out = engine.Run(std::move(work));
         if (!out.ok()) return out.status();
         std::vector<at::Tensor> rows;
-        for (const EngineResult& r : *out) rows.push_back(r.values);
+        for (const EngineResult& r : *out) {
+          engine.streams().UseOnCurrentStream(r.values);  // made on the engine's stream
+          rows.push_back(r.values);
+        }
         computed = at::stack(rows);
       }
       if (augment) return computed;
@@ -177,7 +184,6 @@ absl::StatusOr<FineTuned> FineTune(Engine& engine,
   // gradients flow through them.
   head->to(device);
   const StagePlan plan(backbone, stages, head);
-  Autocast autocast(backbone);
   // BatchNorm statistics of a batch of one are undefined (and throw on a 1×1
   // feature map): such a batch trains with the statistics frozen.
   auto set_training = [&](bool training, size_t batch) {
@@ -248,6 +254,7 @@ absl::StatusOr<FineTuned> FineTune(Engine& engine,
                                  idx.begin() + std::min(idx.size(), b + o.batch_size));
       auto x = prefix(batch, false);
       if (!x.ok()) return x.status();
+      Autocast autocast(backbone);
       parts.push_back(plan.Run(*x, first, backbone.head_index() - 1).flatten(1).to(torch::kFloat));
     }
     return at::cat(parts);
@@ -307,10 +314,14 @@ absl::StatusOr<FineTuned> FineTune(Engine& engine,
       if (!x.ok()) return x.status();
       const at::Tensor y = labels_of(batch);
       opt->zero_grad();
-      const at::Tensor logits = plan.Logits(*x);
-      auto lo = F::CrossEntropyFuncOptions().label_smoothing(o.label_smoothing);
-      if (weights.defined()) lo = lo.weight(weights);
-      at::Tensor loss = F::cross_entropy(logits, y, lo);
+      at::Tensor logits, loss;
+      {
+        Autocast autocast(backbone);  // the forward only; backward runs outside it
+        logits = plan.Logits(*x);
+        auto lo = F::CrossEntropyFuncOptions().label_smoothing(o.label_smoothing);
+        if (weights.defined()) lo = lo.weight(weights);
+        loss = F::cross_entropy(logits, y, lo);
+      }
       const double batch_loss = loss.item<double>();
       if (!std::isfinite(batch_loss)) return TrainingDiverged(epoch, batch_loss);
       loss.backward();

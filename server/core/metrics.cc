@@ -170,11 +170,11 @@ void Metrics::EngineBatch(double fill, double device_wait_seconds) {
   device_wait_->Observe(device_wait_seconds);
 }
 
-void Metrics::SetResidency(double on_device, double on_host, int64_t device_bytes, bool evicted) {
+void Metrics::SetResidency(double on_device, double on_host, int64_t device_bytes, int evictions) {
   residency_->Add({{"state", "device"}}).Set(on_device);
   residency_->Add({{"state", "host"}}).Set(on_host);
   resident_bytes_->Set(static_cast<double>(device_bytes));
-  if (evicted) evictions_->Increment();
+  if (evictions > 0) evictions_->Increment(evictions);
 }
 
 }  // namespace tlserve

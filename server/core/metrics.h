@@ -47,8 +47,8 @@ class Metrics {
   // waited for the device (for a slot among the batches in flight).
   void EngineBatch(double fill, double device_wait_seconds);
   // Model versions resident on the device and dropped to host memory, and
-  // one more eviction (when `evicted`).
-  void SetResidency(double on_device, double on_host, int64_t device_bytes, bool evicted);
+  // `evictions` more evictions.
+  void SetResidency(double on_device, double on_host, int64_t device_bytes, int evictions);
 
   prometheus::Histogram& batch_size() { return *batch_size_; }
   prometheus::Histogram& queue_seconds() { return *queue_seconds_; }

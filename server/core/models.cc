@@ -212,6 +212,7 @@ absl::StatusOr<ModelInfo> ModelRegistry::Create(const std::string& name,
   Describe(e.info);
   ModelInfo out = e.info;
   absl::MutexLock lock(&mu_);
+  e.generation = ++generations_;
   models_[name] = std::move(e);
   return out;
 }
@@ -261,7 +262,7 @@ absl::Status ModelRegistry::Delete(const std::string& name) {
 }
 
 absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::Lookup(
-    const std::string& name, int version, ModelInfo* info, int* resolved) {
+    const std::string& name, int version, ModelInfo* info, int* resolved, uint64_t* generation) {
   absl::MutexLock lock(&mu_);
   auto it = models_.find(name);
   if (it == models_.end()) return NoSuchModel(name);
@@ -272,24 +273,27 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::Lookup(
     return absl::FailedPreconditionError(absl::StrCat(
         "model \"", name, "\" has no trained version yet; train it first (StartTraining)"));
   }
+  bool exists = false;
+  for (const auto& v : e.info.versions) exists = exists || v.version == want;
+  if (!exists) {
+    return absl::NotFoundError(absl::StrCat("model \"", name, "\" has no version ", want));
+  }
   if (auto v = e.loaded.find(want); v != e.loaded.end()) {
     if (want != e.info.served_version) e.last_use[want] = ++use_clock_;
     return v->second;
   }
-  bool exists = false;
-  for (const auto& v : e.info.versions) exists = exists || v.version == want;
-  if (!exists)
-    return absl::NotFoundError(absl::StrCat("model \"", name, "\" has no version ", want));
   *info = e.info;
   *resolved = want;
+  *generation = e.generation;
   return std::shared_ptr<const ServableVersion>();
 }
 
-void ModelRegistry::Keep(const std::string& name,
+void ModelRegistry::Keep(const std::string& name, uint64_t generation,
                          const std::shared_ptr<const ServableVersion>& version) {
   absl::MutexLock lock(&mu_);
   auto it = models_.find(name);
-  if (it == models_.end()) return;
+  // Not into a model deleted (and maybe made again) while it was read.
+  if (it == models_.end() || it->second.generation != generation) return;
   Entry& e = it->second;
   e.loaded[version->version] = version;
   e.last_use[version->version] = ++use_clock_;
@@ -311,16 +315,48 @@ void ModelRegistry::TrimOlder(Entry& e) {
 void ModelRegistry::Servable(const std::string& name, int version, ServableDone done) {
   ModelInfo info;
   int want = 0;
-  auto found = Lookup(name, version, &info, &want);
+  uint64_t generation = 0;
+  auto found = Lookup(name, version, &info, &want, &generation);
   if (!found.ok() || *found) {
     done(std::move(found));
     return;
   }
-  // Read from disk on the loader thread, never the caller's (a gRPC thread).
-  loader_->Schedule([this, name, info = std::move(info), want, done = std::move(done)]() {
-    auto v = Contain("cannot load the version", [&] { return LoadVersion(info, want); });
-    if (v.ok()) Keep(name, *v);
-    done(std::move(v));
+  // Read from disk on the loader thread, never the caller's (a gRPC thread);
+  // callers of a version being read wait for that read (one per version).
+  const auto key = std::make_pair(name, want);
+  bool full = false;
+  {
+    absl::MutexLock lock(&mu_);
+    auto pending = loading_.find(key);
+    if (pending != loading_.end()) {
+      pending->second.push_back(std::move(done));
+      return;
+    }
+    full = loading_.size() >= kMaxLoadsQueued;
+    if (!full) loading_[key].push_back(std::move(done));
+  }
+  if (full) {
+    done(absl::ResourceExhaustedError(
+        absl::StrCat(kMaxLoadsQueued, " older versions are being read; retry later")));
+    return;
+  }
+  loader_->Schedule([this, key, info = std::move(info), generation]() {
+    auto v = Contain("cannot load the version", [&] { return LoadVersion(info, key.second); });
+    if (v.ok()) Keep(key.first, generation, *v);
+    std::vector<ServableDone> waiting;
+    {
+      absl::MutexLock lock(&mu_);
+      waiting = std::move(loading_[key]);
+      loading_.erase(key);
+    }
+    for (auto& w : waiting) {
+      const absl::Status s = Contain("Classify failed", [&]() -> absl::Status {
+        w(v);
+        return absl::OkStatus();
+      });
+      if (!s.ok())
+        LogError("a caller of model %s v%d failed: %s", key.first, key.second, s.ToString());
+    }
   });
 }
 
@@ -328,10 +364,11 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::ServableNo
     const std::string& name, int version) {
   ModelInfo info;
   int want = 0;
-  auto found = Lookup(name, version, &info, &want);
+  uint64_t generation = 0;
+  auto found = Lookup(name, version, &info, &want, &generation);
   if (!found.ok() || *found) return found;
   auto v = LoadVersion(info, want);
-  if (v.ok()) Keep(name, *v);
+  if (v.ok()) Keep(name, generation, *v);
   return v;
 }
 

@@ -100,6 +100,7 @@ class ModelRegistry {
   const Backbone& backbone() const { return *backbone_; }
 
   static constexpr int kMaxOlderVersions = 8;
+  static constexpr size_t kMaxLoadsQueued = 64;  // distinct versions being read at once
   using ServableDone = std::function<void(absl::StatusOr<std::shared_ptr<const ServableVersion>>)>;
   // The served version (`version` 0) or a given one. NOT_FOUND for an unknown
   // model or version; FAILED_PRECONDITION when it has no trained version.
@@ -146,6 +147,7 @@ class ModelRegistry {
     ModelInfo info;
     std::map<int, std::shared_ptr<const ServableVersion>> loaded;
     std::map<int, uint64_t> last_use;  // of loaded older versions
+    uint64_t generation = 0;           // a model made again under the same name is another
   };
   ModelRegistry(Database* db, std::string dir, const Backbone* backbone, ModelLimits limits,
                 const DiskBudget* disk)
@@ -173,10 +175,12 @@ class ModelRegistry {
   // with: OK with a null version and `info` set.
   absl::StatusOr<std::shared_ptr<const ServableVersion>> Lookup(const std::string& name,
                                                                 int version, ModelInfo* info,
-                                                                int* resolved);
+                                                                int* resolved,
+                                                                uint64_t* generation);
   void TrimOlder(Entry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Keeps a version read from disk (older versions: LRU, bounded).
-  void Keep(const std::string& name, const std::shared_ptr<const ServableVersion>& version);
+  void Keep(const std::string& name, uint64_t generation,
+            const std::shared_ptr<const ServableVersion>& version);
   std::string WeightsPath(const std::string& model, int version,
                           const std::string& part = "head") const;
 
@@ -192,6 +196,9 @@ class ModelRegistry {
   mutable absl::Mutex mu_;
   std::map<std::string, Entry> models_ ABSL_GUARDED_BY(mu_);
   uint64_t use_clock_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t generations_ ABSL_GUARDED_BY(mu_) = 0;
+  // Versions being read by the loader, with the callers waiting for each.
+  std::map<std::pair<std::string, int>, std::vector<ServableDone>> loading_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<ThreadPool> loader_ = std::make_unique<ThreadPool>(1);
 };
 

@@ -1,5 +1,10 @@
 #include "server/core/thread_pool.h"
 
+#include <exception>
+
+#include "server/core/contain.h"
+#include "server/core/log.h"
+
 namespace tlserve {
 
 ThreadPool::ThreadPool(int threads, std::function<void()> on_start) {
@@ -54,7 +59,15 @@ void ThreadPool::WorkerLoop() {
       }
       --queued_;
     }
-    fn();
+    // The last line of defence: a closure that throws is a bug of its own
+    // (closures contain their work), but it must not end the process.
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      LogError("a worker's closure threw (a bug): %s", Bounded(e.what(), 200));
+    } catch (...) {
+      LogError("a worker's closure threw something that is not a std::exception (a bug)");
+    }
   }
 }
 

@@ -8,6 +8,7 @@
 #include <torch/script.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "absl/synchronization/blocking_counter.h"
@@ -82,6 +83,14 @@ Engine::Work Classify(const at::Tensor& image, std::shared_ptr<const ServableVer
   return w;
 }
 
+// The reference: the version's own plan on the calling thread, in one
+// batch, no engine (softmax of StagePlan::LogitsOf).
+at::Tensor Reference(const ServableVersion& v, const Backbone& b, const at::Tensor& image) {
+  c10::InferenceMode guard;
+  const at::Tensor x = Normalize(image, b.preprocess()).unsqueeze(0);
+  return at::softmax(v.plan.LogitsOf(x), 1)[0].to(torch::kCPU, torch::kFloat);
+}
+
 // Probabilities in class order from a top-k (all classes) result.
 at::Tensor InClassOrder(const EngineResult& r) {
   at::Tensor p = torch::zeros({r.values.size(0)});
@@ -144,6 +153,10 @@ TEST(EngineTest, AMixedBatchEqualsEachModelAloneAndRunsTheSharedPrefixOnce) {
       const at::Tensor p = InClassOrder((*mixed)[i * models.size() + m]);
       EXPECT_LE((p - alone[m][i]).abs().max().item<double>(), 1e-5)
           << models[m]->model << " image " << i;
+      // And both are what the model computes on its own, outside the engine
+      // (its private layer4, not the shared one; its head).
+      EXPECT_LE((p - Reference(*models[m], *b, Image(i, crop))).abs().max().item<double>(), 1e-5)
+          << models[m]->model << " image " << i << " vs the plan's own forward";
     }
   }
   for (size_t s = 0; s < 2; ++s) {
@@ -155,9 +168,41 @@ TEST(EngineTest, AMixedBatchEqualsEachModelAloneAndRunsTheSharedPrefixOnce) {
   EXPECT_EQ(after.batches - before.batches, 1);
   EXPECT_EQ(after.prefix_forwards - before.prefix_forwards, 1);
   EXPECT_EQ(after.prefix_images - before.prefix_images, kImages * 4 + 2);
+  // Each image went through exactly the shared stages it needs, once: the
+  // head-only models' and the embedding's all of them, the private-layer4
+  // models' those before layer4, layer2's embedding those up to layer2.
+  const int head = b->head_index();
+  const int own = models[2]->plan.first_private();
+  ASSERT_EQ(own, *b->EmbeddableStage("layer4"));
+  const int64_t needed = kImages * 2 * head + kImages * 2 * own + head + (layer2.stage + 1);
+  EXPECT_EQ(after.prefix_stage_images - before.prefix_stage_images, needed);
   EXPECT_EQ(after.private_forwards - before.private_forwards, 2);
   EXPECT_EQ(after.private_images - before.private_images, kImages * 2);
   EXPECT_EQ(after.head_forwards - before.head_forwards, 4);
+}
+
+TEST(EngineTest, CallersOfOneModelWithDifferentTopKGetTheirOwnK) {
+  auto b = LoadBackbone();
+  ASSERT_NE(b, nullptr);
+  auto engine = MakeEngine(*b, 16);
+  const int64_t crop = b->preprocess().crop;
+  auto v = MakeVersion(*b, "m", 1, false);
+  std::vector<Engine::Work> work;
+  for (int k : {1, 5, 3, 0, 2}) {
+    work.push_back(Classify(Image(0, crop), v));
+    work.back().top_k = k;
+  }
+  const Engine::Counters before = engine->counters();
+  auto r = engine->Run(std::move(work));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(engine->counters().batches - before.batches, 1);
+  const std::vector<int64_t> want = {1, 5, 3, 5, 2};
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ((*r)[i].values.size(0), want[i]) << i;
+    EXPECT_EQ((*r)[i].indices.size(0), want[i]) << i;
+    // The same image and model: every k is a prefix of the full ranking.
+    EXPECT_TRUE((*r)[i].indices.equal((*r)[3].indices.narrow(0, 0, want[i]))) << i;
+  }
 }
 
 TEST(EngineTest, EmbeddingsEqualTheBackbonesOwn) {
@@ -190,8 +235,7 @@ TEST(EngineTest, LanesTakeTurnsAndServingGoesBeforeTraining) {
   std::vector<std::string> order;
   absl::Notification all;
   int remaining = 0;
-  std::vector<Engine::Work> work;
-  auto add = [&](const std::string& who, uint64_t lane, Engine::Priority p) {
+  auto make = [&](const std::string& who, uint64_t lane, Engine::Priority p) {
     Engine::Work w;
     w.input = Image(0, crop);
     w.lane = lane;
@@ -202,26 +246,45 @@ TEST(EngineTest, LanesTakeTurnsAndServingGoesBeforeTraining) {
       order.push_back(who);
       if (--remaining == 0) all.Notify();
     };
+    absl::MutexLock lock(&mu);
     ++remaining;
-    work.push_back(std::move(w));
+    return w;
   };
-  // Training first in the queue, then a flood from one caller, then another
-  // caller's single image: all queued at once.
-  for (int i = 0; i < 4; ++i) add("train", 9, Engine::Priority::kTraining);
-  for (int i = 0; i < 12; ++i) add("flood", 1, Engine::Priority::kServing);
-  add("single", 2, Engine::Priority::kServing);
-  ASSERT_TRUE(engine->Submit(std::move(work)).ok());
+  // The launch thread is held inside a first batch (its cancelled() blocks)
+  // while the rest is queued: training first, so that it is the oldest and
+  // full; then a flood from one caller; then another caller's single image.
+  absl::Notification queued, holding;
+  Engine::Work blocker = make("blocker", 7, Engine::Priority::kServing);
+  blocker.cancelled = [&] {
+    holding.Notify();
+    queued.WaitForNotification();
+    return false;
+  };
+  ASSERT_TRUE(engine->Submit({blocker}).ok());
+  holding.WaitForNotification();
+  std::vector<Engine::Work> training;
+  for (int i = 0; i < 4; ++i) training.push_back(make("train", 9, Engine::Priority::kTraining));
+  ASSERT_TRUE(engine->Submit(std::move(training)).ok());
+  absl::SleepFor(absl::Milliseconds(5));  // strictly older than what follows
+  std::vector<Engine::Work> serving;
+  for (int i = 0; i < 40; ++i) serving.push_back(make("flood", 1, Engine::Priority::kServing));
+  serving.push_back(make("single", 2, Engine::Priority::kServing));
+  ASSERT_TRUE(engine->Submit(std::move(serving)).ok());
+  queued.Notify();
   all.WaitForNotification();
   absl::MutexLock lock(&mu);
-  ASSERT_EQ(order.size(), 17u);
-  // The single image rides in the first batch (of 4), beside the flood.
+  ASSERT_EQ(order.size(), 46u);
+  ASSERT_EQ(order[0], "blocker");
+  // The single image rides in the first batch after the blocker (of 4),
+  // beside the flood, although 40 of the flood's were queued before it.
   const auto single = std::find(order.begin(), order.end(), "single") - order.begin();
-  EXPECT_LT(single, 4) << "the lone caller waited behind the flood";
-  // Serving first: the first batch is serving's.
-  for (int i = 0; i < 4; ++i) EXPECT_NE(order[i], "train") << i;
-  // Training is not starved: it runs within the first kTrainingShare batches.
+  EXPECT_LE(single, 4) << "the lone caller waited behind the flood";
+  // Serving goes first although training is older and its batch is full...
+  for (int i = 1; i <= 4; ++i) EXPECT_NE(order[i], "train") << i;
+  // ...but training is not starved: it gets a batch within kTrainingShare,
+  // long before the flood's 10 batches are done.
   const auto first_train = std::find(order.begin(), order.end(), "train") - order.begin();
-  EXPECT_LT(first_train, 4 * Engine::kTrainingShare);
+  EXPECT_LE(first_train, 1 + 4 * (Engine::kTrainingShare - 1));
 }
 
 TEST(EngineTest, ADamagedModelFailsAloneInAMixedBatch) {
@@ -304,6 +367,8 @@ TEST(EngineTest, ABudgetForTwoPrivateStagesServesFourModelsWithEvictions) {
       auto r = roomy->Run({Classify(Image(7, crop), m)});
       ASSERT_TRUE(r.ok()) << r.status();
       reference.push_back(InClassOrder((*r)[0]));
+      EXPECT_LE((reference.back() - Reference(*m, *b, Image(7, crop))).abs().max().item<double>(),
+                1e-5);
     }
     EXPECT_EQ(roomy->counters().evictions, 0);
     EXPECT_EQ(roomy->counters().resident, 4);

@@ -15,6 +15,7 @@
 #include "client/lib/client.h"
 #include "tests/integration/http_get.h"
 #include "tests/integration/loopback_options.h"
+#include "tests/integration/test_env.h"
 #include "tests/test_util.h"
 
 namespace tlserve {
@@ -35,6 +36,13 @@ const std::vector<std::string> kImages = {"rgb_png.png",     "gray_png.png", "rg
 std::string TempDir() {
   char tmpl[] = "/tmp/tlserve-it-XXXXXX";
   return ::mkdtemp(tmpl);
+}
+
+// The device the test servers report: TLSERVE_TEST_DEVICE's, with CUDA's
+// index ("cuda" serves on cuda:0).
+std::string ServedDevice() {
+  const std::string d = testing::TestDevice();
+  return d == "cuda" ? "cuda:0" : d;
 }
 
 ServerOptions TestOptions(const std::string& backbone) {
@@ -104,7 +112,7 @@ TEST_F(ServerTest, DescribeBackboneListsStagesAndTotals) {
   EXPECT_EQ(d->stages(0).output_shape(1), 512);
   EXPECT_EQ(d->embedding_dim(), 2048);
   EXPECT_EQ(d->preprocessing().crop(), 224);
-  EXPECT_EQ(d->device(), "cpu");
+  EXPECT_EQ(d->device(), ServedDevice());
   EXPECT_FALSE(d->pretrained());
   EXPECT_EQ(client_->DescribeBackbone({3, 224}).status().code(),
             absl::StatusCode::kInvalidArgument);
@@ -436,14 +444,20 @@ TEST_F(ServerTest, MetricsAreExportedAndPassPromtool) {
   ASSERT_TRUE(EmbedFiles({"rgb_png.png"}).ok());
   ASSERT_FALSE(EmbedFiles({"bad_empty.png"}).ok());
   const std::string text = HttpGet(server_->metrics_port(), "/metrics");
-  for (const char* name :
-       {"tlserve_requests_total{code=\"OK\",method=\"Embed\"}", "tlserve_request_duration_seconds",
-        "tlserve_images_total{method=\"Embed\"}", "tlserve_batch_size_bucket",
-        "tlserve_queue_duration_seconds_bucket", "tlserve_queue_depth",
-        "tlserve_backbone_info{device=\"cpu\",dtype=\"float32\",name=\"resnet50\",pretrained="
-        "\"false\"} 1",
-        "tlserve_device_memory_bytes{device=\"cpu\",kind=\"resident\"}",
-        "tlserve_requests_total{code=\"INVALID_ARGUMENT\""}) {
+  const std::string device = ServedDevice();
+  const std::string info = absl::StrCat("tlserve_backbone_info{device=\"", device,
+                                        "\",dtype=\"float32\",name=\"resnet50\",pretrained="
+                                        "\"false\"} 1");
+  const std::string memory =
+      absl::StrCat("tlserve_device_memory_bytes{device=\"", device, "\",kind=\"",
+                   device == "cpu" ? "resident" : "allocated", "\"}");
+  for (const std::string& name :
+       {std::string("tlserve_requests_total{code=\"OK\",method=\"Embed\"}"),
+        std::string("tlserve_request_duration_seconds"),
+        std::string("tlserve_images_total{method=\"Embed\"}"),
+        std::string("tlserve_batch_size_bucket"),
+        std::string("tlserve_queue_duration_seconds_bucket"), std::string("tlserve_queue_depth"),
+        info, memory, std::string("tlserve_requests_total{code=\"INVALID_ARGUMENT\"")}) {
     EXPECT_NE(text.find(name), std::string::npos) << name;
   }
   const std::string path = TempDir() + "/metrics.txt";

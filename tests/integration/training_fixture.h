@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <chrono>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -107,6 +108,8 @@ class TrainingTest : public ::testing::Test {
   absl::StatusOr<v1::ClassifyResponse> Classify(const std::string& model,
                                                 const std::vector<std::string>& files) {
     grpc::ClientContext ctx;
+    // Bounded: a call that cannot be served fails the test instead of hanging it.
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(2));
     v1::ClassifyRequest req;
     req.set_model(model);
     req.set_top_k(2);

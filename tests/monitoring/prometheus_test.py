@@ -82,7 +82,7 @@ class PrometheusTest(unittest.TestCase):
         cls.procs = []
         cls.server = cls.start([os.path.join(BIN, "tlserve"), "--backbone=" + os.path.join(FIX, "r18small.pt"),
                                 "--port=%d" % cls.port, "--metrics_port=%d" % cls.metrics_port,
-                                "--host=127.0.0.1", "--device=cpu", "--data_dir=" + os.path.join(cls.tmp, "data")],
+                                "--host=127.0.0.1", "--device=" + os.environ.get("TLSERVE_TEST_DEVICE", "cpu"), "--data_dir=" + os.path.join(cls.tmp, "data")],
                                "tlserve.log")
         config = os.path.join(cls.tmp, "prometheus.yml")
         with open(config, "w") as f:

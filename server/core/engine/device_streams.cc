@@ -29,7 +29,8 @@ class CudaFence : public DeviceStreams::Fence {
   void Wait() override { event_.synchronize(); }
 
  private:
-  at::cuda::CUDAEvent event_;
+  // Blocking: the completion thread sleeps instead of spinning on a core.
+  at::cuda::CUDAEvent event_{cudaEventDisableTiming | cudaEventBlockingSync};
 };
 #endif
 
@@ -96,6 +97,17 @@ at::Tensor DeviceStreams::ToHost(const at::Tensor& device) const {
   at::Tensor host = HostBuffer(device.sizes(), device.scalar_type());
   host.copy_(device, /*non_blocking=*/true);
   return host;
+}
+
+void DeviceStreams::UseOnCurrentStream(const at::Tensor& t) const {
+#ifdef TLSERVE_WITH_CUDA
+  if (device_.is_cuda() && t.defined() && t.is_cuda()) {
+    c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(),
+                                                  c10::cuda::getCurrentCUDAStream(device_.index()));
+  }
+#else
+  (void)t;
+#endif
 }
 
 std::unique_ptr<DeviceStreams::Fence> DeviceStreams::Record() const {

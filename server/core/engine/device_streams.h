@@ -49,6 +49,10 @@ class DeviceStreams {
   // Starts the copy of a device tensor into host memory on the current
   // stream (pinned, asynchronous on CUDA); valid once a later fence passed.
   at::Tensor ToHost(const at::Tensor& device) const;
+  // Marks a device tensor made on another stream (the engine's) as used on
+  // the calling thread's stream, so that the allocator does not hand its
+  // memory out again before this stream is done with it. CPU: nothing.
+  void UseOnCurrentStream(const at::Tensor& t) const;
   // A fence after everything queued so far on the calling thread's stream.
   std::unique_ptr<Fence> Record() const;
 

@@ -74,8 +74,14 @@ Engine::Engine(const Backbone* backbone, const Options& options, Metrics* metric
       metrics_(metrics),
       device_(std::make_unique<DeviceStreams>(backbone->torch_device())) {
   if (options_.device_memory_budget_bytes == 0) {
-    options_.device_memory_budget_bytes = device_->FreeBytes() / 10 * 8;
+    // Half of what is free: the rest is for activations, cuDNN's workspace
+    // and fine-tuning (whose prefix cache takes a quarter of this budget).
+    options_.device_memory_budget_bytes = device_->FreeBytes() / 2;
   }
+  const PreprocessSpec& p = backbone_->preprocess();
+  const auto on = at::TensorOptions().device(backbone_->torch_device());
+  mean_ = at::tensor({p.mean[0], p.mean[1], p.mean[2]}, on).view({3, 1, 1});
+  std_ = at::tensor({p.std[0], p.std[1], p.std[2]}, on).view({3, 1, 1});
   LogInfo("device engine on %s: batches of up to %d images, %d in flight, %d MB for models",
           backbone_->device(), options_.max_batch_size, options_.in_flight,
           options_.device_memory_budget_bytes >> 20);
@@ -102,7 +108,14 @@ Engine::Counters Engine::counters() const {
   return counters_;
 }
 
-absl::Status Engine::Submit(std::vector<Work> work) {
+absl::Status Engine::Submit(std::vector<Work> work) { return Enqueue(std::move(work), false); }
+
+bool Engine::HasRoom(const size_t asked[2]) const {
+  const size_t limit = static_cast<size_t>(options_.max_queue_size);
+  return queued_by_[0] + asked[0] <= limit && queued_by_[1] + asked[1] <= limit;
+}
+
+absl::Status Engine::Enqueue(std::vector<Work> work, bool wait) {
   std::vector<Queued> items;
   items.reserve(work.size());
   const absl::Time now = absl::Now();
@@ -140,9 +153,27 @@ absl::Status Engine::Submit(std::vector<Work> work) {
     q.enqueued = now;
     items.push_back(std::move(q));
   }
+  // Each priority has its own room: training never takes serving's.
+  size_t asked[2] = {0, 0};
+  for (const Queued& q : items) ++asked[static_cast<int>(q.work.priority)];
+  const size_t limit = static_cast<size_t>(options_.max_queue_size);
+  if (asked[0] > limit || asked[1] > limit) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(items.size(), " images at once, over --max_queue_size (", limit, ")"));
+  }
   absl::MutexLock lock(&mu_);
+  if (wait) {
+    struct Args {
+      Engine* e;
+      const size_t* asked;
+    } args{this, asked};
+    mu_.Await(absl::Condition(
+        +[](Args* a)
+             ABSL_NO_THREAD_SAFETY_ANALYSIS { return a->e->stopping_ || a->e->HasRoom(a->asked); },
+        &args));
+  }
   if (stopping_) return absl::UnavailableError("the server is shutting down");
-  if (queued_ + items.size() > static_cast<size_t>(options_.max_queue_size)) {
+  if (!HasRoom(asked)) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "the device queue is full (", queued_, " of ", options_.max_queue_size, " images queued, ",
         items.size(), " more asked); retry later or raise --max_queue_size"));
@@ -155,6 +186,7 @@ absl::Status Engine::Submit(std::vector<Work> work) {
     queue.lanes[q.work.lane].push_back(std::move(q));
     ++queue.size;
     ++queued_;
+    ++queued_by_[static_cast<int>(q.work.priority)];
   }
   if (metrics_) metrics_->queue_depth().Set(static_cast<double>(queued_));
   return absl::OkStatus();
@@ -183,7 +215,25 @@ absl::StatusOr<std::vector<EngineResult>> Engine::Run(std::vector<Work> work) {
       if (--state->remaining == 0) state->all_done.Notify();
     };
   }
-  if (absl::Status s = Submit(std::move(work)); !s.ok()) return s;
+  // In batch-sized pieces, each waiting for room in its priority's queue.
+  const size_t piece = static_cast<size_t>(options_.max_batch_size);
+  size_t submitted = 0;
+  for (size_t b = 0; b < work.size(); b += piece) {
+    std::vector<Work> part(
+        std::make_move_iterator(work.begin() + b),
+        std::make_move_iterator(work.begin() + std::min(work.size(), b + piece)));
+    const size_t n = part.size();
+    if (absl::Status s = Enqueue(std::move(part), /*wait=*/true); !s.ok()) {
+      // The pieces already queued finish on their own (their callbacks own
+      // the state); this one and the rest never will.
+      absl::MutexLock lock(&state->mu);
+      state->remaining -= work.size() - submitted;
+      if (state->remaining == 0) state->all_done.Notify();
+      if (state->error.ok()) state->error = s;
+      break;
+    }
+    submitted += n;
+  }
   state->all_done.WaitForNotification();
   absl::MutexLock lock(&state->mu);
   if (!state->error.ok()) return state->error;
@@ -222,6 +272,7 @@ std::vector<Engine::Queued> Engine::TakeBatch(Queue& q) {
   auto it = q.lanes.lower_bound(q.next_lane);
   while (batch.size() < static_cast<size_t>(options_.max_batch_size) && q.size > 0) {
     if (it == q.lanes.end()) it = q.lanes.begin();
+    --queued_by_[static_cast<int>(it->second.front().work.priority)];
     batch.push_back(std::move(it->second.front()));
     it->second.pop_front();
     --q.size;
@@ -313,7 +364,9 @@ void Engine::CompletionLoop() {
         LogError("an engine caller's completion threw: %s", Bounded(e.what(), 200));
       }
     }
+    std::unique_ptr<InFlight> finished;  // destroyed unlocked: it may hold the last references
     absl::MutexLock lock(&done_mu_);
+    finished = std::move(in_flight_.front());
     in_flight_.pop_front();
   }
 }
@@ -334,7 +387,7 @@ const StagePlan& Engine::Acquire(const std::shared_ptr<const ServableVersion>& v
     r->version = version;
   }
   r->last_use = ++use_clock_;
-  bool evicted = false;
+  int evicted = 0;
   if (!r->plan) {
     const StagePlan& host = version->plan;
     if (backbone_->torch_device().is_cpu()) {
@@ -367,7 +420,7 @@ const StagePlan& Engine::Acquire(const std::shared_ptr<const ServableVersion>& v
       if (lru == nullptr) break;  // this batch alone is over the budget: it runs anyway
       lru->plan.reset();
       resident_bytes_ -= lru->bytes;
-      evicted = true;
+      ++evicted;
       absl::MutexLock lock(&counters_mu_);
       ++counters_.evictions;
     }
@@ -385,12 +438,28 @@ const StagePlan& Engine::Acquire(const std::shared_ptr<const ServableVersion>& v
 
 std::unique_ptr<Engine::InFlight> Engine::Launch(std::vector<Queued> batch) {
   auto f = std::make_unique<InFlight>();
-  const absl::Time now = absl::Now();
   f->results.resize(batch.size(), absl::InternalError("not computed"));
+  f->items = std::move(batch);
+  // Nothing a batch does may end the launch thread: whatever throws (a
+  // caller's cancelled(), a CUDA error in a fence) fails that batch alone.
+  try {
+    Compute(f.get());
+  } catch (...) {
+    const absl::Status failed = StatusFromCurrentException("the batch failed");
+    for (auto& r : f->results) r = failed;
+    f->fence.reset();
+  }
+  return f;
+}
+
+void Engine::Compute(InFlight* f) {
+  const absl::Time now = absl::Now();
   std::vector<size_t> live;
-  for (size_t i = 0; i < batch.size(); ++i) {
-    const Work& w = batch[i].work;
-    if (metrics_) metrics_->queue_seconds().Observe(absl::ToDoubleSeconds(now - batch[i].enqueued));
+  for (size_t i = 0; i < f->items.size(); ++i) {
+    const Work& w = f->items[i].work;
+    if (metrics_) {
+      metrics_->queue_seconds().Observe(absl::ToDoubleSeconds(now - f->items[i].enqueued));
+    }
     if (w.cancelled && w.cancelled()) {
       f->results[i] = absl::CancelledError("the request was cancelled while queued");
     } else if (now > w.deadline) {
@@ -399,8 +468,7 @@ std::unique_ptr<Engine::InFlight> Engine::Launch(std::vector<Queued> batch) {
       live.push_back(i);
     }
   }
-  f->items = std::move(batch);
-  if (live.empty()) return f;
+  if (live.empty()) return;
   const auto& items = f->items;
   // Rows in the order the shared stages leave them: the longest prefix
   // first, and within a prefix by what is computed next (a model, an
@@ -408,7 +476,7 @@ std::unique_ptr<Engine::InFlight> Engine::Launch(std::vector<Queued> batch) {
   auto group_of = [&](size_t i) {
     const Work& w = items[i].work;
     return std::make_tuple(-items[i].prefix_end, static_cast<int>(w.output),
-                           reinterpret_cast<uintptr_t>(w.version.get()), w.spec.stage,
+                           reinterpret_cast<uintptr_t>(w.version.get()), w.top_k, w.spec.stage,
                            static_cast<int>(w.spec.pool), w.spec.normalize);
   };
   std::stable_sort(live.begin(), live.end(),
@@ -433,7 +501,11 @@ std::unique_ptr<Engine::InFlight> Engine::Launch(std::vector<Queued> batch) {
     f->host_input = device_->HostBuffer(sizes, first.scalar_type());
     for (int64_t k = 0; k < n; ++k) f->host_input[k].copy_(items[live[k]].work.input);
     at::Tensor x = device_->ToDevice(f->host_input);
-    if (x.scalar_type() == at::kByte) x = Normalize(x, backbone_->preprocess());
+    if (x.scalar_type() == at::kByte) {
+      // torchvision's ToTensor and Normalize, in their order of operations
+      // (preprocess.h's Normalize), with mean and std already on the device.
+      x = x.to(at::kFloat).div(255).sub(mean_).div(std_);
+    }
     x = backbone_->ToDevice(x);
 
     // The shared stages, once for the whole batch; rows leave where their
@@ -449,17 +521,20 @@ std::unique_ptr<Engine::InFlight> Engine::Launch(std::vector<Queued> batch) {
       }
     };
     const int max_end = items[live[0]].prefix_end;
+    int64_t stage_images = 0;
     keep(0, x);
     for (int s = 0; s < max_end; ++s) {
       const int64_t running = rows_past(s);
       if (running < x.size(0)) x = x.narrow(0, 0, running);
       x = backbone_->Forward(x, s, s);
+      stage_images += running;
       keep(s + 1, x);
     }
     if (max_end > 0 && metrics_) metrics_->EngineForward(training ? "train" : "prefix", n);
     {
       absl::MutexLock lock(&counters_mu_);
       ++counters_.batches;
+      counters_.prefix_stage_images += stage_images;
       if (max_end > 0) {
         ++counters_.prefix_forwards;
         counters_.prefix_images += n;
@@ -471,7 +546,7 @@ std::unique_ptr<Engine::InFlight> Engine::Launch(std::vector<Queued> batch) {
   if (!failed.ok()) {
     for (size_t i : live) f->results[i] = failed;
     f->fence = device_->Record();
-    return f;
+    return;
   }
 
   // Then each group on its slice: a model's private stages and head, or an
@@ -528,7 +603,6 @@ std::unique_ptr<Engine::InFlight> Engine::Launch(std::vector<Queued> batch) {
     k = e;
   }
   f->fence = device_->Record();
-  return f;
 }
 
 void Engine::Warmup() {

@@ -105,7 +105,8 @@ class Engine {
   // What the engine has done (for tests and metrics).
   struct Counters {
     int64_t batches = 0;
-    int64_t prefix_forwards = 0, prefix_images = 0;    // the shared stages, once per batch
+    int64_t prefix_forwards = 0, prefix_images = 0;  // the shared stages, once per batch
+    int64_t prefix_stage_images = 0;  // images through each shared stage, summed over stages
     int64_t private_forwards = 0, private_images = 0;  // a model's private stages on its slice
     int64_t head_forwards = 0, head_images = 0;        // a model's head on its slice
     int64_t evictions = 0;
@@ -120,13 +121,14 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  // Queues all or none: RESOURCE_EXHAUSTED when they do not fit, UNAVAILABLE
-  // once stopping, INVALID_ARGUMENT for work that names nothing to compute.
-  // On error no `done` is called. Each `done` is called exactly once, from
-  // the completion thread.
+  // Queues all or none: RESOURCE_EXHAUSTED when they do not fit (each
+  // priority has --max_queue_size images of room), UNAVAILABLE once stopping, INVALID_ARGUMENT for
+  // work that names nothing to compute. On error no `done` is called. Each `done` is called exactly
+  // once, from the completion thread.
   absl::Status Submit(std::vector<Work> work);
-  // Submits and waits for every result (a job's thread); the first failure
-  // is returned.
+  // Submits in batch-sized pieces, each waiting for room in its queue (never
+  // RESOURCE_EXHAUSTED), and waits for every result (a job's thread); the
+  // first failure is returned.
   absl::StatusOr<std::vector<EngineResult>> Run(std::vector<Work> work);
 
   // Forwards of the batch sizes used, so that the first requests are not
@@ -158,12 +160,17 @@ class Engine {
   struct InFlight;
 
   Engine(const Backbone* backbone, const Options& options, Metrics* metrics);
+  // Submit; with `wait`, waits for room in each priority's queue instead of
+  // failing with RESOURCE_EXHAUSTED.
+  absl::Status Enqueue(std::vector<Work> work, bool wait);
+  bool HasRoom(const size_t asked[2]) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void LaunchLoop();
   void CompletionLoop();
   // The queue whose batch should run now, if any (serving first).
   Queue* ReadyQueue(absl::Time now, absl::Time* wake) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<Queued> TakeBatch(Queue& q) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::unique_ptr<InFlight> Launch(std::vector<Queued> batch);
+  void Compute(InFlight* f);  // Launch's work; may throw
   // The device copy of a version's plan, made or refreshed (LRU).
   const StagePlan& Acquire(const std::shared_ptr<const ServableVersion>& version,
                            const std::vector<const ServableVersion*>& pinned);
@@ -173,10 +180,12 @@ class Engine {
   Options options_;
   Metrics* metrics_;
   std::unique_ptr<DeviceStreams> device_;
+  at::Tensor mean_, std_;  // the preprocessing's, 3×1×1 on the device
 
   mutable absl::Mutex mu_;
   std::map<QueueKey, Queue> queues_ ABSL_GUARDED_BY(mu_);
   size_t queued_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t queued_by_[2] ABSL_GUARDED_BY(mu_) = {0, 0};  // by priority; each up to max_queue_size
   int serving_in_a_row_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
 
