@@ -156,6 +156,14 @@ absl::StatusOr<std::unique_ptr<Backbone>> Backbone::Load(const BackboneOptions& 
   for (const auto& p : m.module.parameters()) p.set_requires_grad(false);
   m.module.eval();
   m.module.to(m.device, m.dtype);
+  if (m.device.is_cuda() && m.dtype == torch::kFloat) {
+    // fp32 means fp32: LibTorch lets cuDNN use TF32 (10-bit mantissas) by
+    // default, which put served embeddings 1e-3 off PyTorch's on the GPU
+    // machine (measured, gpu-check 2026-11-28). --precision=bf16 is the fast
+    // choice.
+    at::globalContext().setAllowTF32CuDNN(false);
+    at::globalContext().setFloat32MatmulPrecision("highest");
+  }
   if (m.device.is_cuda()) {
     // Convolutions on CUDA are fastest with channels_last, fp32 included (a
     // ResNet-50 on an H100: 7,486 vs 6,219 img/s in fp32).

@@ -86,9 +86,18 @@ Engine::Work Classify(const at::Tensor& image, std::shared_ptr<const ServableVer
 // The reference: the version's own plan on the calling thread, in one
 // batch, no engine (softmax of StagePlan::LogitsOf).
 at::Tensor Reference(const ServableVersion& v, const Backbone& b, const at::Tensor& image) {
+  // The host copy's modules, on the backbone's device (a GPU, under
+  // TLSERVE_TEST_DEVICE=cuda) when it is not the CPU.
+  StagePlan::Stages own;
+  for (const auto& [i, m] : v.plan.own()) {
+    own[i] = std::make_shared<torch::jit::Module>(b.OnDevice(*m, false));
+  }
+  auto head =
+      std::dynamic_pointer_cast<torch::nn::SequentialImpl>(v.plan.head()->clone(b.torch_device()));
+  const StagePlan plan(b, std::move(own), torch::nn::Sequential(head));
   c10::InferenceMode guard;
   const at::Tensor x = Normalize(image, b.preprocess()).unsqueeze(0);
-  return at::softmax(v.plan.LogitsOf(x), 1)[0].to(torch::kCPU, torch::kFloat);
+  return at::softmax(plan.LogitsOf(x), 1)[0].to(torch::kCPU, torch::kFloat);
 }
 
 // Probabilities in class order from a top-k (all classes) result.

@@ -231,7 +231,12 @@ TEST_F(ServerTest, ConcurrentClientsGetExactlyTheLoneVectorsInBatches) {
     ASSERT_TRUE(status[i].ok()) << status[i];
     worst = std::max(worst, MaxAbsDiff(got[i], lone[i % files.size()]));
   }
-  EXPECT_EQ(worst, 0.0) << "a batched vector differs from the lone one by " << worst;
+  // Bit-identical on the CPU; on a GPU, cuDNN picks kernels by batch size.
+  if (testing::TestDevice() == "cpu") {
+    EXPECT_EQ(worst, 0.0) << "a batched vector differs from the lone one by " << worst;
+  } else {
+    EXPECT_LE(worst, 1e-4 * MaxAbs(lone[0])) << "batched vs lone on " << testing::TestDevice();
+  }
   const std::string after = HttpGet(server_->metrics_port(), "/metrics");
   const double batches = MetricValue(after, "tlserve_batch_size_count") - batches_before;
   const double multi =
@@ -382,7 +387,12 @@ TEST_F(ServerTest, StreamEmbedReportsBadImagesAndEmbedsTheRest) {
   }
   auto lone = EmbedFiles({"gray_jpg.jpg"});
   ASSERT_TRUE(lone.ok());
-  EXPECT_EQ(Values(results[2].embedding()), Values(lone->embeddings(0)));
+  if (testing::TestDevice() == "cpu") {
+    EXPECT_EQ(Values(results[2].embedding()), Values(lone->embeddings(0)));
+  } else {  // cuDNN picks kernels by batch size
+    const auto want = Values(lone->embeddings(0));
+    EXPECT_LE(MaxAbsDiff(Values(results[2].embedding()), want), 1e-4 * MaxAbs(want));
+  }
 }
 
 TEST_F(ServerTest, StreamEmbedWithUnknownLayerEndsTheStream) {
@@ -459,6 +469,9 @@ TEST_F(ServerTest, MetricsAreExportedAndPassPromtool) {
         std::string("tlserve_queue_duration_seconds_bucket"), std::string("tlserve_queue_depth"),
         info, memory, std::string("tlserve_requests_total{code=\"INVALID_ARGUMENT\"")}) {
     EXPECT_NE(text.find(name), std::string::npos) << name;
+  }
+  if (std::system("command -v promtool > /dev/null") != 0) {
+    GTEST_SKIP() << "no promtool on this machine (Debian: prometheus)";
   }
   const std::string path = TempDir() + "/metrics.txt";
   std::ofstream(path) << text;
