@@ -94,7 +94,12 @@ absl::StatusOr<FineTuned> FineTune(Engine& engine,
   torch::manual_seed(o.seed);
   std::mt19937_64 rng(o.seed);
   std::uniform_real_distribution<double> uniform(0, 1);
-  const int first = stages.begin()->first;
+  // The run's plan: its own copies of the private stages and its head on
+  // the device; shared stages after the first private one stay frozen, but
+  // gradients flow through them.
+  head->to(device);
+  const StagePlan plan(backbone, stages, head);
+  const int first = plan.first_private();
 
   // The frozen prefix's output for a batch of examples, without gradient,
   // computed by the device engine (at training priority, in its batches).
@@ -179,11 +184,6 @@ absl::StatusOr<FineTuned> FineTune(Engine& engine,
     }
     return at::stack(cached);
   };
-  // The run's plan: its own copies of the private stages and its head on
-  // the device; shared stages after the first private one stay frozen, but
-  // gradients flow through them.
-  head->to(device);
-  const StagePlan plan(backbone, stages, head);
   // BatchNorm statistics of a batch of one are undefined (and throw on a 1×1
   // feature map): such a batch trains with the statistics frozen.
   auto set_training = [&](bool training, size_t batch) {
