@@ -271,6 +271,10 @@ int Main() {
     std::printf("| %-44s | %7lld | %10.1f | %8.2f | %9.1f | %17.3f |\n", r.mode.c_str(),
                 static_cast<long long>(r.images), mean_batch, r.seconds, rate, rate / base);
   }
+  // Out before anything is torn down: on the GPU machine the process crashed
+  // at exit, after the server had stopped, and took the buffered table with
+  // it (gpu-check, 2026-11-28).
+  std::fflush(stdout);
   (*server)->Shutdown(absl::Seconds(5));
   std::filesystem::remove_all(o.data_dir);
   return 0;
