@@ -159,22 +159,25 @@ grpc::ServerReadReactor<v1::UploadDatasetRequest>* DatasetService::UploadDataset
 grpc::ServerUnaryReactor* DatasetService::ListDatasets(grpc::CallbackServerContext* context,
                                                        const v1::ListDatasetsRequest*,
                                                        v1::ListDatasetsResponse* response) {
-  return ContainedUnary(context, metrics_, "ListDatasets", [&]() -> absl::Status {
-    auto list = catalog_->List();
-    if (!list.ok()) return list.status();
-    for (const auto& d : *list) ToProto(d, response->add_datasets());
-    return absl::OkStatus();
-  });
+  // The catalog reads the database: on a worker, not the gRPC thread.
+  return ContainedOnWorker(context, metrics_, "ListDatasets", pool_,
+                           [this, response]() -> absl::Status {
+                             auto list = catalog_->List();
+                             if (!list.ok()) return list.status();
+                             for (const auto& d : *list) ToProto(d, response->add_datasets());
+                             return absl::OkStatus();
+                           });
 }
 
 grpc::ServerUnaryReactor* DatasetService::GetDataset(grpc::CallbackServerContext* context,
                                                      const v1::GetDatasetRequest* request,
                                                      v1::Dataset* response) {
-  return ContainedUnary(context, metrics_, "GetDataset", [&]() -> absl::Status {
-    auto info = catalog_->Get(request->name());
-    if (info.ok()) ToProto(*info, response);
-    return info.status();
-  });
+  return ContainedOnWorker(context, metrics_, "GetDataset", pool_,
+                           [this, request, response]() -> absl::Status {
+                             auto info = catalog_->Get(request->name());
+                             if (info.ok()) ToProto(*info, response);
+                             return info.status();
+                           });
 }
 
 grpc::ServerUnaryReactor* DatasetService::DeleteDataset(grpc::CallbackServerContext* context,

@@ -337,7 +337,8 @@ grpc::ServerUnaryReactor* ModelService::ListJobs(grpc::CallbackServerContext* c,
 
 grpc::ServerUnaryReactor* ModelService::CancelJob(grpc::CallbackServerContext* c,
                                                   const v1::CancelJobRequest* req, v1::Job* resp) {
-  return ContainedUnary(c, metrics_, "CancelJob", [&]() -> absl::Status {
+  // Cancelling a queued job writes its record: on a worker.
+  return ContainedOnWorker(c, metrics_, "CancelJob", work_, [this, req, resp]() -> absl::Status {
     auto j = jobs_->Cancel(req->id());
     if (j.ok()) ToProto(*j, resp);
     return j.status();
