@@ -34,7 +34,8 @@ struct Engine::InFlight {
   std::vector<Queued> items;
   std::vector<absl::StatusOr<EngineResult>> results;
   std::unique_ptr<DeviceStreams::Fence> fence;
-  at::Tensor host_input;  // alive until the fence: the device copy reads it
+  at::Tensor host_buffer;  // a whole batch buffer, given back to the pool once delivered
+  at::Tensor host_input;   // its first rows: alive until the fence (the device copy reads it)
 };
 
 absl::Time Engine::Queue::oldest() const {
@@ -364,10 +365,40 @@ void Engine::CompletionLoop() {
         LogError("an engine caller's completion threw: %s", Bounded(e.what(), 200));
       }
     }
+    if (f->host_buffer.defined()) GiveBackHostBuffer(std::move(f->host_buffer));
     std::unique_ptr<InFlight> finished;  // destroyed unlocked: it may hold the last references
     absl::MutexLock lock(&done_mu_);
     finished = std::move(in_flight_.front());
     in_flight_.pop_front();
+  }
+}
+
+at::Tensor Engine::TakeHostBuffer(const at::Tensor& like) {
+  std::vector<int64_t> sizes = {options_.max_batch_size};
+  sizes.insert(sizes.end(), like.sizes().begin(), like.sizes().end());
+  {
+    absl::MutexLock lock(&buffers_mu_);
+    for (auto it = host_buffers_.begin(); it != host_buffers_.end(); ++it) {
+      if (it->scalar_type() == like.scalar_type() && it->sizes().equals(sizes)) {
+        at::Tensor buffer = std::move(*it);
+        host_buffers_.erase(it);
+        return buffer;
+      }
+    }
+  }
+  // A normal tensor, not an inference one: serving's batches (InferenceMode)
+  // and training's (NoGradGuard) both reuse it.
+  c10::InferenceMode normal(/*enabled=*/false);
+  return device_->HostBuffer(sizes, like.scalar_type());
+}
+
+void Engine::GiveBackHostBuffer(at::Tensor buffer) {
+  absl::MutexLock lock(&buffers_mu_);
+  // Enough for the batches in flight and the one being formed, of the input
+  // sizes in use; the oldest goes first beyond that.
+  host_buffers_.push_back(std::move(buffer));
+  while (host_buffers_.size() > static_cast<size_t>(2 * (options_.in_flight + 1))) {
+    host_buffers_.erase(host_buffers_.begin());
   }
 }
 
@@ -498,7 +529,8 @@ void Engine::Compute(InFlight* f) {
     const at::Tensor& first = items[live[0]].work.input;
     std::vector<int64_t> sizes = {n};
     sizes.insert(sizes.end(), first.sizes().begin(), first.sizes().end());
-    f->host_input = device_->HostBuffer(sizes, first.scalar_type());
+    f->host_buffer = TakeHostBuffer(first);
+    f->host_input = f->host_buffer.narrow(0, 0, n);
     for (int64_t k = 0; k < n; ++k) f->host_input[k].copy_(items[live[k]].work.input);
     at::Tensor x = device_->ToDevice(f->host_input);
     if (x.scalar_type() == at::kByte) {

@@ -174,7 +174,10 @@ class Engine {
   // The device copy of a version's plan, made or refreshed (LRU).
   const StagePlan& Acquire(const std::shared_ptr<const ServableVersion>& version,
                            const std::vector<const ServableVersion*>& pinned);
-  void UpdateResidencyMetrics();
+  // Batch buffers in host memory (pinned on CUDA) of max_batch_size rows,
+  // reused: allocated once per input size in use, not per batch.
+  at::Tensor TakeHostBuffer(const at::Tensor& like);
+  void GiveBackHostBuffer(at::Tensor buffer);
 
   const Backbone* backbone_;
   Options options_;
@@ -197,6 +200,9 @@ class Engine {
   std::map<const ServableVersion*, std::unique_ptr<Resident>> resident_;
   int64_t resident_bytes_ = 0;
   uint64_t use_clock_ = 0;
+
+  absl::Mutex buffers_mu_;
+  std::vector<at::Tensor> host_buffers_ ABSL_GUARDED_BY(buffers_mu_);
 
   mutable absl::Mutex counters_mu_;
   Counters counters_ ABSL_GUARDED_BY(counters_mu_);
