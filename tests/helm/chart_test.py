@@ -2,19 +2,30 @@
 """The Helm chart, checked without a helm binary (none is packaged here):
 
 - templates are rendered by tests/helm/render (Go's text/template + sprig,
-  Helm's engine) for the default values and for GPU, ServiceMonitor +
-  dashboard + PodDisruptionBudget, autoscaling (stateless, with the
-  prometheus-adapter metric) and a mounted backbone;
+  Helm's engine, with values' numbers as float64 as Helm reads them) for the
+  default values and for GPU, ServiceMonitor + dashboard +
+  PodDisruptionBudget, autoscaling (stateless, with the prometheus-adapter
+  metric), a mounted backbone, TLS + API keys + quotas + audit, mTLS with a
+  cert-manager Certificate, mTLS with a separate client CA, metrics over
+  HTTPS with a token (and the ServiceMonitor that scrapes them), and
+  NetworkPolicy variants;
 - every output must parse as YAML; every object is validated against
   Kubernetes' schemas by npm's kubernetes-models (apiVersion, kind, required
-  fields, types) and has only field names that Kubernetes' models know
-  (python3-kubernetes, k8s 1.22, plus the newer fields listed in NEWER);
-- specific promises: probes on the gRPC health service, non-root, read-only
-  root, dropped capabilities, named ports, nvidia.com/gpu with gpu.enabled,
-  the dashboard ConfigMap equal to monitoring/grafana-dashboard.json, every
-  flag in the flags ConfigMap known to `tlserve --help`;
+  fields, types; cert-manager's and the Prometheus Operator's too) and has
+  only field names that Kubernetes' models know (python3-kubernetes, k8s
+  1.22, plus the newer fields listed in NEWER);
+- specific promises: probes on the gRPC health service (on the plaintext
+  health port), non-root, read-only root, dropped capabilities, named ports,
+  nvidia.com/gpu with gpu.enabled, the dashboard ConfigMap equal to
+  monitoring/grafana-dashboard.json, every flag in the flags ConfigMap and
+  the container's args known to `tlserve --help` and printed as tlserve parses
+  it; every file flag (--tls_cert, --api_keys, ...) names a file of the
+  right Secret or ConfigMap, mounted as a whole directory (so updates reach
+  tlserve); the NetworkPolicy's rules; the ServiceMonitor's https, CA and
+  bearer token;
 - more than one replica with persistence, or autoscaling with persistence,
-  fails rendering with a message that says why.
+  fails rendering with a message that says why; so do settings that would
+  leave TLS or keys half set up or the probes unable to reach tlserve.
 
 usage: chart_test.py BIN_DIR FIXTURES_DIR   (BIN_DIR for tlserve --helpfull)
 """
@@ -36,12 +47,15 @@ BIN = sys.argv[1]
 CACHE = os.environ.get("TLSERVE_CHART_TEST_CACHE", os.path.join(BIN, "..", "chart-test"))
 
 # Fields newer than python3-kubernetes 22's models (Kubernetes 1.22).
+# (ServiceMonitor and Certificate have no model there: their endpoint's and
+# spec's fields are checked by name below.)
 NEWER = {"V1Probe": {"grpc": "V1GRPCAction"}}
 GRPC_ACTION = {"port": "int", "service": "str"}
 API_CLASS = {("apps/v1", "Deployment"): "V1Deployment", ("v1", "Service"): "V1Service",
              ("v1", "ConfigMap"): "V1ConfigMap", ("v1", "PersistentVolumeClaim"): "V1PersistentVolumeClaim",
              ("v1", "ServiceAccount"): "V1ServiceAccount",
              ("policy/v1", "PodDisruptionBudget"): "V1PodDisruptionBudget",
+             ("networking.k8s.io/v1", "NetworkPolicy"): "V1NetworkPolicy",
              # autoscaling/v2 has v2beta2's fields.
              ("autoscaling/v2", "HorizontalPodAutoscaler"): "V2beta2HorizontalPodAutoscaler"}
 
@@ -87,7 +101,9 @@ def build_tools(tmp):
     os.makedirs(CACHE, exist_ok=True)
     shutil.copy(os.path.join(HERE, "package.json"), CACHE)
     shutil.copy(os.path.join(HERE, "validate.mjs"), CACHE)
-    if not os.path.isdir(os.path.join(CACHE, "node_modules", "kubernetes-models")):
+    with open(os.path.join(HERE, "package.json")) as f:
+        wanted = json.load(f)["dependencies"]
+    if not all(os.path.isdir(os.path.join(CACHE, "node_modules", d)) for d in wanted):
         subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=CACHE, check=True)
     return render
 
@@ -115,6 +131,40 @@ def validate(name, text):
     return {d["kind"]: d for d in docs}
 
 
+def parse_args(args):
+    """{flag: value} of --flag=value and bare --flag (True) arguments."""
+    out = {}
+    for a in args:
+        name, eq, value = a[2:].partition("=")
+        out[name] = value if eq else True
+    return out
+
+
+def mounted_file(pod, path):
+    """(volume kind, object name, key) that the container reads at path, or a
+    string saying why it reads nothing there. The directory must be a whole
+    volume: a subPath mount would never see the Secret's updates."""
+    c = pod["containers"][0]
+    d, base = os.path.split(path)
+    mounts = [m for m in c.get("volumeMounts", []) if m["mountPath"] == d]
+    if len(mounts) != 1:
+        return "%d mounts at %s" % (len(mounts), d)
+    if "subPath" in mounts[0] or not mounts[0].get("readOnly"):
+        return "%s is a subPath or writable mount" % d
+    vol = {v["name"]: v for v in pod["volumes"]}[mounts[0]["name"]]
+    kind = "secret" if "secret" in vol else "configMap" if "configMap" in vol else None
+    if not kind:
+        return "%s is neither a Secret nor a ConfigMap" % d
+    src = vol[kind]
+    key = base
+    if "items" in src:
+        keys = [i["key"] for i in src["items"] if i["path"] == base]
+        if not keys:
+            return "no item of %s is %s" % (d, base)
+        key = keys[0]
+    return (kind, src.get("secretName") or src.get("name"), key)
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="tlserve-chart-")
     try:
@@ -126,26 +176,40 @@ def main():
         r = render(tool, tmp, {})
         check(r.returncode == 0, "default values render: " + r.stderr)
         objs = validate("default", r.stdout)
-        check(set(objs) == {"ConfigMap", "Deployment", "PersistentVolumeClaim", "Service", "ServiceAccount"},
-              "default objects: %s" % sorted(objs))
+        check(set(objs) == {"ConfigMap", "Deployment", "NetworkPolicy", "PersistentVolumeClaim", "Service",
+                            "ServiceAccount"}, "default objects: %s" % sorted(objs))
         dep = objs["Deployment"]
         pod = dep["spec"]["template"]["spec"]
         c = pod["containers"][0]
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            check(c[probe].get("grpc", {}).get("port") == 50051, probe + " uses the gRPC health service")
         check(c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 300,
               "the startup probe allows at least 5 minutes to load a backbone")
         check(pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001, "non-root")
         check(c["securityContext"]["readOnlyRootFilesystem"], "read-only root filesystem")
         check(c["securityContext"]["capabilities"]["drop"] == ["ALL"], "capabilities dropped")
-        check([p["name"] for p in c["ports"]] == ["grpc", "metrics"], "named container ports")
+        check([p["name"] for p in c["ports"]] == ["grpc", "metrics", "health"], "named container ports")
         check([p["name"] for p in objs["Service"]["spec"]["ports"]] == ["grpc", "metrics"], "named service ports")
         check("nvidia.com/gpu" not in json.dumps(c["resources"]), "no GPU by default")
         check(dep["spec"]["strategy"]["type"] == "Recreate", "one pod owns the data volume")
         flags = objs["ConfigMap"]["data"]["tlserve.flags"].split()
-        names = [f[2:].split("=")[0] for f in flags]
+        names = [f[2:].split("=")[0] for f in flags] + list(parse_args(c["args"]))
         check(all(n in known_flags for n in names), "every flag is tlserve's: %s" % (set(names) - known_flags))
-        check(c["args"] == ["--flagfile=/etc/tlserve/tlserve.flags"], "flags come from the ConfigMap")
+        check("--max_message_bytes=67108864" in flags,
+              "a large number is printed as an integer, not as Helm's float64 (6.7108864e+07)")
+        check(c["args"] == ["--flagfile=/etc/tlserve/tlserve.flags", "--health_port=8081"],
+              "flags come from the ConfigMap, the health port from the chart: %s" % c["args"])
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            check(c[probe].get("grpc", {}).get("port") == 8081, probe + " uses the health port")
+        check({p["name"]: p["containerPort"] for p in c["ports"]}.get("health") == 8081, "the health port is named")
+        np = objs["NetworkPolicy"]["spec"]
+        check(np["podSelector"]["matchLabels"] == objs["Deployment"]["spec"]["selector"]["matchLabels"],
+              "the NetworkPolicy selects tlserve's pods")
+        rules = {r["ports"][0]["port"]: r for r in np["ingress"]}
+        check(sorted(rules) == [8081, 9090, 50051], "ingress rules for gRPC, metrics and health: %s" % sorted(rules))
+        check(rules[50051].get("from") == [{"podSelector": {}}], "gRPC from the release's namespace only")
+        check(rules[9090].get("from") == [{"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": "monitoring"}}}], "metrics from the monitoring namespace only")
+        check("from" not in rules[8081], "health from anywhere (the kubelet probes from the node)")
+        check(np["policyTypes"] == ["Ingress"], "egress left alone")
 
         r = render(tool, tmp, {"gpu": {"enabled": True, "count": 2, "repository": "tlserve-cuda"},
                                "nodeSelector": {"nvidia.com/gpu.present": "true"},
@@ -202,10 +266,184 @@ def main():
 
         r = render(tool, tmp, {}, notes=True)
         check(r.returncode == 0 and "port-forward svc/tlserve 50051 9090" in r.stdout, "NOTES.txt renders")
+
+        security_tests(tool, tmp, known_flags)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("%d failures" % len(failures))
     return 1 if failures else 0
+
+
+def rendered(tool, tmp, name, values, known_flags):
+    """The objects of one rendering, validated, plus the pod and its args."""
+    r = render(tool, tmp, values)
+    check(r.returncode == 0, "%s values render: %s" % (name, r.stderr))
+    if r.returncode != 0:
+        return None, None, {}
+    objs = validate(name, r.stdout)
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    args = parse_args(c["args"])
+    flags = objs["ConfigMap"]["data"]["tlserve.flags"].split()
+    unknown = (set(args) | {f[2:].split("=")[0] for f in flags}) - known_flags
+    check(not unknown, "%s: every flag is tlserve's: %s" % (name, sorted(unknown)))
+    sci = [f for f in flags + c["args"] if re.search(r"=[-+]?\d(\.\d+)?e[-+]\d+$", f)]
+    check(not sci, "%s: no number in scientific notation: %s" % (name, sci))
+    port = int(args.get("health_port", 50051))
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        check(c[probe]["grpc"]["port"] == port, "%s: %s on port %d" % (name, probe, port))
+    if "tls_cert" in args or "api_keys" in args:
+        check(port != 50051, "%s: with TLS or keys the probes use the plaintext health port" % name)
+    return objs, pod, args
+
+
+def security_tests(tool, tmp, known_flags):
+    # TLS from an existing Secret, API keys, quotas, audit to stdout.
+    objs, pod, args = rendered(tool, tmp, "tls-keys", {
+        "tls": {"enabled": True, "secretName": "tlserve-cert"},
+        "auth": {"apiKeysSecret": "tlserve-keys"},
+        "quotas": {"defaults": {"storage_mb": 10240, "jobs": 2},
+                   "tenants": {"acme": {"storage_mb": 51200, "private_params": 50000000}, "beta": {"jobs": 0}}},
+        "audit": {"enabled": True, "output": "stdout"}}, known_flags)
+    if objs:
+        check(mounted_file(pod, args.get("tls_cert", "")) == ("secret", "tlserve-cert", "tls.crt"),
+              "--tls_cert is tls.crt of the Secret: %s" % (mounted_file(pod, args.get("tls_cert", "")),))
+        check(mounted_file(pod, args.get("tls_key", "")) == ("secret", "tlserve-cert", "tls.key"),
+              "--tls_key is tls.key of the Secret")
+        check("tls_client_ca" not in args, "no client certificates asked for without tls.clientAuth")
+        check(mounted_file(pod, args.get("api_keys", "")) == ("secret", "tlserve-keys", "api_keys"),
+              "--api_keys is key api_keys of auth.apiKeysSecret: %s" % (mounted_file(pod, args.get("api_keys", "")),))
+        modes = {v["name"]: v["secret"].get("defaultMode") for v in pod["volumes"] if "secret" in v}
+        check(modes and all(m == 0o440 for m in modes.values()), "secrets readable by tlserve's group only: %s" % modes)
+        check(mounted_file(pod, args.get("quotas", "")) == ("configMap", "tlserve", "tlserve.quotas"),
+              "--quotas is the ConfigMap's tlserve.quotas")
+        quotas = sorted(objs["ConfigMap"]["data"]["tlserve.quotas"].strip().splitlines())
+        check(quotas == ["acme private_params 50000000", "acme storage_mb 51200", "beta jobs 0"],
+              "the quotas file: %s" % quotas)
+        flags = objs["ConfigMap"]["data"]["tlserve.flags"].split()
+        check("--tenant_storage_mb=10240" in flags and "--tenant_jobs=2" in flags, "default quotas as flags")
+        check(args.get("audit_log") == "/dev/stdout", "audit to stdout")
+        check("Certificate" not in objs, "no Certificate without tls.certManager")
+        check(objs["Service"]["spec"]["ports"][1]["appProtocol"] == "http", "metrics stay http without metrics.tls")
+
+    objs, pod, args = rendered(tool, tmp, "audit-file", {"audit": {"enabled": True}}, known_flags)
+    if objs:
+        check(args.get("audit_log") == "/var/lib/tlserve/audit.log", "audit log on the data volume")
+
+    # mTLS with the CA of a cert-manager Certificate.
+    objs, pod, args = rendered(tool, tmp, "mtls-cert-manager", {
+        "tls": {"enabled": True, "clientAuth": True,
+                "certManager": {"enabled": True, "issuerRef": {"name": "tlserve-ca", "kind": "ClusterIssuer"},
+                                "dnsNames": ["tlserve.example.com"]}}}, known_flags)
+    if objs:
+        cert = objs.get("Certificate", {}).get("spec", {})
+        check(cert.get("secretName") == "tlserve-tls", "the Certificate writes tlserve-tls")
+        check(cert.get("issuerRef") == {"name": "tlserve-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"},
+              "the Certificate's issuer: %s" % cert.get("issuerRef"))
+        check({"tlserve", "tlserve.default.svc", "tlserve.default.svc.cluster.local",
+               "tlserve.example.com"} <= set(cert.get("dnsNames", [])), "the Service's names and the extra one")
+        check(cert.get("privateKey", {}).get("rotationPolicy") == "Always", "a new key at each renewal")
+        unknown = set(cert) - {"secretName", "issuerRef", "dnsNames", "ipAddresses", "duration", "renewBefore",
+                               "privateKey", "usages", "commonName"}
+        check(not unknown, "Certificate fields: %s" % unknown)
+        check(mounted_file(pod, args.get("tls_cert", "")) == ("secret", "tlserve-tls", "tls.crt"),
+              "--tls_cert from the Certificate's Secret")
+        check(mounted_file(pod, args.get("tls_client_ca", "")) == ("secret", "tlserve-tls", "ca.crt"),
+              "--tls_client_ca is ca.crt of the Certificate's Secret: %s" % args.get("tls_client_ca"))
+
+    # mTLS with a separate client CA.
+    objs, pod, args = rendered(tool, tmp, "mtls-client-ca", {
+        "tls": {"enabled": True, "secretName": "tlserve-cert", "clientAuth": True,
+                "clientCASecret": "clients-ca", "clientCAKey": "ca.pem"}}, known_flags)
+    if objs:
+        check(mounted_file(pod, args.get("tls_client_ca", "")) == ("secret", "clients-ca", "ca.pem"),
+              "--tls_client_ca is ca.pem of tls.clientCASecret: %s" % (mounted_file(pod, args.get("tls_client_ca", "")),))
+
+    # Metrics over HTTPS with a token, scraped by a ServiceMonitor.
+    for field in ("authorization", "bearerTokenSecret"):
+        objs, pod, args = rendered(tool, tmp, "metrics-tls-token-" + field, {
+            "tls": {"enabled": True, "secretName": "tlserve-cert"},
+            "metrics": {"tls": True, "tokenSecret": "metrics-token", "modelLabels": True,
+                        "serviceMonitor": {"enabled": True, "tokenField": field}}}, known_flags)
+        if not objs:
+            continue
+        check(args.get("metrics_tls") is True and args.get("metrics_model_labels") is True,
+              "--metrics_tls, --metrics_model_labels")
+        check(mounted_file(pod, args.get("metrics_token_file", "")) == ("secret", "metrics-token", "token"),
+              "--metrics_token_file is key token of metrics.tokenSecret")
+        ep = objs["ServiceMonitor"]["spec"]["endpoints"][0]
+        check(ep.get("scheme") == "https", "the ServiceMonitor scrapes https")
+        check(ep.get("tlsConfig") == {"ca": {"secret": {"name": "tlserve-cert", "key": "ca.crt"}},
+                                      "serverName": "tlserve.default.svc"},
+              "the ServiceMonitor checks the certificate: %s" % ep.get("tlsConfig"))
+        if field == "authorization":
+            check(ep.get("authorization") == {"type": "Bearer", "credentials": {"name": "metrics-token",
+                                                                              "key": "token"}},
+                  "the ServiceMonitor sends the token: %s" % ep.get("authorization"))
+        else:
+            check(ep.get("bearerTokenSecret") == {"name": "metrics-token", "key": "token"},
+                  "the ServiceMonitor sends the token as bearerTokenSecret")
+        unknown = set(ep) - {"port", "path", "interval", "scrapeTimeout", "scheme", "tlsConfig", "authorization",
+                             "bearerTokenSecret"}
+        check(not unknown, "ServiceMonitor endpoint fields: %s" % unknown)
+        check(objs["Service"]["spec"]["ports"][1]["appProtocol"] == "https", "metrics port says https")
+
+    # NetworkPolicy: more callers; from anywhere; off.
+    objs, pod, args = rendered(tool, tmp, "networkpolicy", {"networkPolicy": {
+        "grpc": {"fromNamespace": False, "namespaceSelectors": [{"matchLabels": {"team": "ml"}}],
+                 "podSelectors": [{"matchLabels": {"role": "client"}}],
+                 "extraFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+        "metrics": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "prom"}},
+                    "podSelector": {"matchLabels": {"app": "prometheus"}}}}}, known_flags)
+    if objs:
+        rules = {r["ports"][0]["port"]: r for r in objs["NetworkPolicy"]["spec"]["ingress"]}
+        check(rules[50051].get("from") == [{"namespaceSelector": {"matchLabels": {"team": "ml"}}},
+                                           {"podSelector": {"matchLabels": {"role": "client"}}},
+                                           {"ipBlock": {"cidr": "10.0.0.0/8"}}],
+              "gRPC from the listed callers only: %s" % rules[50051].get("from"))
+        check(rules[9090].get("from") == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "prom"}},
+                                          "podSelector": {"matchLabels": {"app": "prometheus"}}}],
+              "metrics from Prometheus' pods in its namespace (one peer: both selectors)")
+    objs, pod, args = rendered(tool, tmp, "networkpolicy-anywhere",
+                               {"networkPolicy": {"grpc": {"fromAnywhere": True}}}, known_flags)
+    if objs:
+        rules = {r["ports"][0]["port"]: r for r in objs["NetworkPolicy"]["spec"]["ingress"]}
+        check("from" not in rules[50051] and "from" in rules[9090], "gRPC from anywhere, metrics still restricted")
+    objs, pod, args = rendered(tool, tmp, "networkpolicy-off", {"networkPolicy": {"enabled": False}}, known_flags)
+    if objs:
+        check("NetworkPolicy" not in objs, "networkPolicy.enabled=false: none")
+
+    # No health port: the probes use the gRPC port, which is fine only while
+    # it speaks plaintext without keys.
+    objs, pod, args = rendered(tool, tmp, "no-health-port", {"healthPort": 0}, known_flags)
+    if objs:
+        c = pod["containers"][0]
+        check("health_port" not in args and c["livenessProbe"]["grpc"]["port"] == 50051, "probes on the gRPC port")
+        rules = {r["ports"][0]["port"] for r in objs["NetworkPolicy"]["spec"]["ingress"]}
+        check(rules == {50051, 9090}, "no rule for a health port that is not there")
+    for values, words in (
+            ({"healthPort": 0, "tls": {"enabled": True, "secretName": "s"}}, "healthPort: 0 with tls.enabled"),
+            ({"healthPort": 0, "auth": {"apiKeysSecret": "k"}}, "healthPort: 0 with tls.enabled or auth.apiKeysSecret"),
+            ({"tls": {"enabled": True}}, "tls.enabled needs tls.secretName"),
+            ({"tls": {"clientAuth": True}}, "tls.clientAuth (mTLS) needs tls.enabled"),
+            ({"tls": {"enabled": True, "certManager": {"enabled": True}}}, "needs tls.certManager.issuerRef.name"),
+            ({"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}},
+             "tls.certManager.enabled needs tls.enabled"),
+            ({"metrics": {"tls": True}}, "metrics.tls serves /metrics with the gRPC certificate"),
+            ({"quotas": {"defaults": {"storage_gb": 1}}}, "quotas.defaults.storage_gb: no such quota"),
+            ({"quotas": {"tenants": {"acme": {"model": 1}}}}, "quotas.tenants.acme.model: no such quota"),
+            ({"audit": {"enabled": True, "output": "syslog"}}, "audit.output must be file or stdout"),
+            ({"metrics": {"tokenSecret": "t", "serviceMonitor": {"enabled": True, "tokenField": "basicAuth"}}},
+             "tokenField must be authorization or bearerTokenSecret")):
+        r = render(tool, tmp, values)
+        print("refused %s: %s" % (values, r.stderr.strip()))
+        check(r.returncode != 0 and words in r.stderr, "refuses %s with a reason" % values)
+
+    r = render(tool, tmp, {"tls": {"enabled": True, "secretName": "tlserve-cert", "clientAuth": True},
+                           "auth": {"apiKeysSecret": "k"}, "metrics": {"tls": True, "tokenSecret": "t"}}, notes=True)
+    check(r.returncode == 0 and "--tls_ca=ca.crt --tls_cert=client.crt --tls_key=client.key summary" in r.stdout
+          and "TLSERVE_TOKEN=" in r.stdout and "https://localhost:9090" in r.stdout,
+          "NOTES.txt tells how to connect with TLS and a key: " + r.stdout + r.stderr)
 
 
 if __name__ == "__main__":

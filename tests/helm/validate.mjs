@@ -1,16 +1,20 @@
 // Validates Kubernetes objects (a JSON array on stdin) against the schemas
 // of npm's kubernetes-models (apiVersion, kind, required fields, types and
-// formats) and @kubernetes-models/prometheus-operator (ServiceMonitor).
+// formats), @kubernetes-models/prometheus-operator (ServiceMonitor) and
+// @kubernetes-models/cert-manager (Certificate).
 // Prints one line per object; exits 1 if any is invalid or of an unknown kind.
 import * as apps from "kubernetes-models/apps/v1";
 import * as core from "kubernetes-models/v1";
 import * as policy from "kubernetes-models/policy/v1";
 import * as autoscaling from "kubernetes-models/autoscaling/v2";
+import * as networking from "kubernetes-models/networking.k8s.io/v1";
 import * as monitoring from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
+import * as certmanager from "@kubernetes-models/cert-manager/cert-manager.io/v1";
 
 const models = {
   "apps/v1": apps, "v1": core, "policy/v1": policy, "autoscaling/v2": autoscaling,
-  "monitoring.coreos.com/v1": monitoring,
+  "networking.k8s.io/v1": networking, "monitoring.coreos.com/v1": monitoring,
+  "cert-manager.io/v1": certmanager,
 };
 let input = "";
 for await (const chunk of process.stdin) input += chunk;

@@ -45,3 +45,72 @@ autoscaler that makes more, would split it. Refuse instead of doing so.
 {{- fail "autoscaling.enabled with persistence.enabled: autoscaled replicas would each need the one SQLite state file; autoscale only stateless Embed-only replicas (persistence.enabled=false), see README: Replicas and state" -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+A flag's value as tlserve parses it. Helm reads every number of a values file
+as a float64, which prints in scientific notation from 1e6 on
+(67108864 -> 6.7108864e+07, which absl rejects): whole numbers are printed as
+integers.
+*/}}
+{{- define "tlserve.flagValue" -}}
+{{- if and (kindIs "float64" .) (eq . (float64 (int64 .))) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The kubernetes.io/tls Secret with the server's certificate. */}}
+{{- define "tlserve.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "tlserve.fullname" .)) .Values.tls.secretName -}}
+{{- end -}}
+
+{{/* The quotas a tenant has: the names of tlserve's --tenant_* flags. */}}
+{{- define "tlserve.quotaNames" -}}
+storage_mb datasets images models private_params jobs inflight_images
+{{- end -}}
+
+{{/*
+Settings that would leave the server exposed, unprobeable or unable to start:
+refused with the reason instead.
+*/}}
+{{- define "tlserve.checkSecurity" -}}
+{{- $tls := .Values.tls -}}
+{{- if and (or $tls.enabled .Values.auth.apiKeysSecret) (not (int .Values.healthPort)) -}}
+{{- fail "healthPort: 0 with tls.enabled or auth.apiKeysSecret: the kubelet's gRPC probes speak neither TLS nor API keys, so they need tlserve's plaintext health port (--health_port); keep healthPort set (default 8081)" -}}
+{{- end -}}
+{{- if and $tls.enabled (not $tls.secretName) (not $tls.certManager.enabled) -}}
+{{- fail "tls.enabled needs tls.secretName (a kubernetes.io/tls Secret with tls.crt and tls.key) or tls.certManager.enabled to have cert-manager make one" -}}
+{{- end -}}
+{{- if and $tls.clientAuth (not $tls.enabled) -}}
+{{- fail "tls.clientAuth (mTLS) needs tls.enabled" -}}
+{{- end -}}
+{{- if and $tls.certManager.enabled (not $tls.enabled) -}}
+{{- fail "tls.certManager.enabled needs tls.enabled: the Certificate would make a Secret that nothing mounts" -}}
+{{- end -}}
+{{- if and $tls.certManager.enabled (not $tls.certManager.issuerRef.name) -}}
+{{- fail "tls.certManager.enabled needs tls.certManager.issuerRef.name (an Issuer, or a ClusterIssuer with issuerRef.kind=ClusterIssuer)" -}}
+{{- end -}}
+{{- if and .Values.metrics.tls (not $tls.enabled) -}}
+{{- fail "metrics.tls serves /metrics with the gRPC certificate: it needs tls.enabled" -}}
+{{- end -}}
+{{- if and .Values.audit.enabled (not (has (toString .Values.audit.output) (list "file" "stdout"))) -}}
+{{- fail (printf "audit.output must be file or stdout, not %v" .Values.audit.output) -}}
+{{- end -}}
+{{- $names := splitList " " (include "tlserve.quotaNames" .) -}}
+{{- range $name, $_ := .Values.quotas.defaults -}}
+{{- if not (has $name $names) -}}
+{{- fail (printf "quotas.defaults.%s: no such quota (one of %s)" $name (join ", " $names)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $tenant, $quotas := .Values.quotas.tenants -}}
+{{- if not (regexMatch "^[^\\s#]+$" $tenant) -}}
+{{- fail (printf "quotas.tenants: tenant %q cannot be written to the quotas file (no spaces or #)" $tenant) -}}
+{{- end -}}
+{{- range $name, $_ := $quotas -}}
+{{- if not (has $name $names) -}}
+{{- fail (printf "quotas.tenants.%s.%s: no such quota (one of %s)" $tenant $name (join ", " $names)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

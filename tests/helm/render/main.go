@@ -1,7 +1,8 @@
 // render: renders a Helm chart the way `helm template` does, with Go's
 // text/template and the sprig function library (the engine Helm uses), for
 // machines without a helm binary. Supports what tlserve's chart uses:
-// .Values (values.yaml deep-merged with -f files), .Release, .Chart,
+// .Values (values.yaml deep-merged with -f files; numbers are float64, as
+// in Helm), .Release, .Chart,
 // .Capabilities, .Template, .Files.Get, and Helm's include, tpl, required,
 // toYaml, fromYaml, toJson and lookup (always empty).
 //
@@ -45,6 +46,29 @@ func readYAML(path string) (map[string]interface{}, error) {
 		return nil, fmt.Errorf("%s: %v", path, err)
 	}
 	return out, nil
+}
+
+// asHelmNumbers turns every integer into a float64, as Helm's values reading
+// does (YAML to JSON to Go): a template that prints a large number as it
+// comes (67108864 -> 6.7108864e+07) misbehaves here as it would in Helm.
+func asHelmNumbers(v interface{}) interface{} {
+	switch x := v.(type) {
+	case int:
+		return float64(x)
+	case int64:
+		return float64(x)
+	case uint64:
+		return float64(x)
+	case map[string]interface{}:
+		for k, e := range x {
+			x[k] = asHelmNumbers(e)
+		}
+	case []interface{}:
+		for i, e := range x {
+			x[i] = asHelmNumbers(e)
+		}
+	}
+	return v
 }
 
 // merge copies src into dst, recursing into maps (Helm's coalescing).
@@ -102,6 +126,7 @@ func run(chartDir string, extra []string, notes bool) error {
 		}
 		merge(values, v)
 	}
+	asHelmNumbers(values)
 	files := Files{}
 	err = filepath.Walk(chartDir, func(path string, info os.FileInfo, err error) error {
 		if err != nil || info.IsDir() {
