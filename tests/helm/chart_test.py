@@ -116,6 +116,17 @@ def render(tool, tmp, values, notes=False):
     return subprocess.run(args, capture_output=True, text=True)
 
 
+class Objects(dict):
+    """A rendering's objects by kind (the first of each kind: for ConfigMap,
+    the flags'), and all of them in .docs."""
+
+    def __init__(self, docs):
+        super().__init__()
+        for d in docs:
+            self.setdefault(d["kind"], d)
+        self.docs = docs
+
+
 def validate(name, text):
     docs = [d for d in yaml.safe_load_all(text) if d]
     print("%s: %d objects: %s" % (name, len(docs), ", ".join(d["kind"] for d in docs)))
@@ -128,7 +139,7 @@ def validate(name, text):
         if cls:
             bad = unknown_fields(d, cls, d["kind"])
             check(not bad, "%s: unknown fields %s" % (name, bad))
-    return {d["kind"]: d for d in docs}
+    return Objects(docs)
 
 
 def parse_args(args):
@@ -315,11 +326,21 @@ def security_tests(tool, tmp, known_flags):
               "--api_keys is key api_keys of auth.apiKeysSecret: %s" % (mounted_file(pod, args.get("api_keys", "")),))
         modes = {v["name"]: v["secret"].get("defaultMode") for v in pod["volumes"] if "secret" in v}
         check(modes and all(m == 0o440 for m in modes.values()), "secrets readable by tlserve's group only: %s" % modes)
-        check(mounted_file(pod, args.get("quotas", "")) == ("configMap", "tlserve", "tlserve.quotas"),
-              "--quotas is the ConfigMap's tlserve.quotas")
-        quotas = sorted(objs["ConfigMap"]["data"]["tlserve.quotas"].strip().splitlines())
+        check(mounted_file(pod, args.get("quotas", "")) == ("configMap", "tlserve-quotas", "quotas"),
+              "--quotas is key quotas of ConfigMap tlserve-quotas: %s" % (mounted_file(pod, args.get("quotas", "")),))
+        qmap = [d for d in objs.docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "tlserve-quotas"]
+        quotas = sorted(qmap[0]["data"]["quotas"].strip().splitlines()) if qmap else []
         check(quotas == ["acme private_params 50000000", "acme storage_mb 51200", "beta jobs 0"],
               "the quotas file: %s" % quotas)
+        r = render(tool, tmp, {"tls": {"enabled": True, "secretName": "tlserve-cert"},
+                               "auth": {"apiKeysSecret": "tlserve-keys"},
+                               "quotas": {"defaults": {"storage_mb": 10240, "jobs": 2},
+                                          "tenants": {"acme": {"storage_mb": 1}}},
+                               "audit": {"enabled": True, "output": "stdout"}})
+        other = [d for d in yaml.safe_load_all(r.stdout) if d and d["kind"] == "Deployment"]
+        annotations = lambda d: d["spec"]["template"]["metadata"]["annotations"]
+        check(other and annotations(other[0]) == annotations(objs["Deployment"]),
+              "a quota change leaves the pod template alone (tlserve re-reads the file; no restart)")
         flags = objs["ConfigMap"]["data"]["tlserve.flags"].split()
         check("--tenant_storage_mb=10240" in flags and "--tenant_jobs=2" in flags, "default quotas as flags")
         check(args.get("audit_log") == "/dev/stdout", "audit to stdout")
