@@ -21,13 +21,26 @@ absl::Status FromGrpc(const grpc::Status& s) {
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& target,
                                                         absl::Duration timeout) {
+  return Connect(target, ChannelSecurity(), timeout);
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& target,
+                                                        const ChannelSecurity& security,
+                                                        absl::Duration timeout) {
+  if (auto s = security.Validate(); !s.ok()) return s;
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(256 << 20);
   args.SetMaxSendMessageSize(256 << 20);
-  auto channel = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  auto channel = CreateChannel(target, security, args);
   if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() + timeout))) {
-    return absl::UnavailableError(
-        absl::StrCat("no tlserve answers at ", target, " (is the server running? see --server)"));
+    // gRPC does not say why a channel failed to connect; a failed TLS
+    // handshake looks like a server that is not there.
+    return absl::UnavailableError(absl::StrCat(
+        "no tlserve answers at ", target,
+        security.tls ? " over TLS (is the server running? does its certificate chain to --tls_ca "
+                       "and name this address? does it require a client certificate, "
+                       "--tls_cert and --tls_key?)"
+                     : " (is the server running? see --server; does it use TLS? see --tls_ca)"));
   }
   return std::unique_ptr<Client>(new Client(std::move(channel)));
 }

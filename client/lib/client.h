@@ -18,6 +18,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "client/lib/channel_security.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "tlserve/v1/datasets.grpc.pb.h"
 #include "tlserve/v1/inference.grpc.pb.h"
@@ -31,7 +32,12 @@ absl::Status FromGrpc(const grpc::Status& s);
 class Client {
  public:
   // Connects to HOST:PORT, waiting up to `timeout` for the channel:
-  // UNAVAILABLE naming the address if nothing answers.
+  // UNAVAILABLE naming the address if nothing answers (over TLS: also when
+  // the handshake fails), INVALID_ARGUMENT as security.Validate().
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(
+      const std::string& target, const ChannelSecurity& security,
+      absl::Duration timeout = absl::Seconds(10));
+  // Plaintext, no token.
   static absl::StatusOr<std::unique_ptr<Client>> Connect(
       const std::string& target, absl::Duration timeout = absl::Seconds(10));
 

@@ -34,7 +34,11 @@ bool TakesValue(const std::string& key) {
                                                 "top-k",
                                                 "version",
                                                 "model"};
-  return kValued.count(key) > 0;
+  // How to reach the server; tlctl's other flags use hyphens, the server's
+  // flags underscores, so these are taken in both spellings.
+  static const std::set<std::string> kConnection = {"token",    "tls_ca",  "tls-ca", "tls_cert",
+                                                    "tls-cert", "tls_key", "tls-key"};
+  return kValued.count(key) > 0 || kConnection.count(key) > 0;
 }
 
 }  // namespace
@@ -75,6 +79,13 @@ absl::StatusOr<Args> Parse(int argc, char** argv) {
 
 int Fail(const absl::Status& s) {
   std::cerr << "tlctl: " << s.message() << " [" << absl::StatusCodeToString(s.code()) << "]\n";
+  if (absl::IsUnauthenticated(s)) {
+    std::cerr << "tlctl: hint: the server needs an API key it knows: pass --token=KEY or set "
+                 "$TLSERVE_TOKEN\n";
+  } else if (absl::IsPermissionDenied(s)) {
+    std::cerr << "tlctl: hint: the API key's role (read, write or admin) does not allow this; "
+                 "use a key with a role that does\n";
+  }
   return 1;
 }
 

@@ -26,7 +26,8 @@ struct Args {
 
 absl::StatusOr<Args> Parse(int argc, char** argv);
 
-// Prints "tlctl: MESSAGE [CODE]" on stderr; returns the exit status 1.
+// Prints "tlctl: MESSAGE [CODE]" on stderr, and a hint for UNAUTHENTICATED
+// and PERMISSION_DENIED; returns the exit status 1.
 int Fail(const absl::Status& s);
 
 }  // namespace tlserve

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "google/protobuf/descriptor.h"
 
 namespace tlserve {
 
@@ -18,6 +19,21 @@ std::string WithCommas(int64_t n) {
     out += digits[i];
   }
   return n < 0 ? "-" + out : out;
+}
+
+std::string TenantOf(const google::protobuf::Message& m) {
+  const auto* field = m.GetDescriptor()->FindFieldByName("tenant");
+  if (field == nullptr || field->type() != google::protobuf::FieldDescriptor::TYPE_STRING ||
+      field->is_repeated()) {
+    return "";
+  }
+  return m.GetReflection()->GetString(m, field);
+}
+
+std::string TenantCell(const google::protobuf::Message& m, bool several) {
+  if (!several) return "";
+  const std::string t = TenantOf(m);
+  return absl::StrCat(t.empty() ? "-" : t, "\t");
 }
 
 std::string ShapeString(const google::protobuf::RepeatedField<int64_t>& shape) {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "google/protobuf/message.h"
 #include "tlserve/v1/inference.pb.h"
 
 namespace tlserve {
@@ -15,6 +16,24 @@ namespace tlserve {
 std::string WithCommas(int64_t n);
 std::string ShapeString(const google::protobuf::RepeatedField<int64_t>& shape);
 std::string SummaryTable(const v1::DescribeBackboneResponse& d);
+
+// The `tenant` field of a Dataset, Model or Job; "" where it is empty or
+// the message has none. Read by reflection so that tlctl builds against
+// protos from before the field too.
+std::string TenantOf(const google::protobuf::Message& m);
+
+// Whether the rows of a list belong to more than one tenant (an admin's
+// view): only then do lists show each row's tenant, as their first column.
+template <typename Rows>
+bool SeveralTenants(const Rows& rows) {
+  for (const auto& r : rows) {
+    if (TenantOf(r) != TenantOf(*rows.begin())) return true;
+  }
+  return false;
+}
+
+// The first column of a row when `several`: "TENANT\t" ("-" for none).
+std::string TenantCell(const google::protobuf::Message& m, bool several);
 
 struct NamedVector {
   std::string name;

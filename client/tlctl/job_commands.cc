@@ -37,6 +37,7 @@ nlohmann::json JobJson(const v1::Job& j) {
                         {"dataset", j.dataset()}, {"state", StateName(j.state())},
                         {"phase", j.phase()},     {"error", j.error()},
                         {"version", j.version()}, {"epochs", epochs}};
+  if (const std::string t = TenantOf(j); !t.empty()) out["tenant"] = t;
   out["validation_accuracy"] = j.epochs_size()
                                    ? nlohmann::json(j.epochs().rbegin()->validation_accuracy())
                                    : nlohmann::json(nullptr);
@@ -208,9 +209,11 @@ int Jobs(Client& c, const Args& a) {
     std::cout << nlohmann::json{{"jobs", all}}.dump() << "\n";
     return 0;
   }
+  const bool several = SeveralTenants(list->jobs());
   for (const auto& j : list->jobs()) {
-    std::cout << j.id() << "\t" << j.model() << "\t" << j.dataset() << "\t" << StateName(j.state())
-              << "\t" << j.phase() << (j.error().empty() ? "" : "\t" + j.error()) << "\n";
+    std::cout << TenantCell(j, several) << j.id() << "\t" << j.model() << "\t" << j.dataset()
+              << "\t" << StateName(j.state()) << "\t" << j.phase()
+              << (j.error().empty() ? "" : "\t" + j.error()) << "\n";
   }
   return 0;
 }

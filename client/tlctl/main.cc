@@ -1,5 +1,6 @@
 // tlctl: the command-line client of tlserve.
-//   tlctl [--server=HOST:PORT] [--json] COMMAND [ARGS]
+//   tlctl [--server=HOST:PORT] [--token=KEY] [--tls | --tls_ca=PEM] [--json] COMMAND [ARGS]
+#include <algorithm>
 #include <cstdio>
 #include <functional>
 #include <iostream>
@@ -20,7 +21,8 @@
 namespace tlserve {
 namespace {
 
-constexpr char kUsage[] = R"(usage: tlctl [--server=HOST:PORT] [--json] COMMAND [ARGS]
+constexpr char kUsage[] = R"(usage: tlctl [--server=HOST:PORT] [--token=KEY] [--tls | --tls_ca=PEM]
+             [--tls_cert=PEM --tls_key=PEM] [--json] COMMAND [ARGS]
 
 commands:
   health                         the server's health (SERVING, NOT_SERVING)
@@ -55,7 +57,17 @@ commands:
 
 options:
   --server=HOST:PORT   default localhost:50051 (or $TLSERVE_SERVER)
+  --token=KEY          the API key, sent as "authorization: Bearer KEY" on every call;
+                       default $TLSERVE_TOKEN (which keeps the key out of `ps`)
+  --tls                TLS, the server's certificate checked against the system's roots
+  --tls_ca=PEM         TLS, the server's certificate checked against this CA instead
+  --tls_cert=PEM --tls_key=PEM
+                       a client certificate and its key, for servers that require one (mTLS)
+                       (any --tls_* flag turns TLS on; without them tlctl speaks plaintext)
   --json               machine-readable output on stdout
+
+exit status: 0 done, 1 a failure (the server's or the command's), 2 no or an unknown command,
+or a --token or --tls_* file that cannot be used
 )";
 
 int Health(Client& c, const Args& a) {
@@ -171,11 +183,13 @@ int Embed(Client& c, const Args& a) {
 nlohmann::json DatasetJson(const v1::Dataset& d) {
   nlohmann::json classes = nlohmann::json::object();
   for (const auto& c : d.classes()) classes[c.label()] = c.count();
-  return {{"name", d.name()},
-          {"images", d.images()},
-          {"bytes", d.bytes()},
-          {"created_unix", d.created_unix()},
-          {"classes", classes}};
+  nlohmann::json out = {{"name", d.name()},
+                        {"images", d.images()},
+                        {"bytes", d.bytes()},
+                        {"created_unix", d.created_unix()},
+                        {"classes", classes}};
+  if (const std::string t = TenantOf(d); !t.empty()) out["tenant"] = t;
+  return out;
 }
 
 void PrintDataset(const v1::Dataset& d) {
@@ -262,8 +276,10 @@ int Datasets(Client& c, const Args& a) {
     std::cout << nlohmann::json{{"datasets", all}}.dump() << "\n";
     return 0;
   }
+  const bool several = SeveralTenants(list->datasets());
   for (const auto& d : list->datasets()) {
-    std::cout << d.name() << "\t" << d.images() << " images\t" << d.classes_size() << " classes\n";
+    std::cout << TenantCell(d, several) << d.name() << "\t" << d.images() << " images\t"
+              << d.classes_size() << " classes\n";
   }
   return 0;
 }
@@ -317,7 +333,22 @@ int Main(int argc, char** argv) {
     std::cerr << "tlctl: unknown command \"" << cmd << "\"\n" << kUsage;
     return 2;
   }
-  auto client = Client::Connect(server, absl::Seconds(10));
+  std::string token;
+  if (const char* env = std::getenv("TLSERVE_TOKEN")) token = env;
+  if (args->Has("token")) token = args->Get("token");
+  // tlctl's own flags use hyphens, the server's underscores: both are taken.
+  const auto flag = [&](const std::string& name) {
+    std::string hyphens = name;
+    std::replace(hyphens.begin(), hyphens.end(), '_', '-');
+    return args->Get(name, args->Get(hyphens));
+  };
+  auto security = ChannelSecurity::FromFiles(token, args->Has("tls"), flag("tls_ca"),
+                                             flag("tls_cert"), flag("tls_key"));
+  if (!security.ok()) {
+    Fail(security.status());
+    return 2;
+  }
+  auto client = Client::Connect(server, *security, absl::Seconds(10));
   if (!client.ok()) return Fail(client.status());
   return command->second(**client, *args);
 }

@@ -43,14 +43,17 @@ nlohmann::json ModelJson(const v1::Model& m) {
          {"classes", classes},
          {"confusion", std::vector<int64_t>(v.confusion().begin(), v.confusion().end())}});
   }
-  return {{"name", m.name()},
-          {"classes", std::vector<std::string>(m.classes().begin(), m.classes().end())},
-          {"head_params", m.head_params()},
-          {"served_version", m.served_version()},
-          {"training", m.training()},
-          {"problem", m.problem()},
-          {"stages", stages},
-          {"versions", versions}};
+  nlohmann::json out = {
+      {"name", m.name()},
+      {"classes", std::vector<std::string>(m.classes().begin(), m.classes().end())},
+      {"head_params", m.head_params()},
+      {"served_version", m.served_version()},
+      {"training", m.training()},
+      {"problem", m.problem()},
+      {"stages", stages},
+      {"versions", versions}};
+  if (const std::string t = TenantOf(m); !t.empty()) out["tenant"] = t;
+  return out;
 }
 
 void PrintModel(const v1::Model& m) {
@@ -118,9 +121,10 @@ int Models(Client& c, const Args& a) {
     std::cout << nlohmann::json{{"models", all}}.dump() << "\n";
     return 0;
   }
+  const bool several = SeveralTenants(list->models());
   for (const auto& m : list->models()) {
-    std::cout << m.name() << "\t" << m.classes_size() << " classes\tserved v" << m.served_version()
-              << (m.training() ? "\ttraining" : "")
+    std::cout << TenantCell(m, several) << m.name() << "\t" << m.classes_size()
+              << " classes\tserved v" << m.served_version() << (m.training() ? "\ttraining" : "")
               << (m.problem().empty() ? "" : "\tDAMAGED: " + m.problem()) << "\n";
   }
   return 0;
