@@ -33,6 +33,9 @@ def show_progress(job):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", default=os.environ.get("TLSERVE_SERVER", "localhost:50051"))
+    p.add_argument("--token", default=os.environ.get("TLSERVE_TOKEN"),
+                   help="API key for a server with --api_keys (default $TLSERVE_TOKEN)")
+    p.add_argument("--tls_ca", help="TLS: the CA (PEM file) the server's certificate chains to")
     p.add_argument("--train", required=True, help="ImageFolder tree to train on")
     p.add_argument("--test", required=True, help="ImageFolder tree to classify")
     p.add_argument("--model", default="python-example")
@@ -40,7 +43,7 @@ def main():
     p.add_argument("--export", help="also download the model as TorchScript to this file")
     args = p.parse_args()
 
-    with Client(args.server) as c:
+    with Client(args.server, token=args.token, root_certificates=args.tls_ca) as c:
         b = c.describe_backbone()
         print("backbone %s: %d stages, embedding dim %d, input %s" % (
             b.file_name, len(b.stages), b.embedding_dim, "x".join(map(str, b.input_shape))))

@@ -9,8 +9,16 @@
     c.classify("shoes", [png_bytes])                             # [[(label, p), ...]]
     c.export("shoes", "shoes.pt")
 
-Errors are grpc.RpcError with the server's canonical code and message.
+A server with API keys and TLS (see Client for the arguments):
+
+    c = Client("tlserve.example.com:50051", token=os.environ["TLSERVE_TOKEN"],
+               root_certificates="ca.pem")
+
+Errors are grpc.RpcError with the server's canonical code and message
+(UNAUTHENTICATED: no key or one the server does not know; PERMISSION_DENIED:
+the key's role does not allow the call).
 """
+import collections
 import hashlib
 import os
 
@@ -34,23 +42,107 @@ def _image(data, name=""):
     return inference_pb2.Image(name=name, encoded=data)
 
 
-class Client:
-    """One channel to a tlserve server; its methods are synchronous."""
+def _pem(value, what):
+    """PEM bytes from bytes or str (PEM text itself when it holds a
+    "-----BEGIN" line, otherwise a file name) or a path; None stays None."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and "-----BEGIN" in value:
+        return value.encode()
+    try:
+        with open(value, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError("cannot read %s file %s: %s" % (what, value, e.strerror)) from None
 
-    def __init__(self, target="localhost:50051", timeout=10.0):
-        self.channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", _MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", _MESSAGE_BYTES)])
+
+class _CallDetails(collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                         "compression")), grpc.ClientCallDetails):
+    pass
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds "authorization: Bearer TOKEN" to every call, plaintext or TLS (a
+    call that names its own "authorization" keeps it). Metadata, not gRPC
+    call credentials: gRPC sends those over TLS only, and a token over
+    plaintext is what a loopback server or one behind a TLS proxy needs."""
+
+    def __init__(self, token):
+        self._header = ("authorization", "Bearer " + token)
+
+    def _details(self, d):
+        metadata = list(d.metadata or ())
+        if not any(k == "authorization" for k, _ in metadata):
+            metadata.append(self._header)
+        return _CallDetails(d.method, d.timeout, metadata, d.credentials,
+                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+
+class Client:
+    """One channel to a tlserve server; its methods are synchronous.
+
+    token: the API key, sent as "authorization: Bearer TOKEN" on every call
+      (over plaintext too); None or "": no key. The library does not read
+      $TLSERVE_TOKEN itself: pass token=os.environ.get("TLSERVE_TOKEN").
+    root_certificates, certificate_chain, private_key: PEM, each as bytes,
+      as PEM text, or as a file name (str or path): the CA the server's
+      certificate must chain to, and the client's certificate and key for
+      servers that require one (mTLS; both or neither). Any of them turns
+      TLS on; tls=True alone uses TLS with the system's roots.
+    """
+
+    def __init__(self, target="localhost:50051", timeout=10.0, token=None,
+                 root_certificates=None, private_key=None, certificate_chain=None, tls=False):
+        roots = _pem(root_certificates, "root_certificates")
+        key = _pem(private_key, "private_key")
+        chain = _pem(certificate_chain, "certificate_chain")
+        if (key is None) != (chain is None):
+            raise ValueError("a client certificate needs its private key and a key its "
+                             "certificate (certificate_chain and private_key go together)")
+        if token and any(not " " <= c <= "~" for c in token):
+            raise ValueError("the API key has a character other than printable ASCII "
+                             "(a stray newline?)")
+        tls = tls or roots is not None or chain is not None
+        options = [("grpc.max_send_message_length", _MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", _MESSAGE_BYTES)]
+        if tls:
+            self._raw_channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(
+                root_certificates=roots, private_key=key, certificate_chain=chain), options)
+        else:
+            self._raw_channel = grpc.insecure_channel(target, options)
+        self.channel = self._raw_channel
+        if token:
+            self.channel = grpc.intercept_channel(self._raw_channel, _BearerToken(token))
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+            grpc.channel_ready_future(self._raw_channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
-            raise ConnectionError("no tlserve server answers at %s after %.0f s" % (target, timeout))
+            self._raw_channel.close()
+            # gRPC does not say why; a failed TLS handshake looks the same.
+            raise ConnectionError("no tlserve server answers at %s after %.0f s (%s)" % (
+                target, timeout,
+                "over TLS: is it running, does its certificate chain to root_certificates and "
+                "name this address, does it require a client certificate?" if tls else
+                "is it running? does it use TLS? see root_certificates"))
         self.inference = inference_pb2_grpc.InferenceStub(self.channel)
         self.datasets = datasets_pb2_grpc.DatasetsStub(self.channel)
         self.models = models_pb2_grpc.ModelsStub(self.channel)
 
     def close(self):
-        self.channel.close()
+        self._raw_channel.close()
 
     def __enter__(self):
         return self
