@@ -60,6 +60,43 @@ ABSL_FLAG(int, max_concurrent_exports, 4,
 ABSL_FLAG(std::string, data_dir, "./tlserve-data", "directory for the server's durable state");
 ABSL_FLAG(int, drain_seconds, 20, "on SIGTERM/SIGINT, how long in-flight calls may finish");
 
+// Security (README "Security").
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate (chain): serve gRPC over TLS (with --tls_key)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA certificate(s): clients must present a certificate signed by one (mutual TLS)");
+ABSL_FLAG(int, tls_refresh_seconds, 10,
+          "how often the TLS files are re-read (a renewed certificate needs no restart)");
+ABSL_FLAG(std::string, api_keys, "",
+          "API keys file: lines TENANT ROLE SHA256HEX [LABEL] or TENANT ROLE cn:COMMON_NAME "
+          "[LABEL], ROLE admin|write|read; re-read on change and on SIGHUP. Unset: no keys, one "
+          "implicit tenant");
+ABSL_FLAG(std::string, quotas, "",
+          "per-tenant quota overrides: lines TENANT QUOTA VALUE (QUOTA: storage_mb, datasets, "
+          "images, models, private_params, jobs, inflight_images); re-read on change");
+ABSL_FLAG(int64_t, tenant_storage_mb, 0, "default quota: MiB of images per tenant (0: none)");
+ABSL_FLAG(int64_t, tenant_datasets, 0, "default quota: datasets per tenant (0: none)");
+ABSL_FLAG(int64_t, tenant_images, 0, "default quota: images in a tenant's datasets (0: none)");
+ABSL_FLAG(int64_t, tenant_models, 0, "default quota: models per tenant (0: none)");
+ABSL_FLAG(int64_t, tenant_private_params, 0,
+          "default quota: parameters of a tenant's private (unfrozen) stages (0: none)");
+ABSL_FLAG(int64_t, tenant_jobs, 0, "default quota: queued and running jobs per tenant (0: none)");
+ABSL_FLAG(int64_t, tenant_inflight_images, 0,
+          "default quota: a tenant's images being computed at once (0: half of --max_queue_size)");
+ABSL_FLAG(std::string, audit_log, "",
+          "also append the audit trail (state-changing and denied calls) to this file, as JSON "
+          "lines");
+ABSL_FLAG(int, health_port, 0,
+          "plaintext port serving only grpc.health.v1, for Kubernetes probes (0: off)");
+ABSL_FLAG(std::string, metrics_host, "", "address for /metrics (default: --host)");
+ABSL_FLAG(bool, metrics_tls, false, "serve /metrics over HTTPS with --tls_cert and --tls_key");
+ABSL_FLAG(std::string, metrics_token_file, "",
+          "file holding a bearer token that /metrics requires (re-read on change)");
+ABSL_FLAG(bool, metrics_model_labels, false,
+          "label per-model series with the model's name (tenants' names leak into metrics; "
+          "default: the tenant only)");
+
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("tlserve --backbone=FILE.pt [flags]: the transfer-learning server");
   absl::ParseCommandLine(argc, argv);
@@ -69,6 +106,7 @@ int main(int argc, char** argv) {
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGHUP);  // re-read the keys and quotas
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -105,9 +143,44 @@ int main(int argc, char** argv) {
   o.max_concurrent_exports = absl::GetFlag(FLAGS_max_concurrent_exports);
   const std::string host = absl::GetFlag(FLAGS_host);
   o.grpc_address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_port));
+  const std::string metrics_host =
+      absl::GetFlag(FLAGS_metrics_host).empty() ? host : absl::GetFlag(FLAGS_metrics_host);
   o.metrics_address = absl::GetFlag(FLAGS_metrics_port) > 0
-                          ? absl::StrCat(host, ":", absl::GetFlag(FLAGS_metrics_port))
+                          ? absl::StrCat(metrics_host, ":", absl::GetFlag(FLAGS_metrics_port))
                           : "";
+  o.tls_cert = absl::GetFlag(FLAGS_tls_cert);
+  o.tls_key = absl::GetFlag(FLAGS_tls_key);
+  o.tls_client_ca = absl::GetFlag(FLAGS_tls_client_ca);
+  o.tls_refresh_seconds = absl::GetFlag(FLAGS_tls_refresh_seconds);
+  o.security.api_keys_file = absl::GetFlag(FLAGS_api_keys);
+  o.security.quotas_file = absl::GetFlag(FLAGS_quotas);
+  o.security.audit_log_file = absl::GetFlag(FLAGS_audit_log);
+  tlserve::QuotaLimits& q = o.security.defaults;
+  q.storage_bytes = absl::GetFlag(FLAGS_tenant_storage_mb) << 20;
+  q.datasets = absl::GetFlag(FLAGS_tenant_datasets);
+  q.images = absl::GetFlag(FLAGS_tenant_images);
+  q.models = absl::GetFlag(FLAGS_tenant_models);
+  q.private_params = absl::GetFlag(FLAGS_tenant_private_params);
+  q.jobs = absl::GetFlag(FLAGS_tenant_jobs);
+  q.inflight_images = absl::GetFlag(FLAGS_tenant_inflight_images);
+  if (absl::GetFlag(FLAGS_health_port) > 0) {
+    o.health_address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_health_port));
+  }
+  o.metrics_tls = absl::GetFlag(FLAGS_metrics_tls);
+  o.metrics_token_file = absl::GetFlag(FLAGS_metrics_token_file);
+  o.metrics_model_labels = absl::GetFlag(FLAGS_metrics_model_labels);
+  if (q.storage_bytes < 0 || q.datasets < 0 || q.images < 0 || q.models < 0 ||
+      q.private_params < 0 || q.jobs < 0 || q.inflight_images < 0 || o.tls_refresh_seconds < 1 ||
+      absl::GetFlag(FLAGS_health_port) < 0) {
+    tlserve::LogError(
+        "the --tenant_* quotas and --health_port must be >= 0, "
+        "--tls_refresh_seconds >= 1");
+    return 2;
+  }
+  if (o.metrics_tls && o.tls_cert.empty()) {
+    tlserve::LogError("--metrics_tls needs --tls_cert and --tls_key");
+    return 2;
+  }
   if (o.limits.max_images_per_request < 1 || o.max_message_bytes < 1024 ||
       absl::GetFlag(FLAGS_feature_cache_mb) < 0 || o.models.max_head_params < 1 ||
       o.models.max_classes < 2 || o.min_free_disk_bytes < 0 || o.max_concurrent_uploads < 1 ||
@@ -132,7 +205,10 @@ int main(int argc, char** argv) {
     return 1;
   }
   int signal = 0;
-  sigwait(&stop_signals, &signal);
+  while (sigwait(&stop_signals, &signal) == 0 && signal == SIGHUP) {
+    tlserve::LogInfo("received SIGHUP: re-reading --api_keys and --quotas");
+    (*server)->Reload();
+  }
   tlserve::LogInfo("received %s", signal == SIGTERM ? "SIGTERM" : "SIGINT");
   (*server)->Shutdown(absl::Seconds(absl::GetFlag(FLAGS_drain_seconds)));
   return 0;

@@ -13,36 +13,51 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "server/api/rpc_timer.h"
+#include "server/api/security.h"
 #include "server/api/status_util.h"
 #include "server/core/contain.h"
 #include "server/core/thread_pool.h"
 
 namespace tlserve {
 
-// A synchronous unary handler: `body()` returns the call's status (having
-// filled the response when OK); the call finishes with it.
+// Every handler first admits its call (Security::Admit: the key, the
+// role, the audit record); `object` is the name the request is about. Bodies
+// get the Caller, whose tenant they qualify names with, and what they return
+// is scrubbed of the caller's own tenant prefix (Caller::Scrub).
+
+// A synchronous unary handler: `body(caller)` returns the call's status
+// (having filled the response when OK); the call finishes with it.
 template <typename Body>
-grpc::ServerUnaryReactor* ContainedUnary(grpc::CallbackServerContext* context, Metrics* metrics,
-                                         const char* method, Body&& body) {
-  RpcTimer timer(metrics, method);
+grpc::ServerUnaryReactor* ContainedUnary(grpc::CallbackServerContext* context, Security* security,
+                                         const char* method, const std::string& object,
+                                         Body&& body) {
+  RpcTimer timer(security->metrics(), method);
+  auto caller = security->Admit(*context, &timer, object);
   const absl::Status status =
-      Contain(absl::StrCat(method, " failed"), [&]() -> absl::Status { return body(); });
+      caller.ok() ? caller->Scrub(Contain(absl::StrCat(method, " failed"),
+                                          [&]() -> absl::Status { return body(*caller); }))
+                  : caller.status();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   timer.Done(status);
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
 }
 
-// An asynchronous unary handler: `start(timer)` either hands the call to
-// work that finishes it later and returns OK, or returns the error to finish
-// with now (also when it throws before handing the call on).
+// An asynchronous unary handler: `start(reactor, timer, caller)` either hands
+// the call to work that finishes it later and returns OK, or returns the
+// error to finish with now (also when it throws before handing the call on).
 template <typename Start>
 grpc::ServerUnaryReactor* ContainedAsyncUnary(grpc::CallbackServerContext* context,
-                                              Metrics* metrics, const char* method, Start&& start) {
-  RpcTimer timer(metrics, method);
+                                              Security* security, const char* method,
+                                              const std::string& object, Start&& start) {
+  RpcTimer timer(security->metrics(), method);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  const absl::Status status = Contain(absl::StrCat(method, " failed"),
-                                      [&]() -> absl::Status { return start(reactor, timer); });
+  auto caller = security->Admit(*context, &timer, object);
+  const absl::Status status =
+      caller.ok()
+          ? caller->Scrub(Contain(absl::StrCat(method, " failed"),
+                                  [&]() -> absl::Status { return start(reactor, timer, *caller); }))
+          : caller.status();
   if (!status.ok()) {
     timer.Done(status);
     reactor->Finish(ToGrpcStatus(status));
@@ -51,18 +66,21 @@ grpc::ServerUnaryReactor* ContainedAsyncUnary(grpc::CallbackServerContext* conte
 }
 
 // A unary handler whose body writes to disk (or waits for a lock that a
-// write holds): `body()` runs on `pool`, not on the gRPC thread, contained,
-// and the call finishes from there. `body` must capture by value (the
-// request and response pointers stay valid until the call finishes).
+// write holds): `body(caller)` runs on `pool`, not on the gRPC thread,
+// contained, and the call finishes from there. `body` must capture by value
+// (the request and response pointers stay valid until the call finishes).
 template <typename Body>
-grpc::ServerUnaryReactor* ContainedOnWorker(grpc::CallbackServerContext* context, Metrics* metrics,
-                                            const char* method, ThreadPool* pool, Body body) {
+grpc::ServerUnaryReactor* ContainedOnWorker(grpc::CallbackServerContext* context,
+                                            Security* security, const char* method,
+                                            const std::string& object, ThreadPool* pool,
+                                            Body body) {
   return ContainedAsyncUnary(
-      context, metrics, method,
-      [&](grpc::ServerUnaryReactor* reactor, const RpcTimer& timer) -> absl::Status {
-        pool->Schedule([reactor, timer, method, body = std::move(body)]() mutable {
-          const absl::Status status =
-              Contain(absl::StrCat(method, " failed"), [&]() -> absl::Status { return body(); });
+      context, security, method, object,
+      [&](grpc::ServerUnaryReactor* reactor, const RpcTimer& timer,
+          const Caller& caller) -> absl::Status {
+        pool->Schedule([reactor, timer, method, caller, body = std::move(body)]() mutable {
+          const absl::Status status = caller.Scrub(Contain(
+              absl::StrCat(method, " failed"), [&]() -> absl::Status { return body(caller); }));
           timer.Done(status);
           reactor->Finish(ToGrpcStatus(status));
         });

@@ -7,13 +7,15 @@
 #include "server/api/contained_call.h"
 #include "server/api/rpc_timer.h"
 #include "server/api/status_util.h"
+#include "server/core/catalog/tenant_key.h"
 #include "server/core/contain.h"
 
 namespace tlserve {
 namespace {
 
-void ToProto(const DatasetInfo& info, v1::Dataset* out) {
-  out->set_name(info.name);
+void ToProto(const DatasetInfo& info, const Caller& caller, v1::Dataset* out) {
+  out->set_name(caller.Name(info.name));
+  out->set_tenant(TenantOf(info.name));
   out->set_created_unix(info.created_unix);
   out->set_images(info.images);
   out->set_bytes(info.bytes);
@@ -38,16 +40,24 @@ void RefreshGauges(DatasetCatalog* catalog, Metrics* metrics) {
 class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequest> {
  public:
   UploadReactor(grpc::CallbackServerContext* context, DatasetCatalog* catalog, ThreadPool* pool,
-                Metrics* metrics, v1::UploadDatasetResponse* response,
+                Security* security, v1::UploadDatasetResponse* response,
                 std::shared_ptr<std::atomic<int>> in_flight, int max_in_flight)
       : context_(context),
         catalog_(catalog),
         pool_(pool),
         response_(response),
-        metrics_(metrics),
-        timer_(metrics, "UploadDataset"),
+        security_(security),
+        metrics_(security->metrics()),
+        timer_(security->metrics(), "UploadDataset"),
         in_flight_(std::move(in_flight)) {
-    if (in_flight_->fetch_add(1) >= max_in_flight) {
+    const int uploads = in_flight_->fetch_add(1);  // OnDone takes it back
+    auto caller = security_->Admit(*context, &timer_);
+    if (!caller.ok()) {
+      Done(caller.status());
+      return;
+    }
+    caller_ = *caller;
+    if (uploads >= max_in_flight) {
       Done(absl::ResourceExhaustedError(
           absl::StrCat("too many uploads in progress (", max_in_flight,
                        ", --max_concurrent_uploads); retry when one has finished")));
@@ -91,7 +101,18 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
   // the next or, after `commit`, commits. OK: the call goes on (or is done).
   absl::Status Process() {
     if (upload_ == nullptr) {
-      auto upload = catalog_->BeginUpload(request_.dataset(), request_.strict());
+      security_->AttachAudit(&timer_, caller_, request_.dataset());
+      auto key = caller_.Qualify(request_.dataset(), "dataset");
+      if (!key.ok()) return key.status();
+      key_ = *key;
+      tenant_ = TenantOf(key_);
+      // The tenant's use before this upload: each message is checked
+      // against it (fail early), the commit again (authoritative).
+      auto use = security_->Usage(tenant_);
+      if (!use.ok()) return use.status();
+      use_ = *use;
+      if (absl::Status s = CheckQuotas(use_); !s.ok()) return s;
+      auto upload = catalog_->BeginUpload(key_, request_.strict());
       if (!upload.ok()) return upload.status();
       upload_ = std::move(*upload);
     }
@@ -100,17 +121,25 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
                        std::move(*e.mutable_encoded())};
       if (absl::Status s = upload_->Add(std::move(ex)); !s.ok()) return s;
     }
+    if (absl::Status s = CheckQuotas(use_); !s.ok()) return s;
     const bool commit = request_.commit();
     request_.Clear();
     if (!commit) {
       StartRead(&request_);
       return absl::OkStatus();
     }
-    auto result = upload_->Commit();
+    absl::StatusOr<UploadResult> result;
+    {
+      absl::MutexLock lock(security_->QuotaLock(tenant_));
+      auto use = security_->Usage(tenant_);
+      if (!use.ok()) return use.status();
+      if (absl::Status s = CheckQuotas(*use); !s.ok()) return s;
+      result = upload_->Commit();
+    }
     upload_.reset();
     RefreshGauges(catalog_, metrics_);
     if (!result.ok()) return result.status();
-    ToProto(result->dataset, response_->mutable_dataset());
+    ToProto(result->dataset, caller_, response_->mutable_dataset());
     response_->set_accepted(result->accepted);
     response_->set_rejected_total(result->rejected_total);
     for (const auto& r : result->rejected) {
@@ -122,16 +151,40 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
     Done(absl::OkStatus());
     return absl::OkStatus();
   }
+  // The tenant's dataset, image and storage quotas with this upload's
+  // accepted examples on top of `use`.
+  absl::Status CheckQuotas(const TenantUsage& use) const {
+    const QuotaLimits q = security_->QuotasOf(tenant_);
+    if (!catalog_->Get(key_).ok()) {  // a new dataset
+      if (absl::Status s = Security::CheckQuota(tenant_, "datasets", use.datasets, 1, q.datasets);
+          !s.ok()) {
+        return s;
+      }
+    }
+    const int64_t images = upload_ ? upload_->accepted() : 0;
+    const int64_t bytes = upload_ ? upload_->accepted_bytes() : 0;
+    if (absl::Status s = Security::CheckQuota(tenant_, "images", use.images, images, q.images);
+        !s.ok()) {
+      return s;
+    }
+    return Security::CheckQuota(tenant_, "storage_mb", use.storage_bytes, bytes, q.storage_bytes,
+                                " bytes");
+  }
   void Done(const absl::Status& s) {
-    timer_.Done(s);
-    Finish(ToGrpcStatus(s));
+    const absl::Status scrubbed = caller_.Scrub(s);
+    timer_.Done(scrubbed);
+    Finish(ToGrpcStatus(scrubbed));
   }
 
   grpc::CallbackServerContext* context_;
   DatasetCatalog* catalog_;
   ThreadPool* pool_;
   v1::UploadDatasetResponse* response_;
+  Security* security_;
   Metrics* metrics_;
+  Caller caller_;
+  std::string key_, tenant_;
+  TenantUsage use_;
   RpcTimer timer_;
   std::shared_ptr<std::atomic<int>> in_flight_;
   v1::UploadDatasetRequest request_;
@@ -141,18 +194,19 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
 
 }  // namespace
 
-DatasetService::DatasetService(DatasetCatalog* catalog, ThreadPool* pool, Metrics* metrics,
+DatasetService::DatasetService(DatasetCatalog* catalog, ThreadPool* pool, Security* security,
                                int max_concurrent_uploads)
     : catalog_(catalog),
       pool_(pool),
-      metrics_(metrics),
+      security_(security),
+      metrics_(security->metrics()),
       max_concurrent_uploads_(max_concurrent_uploads) {
   RefreshGauges(catalog_, metrics_);
 }
 
 grpc::ServerReadReactor<v1::UploadDatasetRequest>* DatasetService::UploadDataset(
     grpc::CallbackServerContext* context, v1::UploadDatasetResponse* response) {
-  return new UploadReactor(context, catalog_, pool_, metrics_, response, uploads_in_flight_,
+  return new UploadReactor(context, catalog_, pool_, security_, response, uploads_in_flight_,
                            max_concurrent_uploads_);
 }
 
@@ -160,11 +214,15 @@ grpc::ServerUnaryReactor* DatasetService::ListDatasets(grpc::CallbackServerConte
                                                        const v1::ListDatasetsRequest*,
                                                        v1::ListDatasetsResponse* response) {
   // The catalog reads the database: on a worker, not the gRPC thread.
-  return ContainedOnWorker(context, metrics_, "ListDatasets", pool_,
-                           [this, response]() -> absl::Status {
+  return ContainedOnWorker(context, security_, "ListDatasets", "", pool_,
+                           [this, response](const Caller& caller) -> absl::Status {
                              auto list = catalog_->List();
                              if (!list.ok()) return list.status();
-                             for (const auto& d : *list) ToProto(d, response->add_datasets());
+                             for (const auto& d : *list) {
+                               if (caller.Sees(d.name)) {
+                                 ToProto(d, caller, response->add_datasets());
+                               }
+                             }
                              return absl::OkStatus();
                            });
 }
@@ -172,10 +230,12 @@ grpc::ServerUnaryReactor* DatasetService::ListDatasets(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* DatasetService::GetDataset(grpc::CallbackServerContext* context,
                                                      const v1::GetDatasetRequest* request,
                                                      v1::Dataset* response) {
-  return ContainedOnWorker(context, metrics_, "GetDataset", pool_,
-                           [this, request, response]() -> absl::Status {
-                             auto info = catalog_->Get(request->name());
-                             if (info.ok()) ToProto(*info, response);
+  return ContainedOnWorker(context, security_, "GetDataset", request->name(), pool_,
+                           [this, request, response](const Caller& caller) -> absl::Status {
+                             auto key = caller.Qualify(request->name(), "name");
+                             if (!key.ok()) return key.status();
+                             auto info = catalog_->Get(*key);
+                             if (info.ok()) ToProto(*info, caller, response);
                              return info.status();
                            });
 }
@@ -184,9 +244,11 @@ grpc::ServerUnaryReactor* DatasetService::DeleteDataset(grpc::CallbackServerCont
                                                         const v1::DeleteDatasetRequest* request,
                                                         v1::DeleteDatasetResponse*) {
   // Deleting frees a dataset's images: on a worker, not the gRPC thread.
-  return ContainedOnWorker(context, metrics_, "DeleteDataset", pool_,
-                           [this, request]() -> absl::Status {
-                             absl::Status s = catalog_->Delete(request->name());
+  return ContainedOnWorker(context, security_, "DeleteDataset", request->name(), pool_,
+                           [this, request](const Caller& caller) -> absl::Status {
+                             auto key = caller.Qualify(request->name(), "name");
+                             if (!key.ok()) return key.status();
+                             absl::Status s = catalog_->Delete(*key);
                              RefreshGauges(catalog_, metrics_);
                              return s;
                            });

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <memory>
 
+#include "server/api/security.h"
 #include "server/core/datasets.h"
 #include "server/core/metrics.h"
 #include "server/core/thread_pool.h"
@@ -19,7 +20,7 @@ namespace tlserve {
 class DatasetService final : public v1::Datasets::CallbackService {
  public:
   // Sets the dataset gauges from what is stored.
-  DatasetService(DatasetCatalog* catalog, ThreadPool* pool, Metrics* metrics,
+  DatasetService(DatasetCatalog* catalog, ThreadPool* pool, Security* security,
                  int max_concurrent_uploads = 16);
 
   grpc::ServerReadReactor<v1::UploadDatasetRequest>* UploadDataset(
@@ -37,6 +38,7 @@ class DatasetService final : public v1::Datasets::CallbackService {
  private:
   DatasetCatalog* catalog_;
   ThreadPool* pool_;
+  Security* security_;
   Metrics* metrics_;
   const int max_concurrent_uploads_;
   std::shared_ptr<std::atomic<int>> uploads_in_flight_ = std::make_shared<std::atomic<int>>(0);

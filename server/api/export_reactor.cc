@@ -18,15 +18,28 @@ namespace {
 constexpr int64_t kChunkBytes = 1 << 20;
 }  // namespace
 
-ExportReactor::ExportReactor(ModelRegistry* models, Engine* engine, Metrics* metrics,
-                             const v1::ExportModelRequest& req, const ExportOptions& options,
+ExportReactor::ExportReactor(grpc::CallbackServerContext* context, ModelRegistry* models,
+                             Engine* engine, Security* security, const v1::ExportModelRequest& req,
+                             const ExportOptions& options,
                              std::shared_ptr<std::atomic<int>> in_flight)
     : models_(models),
       engine_(engine),
       options_(options),
       in_flight_(std::move(in_flight)),
-      timer_(metrics, "ExportModel") {
-  if (in_flight_->fetch_add(1) >= options_.max_concurrent) {
+      timer_(security->metrics(), "ExportModel") {
+  const int exports = in_flight_->fetch_add(1);  // OnDone takes it back
+  auto caller = security->Admit(*context, &timer_, req.model());
+  if (!caller.ok()) {
+    End(caller.status());
+    return;
+  }
+  caller_ = *caller;
+  auto key = caller_.Qualify(req.model(), "model");
+  if (!key.ok()) {
+    End(key.status());
+    return;
+  }
+  if (exports >= options_.max_concurrent) {
     End(absl::ResourceExhaustedError(
         absl::StrCat(options_.max_concurrent,
                      " exports are in progress (--max_concurrent_exports); retry when one ends")));
@@ -39,7 +52,7 @@ ExportReactor::ExportReactor(ModelRegistry* models, Engine* engine, Metrics* met
     }
     // The version is looked up (and read, when not loaded) on the export's
     // own thread, not the gRPC one.
-    worker_ = std::thread([this, model = req.model(), number = req.version()] {
+    worker_ = std::thread([this, model = *key, number = req.version()] {
       auto version = Contain("export failed", [&] { return models_->ServableNow(model, number); });
       if (!version.ok()) return End(version.status());
       Build(*version);
@@ -127,8 +140,9 @@ absl::Status ExportReactor::ReadNextChunk() {
 }
 
 void ExportReactor::End(const absl::Status& status) {
-  timer_.Done(status);
-  Finish(ToGrpcStatus(status));
+  const absl::Status scrubbed = caller_.Scrub(status);
+  timer_.Done(scrubbed);
+  Finish(ToGrpcStatus(scrubbed));
 }
 
 void ExportReactor::OnDone() {

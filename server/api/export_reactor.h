@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "server/api/rpc_timer.h"
+#include "server/api/security.h"
 #include "server/core/export.h"
 #include "server/core/models.h"
 #include "server/store/disk_budget.h"
@@ -31,8 +32,8 @@ struct ExportOptions {
 
 class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportModelResponse> {
  public:
-  ExportReactor(ModelRegistry* models, Engine* engine, Metrics* metrics,
-                const v1::ExportModelRequest& req, const ExportOptions& options,
+  ExportReactor(grpc::CallbackServerContext* context, ModelRegistry* models, Engine* engine,
+                Security* security, const v1::ExportModelRequest& req, const ExportOptions& options,
                 std::shared_ptr<std::atomic<int>> in_flight);
   void OnWriteDone(bool ok) override;
   void OnCancel() override { cancelled_ = true; }
@@ -50,6 +51,7 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportModelRespo
   const ExportOptions options_;
   std::shared_ptr<std::atomic<int>> in_flight_;
   RpcTimer timer_;
+  Caller caller_;
   std::thread worker_;
   std::atomic<bool> cancelled_{false};
   int fd_ = -1;  // the export, already unlinked

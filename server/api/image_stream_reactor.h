@@ -24,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "server/api/rpc_timer.h"
+#include "server/api/security.h"
 #include "server/api/status_util.h"
 #include "server/core/contain.h"
 #include "server/core/metrics.h"
@@ -80,25 +81,45 @@ class ImageStreamReactor : public grpc::ServerBidiReactor<Request, Response> {
     std::shared_ptr<Request> request;
     Response response;
     size_t remaining = 0;
+    std::shared_ptr<const void> images_lease;  // the tenant's in-flight images
   };
 
-  ImageStreamReactor(grpc::CallbackServerContext* context, Metrics* metrics, std::string method,
+  ImageStreamReactor(grpc::CallbackServerContext* context, Security* security, std::string method,
                      int max_images_per_message)
       : context_(context),
-        metrics_(metrics),
+        security_(security),
+        metrics_(security->metrics()),
         method_(std::move(method)),
         max_images_per_message_(max_images_per_message),
-        timer_(metrics, method_) {}
+        timer_(metrics_, method_) {
+    auto caller = security_->Admit(*context, &timer_);
+    if (caller.ok()) {
+      caller_ = *caller;
+    } else {
+      admitted_ = caller.status();
+    }
+  }
   virtual ~ImageStreamReactor() = default;
 
   // Subclasses call this last in their constructor.
+  // A call that Security did not admit ends here, before reading.
   void StartReading() {
+    if (!admitted_.ok()) {
+      {
+        absl::MutexLock lock(&mu_);
+        finished_ = true;
+      }
+      timer_.Done(admitted_);
+      this->Finish(ToGrpcStatus(admitted_));
+      return;
+    }
     {
       absl::MutexLock lock(&mu_);
       read_pending_ = true;
     }
     StartNextRead();
   }
+  const Caller& caller() const { return caller_; }
   // Reads the stream's options from its first message; an error ends it.
   virtual absl::Status Begin(const Request& first) = 0;
   // Starts the images of `slot` (numbered from `first_index` in the whole
@@ -170,6 +191,8 @@ class ImageStreamReactor : public grpc::ServerBidiReactor<Request, Response> {
           "a ", method_, " message has ", n, " images, over the limit of ", max_images_per_message_,
           " per message (--max_images_per_request); send smaller messages"));
     }
+    auto lease = security_->AdmitImages(caller_, n);
+    if (!lease.ok()) return lease.status();
     metrics_->AddImages(method_, n);
     const int64_t first = next_index_;
     next_index_ += n;
@@ -177,6 +200,7 @@ class ImageStreamReactor : public grpc::ServerBidiReactor<Request, Response> {
     Slot* s = slot.get();
     s->request = std::move(request);
     s->remaining = static_cast<size_t>(n);
+    s->images_lease = std::move(*lease);
     {
       absl::MutexLock lock(&mu_);
       slots_.push_back(std::move(slot));
@@ -214,13 +238,17 @@ class ImageStreamReactor : public grpc::ServerBidiReactor<Request, Response> {
     if (a.write != nullptr) this->StartWrite(a.write);
     if (a.read) StartNextRead();
     if (a.finish.has_value()) {
-      timer_.Done(*a.finish);
-      this->Finish(ToGrpcStatus(*a.finish));
+      const absl::Status s = caller_.Scrub(*a.finish);
+      timer_.Done(s);
+      this->Finish(ToGrpcStatus(s));
     }
   }
 
   grpc::CallbackServerContext* const context_;
+  Security* const security_;
   Metrics* const metrics_;
+  Caller caller_;
+  absl::Status admitted_;
   const std::string method_;
   const int max_images_per_message_;
   RpcTimer timer_;

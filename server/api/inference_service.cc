@@ -8,7 +8,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "server/api/caller_lane.h"
 #include "server/api/contained_call.h"
 #include "server/api/convert.h"
 #include "server/api/rpc_timer.h"
@@ -31,8 +30,8 @@ grpc::ServerUnaryReactor* InferenceService::DescribeBackbone(
     grpc::CallbackServerContext* context, const v1::DescribeBackboneRequest* request,
     v1::DescribeBackboneResponse* response) {
   return ContainedAsyncUnary(
-      context, metrics_, "DescribeBackbone",
-      [&](grpc::ServerUnaryReactor* reactor, const RpcTimer& timer) -> absl::Status {
+      context, security_, "DescribeBackbone", "",
+      [&](grpc::ServerUnaryReactor* reactor, const RpcTimer& timer, const Caller&) -> absl::Status {
         std::vector<int64_t> shape(request->input_shape().begin(), request->input_shape().end());
         if (!shape.empty() && shape.size() != 3) {
           return absl::InvalidArgumentError(absl::StrCat(
@@ -55,8 +54,9 @@ grpc::ServerUnaryReactor* InferenceService::Embed(grpc::CallbackServerContext* c
                                                   v1::EmbedResponse* response) {
   metrics_->AddImages("Embed", request->images_size());
   return ContainedAsyncUnary(
-      context, metrics_, "Embed",
-      [&](grpc::ServerUnaryReactor* reactor, const RpcTimer& timer) -> absl::Status {
+      context, security_, "Embed", "",
+      [&](grpc::ServerUnaryReactor* reactor, const RpcTimer& held_timer,
+          const Caller& caller) -> absl::Status {
         if (request->images_size() == 0) {
           return absl::InvalidArgumentError("images: the request has no images");
         }
@@ -74,6 +74,11 @@ grpc::ServerUnaryReactor* InferenceService::Embed(grpc::CallbackServerContext* c
         }
         auto inputs = ToImageInputs(request->images(), 0);
         if (!inputs.ok()) return inputs.status();
+        // The tenant's in-flight images, until the last image's callback goes.
+        auto lease = security_->AdmitImages(caller, request->images_size());
+        if (!lease.ok()) return lease.status();
+        RpcTimer timer = held_timer;
+        timer.Hold(*lease);
         for (int i = 0; i < request->images_size(); ++i) response->add_embeddings();
         // The context outlives every callback: the call finishes after the last.
         embedder_->Embed(
@@ -88,14 +93,14 @@ grpc::ServerUnaryReactor* InferenceService::Embed(grpc::CallbackServerContext* c
                                     ->mutable_values()
                                     ->Add(p, p + v.size(0));
                               }),
-            CallerLane(*context));
+            caller.lane);
         return absl::OkStatus();
       });
 }
 
 grpc::ServerBidiReactor<v1::StreamEmbedRequest, v1::StreamEmbedResponse>*
 InferenceService::StreamEmbed(grpc::CallbackServerContext* context) {
-  return new StreamEmbedReactor(context, embedder_, metrics_, limits_.max_images_per_request);
+  return new StreamEmbedReactor(context, embedder_, security_, limits_.max_images_per_request);
 }
 
 }  // namespace tlserve

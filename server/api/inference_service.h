@@ -4,6 +4,7 @@
 #ifndef TLSERVE_SERVER_API_INFERENCE_SERVICE_H_
 #define TLSERVE_SERVER_API_INFERENCE_SERVICE_H_
 
+#include "server/api/security.h"
 #include "server/core/embedder.h"
 #include "server/core/metrics.h"
 #include "tlserve/v1/inference.grpc.pb.h"
@@ -16,8 +17,8 @@ struct ApiLimits {
 
 class InferenceService final : public v1::Inference::CallbackService {
  public:
-  InferenceService(Embedder* embedder, Metrics* metrics, ApiLimits limits)
-      : embedder_(embedder), metrics_(metrics), limits_(limits) {}
+  InferenceService(Embedder* embedder, Security* security, ApiLimits limits)
+      : embedder_(embedder), security_(security), metrics_(security->metrics()), limits_(limits) {}
 
   grpc::ServerUnaryReactor* DescribeBackbone(grpc::CallbackServerContext* context,
                                              const v1::DescribeBackboneRequest* request,
@@ -30,6 +31,7 @@ class InferenceService final : public v1::Inference::CallbackService {
 
  private:
   Embedder* embedder_;
+  Security* security_;
   Metrics* metrics_;
   const ApiLimits limits_;
 };

@@ -3,7 +3,6 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
-#include "server/api/caller_lane.h"
 #include "server/api/contained_call.h"
 #include "server/api/convert.h"
 #include "server/api/export_reactor.h"
@@ -11,12 +10,15 @@
 #include "server/api/status_util.h"
 #include "server/api/stream_classify_reactor.h"
 #include "server/api/unary_image_call.h"
+#include "server/core/catalog/tenant_key.h"
+#include "server/core/contain.h"
 
 namespace tlserve {
 namespace {
 
-void ToProto(const ModelInfo& m, v1::Model* out) {
-  out->set_name(m.name);
+void ToProto(const ModelInfo& m, const Caller& caller, v1::Model* out) {
+  out->set_name(caller.Name(m.name));
+  out->set_tenant(TenantOf(m.name));
   for (const auto& c : m.classes) out->add_classes(c);
   for (int h : m.head.hidden) out->mutable_head()->add_hidden(h);
   out->mutable_head()->set_dropout(m.head.dropout);
@@ -49,10 +51,11 @@ void ToProto(const ModelInfo& m, v1::Model* out) {
   }
 }
 
-void ToProto(const JobRecord& r, v1::Job* out) {
+void ToProto(const JobRecord& r, const Caller& caller, v1::Job* out) {
   out->set_id(r.id);
-  out->set_model(r.model);
-  out->set_dataset(r.dataset);
+  out->set_model(caller.Name(r.model));
+  out->set_dataset(caller.Name(r.dataset));
+  out->set_tenant(TenantOf(r.model));
   out->set_state(static_cast<v1::Job::State>(static_cast<int>(r.state) + 1));
   out->set_phase(r.phase);
   out->set_error(r.error);
@@ -125,12 +128,36 @@ absl::StatusOr<TrainOptions> FromProto(const v1::TrainingOptions& p) {
   return o;
 }
 
+// The job `id` when the caller may see it; NOT_FOUND as for an unknown job
+// otherwise (another tenant's job is not revealed to exist).
+absl::StatusOr<JobRecord> VisibleJob(const JobRunner& jobs, const Caller& caller,
+                                     const std::string& id) {
+  auto j = jobs.Get(id);
+  if (j.ok() && !caller.Sees(j->model)) {
+    return absl::NotFoundError(absl::StrCat("job \"", Bounded(id), "\" does not exist"));
+  }
+  return j;
+}
+
 // Streams a job's states until it is final. Owns itself (deleted in OnDone).
 class WatchReactor final : public grpc::ServerWriteReactor<v1::Job> {
  public:
-  WatchReactor(JobRunner* jobs, Metrics* metrics, const std::string& id)
-      : jobs_(jobs), id_(id), timer_(metrics, "WatchJob"), state_(std::make_shared<State>()) {
+  WatchReactor(grpc::CallbackServerContext* context, JobRunner* jobs, Security* security,
+               const std::string& id)
+      : jobs_(jobs),
+        id_(id),
+        timer_(security->metrics(), "WatchJob"),
+        state_(std::make_shared<State>()) {
     state_->reactor = this;
+    auto caller = security->Admit(*context, &timer_, id);
+    absl::Status visible =
+        caller.ok() ? VisibleJob(*jobs_, *caller, id_).status() : caller.status();
+    if (!visible.ok()) {
+      timer_.Done(visible);
+      Finish(ToGrpcStatus(visible));
+      return;
+    }
+    state_->caller = *caller;
     std::shared_ptr<State> state = state_;
     auto token = jobs_->Watch(id_, [state](const JobRecord& r) { state->Push(r); });
     if (!token.ok()) {
@@ -175,12 +202,13 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Job> {
     std::deque<v1::Job> queue ABSL_GUARDED_BY(mu);
     bool writing ABSL_GUARDED_BY(mu) = false;
     bool finished ABSL_GUARDED_BY(mu) = false;
+    Caller caller;  // set before the first Push
 
     void Push(const JobRecord& r) {
       absl::MutexLock lock(&mu);
       if (reactor == nullptr || finished) return;
       v1::Job j;
-      ToProto(r, &j);
+      ToProto(r, caller, &j);
       queue.push_back(std::move(j));
       if (!writing) NextLocked();
     }
@@ -211,37 +239,59 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Job> {
 grpc::ServerUnaryReactor* ModelService::CreateModel(grpc::CallbackServerContext* c,
                                                     const v1::CreateModelRequest* req,
                                                     v1::Model* resp) {
-  return ContainedOnWorker(c, metrics_, "CreateModel", work_, [this, req, resp]() -> absl::Status {
-    std::vector<std::string> classes(req->classes().begin(), req->classes().end());
-    if (!req->dataset().empty()) {
-      if (!classes.empty()) return absl::InvalidArgumentError("give classes or dataset, not both");
-      auto d = datasets_->Get(req->dataset());
-      if (!d.ok()) return d.status();
-      for (const auto& [label, n] : d->class_counts) classes.push_back(label);
-    }
-    HeadSpec head{{req->head().hidden().begin(), req->head().hidden().end()},
-                  req->head().dropout()};
-    auto m = models_->Create(req->name(), std::move(classes), head);
-    if (m.ok()) ToProto(*m, resp);
-    metrics_->SetModels(models_->size());
-    return m.status();
-  });
+  return ContainedOnWorker(
+      c, security_, "CreateModel", req->name(), work_,
+      [this, req, resp](const Caller& caller) -> absl::Status {
+        auto key = caller.Qualify(req->name(), "name");
+        if (!key.ok()) return key.status();
+        std::vector<std::string> classes(req->classes().begin(), req->classes().end());
+        if (!req->dataset().empty()) {
+          if (!classes.empty()) {
+            return absl::InvalidArgumentError("give classes or dataset, not both");
+          }
+          auto dataset = caller.Qualify(req->dataset(), "dataset");
+          if (!dataset.ok()) return dataset.status();
+          auto d = datasets_->Get(*dataset);
+          if (!d.ok()) return d.status();
+          for (const auto& [label, n] : d->class_counts) classes.push_back(label);
+        }
+        HeadSpec head{{req->head().hidden().begin(), req->head().hidden().end()},
+                      req->head().dropout()};
+        const std::string tenant = TenantOf(*key);
+        absl::MutexLock quota(security_->QuotaLock(tenant));
+        auto use = security_->Usage(tenant);
+        if (!use.ok()) return use.status();
+        if (absl::Status s = Security::CheckQuota(tenant, "models", use->models, 1,
+                                                  security_->QuotasOf(tenant).models);
+            !s.ok()) {
+          return s;
+        }
+        auto m = models_->Create(*key, std::move(classes), head);
+        if (m.ok()) ToProto(*m, caller, resp);
+        metrics_->SetModels(models_->size());
+        return m.status();
+      });
 }
 
 grpc::ServerUnaryReactor* ModelService::GetModel(grpc::CallbackServerContext* c,
                                                  const v1::GetModelRequest* req, v1::Model* resp) {
-  return ContainedUnary(c, metrics_, "GetModel", [&]() -> absl::Status {
-    auto m = models_->Get(req->name());
-    if (m.ok()) ToProto(*m, resp);
-    return m.status();
-  });
+  return ContainedUnary(c, security_, "GetModel", req->name(),
+                        [&](const Caller& caller) -> absl::Status {
+                          auto key = caller.Qualify(req->name(), "name");
+                          if (!key.ok()) return key.status();
+                          auto m = models_->Get(*key);
+                          if (m.ok()) ToProto(*m, caller, resp);
+                          return m.status();
+                        });
 }
 
 grpc::ServerUnaryReactor* ModelService::ListModels(grpc::CallbackServerContext* c,
                                                    const v1::ListModelsRequest*,
                                                    v1::ListModelsResponse* resp) {
-  return ContainedUnary(c, metrics_, "ListModels", [&]() -> absl::Status {
-    for (const auto& m : models_->List()) ToProto(m, resp->add_models());
+  return ContainedUnary(c, security_, "ListModels", "", [&](const Caller& caller) -> absl::Status {
+    for (const auto& m : models_->List()) {
+      if (caller.Sees(m.name)) ToProto(m, caller, resp->add_models());
+    }
     return absl::OkStatus();
   });
 }
@@ -249,12 +299,15 @@ grpc::ServerUnaryReactor* ModelService::ListModels(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* ModelService::DeleteModel(grpc::CallbackServerContext* c,
                                                     const v1::DeleteModelRequest* req,
                                                     v1::DeleteModelResponse*) {
-  return ContainedOnWorker(c, metrics_, "DeleteModel", work_, [this, req]() -> absl::Status {
-    absl::Status s = models_->Delete(req->name());
-    if (s.ok()) metrics_->RemoveModel(req->name());
-    metrics_->SetModels(models_->size());
-    return s;
-  });
+  return ContainedOnWorker(c, security_, "DeleteModel", req->name(), work_,
+                           [this, req](const Caller& caller) -> absl::Status {
+                             auto key = caller.Qualify(req->name(), "name");
+                             if (!key.ok()) return key.status();
+                             absl::Status s = models_->Delete(*key);
+                             if (s.ok()) metrics_->RemoveModel(*key);
+                             metrics_->SetModels(models_->size());
+                             return s;
+                           });
 }
 
 namespace {
@@ -276,73 +329,131 @@ absl::StatusOr<std::vector<std::string>> StageList(
 grpc::ServerUnaryReactor* ModelService::UnfreezeLayers(grpc::CallbackServerContext* c,
                                                        const v1::UnfreezeLayersRequest* req,
                                                        v1::Model* resp) {
-  return ContainedOnWorker(c, metrics_, "UnfreezeLayers", work_,
-                           [this, req, resp]() -> absl::Status {
-                             auto stages = StageList(*models_, req->stages(), req->from());
-                             if (!stages.ok()) return stages.status();
-                             auto m = models_->Unfreeze(req->model(), *stages);
-                             if (m.ok()) ToProto(*m, resp);
-                             return m.status();
-                           });
+  return ContainedOnWorker(
+      c, security_, "UnfreezeLayers", req->model(), work_,
+      [this, req, resp](const Caller& caller) -> absl::Status {
+        auto key = caller.Qualify(req->model(), "model");
+        if (!key.ok()) return key.status();
+        auto stages = StageList(*models_, req->stages(), req->from());
+        if (!stages.ok()) return stages.status();
+        // The private copies' parameters count against the tenant's quota
+        // (they take device memory); stages already private cost nothing.
+        const std::string tenant = TenantOf(*key);
+        absl::MutexLock quota(security_->QuotaLock(tenant));
+        auto before = models_->Get(*key);
+        if (!before.ok()) return before.status();
+        int64_t more = 0;
+        for (const auto& st : before->stages) {
+          if (!st.is_private && std::count(stages->begin(), stages->end(), st.name) > 0) {
+            more += st.params;
+          }
+        }
+        auto use = security_->Usage(tenant);
+        if (!use.ok()) return use.status();
+        if (absl::Status s =
+                Security::CheckQuota(tenant, "private_params", use->private_params, more,
+                                     security_->QuotasOf(tenant).private_params, " parameters");
+            !s.ok()) {
+          return s;
+        }
+        auto m = models_->Unfreeze(*key, *stages);
+        if (m.ok()) ToProto(*m, caller, resp);
+        return m.status();
+      });
 }
 
 grpc::ServerUnaryReactor* ModelService::FreezeLayers(grpc::CallbackServerContext* c,
                                                      const v1::FreezeLayersRequest* req,
                                                      v1::Model* resp) {
-  return ContainedOnWorker(c, metrics_, "FreezeLayers", work_, [this, req, resp]() -> absl::Status {
-    auto stages = StageList(*models_, req->stages(), req->from());
-    if (!stages.ok()) return stages.status();
-    auto m = models_->Freeze(req->model(), *stages, req->drop_private());
-    if (m.ok()) ToProto(*m, resp);
-    return m.status();
-  });
+  return ContainedOnWorker(c, security_, "FreezeLayers", req->model(), work_,
+                           [this, req, resp](const Caller& caller) -> absl::Status {
+                             auto key = caller.Qualify(req->model(), "model");
+                             if (!key.ok()) return key.status();
+                             auto stages = StageList(*models_, req->stages(), req->from());
+                             if (!stages.ok()) return stages.status();
+                             auto m = models_->Freeze(*key, *stages, req->drop_private());
+                             if (m.ok()) ToProto(*m, caller, resp);
+                             return m.status();
+                           });
 }
 
 grpc::ServerUnaryReactor* ModelService::StartTraining(grpc::CallbackServerContext* c,
                                                       const v1::StartTrainingRequest* req,
                                                       v1::Job* resp) {
   // Starting reads the dataset's index and writes the job's record.
-  return ContainedOnWorker(c, metrics_, "StartTraining", work_,
-                           [this, req, resp]() -> absl::Status {
-                             auto options = FromProto(req->options());
-                             if (!options.ok()) return options.status();
-                             auto j = jobs_->Start(req->model(), req->dataset(), *options);
-                             if (j.ok()) ToProto(*j, resp);
-                             return j.status();
-                           });
+  return ContainedOnWorker(
+      c, security_, "StartTraining", req->model(), work_,
+      [this, req, resp](const Caller& caller) -> absl::Status {
+        auto options = FromProto(req->options());
+        if (!options.ok()) return options.status();
+        auto model = caller.Qualify(req->model(), "model");
+        if (!model.ok()) return model.status();
+        auto dataset = caller.Qualify(req->dataset(), "dataset");
+        if (!dataset.ok()) return dataset.status();
+        const std::string tenant = TenantOf(*model);
+        if (TenantOf(*dataset) != tenant) {
+          return absl::InvalidArgumentError(
+              "dataset: a model trains on a dataset of its own tenant");
+        }
+        absl::MutexLock quota(security_->QuotaLock(tenant));
+        auto use = security_->Usage(tenant);
+        if (!use.ok()) return use.status();
+        if (absl::Status s = Security::CheckQuota(tenant, "jobs", use->jobs, 1,
+                                                  security_->QuotasOf(tenant).jobs, " jobs");
+            !s.ok()) {
+          return s;
+        }
+        auto j = jobs_->Start(*model, *dataset, *options);
+        if (j.ok()) ToProto(*j, caller, resp);
+        return j.status();
+      });
 }
 
-grpc::ServerWriteReactor<v1::Job>* ModelService::WatchJob(grpc::CallbackServerContext*,
+grpc::ServerWriteReactor<v1::Job>* ModelService::WatchJob(grpc::CallbackServerContext* c,
                                                           const v1::WatchJobRequest* req) {
-  return new WatchReactor(jobs_, metrics_, req->id());
+  return new WatchReactor(c, jobs_, security_, req->id());
 }
 
 grpc::ServerUnaryReactor* ModelService::GetJob(grpc::CallbackServerContext* c,
                                                const v1::GetJobRequest* req, v1::Job* resp) {
-  return ContainedUnary(c, metrics_, "GetJob", [&]() -> absl::Status {
-    auto j = jobs_->Get(req->id());
-    if (j.ok()) ToProto(*j, resp);
-    return j.status();
-  });
+  return ContainedUnary(c, security_, "GetJob", req->id(),
+                        [&](const Caller& caller) -> absl::Status {
+                          auto j = VisibleJob(*jobs_, caller, req->id());
+                          if (j.ok()) ToProto(*j, caller, resp);
+                          return j.status();
+                        });
 }
 
 grpc::ServerUnaryReactor* ModelService::ListJobs(grpc::CallbackServerContext* c,
                                                  const v1::ListJobsRequest* req,
                                                  v1::ListJobsResponse* resp) {
-  return ContainedUnary(c, metrics_, "ListJobs", [&]() -> absl::Status {
-    for (const auto& j : jobs_->List(req->model())) ToProto(j, resp->add_jobs());
-    return absl::OkStatus();
-  });
+  return ContainedUnary(c, security_, "ListJobs", req->model(),
+                        [&](const Caller& caller) -> absl::Status {
+                          std::string model;
+                          if (!req->model().empty()) {
+                            auto key = caller.Qualify(req->model(), "model");
+                            if (!key.ok()) return key.status();
+                            model = *key;
+                          }
+                          for (const auto& j : jobs_->List(model)) {
+                            if (caller.Sees(j.model)) ToProto(j, caller, resp->add_jobs());
+                          }
+                          return absl::OkStatus();
+                        });
 }
 
 grpc::ServerUnaryReactor* ModelService::CancelJob(grpc::CallbackServerContext* c,
                                                   const v1::CancelJobRequest* req, v1::Job* resp) {
   // Cancelling a queued job writes its record: on a worker.
-  return ContainedOnWorker(c, metrics_, "CancelJob", work_, [this, req, resp]() -> absl::Status {
-    auto j = jobs_->Cancel(req->id());
-    if (j.ok()) ToProto(*j, resp);
-    return j.status();
-  });
+  return ContainedOnWorker(c, security_, "CancelJob", req->id(), work_,
+                           [this, req, resp](const Caller& caller) -> absl::Status {
+                             if (auto j = VisibleJob(*jobs_, caller, req->id()); !j.ok()) {
+                               return j.status();
+                             }
+                             auto j = jobs_->Cancel(req->id());
+                             if (j.ok()) ToProto(*j, caller, resp);
+                             return j.status();
+                           });
 }
 
 grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
@@ -350,8 +461,9 @@ grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
                                                  v1::ClassifyResponse* resp) {
   metrics_->AddImages("Classify", req->images_size());
   return ContainedAsyncUnary(
-      c, metrics_, "Classify",
-      [&](grpc::ServerUnaryReactor* reactor, const RpcTimer& t) -> absl::Status {
+      c, security_, "Classify", req->model(),
+      [&](grpc::ServerUnaryReactor* reactor, const RpcTimer& held_timer,
+          const Caller& caller) -> absl::Status {
         if (req->images_size() == 0) {
           return absl::InvalidArgumentError("images: the request has no images");
         }
@@ -361,13 +473,20 @@ grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
                            limits_.max_images_per_request, " (--max_images_per_request)"));
         }
         if (req->top_k() < 0) return absl::InvalidArgumentError("top_k must be >= 0");
+        auto key = caller.Qualify(req->model(), "model");
+        if (!key.ok()) return key.status();
         auto inputs = ToImageInputs(req->images(), 0);
         if (!inputs.ok()) return inputs.status();
+        // The tenant's in-flight images, until the last image's callback goes.
+        auto lease = security_->AdmitImages(caller, req->images_size());
+        if (!lease.ok()) return lease.status();
+        RpcTimer t = held_timer;
+        t.Hold(*lease);
         // The served version is at hand; an older one not loaded yet is read
         // on the registry's loader thread, and the call goes on from there.
         models_->Servable(
-            req->model(), req->version(),
-            [this, c, req, resp, reactor, timer = t,
+            *key, req->version(),
+            [this, c, req, resp, reactor, timer = t, caller,
              inputs = *inputs](absl::StatusOr<std::shared_ptr<const ServableVersion>> version) {
               const absl::Status s = Contain("Classify failed", [&]() -> absl::Status {
                 if (!version.ok()) return version.status();
@@ -382,12 +501,13 @@ grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
                                       [resp, v](size_t i, const EngineResult& top) {
                                         TopK(*v, top, resp->mutable_results(static_cast<int>(i)));
                                       }),
-                    CallerLane(*c));
+                    caller.lane);
                 return absl::OkStatus();
               });
               if (!s.ok()) {
-                timer.Done(s);
-                reactor->Finish(ToGrpcStatus(s));
+                const absl::Status scrubbed = caller.Scrub(s);
+                timer.Done(scrubbed);
+                reactor->Finish(ToGrpcStatus(scrubbed));
               }
             });
         return absl::OkStatus();
@@ -396,12 +516,13 @@ grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
 
 grpc::ServerBidiReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse>*
 ModelService::StreamClassify(grpc::CallbackServerContext* c) {
-  return new StreamClassifyReactor(c, models_, embedder_, metrics_, limits_.max_images_per_request);
+  return new StreamClassifyReactor(c, models_, embedder_, security_,
+                                   limits_.max_images_per_request);
 }
 
 grpc::ServerWriteReactor<v1::ExportModelResponse>* ModelService::ExportModel(
-    grpc::CallbackServerContext*, const v1::ExportModelRequest* req) {
-  return new ExportReactor(models_, &embedder_->engine(), metrics_, *req, exports_,
+    grpc::CallbackServerContext* c, const v1::ExportModelRequest* req) {
+  return new ExportReactor(c, models_, &embedder_->engine(), security_, *req, exports_,
                            exports_in_flight_);
 }
 

@@ -9,6 +9,7 @@
 
 #include "server/api/export_reactor.h"
 #include "server/api/inference_service.h"
+#include "server/api/security.h"
 #include "server/core/datasets.h"
 #include "server/core/embedder.h"
 #include "server/core/jobs.h"
@@ -23,13 +24,14 @@ class ModelService final : public v1::Models::CallbackService {
   // `work` runs the handlers that touch the disk (StartTraining) off the
   // gRPC threads.
   ModelService(ModelRegistry* models, JobRunner* jobs, DatasetCatalog* datasets, Embedder* embedder,
-               ThreadPool* work, Metrics* metrics, ApiLimits limits, ExportOptions exports = {})
+               ThreadPool* work, Security* security, ApiLimits limits, ExportOptions exports = {})
       : models_(models),
         jobs_(jobs),
         datasets_(datasets),
         embedder_(embedder),
         work_(work),
-        metrics_(metrics),
+        security_(security),
+        metrics_(security->metrics()),
         limits_(limits),
         exports_(std::move(exports)) {}
 
@@ -74,6 +76,7 @@ class ModelService final : public v1::Models::CallbackService {
   DatasetCatalog* datasets_;
   Embedder* embedder_;
   ThreadPool* work_;
+  Security* security_;
   Metrics* metrics_;
   const ApiLimits limits_;
   const ExportOptions exports_;

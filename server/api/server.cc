@@ -2,12 +2,20 @@
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <grpcpp/server_builder.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
 
 #include <filesystem>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "server/core/catalog/usage.h"
 #include "server/core/device_memory.h"
 #include "server/core/log.h"
 #include "server/core/metrics_exposer.h"
@@ -16,14 +24,82 @@
 #include "server/store/disk_budget.h"
 
 namespace tlserve {
+namespace {
+
+// The TLS files must make a working pair now: gRPC's file watcher would only
+// log, and every handshake would then fail. FAILED_PRECONDITION naming the file.
+absl::Status CheckTlsFiles(const ServerOptions& o) {
+  if (o.tls_cert.empty() != o.tls_key.empty()) {
+    return absl::InvalidArgumentError("give both --tls_cert and --tls_key, or neither");
+  }
+  if (o.tls_cert.empty() && !o.tls_client_ca.empty()) {
+    return absl::InvalidArgumentError("--tls_client_ca needs --tls_cert and --tls_key");
+  }
+  if (o.tls_cert.empty()) return absl::OkStatus();
+  std::unique_ptr<SSL_CTX, void (*)(SSL_CTX*)> ctx(SSL_CTX_new(TLS_server_method()), SSL_CTX_free);
+  auto fail = [](const std::string& what) {
+    char reason[256] = "";
+    ERR_error_string_n(ERR_get_error(), reason, sizeof(reason));
+    ERR_clear_error();
+    return absl::FailedPreconditionError(absl::StrCat(what, " (", reason, ")"));
+  };
+  if (SSL_CTX_use_certificate_chain_file(ctx.get(), o.tls_cert.c_str()) != 1) {
+    return fail(absl::StrCat("--tls_cert ", o.tls_cert, ": not a readable PEM certificate"));
+  }
+  if (SSL_CTX_use_PrivateKey_file(ctx.get(), o.tls_key.c_str(), SSL_FILETYPE_PEM) != 1) {
+    const bool mismatch = ERR_GET_REASON(ERR_peek_error()) == X509_R_KEY_VALUES_MISMATCH;
+    return fail(absl::StrCat("--tls_key ", o.tls_key,
+                             mismatch ? absl::StrCat(" does not belong to --tls_cert ", o.tls_cert)
+                                      : ": not a readable PEM private key"));
+  }
+  if (SSL_CTX_check_private_key(ctx.get()) != 1) {
+    return fail(
+        absl::StrCat("--tls_key ", o.tls_key, " does not belong to --tls_cert ", o.tls_cert));
+  }
+  if (!o.tls_client_ca.empty() &&
+      SSL_CTX_load_verify_locations(ctx.get(), o.tls_client_ca.c_str(), nullptr) != 1) {
+    return fail(
+        absl::StrCat("--tls_client_ca ", o.tls_client_ca, ": not a readable PEM certificate"));
+  }
+  return absl::OkStatus();
+}
+
+std::shared_ptr<grpc::ServerCredentials> Credentials(const ServerOptions& o) {
+  if (o.tls_cert.empty()) return grpc::InsecureServerCredentials();
+  namespace ex = grpc::experimental;
+  // Re-read every tls_refresh_seconds: a renewed certificate (cert-manager)
+  // serves new connections without a restart.
+  auto provider = o.tls_client_ca.empty()
+                      ? std::make_shared<ex::FileWatcherCertificateProvider>(o.tls_key, o.tls_cert,
+                                                                             o.tls_refresh_seconds)
+                      : std::make_shared<ex::FileWatcherCertificateProvider>(
+                            o.tls_key, o.tls_cert, o.tls_client_ca, o.tls_refresh_seconds);
+  ex::TlsServerCredentialsOptions tls(provider);
+  tls.watch_identity_key_cert_pairs();
+  if (o.tls_client_ca.empty()) {
+    tls.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  } else {
+    tls.watch_root_certs();
+    tls.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  }
+  return grpc::experimental::TlsServerCredentials(tls);
+}
+
+bool Loopback(const std::string& address) {
+  return absl::StartsWith(address, "127.") || absl::StartsWith(address, "localhost:") ||
+         absl::StartsWith(address, "[::1]:");
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
   const absl::Time start = absl::Now();
+  if (absl::Status s = CheckTlsFiles(options); !s.ok()) return s;
   std::unique_ptr<Server> s(new Server());
   auto dir = DataDir::Open(options.data_dir);
   if (!dir.ok()) return dir.status();
   s->data_dir_ = std::move(*dir);
-  s->metrics_ = std::make_unique<Metrics>();
+  s->metrics_ = std::make_unique<Metrics>(options.metrics_model_labels);
   auto db = Database::Open(options.data_dir + "/tlserve.db");
   if (!db.ok()) return db.status();
   s->database_ = std::move(*db);
@@ -59,7 +135,19 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   s->embedder_ = std::move(*embedder);
 
   if (!options.metrics_address.empty()) {
-    auto exposer = MetricsExposer::Start(options.metrics_address);
+    MetricsExposer::Options m;
+    m.address = options.metrics_address;
+    if (options.metrics_tls) {
+      m.tls_cert_file = options.tls_cert;
+      m.tls_key_file = options.tls_key;
+    }
+    m.token_file = options.metrics_token_file;
+    if (!m.token_file.empty() && !options.metrics_tls) {
+      LogWarning(
+          "--metrics_token_file without --metrics_tls: the token crosses the network in "
+          "the clear");
+    }
+    auto exposer = MetricsExposer::Start(m);
     if (!exposer.ok()) {
       return absl::Status(exposer.status().code(),
                           absl::StrCat(exposer.status().message(), " (see --metrics_port)"));
@@ -70,8 +158,32 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     s->exposer_->RegisterCollectable(s->device_memory_);
   }
 
+  Security::Options security = options.security;
+  security.tls = !options.tls_cert.empty();
+  security.client_certificates = !options.tls_client_ca.empty();
+  if (security.defaults.inflight_images == 0) {
+    // One tenant cannot fill the engine's whole queue.
+    security.defaults.inflight_images = std::max(1, s->engine_->max_queue_size() / 2);
+  }
+  auto sec = Security::Create(security, s->metrics_.get());
+  if (!sec.ok()) return sec.status();
+  s->security_ = std::move(*sec);
+  s->metrics_->SetSecurityInfo(security.tls, security.client_certificates, s->security_->keys());
+  const bool keys = s->security_->keys();
+  if ((!security.tls || !keys) && !Loopback(options.grpc_address)) {
+    LogWarning(
+        "SECURITY: gRPC on %s %s: %s. Set --tls_cert/--tls_key and --api_keys (README "
+        "\"Security\"), or listen on loopback only (--host=127.0.0.1)",
+        options.grpc_address,
+        !security.tls && !keys ? "without TLS and without API keys"
+        : !security.tls        ? "without TLS"
+                               : "without API keys",
+        keys ? "API keys and images cross the network in the clear"
+             : "anyone who can reach the port can read, change and delete every model and "
+               "dataset");
+  }
   s->inference_ =
-      std::make_unique<InferenceService>(s->embedder_.get(), s->metrics_.get(), options.limits);
+      std::make_unique<InferenceService>(s->embedder_.get(), s->security_.get(), options.limits);
   auto models = ModelRegistry::Open(s->database_.get(), options.data_dir + "/models",
                                     s->backbone_.get(), options.models, s->disk_.get());
   if (!models.ok()) return models.status();
@@ -88,6 +200,19 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   s->jobs_ = std::make_unique<JobRunner>(s->database_.get(), s->datasets_.get(), s->models_.get(),
                                          s->engine_.get(), s->metrics_.get(), jobs);
   if (absl::Status st = s->jobs_->Recover(); !st.ok()) return st;
+  {
+    DatasetCatalog* datasets = s->datasets_.get();
+    ModelRegistry* models = s->models_.get();
+    JobRunner* jobs = s->jobs_.get();
+    s->security_->SetUsage([datasets, models, jobs](const std::string& tenant) {
+      return UsageOf(tenant, *datasets, *models, *jobs);
+    });
+    if (s->exposer_) {
+      s->tenant_usage_ = s->security_->UsageCollector(
+          [datasets, models, jobs] { return UsageByTenant(*datasets, *models, *jobs); });
+      s->exposer_->RegisterCollectable(s->tenant_usage_);
+    }
+  }
   s->metrics_->SetModels(s->models_->size());
   ExportOptions exports;
   exports.dir = options.data_dir + "/exports";
@@ -99,13 +224,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   if (absl::Status st = MakeDirectories(exports.dir); !st.ok()) return st;
   s->model_service_ = std::make_unique<ModelService>(
       s->models_.get(), s->jobs_.get(), s->datasets_.get(), s->embedder_.get(), s->pool_.get(),
-      s->metrics_.get(), options.limits, exports);
+      s->security_.get(), options.limits, exports);
   s->dataset_service_ = std::make_unique<DatasetService>(
-      s->datasets_.get(), s->pool_.get(), s->metrics_.get(), options.max_concurrent_uploads);
+      s->datasets_.get(), s->pool_.get(), s->security_.get(), options.max_concurrent_uploads);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.grpc_address, grpc::InsecureServerCredentials(), &s->grpc_port_);
+  builder.AddListeningPort(options.grpc_address, Credentials(options), &s->grpc_port_);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   builder.RegisterService(s->inference_.get());
@@ -116,11 +241,29 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     return absl::UnavailableError(absl::StrCat("cannot listen for gRPC on ", options.grpc_address,
                                                " (is the port in use? see --port)"));
   }
+  if (!options.health_address.empty()) {
+    // Kubernetes' gRPC probes speak neither TLS nor keys: only grpc.health.v1 here.
+    grpc::ServerBuilder health;
+    health.AddListeningPort(options.health_address, grpc::InsecureServerCredentials(),
+                            &s->health_port_);
+    s->health_grpc_ = health.BuildAndStart();
+    if (s->health_grpc_ == nullptr || s->health_port_ == 0) {
+      return absl::UnavailableError(absl::StrCat("cannot listen for health checks on ",
+                                                 options.health_address,
+                                                 " (is the port in use? see --health_port)"));
+    }
+    s->health_grpc_->GetHealthCheckService()->SetServingStatus(true);
+  }
   s->grpc_->GetHealthCheckService()->SetServingStatus(true);
-  LogInfo("serving %s on gRPC port %d, metrics on port %s (/metrics); started in %.2f s",
-          s->backbone_->name(), s->grpc_port_,
-          s->exposer_ ? std::to_string(s->exposer_->port()) : "(disabled)",
-          absl::ToDoubleSeconds(absl::Now() - start));
+  LogInfo(
+      "serving %s on gRPC port %d (%s, %s), metrics on port %s (/metrics), health port %s; "
+      "started in %.2f s",
+      s->backbone_->name(), s->grpc_port_,
+      security.tls ? (security.client_certificates ? "mutual TLS" : "TLS") : "plaintext",
+      s->security_->keys() ? "API keys" : "no API keys",
+      s->exposer_ ? std::to_string(s->exposer_->port()) : "(disabled)",
+      s->health_grpc_ ? std::to_string(s->health_port_) : "(off)",
+      absl::ToDoubleSeconds(absl::Now() - start));
   return s;
 }
 
@@ -130,8 +273,13 @@ void Server::Shutdown(absl::Duration grace) {
   LogInfo("draining: health NOT_SERVING, finishing in-flight calls (up to %s)",
           absl::FormatDuration(grace));
   grpc_->GetHealthCheckService()->SetServingStatus(false);
+  if (health_grpc_) health_grpc_->GetHealthCheckService()->SetServingStatus(false);
   grpc_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
   grpc_->Wait();
+  if (health_grpc_) {
+    health_grpc_->Shutdown(absl::ToChronoTime(absl::Now()));
+    health_grpc_->Wait();
+  }
   LogInfo("stopped");
 }
 

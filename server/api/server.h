@@ -45,6 +45,18 @@ struct ServerOptions {
   int64_t min_free_disk_bytes = int64_t{512} << 20;  // the data directory's reserve
   int max_concurrent_uploads = 16;
   int max_concurrent_exports = 4;
+
+  // Security (README "Security"). tls_cert + tls_key: gRPC over TLS, the
+  // files re-read every tls_refresh_seconds; tls_client_ca: clients must
+  // present a certificate it signed (mutual TLS).
+  std::string tls_cert, tls_key, tls_client_ca;
+  int tls_refresh_seconds = 10;
+  // Keys, quotas (inflight_images 0: half of the engine's queue), audit.
+  Security::Options security;
+  std::string health_address;  // plaintext grpc.health.v1 only; empty: none
+  bool metrics_tls = false;    // /metrics over HTTPS with tls_cert and tls_key
+  std::string metrics_token_file;
+  bool metrics_model_labels = false;
 };
 
 class Server {
@@ -55,6 +67,9 @@ class Server {
   ~Server();
 
   int grpc_port() const { return grpc_port_; }
+  int health_port() const { return health_port_; }
+  // Re-reads the API keys and quotas files (SIGHUP).
+  void Reload() { security_->Reload(); }
   int metrics_port() const;  // 0 when disabled
   Metrics& metrics() { return *metrics_; }
 
@@ -74,6 +89,8 @@ class Server {
   std::unique_ptr<DiskBudget> disk_;
   std::unique_ptr<DatasetCatalog> datasets_;
   std::unique_ptr<ThreadPool> pool_;  // uploads and other non-device work
+  std::unique_ptr<Security> security_;
+  std::shared_ptr<prometheus::Collectable> tenant_usage_;
   std::unique_ptr<InferenceService> inference_;
   std::unique_ptr<DatasetService> dataset_service_;
   std::unique_ptr<ModelRegistry> models_;
@@ -83,7 +100,9 @@ class Server {
   std::shared_ptr<DeviceMemoryCollector> device_memory_;
   std::unique_ptr<MetricsExposer> exposer_;
   std::unique_ptr<grpc::Server> grpc_;
+  std::unique_ptr<grpc::Server> health_grpc_;
   int grpc_port_ = 0;
+  int health_port_ = 0;
   bool shut_down_ = false;
 };
 

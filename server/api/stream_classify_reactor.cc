@@ -5,7 +5,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
-#include "server/api/caller_lane.h"
 #include "server/api/convert.h"
 
 namespace tlserve {
@@ -25,8 +24,8 @@ void TopK(const ServableVersion& version, const EngineResult& top, v1::Classific
 
 StreamClassifyReactor::StreamClassifyReactor(grpc::CallbackServerContext* context,
                                              ModelRegistry* models, Embedder* embedder,
-                                             Metrics* metrics, int max_images_per_message)
-    : ImageStreamReactor(context, metrics, "StreamClassify", max_images_per_message),
+                                             Security* security, int max_images_per_message)
+    : ImageStreamReactor(context, security, "StreamClassify", max_images_per_message),
       models_(models),
       embedder_(embedder) {
   StartReading();
@@ -34,6 +33,8 @@ StreamClassifyReactor::StreamClassifyReactor(grpc::CallbackServerContext* contex
 
 absl::Status StreamClassifyReactor::Begin(const v1::StreamClassifyRequest& first) {
   if (first.top_k() < 0) return absl::InvalidArgumentError("top_k must be >= 0");
+  auto key = caller().Qualify(first.model(), "model");
+  if (!key.ok()) return key.status();
   requested_top_k_ = first.top_k();
   {
     absl::MutexLock lock(&mu_);
@@ -42,7 +43,7 @@ absl::Status StreamClassifyReactor::Begin(const v1::StreamClassifyRequest& first
   // Resolved now when loaded, else later on the loader thread: the stream
   // does not end before (Hold).
   Hold();
-  models_->Servable(first.model(), first.version(),
+  models_->Servable(*key, first.version(),
                     [this](absl::StatusOr<std::shared_ptr<const ServableVersion>> version) {
                       Resolved(std::move(version));
                       Release();
@@ -128,7 +129,7 @@ void StreamClassifyReactor::Run(Slot* slot, int64_t first_index) {
   }
   embedder_->Classify(
       *inputs, version, top_k, absl::FromChrono(context()->deadline()),
-      [this] { return Cancelled(); }, done, CallerLane(*context()));
+      [this] { return Cancelled(); }, done, caller().lane);
 }
 
 }  // namespace tlserve

@@ -22,7 +22,7 @@ class StreamClassifyReactor final
     : public ImageStreamReactor<v1::StreamClassifyRequest, v1::StreamClassifyResponse> {
  public:
   StreamClassifyReactor(grpc::CallbackServerContext* context, ModelRegistry* models,
-                        Embedder* embedder, Metrics* metrics, int max_images_per_message);
+                        Embedder* embedder, Security* security, int max_images_per_message);
 
  private:
   absl::Status Begin(const v1::StreamClassifyRequest& first) override;

@@ -2,14 +2,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
-#include "server/api/caller_lane.h"
 #include "server/api/convert.h"
 
 namespace tlserve {
 
 StreamEmbedReactor::StreamEmbedReactor(grpc::CallbackServerContext* context, Embedder* embedder,
-                                       Metrics* metrics, int max_images_per_message)
-    : ImageStreamReactor(context, metrics, "StreamEmbed", max_images_per_message),
+                                       Security* security, int max_images_per_message)
+    : ImageStreamReactor(context, security, "StreamEmbed", max_images_per_message),
       embedder_(embedder) {
   StartReading();
 }
@@ -49,7 +48,7 @@ void StreamEmbedReactor::Start(Slot* slot, int64_t first_index) {
   }
   embedder_->Embed(
       *inputs, *spec_, absl::FromChrono(context()->deadline()), [this] { return Cancelled(); },
-      done, CallerLane(*context()));
+      done, caller().lane);
 }
 
 }  // namespace tlserve

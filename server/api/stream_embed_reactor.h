@@ -14,7 +14,7 @@ namespace tlserve {
 class StreamEmbedReactor final
     : public ImageStreamReactor<v1::StreamEmbedRequest, v1::StreamEmbedResponse> {
  public:
-  StreamEmbedReactor(grpc::CallbackServerContext* context, Embedder* embedder, Metrics* metrics,
+  StreamEmbedReactor(grpc::CallbackServerContext* context, Embedder* embedder, Security* security,
                      int max_images_per_message);
 
  private:

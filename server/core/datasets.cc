@@ -2,13 +2,17 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "server/core/catalog/tenant_key.h"
 #include "server/core/contain.h"
 #include "server/core/image_decoder.h"
 
 namespace tlserve {
 
-absl::Status DatasetCatalog::ValidateName(const std::string& name, const std::string& field) {
-  bool ok = !name.empty() && name.size() <= 64 && absl::ascii_isalnum(name[0]);
+absl::Status DatasetCatalog::ValidateName(const std::string& key, const std::string& field) {
+  // A key is NAME or TENANT:NAME (server/core/catalog/tenant_key.h).
+  const auto [tenant, name] = SplitTenantKey(key);
+  bool ok = (key.find(':') == std::string::npos || ValidateTenant(tenant).ok()) && !name.empty() &&
+            name.size() <= 64 && absl::ascii_isalnum(name[0]);
   for (char c : name) ok = ok && (absl::ascii_isalnum(c) || c == '.' || c == '_' || c == '-');
   if (ok) return absl::OkStatus();
   return absl::InvalidArgumentError(

@@ -119,6 +119,11 @@ class DatasetUpload {
   // With nothing accepted and nothing rejected: INVALID_ARGUMENT.
   absl::StatusOr<UploadResult> Commit();
 
+  // Accepted so far, and their bytes (images, names and labels): what a
+  // tenant's quotas are checked against before Commit.
+  int64_t accepted() const { return accepted_; }
+  int64_t accepted_bytes() const { return staged_bytes_ + chunk_bytes_; }
+
  private:
   friend class DatasetCatalog;
   DatasetUpload(DatasetCatalog* catalog, std::string dataset, bool strict);

@@ -1,5 +1,9 @@
 #include "server/core/metrics.h"
 
+#include <map>
+
+#include "server/core/catalog/tenant_key.h"
+
 namespace tlserve {
 namespace {
 
@@ -11,7 +15,14 @@ prometheus::Histogram::BucketBoundaries Exponential(double start, double factor,
 
 }  // namespace
 
-Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
+Metrics::Metrics(bool model_labels)
+    : registry_(std::make_shared<prometheus::Registry>()), model_labels_(model_labels) {
+  security_info_ = &prometheus::BuildGauge()
+                        .Name("tlserve_security_info")
+                        .Help(
+                            "How the server is exposed (always 1): tls, client_certificates "
+                            "(mutual TLS) and auth (API keys), each \"true\" or \"false\".")
+                        .Register(*registry_);
   requests_ = &prometheus::BuildCounter()
                    .Name("tlserve_requests_total")
                    .Help("RPCs finished, by method and canonical status code.")
@@ -87,11 +98,15 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                         .Register(*registry_);
   epoch_loss_ = &prometheus::BuildGauge()
                      .Name("tlserve_training_epoch_loss")
-                     .Help("Training loss of the latest epoch, by model.")
+                     .Help(
+                         "Training loss of the latest epoch, by tenant (by model with "
+                         "--metrics_model_labels).")
                      .Register(*registry_);
   accuracy_ = &prometheus::BuildGauge()
                    .Name("tlserve_training_accuracy")
-                   .Help("Accuracy of the latest epoch, by model and split.")
+                   .Help(
+                       "Accuracy of the latest epoch, by tenant (by model with "
+                       "--metrics_model_labels) and split.")
                    .Register(*registry_);
   models_ = &prometheus::BuildGauge()
                  .Name("tlserve_models")
@@ -130,12 +145,31 @@ void Metrics::SetTrainingJobs(const std::string& state, double n) {
 
 void Metrics::SetTrainingEpoch(const std::string& model, double loss, double train_accuracy,
                                double validation_accuracy) {
-  epoch_loss_->Add({{"model", model}}).Set(loss);
-  accuracy_->Add({{"model", model}, {"split", "train"}}).Set(train_accuracy);
-  accuracy_->Add({{"model", model}, {"split", "validation"}}).Set(validation_accuracy);
+  // Model names are the tenants' own: only with --metrics_model_labels.
+  const std::map<std::string, std::string> who =
+      model_labels_ ? std::map<std::string, std::string>{{"model", model}}
+                    : std::map<std::string, std::string>{{"tenant", TenantOf(model)}};
+  auto with = [&who](const char* split) {
+    auto labels = who;
+    labels["split"] = split;
+    return labels;
+  };
+  epoch_loss_->Add(who).Set(loss);
+  accuracy_->Add(with("train")).Set(train_accuracy);
+  accuracy_->Add(with("validation")).Set(validation_accuracy);
+}
+
+void Metrics::SetSecurityInfo(bool tls, bool client_certificates, bool auth) {
+  auto text = [](bool b) { return b ? "true" : "false"; };
+  security_info_
+      ->Add({{"tls", text(tls)},
+             {"client_certificates", text(client_certificates)},
+             {"auth", text(auth)}})
+      .Set(1);
 }
 
 void Metrics::RemoveModel(const std::string& model) {
+  if (!model_labels_) return;  // the tenant's series stays
   // Add returns the existing series (or makes one), which Remove then drops.
   epoch_loss_->Remove(&epoch_loss_->Add({{"model", model}}));
   for (const char* split : {"train", "validation"}) {

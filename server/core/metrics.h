@@ -17,7 +17,9 @@ namespace tlserve {
 
 class Metrics {
  public:
-  Metrics();
+  // `model_labels`: per-model series carry the model's name (its key,
+  // TENANT:NAME); otherwise only its tenant (--metrics_model_labels).
+  explicit Metrics(bool model_labels = false);
   Metrics(const Metrics&) = delete;
   Metrics& operator=(const Metrics&) = delete;
 
@@ -36,6 +38,8 @@ class Metrics {
   // accumulate in every scrape).
   void RemoveModel(const std::string& model);
   void SetModels(double n);
+  // tlserve_security_info{tls,client_certificates,auth} = 1.
+  void SetSecurityInfo(bool tls, bool client_certificates, bool auth);
   void SetDatasets(double datasets, double images);
 
   // The device engine (server/core/engine): a forward of `images` images
@@ -56,6 +60,8 @@ class Metrics {
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
+  const bool model_labels_;
+  prometheus::Family<prometheus::Gauge>* security_info_;
   prometheus::Family<prometheus::Counter>* requests_;
   prometheus::Family<prometheus::Histogram>* request_seconds_;
   prometheus::Family<prometheus::Counter>* images_;

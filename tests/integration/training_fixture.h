@@ -40,8 +40,12 @@ std::vector<std::pair<std::string, std::string>> Folder(const std::string& dir) 
 class TrainingTest : public ::testing::Test {
  protected:
   // The server's options: the small fixture backbone on loopback.
+  // Per-model metric series by name (--metrics_model_labels): the training
+  // tests check them; security_test checks that the default has none.
   virtual ServerOptions Options(const std::string& data_dir) {
-    return testing::LoopbackOptions("r18small.pt", data_dir);
+    ServerOptions o = testing::LoopbackOptions("r18small.pt", data_dir);
+    o.metrics_model_labels = true;
+    return o;
   }
   void SetUp() override {
     char tmpl[] = "/tmp/tlserve-train-XXXXXX";

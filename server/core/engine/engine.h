@@ -138,6 +138,7 @@ class Engine {
   const Backbone& backbone() const { return *backbone_; }
   const DeviceStreams& streams() const { return *device_; }
   int max_batch_size() const { return options_.max_batch_size; }
+  int max_queue_size() const { return options_.max_queue_size; }
   int64_t device_memory_budget_bytes() const { return options_.device_memory_budget_bytes; }
   int queue_depth() const;
   Counters counters() const;

@@ -1,0 +1,469 @@
+#include "server/api/security.h"
+
+#include <grpcpp/security/auth_context.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "absl/time/clock.h"
+#include "server/core/catalog/tenant_key.h"
+#include "server/core/datasets.h"
+#include "server/core/log.h"
+
+namespace tlserve {
+namespace {
+
+// Every method of tlserve.v1 (tests/integration/security_test.cc checks
+// that the services have no other).
+const std::map<std::string, MethodRule>& Rules() {
+  static const auto* rules = new std::map<std::string, MethodRule>{
+      {"DescribeBackbone", {Access::kRead, false}},
+      {"Embed", {Access::kRead, false}},
+      {"StreamEmbed", {Access::kRead, false}},
+      {"UploadDataset", {Access::kWrite, true}},
+      {"ListDatasets", {Access::kRead, false}},
+      {"GetDataset", {Access::kRead, false}},
+      {"DeleteDataset", {Access::kWrite, true}},
+      {"CreateModel", {Access::kWrite, true}},
+      {"GetModel", {Access::kRead, false}},
+      {"ListModels", {Access::kRead, false}},
+      {"DeleteModel", {Access::kWrite, true}},
+      {"UnfreezeLayers", {Access::kWrite, true}},
+      {"FreezeLayers", {Access::kWrite, true}},
+      {"StartTraining", {Access::kWrite, true}},
+      {"WatchJob", {Access::kRead, false}},
+      {"GetJob", {Access::kRead, false}},
+      {"ListJobs", {Access::kRead, false}},
+      {"CancelJob", {Access::kWrite, true}},
+      {"Classify", {Access::kRead, false}},
+      {"StreamClassify", {Access::kRead, false}},
+      // An export hands out the model's weights: write, and audited.
+      {"ExportModel", {Access::kWrite, true}},
+  };
+  return *rules;
+}
+
+std::string Stamp(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return "missing";
+  return absl::StrCat(st.st_mtim.tv_sec, ".", st.st_mtim.tv_nsec, "/", st.st_size, "/", st.st_ino);
+}
+
+absl::StatusOr<std::string> ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+bool Allows(Role role, Access access) {
+  switch (access) {
+    case Access::kOpen:
+    case Access::kRead:
+      return true;
+    case Access::kWrite:
+      return role == Role::kWrite || role == Role::kAdmin;
+    case Access::kAdmin:
+      return role == Role::kAdmin;
+  }
+  return false;
+}
+
+const char* AccessName(Access a) {
+  switch (a) {
+    case Access::kOpen:
+      return "none";
+    case Access::kRead:
+      return "read";
+    case Access::kWrite:
+      return "write";
+    case Access::kAdmin:
+      return "admin";
+  }
+  return "?";
+}
+
+}  // namespace
+
+absl::StatusOr<MethodRule> RuleOf(const std::string& method) {
+  auto it = Rules().find(method);
+  if (it == Rules().end()) {
+    return absl::NotFoundError(absl::StrCat("method ", method, " has no access rule"));
+  }
+  return it->second;
+}
+
+absl::StatusOr<std::string> Caller::Qualify(const std::string& name, const char* field) const {
+  if (all_tenants) {
+    if (const auto slash = name.find('/'); slash != std::string::npos) {
+      const std::string tenant = name.substr(0, slash);
+      const std::string rest = name.substr(slash + 1);
+      if (absl::Status s = ValidateTenant(tenant); !s.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(field, ": ", s.message()));
+      }
+      if (absl::Status s = DatasetCatalog::ValidateName(rest, field); !s.ok()) return s;
+      return TenantKey(tenant, rest);
+    }
+  }
+  // A plain name: ':' would make it a key of another tenant.
+  std::string plain = name;
+  std::replace(plain.begin(), plain.end(), ':', '?');
+  if (absl::Status s = DatasetCatalog::ValidateName(plain, field); !s.ok()) {
+    return absl::Status(s.code(), absl::StrReplaceAll(s.message(), {{plain, name}}));
+  }
+  return TenantKey(tenant, name);
+}
+
+bool Caller::Sees(const std::string& key) const { return all_tenants || TenantOf(key) == tenant; }
+
+std::string Caller::Name(const std::string& key) const {
+  auto [t, name] = SplitTenantKey(key);
+  if (t == tenant) return name;
+  return absl::StrCat(t, "/", name);
+}
+
+absl::Status Caller::Scrub(const absl::Status& status) const {
+  if (status.ok() || tenant == kDefaultTenant) return status;
+  return absl::Status(status.code(),
+                      absl::StrReplaceAll(status.message(), {{absl::StrCat(tenant, ":"), ""}}));
+}
+
+Security::Security(const Options& options, Metrics* metrics)
+    : options_(options), metrics_(metrics) {}
+
+absl::StatusOr<std::unique_ptr<Security>> Security::Create(const Options& options,
+                                                           Metrics* metrics) {
+  std::unique_ptr<Security> s(new Security(options, metrics));
+  {
+    absl::MutexLock lock(&s->mu_);
+    s->keys_ = std::make_shared<const ApiKeys>();
+    s->quotas_ = std::make_shared<const QuotaTable>(options.defaults);
+  }
+  auto load = [](const std::string& path, const char* flag) -> absl::StatusOr<std::string> {
+    auto text = ReadAll(path);
+    if (!text.ok()) return absl::InvalidArgumentError(absl::StrCat(flag, ": cannot read ", path));
+    return text;
+  };
+  if (!options.api_keys_file.empty()) {
+    auto text = load(options.api_keys_file, "--api_keys");
+    if (!text.ok()) return text.status();
+    auto keys = ApiKeys::Parse(*text);
+    if (!keys.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--api_keys ", options.api_keys_file, ": ", keys.status().message()));
+    }
+    if (keys->size() == 0) {
+      LogWarning("--api_keys %s has no keys: every call will be UNAUTHENTICATED",
+                 options.api_keys_file);
+    }
+    absl::MutexLock lock(&s->mu_);
+    s->keys_ = std::make_shared<const ApiKeys>(std::move(*keys));
+    s->keys_stamp_ = Stamp(options.api_keys_file);
+  }
+  if (!options.quotas_file.empty()) {
+    auto text = load(options.quotas_file, "--quotas");
+    if (!text.ok()) return text.status();
+    auto quotas = QuotaTable::Parse(*text, options.defaults);
+    if (!quotas.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--quotas ", options.quotas_file, ": ", quotas.status().message()));
+    }
+    absl::MutexLock lock(&s->mu_);
+    s->quotas_ = std::make_shared<const QuotaTable>(std::move(*quotas));
+    s->quotas_stamp_ = Stamp(options.quotas_file);
+  }
+  if (!options.audit_log_file.empty()) {
+    FILE* f = std::fopen(options.audit_log_file.c_str(), "ae");
+    if (f == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--audit_log: cannot open ", options.audit_log_file, " for appending"));
+    }
+    absl::MutexLock lock(&s->audit_mu_);
+    s->audit_file_ = f;
+  }
+  if (!options.api_keys_file.empty() || !options.quotas_file.empty()) {
+    s->watcher_ = std::thread([p = s.get()] { p->Watch(); });
+  }
+  return s;
+}
+
+Security::~Security() {
+  {
+    absl::MutexLock lock(&stop_mu_);
+    stopping_ = true;
+  }
+  if (watcher_.joinable()) watcher_.join();
+  absl::MutexLock lock(&audit_mu_);
+  if (audit_file_ != nullptr) std::fclose(audit_file_);
+}
+
+void Security::Watch() {
+  absl::MutexLock lock(&stop_mu_);
+  while (!stopping_) {
+    stop_mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Seconds(1));
+    if (stopping_) break;
+    stop_mu_.Unlock();
+    ReloadIfChanged(false);
+    stop_mu_.Lock();
+  }
+}
+
+void Security::Reload() { ReloadIfChanged(true); }
+
+void Security::ReloadIfChanged(bool force) {
+  if (!options_.api_keys_file.empty()) {
+    const std::string stamp = Stamp(options_.api_keys_file);
+    bool changed;
+    {
+      absl::MutexLock lock(&mu_);
+      changed = force || stamp != keys_stamp_;
+      keys_stamp_ = stamp;
+    }
+    if (changed) {
+      auto text = ReadAll(options_.api_keys_file);
+      auto keys = text.ok() ? ApiKeys::Parse(*text) : absl::StatusOr<ApiKeys>(text.status());
+      if (keys.ok()) {
+        LogInfo("--api_keys %s re-read: %d keys", options_.api_keys_file,
+                static_cast<int>(keys->size()));
+        absl::MutexLock lock(&mu_);
+        keys_ = std::make_shared<const ApiKeys>(std::move(*keys));
+      } else {
+        LogError("--api_keys %s: %s; keeping the keys read before", options_.api_keys_file,
+                 keys.status().ToString());
+      }
+    }
+  }
+  if (!options_.quotas_file.empty()) {
+    const std::string stamp = Stamp(options_.quotas_file);
+    bool changed;
+    {
+      absl::MutexLock lock(&mu_);
+      changed = force || stamp != quotas_stamp_;
+      quotas_stamp_ = stamp;
+    }
+    if (changed) {
+      auto text = ReadAll(options_.quotas_file);
+      auto quotas = text.ok() ? QuotaTable::Parse(*text, options_.defaults)
+                              : absl::StatusOr<QuotaTable>(text.status());
+      if (quotas.ok()) {
+        LogInfo("--quotas %s re-read: %d tenants with their own quotas", options_.quotas_file,
+                static_cast<int>(quotas->overrides().size()));
+        absl::MutexLock lock(&mu_);
+        quotas_ = std::make_shared<const QuotaTable>(std::move(*quotas));
+      } else {
+        LogError("--quotas %s: %s; keeping the quotas read before", options_.quotas_file,
+                 quotas.status().ToString());
+      }
+    }
+  }
+}
+
+absl::StatusOr<Caller> Security::Admit(const grpc::ServerContextBase& context, RpcTimer* timer,
+                                       const std::string& object) {
+  Caller caller;
+  caller.peer = context.peer();
+  const std::string method = timer->method();
+  auto rule = RuleOf(method);
+  // A method without a rule is a bug: closed, not open.
+  const MethodRule r = rule.ok() ? *rule : MethodRule{Access::kAdmin, true};
+  auto audit = [this, method, object](const Caller& c) {
+    return [this, c, method, object](const absl::Status& s) { Audit(c, method, object, s); };
+  };
+  if (!keys()) {
+    caller.lane = std::hash<std::string>{}(caller.peer) | 1;  // by connection
+    if (r.audited) timer->OnDone(audit(caller));
+    return caller;
+  }
+  std::shared_ptr<const ApiKeys> keys;
+  {
+    absl::MutexLock lock(&mu_);
+    keys = keys_;
+  }
+  std::optional<Principal> who;
+  const auto& md = context.client_metadata();
+  auto it = md.find("authorization");
+  if (it != md.end()) {
+    const absl::string_view value(it->second.data(), it->second.size());
+    constexpr absl::string_view kBearer = "Bearer ";
+    if (absl::StartsWith(value, kBearer)) who = keys->FindKey(value.substr(kBearer.size()));
+  } else if (options_.client_certificates && context.auth_context() != nullptr) {
+    // Only a certificate the TLS handshake verified gets here.
+    for (const auto& cn : context.auth_context()->FindPropertyValues("x509_common_name")) {
+      who = keys->FindCommonName(absl::string_view(cn.data(), cn.size()));
+      if (who) break;
+    }
+  }
+  caller.label = "(none)";
+  caller.role = Role::kRead;
+  caller.tenant = "(unknown)";
+  if (!who) {
+    const absl::Status denied = absl::UnauthenticatedError(
+        it == md.end()
+            ? "this server needs an API key: send the metadata `authorization: Bearer KEY`"
+            : "the API key is not known to this server (or is not `Bearer KEY`)");
+    timer->OnDone(audit(caller));
+    return denied;
+  }
+  caller.tenant = who->tenant;
+  caller.role = who->role;
+  caller.label = who->label;
+  caller.all_tenants = who->role == Role::kAdmin;
+  caller.lane = std::hash<std::string>{}(absl::StrCat("tenant:", caller.tenant)) | 1;
+  if (!Allows(caller.role, r.access)) {
+    timer->OnDone(audit(caller));
+    return absl::PermissionDeniedError(absl::StrCat(method, " needs a ", AccessName(r.access),
+                                                    " key; key \"", caller.label, "\" is ",
+                                                    RoleName(caller.role)));
+  }
+  if (r.audited) timer->OnDone(audit(caller));
+  return caller;
+}
+
+void Security::AttachAudit(RpcTimer* timer, const Caller& caller, const std::string& object) {
+  timer->OnDone([this, caller, method = timer->method(), object](const absl::Status& s) {
+    Audit(caller, method, object, s);
+  });
+}
+
+void Security::Audit(const Caller& caller, const std::string& method, const std::string& object,
+                     const absl::Status& outcome) {
+  nlohmann::json line = {
+      {"time", absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone())},
+      {"tenant", caller.tenant},
+      {"key", caller.label},
+      {"peer", caller.peer},
+      {"method", method},
+      {"object", object},
+      {"outcome", outcome.ok() ? std::string("OK") : absl::StatusCodeToString(outcome.code())},
+  };
+  if (!outcome.ok()) line["message"] = std::string(outcome.message().substr(0, 300));
+  const std::string text = line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  LogInfo("audit %s", text);
+  absl::MutexLock lock(&audit_mu_);
+  if (audit_file_ != nullptr) {
+    std::fputs((text + "\n").c_str(), audit_file_);
+    std::fflush(audit_file_);
+  }
+}
+
+QuotaLimits Security::QuotasOf(const std::string& tenant) const {
+  absl::MutexLock lock(&mu_);
+  return quotas_->For(tenant);
+}
+
+std::vector<std::string> Security::KnownTenants() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::string> out;
+  for (const auto& [t, q] : quotas_->overrides()) out.push_back(t);
+  return out;
+}
+
+absl::Mutex* Security::QuotaLock(const std::string& tenant) {
+  absl::MutexLock lock(&mu_);
+  auto& m = quota_locks_[tenant];
+  if (m == nullptr) m = std::make_unique<absl::Mutex>();
+  return m.get();
+}
+
+absl::Status Security::CheckQuota(const std::string& tenant, const char* quota, int64_t use,
+                                  int64_t more, int64_t limit, const char* unit) {
+  if (limit <= 0 || use + more <= limit) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "quota ", quota, " of tenant ", tenant, " is full: ", use, unit, " in use + ", more, unit,
+      " asked > ", limit, unit, " (--tenant_", quota, " or the --quotas file)"));
+}
+
+absl::StatusOr<std::shared_ptr<const void>> Security::AdmitImages(const Caller& caller,
+                                                                   int64_t images) {
+  const int64_t limit = QuotasOf(caller.tenant).inflight_images;
+  {
+    absl::MutexLock lock(&mu_);
+    int64_t& use = inflight_[caller.tenant];
+    if (absl::Status s = CheckQuota(caller.tenant, "inflight_images", use, images, limit);
+        !s.ok()) {
+      return s;
+    }
+    use += images;
+  }
+  struct Lease {
+    Security* security;
+    std::string tenant;
+    int64_t images;
+    ~Lease() {
+      absl::MutexLock lock(&security->mu_);
+      security->inflight_[tenant] -= images;
+    }
+  };
+  return std::shared_ptr<const void>(new Lease{this, caller.tenant, images});
+}
+
+namespace {
+
+class TenantUsageCollector final : public prometheus::Collectable {
+ public:
+  TenantUsageCollector(const Security* security, Security::UsageAllFn usage_all,
+                       std::function<std::map<std::string, int64_t>()> inflight)
+      : security_(security), usage_all_(std::move(usage_all)), inflight_(std::move(inflight)) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    prometheus::MetricFamily use, quota;
+    use.name = "tlserve_tenant_usage";
+    use.help = "What each tenant uses of each quota (storage_mb in bytes).";
+    use.type = prometheus::MetricType::Gauge;
+    quota.name = "tlserve_tenant_quota";
+    quota.help = "Each tenant's quotas that have a limit (storage_mb in bytes).";
+    quota.type = prometheus::MetricType::Gauge;
+    auto all = usage_all_();
+    if (!all.ok()) return {};
+    const auto inflight = inflight_();
+    for (const auto& [t, n] : inflight) (*all)[t];
+    for (const auto& t : security_->KnownTenants()) (*all)[t];
+    for (const auto& [tenant, u] : *all) {
+      const QuotaLimits q = security_->QuotasOf(tenant);
+      auto it = inflight.find(tenant);
+      const std::pair<const char*, std::pair<int64_t, int64_t>> rows[] = {
+          {"storage_mb", {u.storage_bytes, q.storage_bytes}},
+          {"datasets", {u.datasets, q.datasets}},
+          {"images", {u.images, q.images}},
+          {"models", {u.models, q.models}},
+          {"private_params", {u.private_params, q.private_params}},
+          {"jobs", {u.jobs, q.jobs}},
+          {"inflight_images", {it == inflight.end() ? 0 : it->second, q.inflight_images}},
+      };
+      for (const auto& [name, v] : rows) {
+        prometheus::ClientMetric m;
+        m.label = {{"tenant", tenant}, {"quota", name}};
+        m.gauge.value = static_cast<double>(v.first);
+        use.metric.push_back(m);
+        if (v.second > 0) {
+          m.gauge.value = static_cast<double>(v.second);
+          quota.metric.push_back(m);
+        }
+      }
+    }
+    return {use, quota};
+  }
+
+ private:
+  const Security* security_;
+  Security::UsageAllFn usage_all_;
+  std::function<std::map<std::string, int64_t>()> inflight_;
+};
+
+}  // namespace
+
+std::shared_ptr<prometheus::Collectable> Security::UsageCollector(UsageAllFn usage_all) {
+  return std::make_shared<TenantUsageCollector>(this, std::move(usage_all), [this] {
+    absl::MutexLock lock(&mu_);
+    return inflight_;
+  });
+}
+
+}  // namespace tlserve

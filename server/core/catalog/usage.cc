@@ -1,0 +1,42 @@
+#include "server/core/catalog/usage.h"
+
+#include "server/core/catalog/tenant_key.h"
+
+namespace tlserve {
+
+absl::StatusOr<std::map<std::string, TenantUsage>> UsageByTenant(const DatasetCatalog& datasets,
+                                                                 const ModelRegistry& models,
+                                                                 const JobRunner& jobs) {
+  std::map<std::string, TenantUsage> out;
+  auto list = datasets.List();
+  if (!list.ok()) return list.status();
+  for (const auto& d : *list) {
+    TenantUsage& u = out[TenantOf(d.name)];
+    ++u.datasets;
+    u.images += d.images;
+    u.storage_bytes += d.bytes;
+  }
+  for (const auto& m : models.List()) {
+    TenantUsage& u = out[TenantOf(m.name)];
+    ++u.models;
+    for (const auto& st : m.stages) {
+      if (st.is_private) u.private_params += st.params;
+    }
+  }
+  for (const auto& j : jobs.List("")) {
+    if (j.state == JobRecord::State::kQueued || j.state == JobRecord::State::kRunning) {
+      ++out[TenantOf(j.model)].jobs;
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<TenantUsage> UsageOf(const std::string& tenant, const DatasetCatalog& datasets,
+                                    const ModelRegistry& models, const JobRunner& jobs) {
+  auto all = UsageByTenant(datasets, models, jobs);
+  if (!all.ok()) return all.status();
+  auto it = all->find(tenant);
+  return it == all->end() ? TenantUsage{} : it->second;
+}
+
+}  // namespace tlserve
