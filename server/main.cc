@@ -83,7 +83,8 @@ ABSL_FLAG(int64_t, tenant_private_params, 0,
           "default quota: parameters of a tenant's private (unfrozen) stages (0: none)");
 ABSL_FLAG(int64_t, tenant_jobs, 0, "default quota: queued and running jobs per tenant (0: none)");
 ABSL_FLAG(int64_t, tenant_inflight_images, 0,
-          "default quota: a tenant's images being computed at once (0: half of --max_queue_size)");
+          "default quota: a tenant's images being computed at once (0: half of --max_queue_size "
+          "with --api_keys, else none)");
 ABSL_FLAG(std::string, audit_log, "",
           "also append the audit trail (state-changing and denied calls) to this file, as JSON "
           "lines");

@@ -381,7 +381,7 @@ absl::Status Security::CheckQuota(const std::string& tenant, const char* quota, 
 }
 
 absl::StatusOr<std::shared_ptr<const void>> Security::AdmitImages(const Caller& caller,
-                                                                   int64_t images) {
+                                                                  int64_t images) {
   const int64_t limit = QuotasOf(caller.tenant).inflight_images;
   {
     absl::MutexLock lock(&mu_);

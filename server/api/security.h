@@ -73,11 +73,11 @@ struct Caller {
 class Security {
  public:
   struct Options {
-    std::string api_keys_file;  // empty: no keys, one implicit tenant
-    std::string quotas_file;    // empty: the defaults for every tenant
-    std::string audit_log_file; // empty: audit lines go to the log only
-    QuotaLimits defaults;       // from the --tenant_* flags
-    bool tls = false;           // for tlserve_security_info
+    std::string api_keys_file;   // empty: no keys, one implicit tenant
+    std::string quotas_file;     // empty: the defaults for every tenant
+    std::string audit_log_file;  // empty: audit lines go to the log only
+    QuotaLimits defaults;        // from the --tenant_* flags
+    bool tls = false;            // for tlserve_security_info
     bool client_certificates = false;
   };
   static absl::StatusOr<std::unique_ptr<Security>> Create(const Options& options, Metrics* metrics);

@@ -161,8 +161,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   Security::Options security = options.security;
   security.tls = !options.tls_cert.empty();
   security.client_certificates = !options.tls_client_ca.empty();
-  if (security.defaults.inflight_images == 0) {
-    // One tenant cannot fill the engine's whole queue.
+  if (security.defaults.inflight_images == 0 && !security.api_keys_file.empty()) {
+    // With tenants, one cannot fill the engine's whole queue.
     security.defaults.inflight_images = std::max(1, s->engine_->max_queue_size() / 2);
   }
   auto sec = Security::Create(security, s->metrics_.get());

@@ -51,7 +51,8 @@ struct ServerOptions {
   // present a certificate it signed (mutual TLS).
   std::string tls_cert, tls_key, tls_client_ca;
   int tls_refresh_seconds = 10;
-  // Keys, quotas (inflight_images 0: half of the engine's queue), audit.
+  // Keys, quotas (inflight_images 0: half of the engine's queue when there
+  // are keys), audit.
   Security::Options security;
   std::string health_address;  // plaintext grpc.health.v1 only; empty: none
   bool metrics_tls = false;    // /metrics over HTTPS with tls_cert and tls_key

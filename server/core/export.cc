@@ -10,6 +10,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "server/core/catalog/tenant_key.h"
 #include "server/core/sha256.h"
 
 namespace tlserve {
@@ -121,11 +122,17 @@ absl::StatusOr<ExportedModel> ExportModel(Engine& engine,
   torch::jit::ExtraFilesMap extra;
   extra["preprocess.json"] = backbone.preprocess().ToJson();
   extra["classes.json"] = nlohmann::json(version.classes).dump();
-  extra["tlserve.json"] =
-      nlohmann::json{{"name", version.model},       {"pretrained", true},
-                     {"model", version.model},      {"version", version.version},
-                     {"backbone", backbone.name()}, {"backbone_sha256", backbone.sha256()}}
-          .dump();
+  // The model's name as its tenant knows it, and the tenant apart.
+  const auto [tenant, model] = SplitTenantKey(version.model);
+  extra["tlserve.json"] = nlohmann::json{
+      {"name", model},
+      {"pretrained", true},
+      {"model", model},
+      {"tenant", tenant},
+      {"version", version.version},
+      {"backbone", backbone.name()},
+      {"backbone_sha256",
+       backbone.sha256()}}.dump();
   top.save(path, extra);
   auto sha = FileSha256(path);
   if (!sha.ok()) return sha.status();

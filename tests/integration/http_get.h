@@ -12,7 +12,8 @@
 namespace tlserve::testing {
 
 // The body of http://127.0.0.1:PORT/PATH, or "" when it cannot be fetched.
-inline std::string HttpGet(int port, const std::string& path) {
+// `headers`: more request header lines, each ending in \r\n.
+inline std::string HttpGet(int port, const std::string& path, const std::string& headers = "") {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
@@ -22,7 +23,7 @@ inline std::string HttpGet(int port, const std::string& path) {
     ::close(fd);
     return "";
   }
-  const std::string req = "GET " + path + " HTTP/1.1\r\nHost: localhost\r\n\r\n";
+  const std::string req = "GET " + path + " HTTP/1.1\r\nHost: localhost\r\n" + headers + "\r\n";
   (void)!::write(fd, req.data(), req.size());
   std::string response;
   char buf[8192];

@@ -1,6 +1,8 @@
 // Issue 11: TLS and mutual TLS, API keys and roles, tenants that cannot see
 // each other, quotas, the audit trail and fairness between tenants — against
 // a real server on loopback, with certificates made by the openssl CLI.
+#include "server/api/security.h"
+
 #include <google/protobuf/descriptor.h>
 #include <grpcpp/client_context.h>
 #include <grpcpp/create_channel.h>
@@ -24,7 +26,6 @@
 #include "absl/strings/str_split.h"
 #include "client/lib/image_files.h"
 #include "grpc/health/v1/health.grpc.pb.h"
-#include "server/api/security.h"
 #include "server/api/server.h"
 #include "server/core/sha256.h"
 #include "tests/integration/http_get.h"
@@ -87,8 +88,8 @@ struct Pki {
              const std::string& crt, const std::string& k) {
     const std::string csr = dir + "/" + name + ".csr", extfile = dir + "/" + name + ".ext";
     std::ofstream(extfile) << ext << "\n";
-    Run(absl::StrCat("openssl req -newkey rsa:2048 -nodes -subj /CN=", cn, " -keyout ", k,
-                     " -out ", csr, " >/dev/null 2>&1"));
+    Run(absl::StrCat("openssl req -newkey rsa:2048 -nodes -subj /CN=", cn, " -keyout ", k, " -out ",
+                     csr, " >/dev/null 2>&1"));
     Run(absl::StrCat("openssl x509 -req -in ", csr, " -CA ", ca, " -CAkey ", ca_key,
                      " -CAcreateserial -days 2 -extfile ", extfile, " -out ", crt,
                      " >/dev/null 2>&1"));
@@ -98,7 +99,8 @@ struct Pki {
 
 // One client of the server: a channel and the key it sends.
 struct Conn {
-  Conn(std::shared_ptr<grpc::Channel> c, std::string k) : channel(std::move(c)), key(std::move(k)) {}
+  Conn(std::shared_ptr<grpc::Channel> c, std::string k)
+      : channel(std::move(c)), key(std::move(k)) {}
   std::shared_ptr<grpc::Channel> channel;
   std::string key;
 
@@ -259,7 +261,7 @@ TEST_F(SecurityTest, KeysAndRolesOnEveryRpcFamily) {
   Start(Options());
   auto images = Images();
   Conn none = Plain(""), wrong = Plain("not-a-key"), reader = Plain("acme-read-key"),
-         writer = Plain("acme-write-key");
+       writer = Plain("acme-write-key");
   const std::vector<std::string> one = {images["sandal"][0]};
 
   // Missing or unknown key: UNAUTHENTICATED, on every family.
@@ -346,7 +348,7 @@ TEST_F(SecurityTest, TenantsAreIsolatedAndShareNames) {
   Start(Options());
   auto images = Images();
   Conn acme = Plain("acme-write-key"), beta = Plain("beta-write-key"),
-         admin = Plain("ops-admin-key");
+       admin = Plain("ops-admin-key");
   // Both tenants: a dataset `d` and a model `shirts`, with different classes.
   std::vector<std::string> a_files, b_files;
   for (int i = 0; i < 12; ++i) {
@@ -430,8 +432,7 @@ TEST_F(SecurityTest, TenantsAreIsolatedAndShareNames) {
     v1::GetJobRequest req;
     req.set_id(a_job.id());
     v1::Job j;
-    EXPECT_EQ(beta.models()->GetJob(ctx.get(), req, &j).error_code(),
-              grpc::StatusCode::NOT_FOUND);
+    EXPECT_EQ(beta.models()->GetJob(ctx.get(), req, &j).error_code(), grpc::StatusCode::NOT_FOUND);
   }
   {
     auto ctx = beta.Context();
@@ -523,8 +524,7 @@ TEST_F(SecurityTest, QuotasRefuseAndStoreNothingPartial) {
   ASSERT_TRUE(acme.CreateModel("m1", "small").ok());
   s = acme.CreateModel("m2", "small");
   EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-  EXPECT_TRUE(
-      absl::StrContains(s.error_message(), "quota models of tenant acme is full: 1 in use"))
+  EXPECT_TRUE(absl::StrContains(s.error_message(), "quota models of tenant acme is full: 1 in use"))
       << s.error_message();
   // Another tenant is not limited by acme's quotas.
   Conn beta = Plain("beta-write-key");
@@ -613,6 +613,63 @@ TEST_F(SecurityTest, BadTlsFilesStopTheStartWithTheirName) {
   s = Server::Start(o);
   ASSERT_FALSE(s.ok());
   EXPECT_TRUE(absl::StrContains(s.status().message(), "missing.key")) << s.status();
+}
+
+// A data directory made before tenants (no --api_keys) keeps its objects,
+// as the `default` tenant's, once keys are on.
+TEST_F(SecurityTest, ObjectsMadeWithoutKeysBelongToTheDefaultTenant) {
+  ServerOptions o = Options();
+  o.security.api_keys_file.clear();
+  Start(o);
+  auto images = Images();
+  Conn anyone = Plain("");
+  ASSERT_TRUE(anyone.Upload("old", {images["sandal"][0], images["t-shirt"][0]}).ok());
+  ASSERT_TRUE(anyone.CreateModel("old-model", "old").ok());
+  server_.reset();
+  Write(keys_file_, KeyLine("default", "read", "default-key", "legacy") +
+                        KeyLine("acme", "write", "acme-write-key", "acme-ci") +
+                        KeyLine("ops", "admin", "ops-admin-key", "ops"));
+  o.security.api_keys_file = keys_file_;
+  o.metrics_address = absl::StrCat("127.0.0.1:", FreePort());
+  Start(o);
+  Conn legacy = Plain("default-key"), acme = Plain("acme-write-key"),
+       admin = Plain("ops-admin-key");
+  v1::Model m;
+  ASSERT_TRUE(legacy.GetModel("old-model", &m).ok());
+  EXPECT_EQ(m.tenant(), "default");
+  EXPECT_EQ(acme.GetModel("old-model").error_code(), grpc::StatusCode::NOT_FOUND);
+  ASSERT_TRUE(admin.GetModel("default/old-model", &m).ok());
+  EXPECT_EQ(m.name(), "default/old-model");
+  // The same name in another tenant is another model.
+  ASSERT_TRUE(acme.Upload("old", {images["trouser"][0], images["t-shirt"][0]}).ok());
+  ASSERT_TRUE(acme.CreateModel("old-model", "old").ok());
+  ASSERT_TRUE(legacy.GetModel("old-model", &m).ok());
+  EXPECT_EQ(m.classes(0), "sandal");
+}
+
+// --metrics_token_file and --metrics_tls reach the exposer (its own test,
+// metrics_exposer_test, covers TLS and tokens in depth).
+TEST_F(SecurityTest, MetricsNeedTheTokenAndTlsWhenAsked) {
+  Write(dir_ + "/metrics-token", "scrape-secret\n");
+  ServerOptions o = Options();
+  o.metrics_token_file = dir_ + "/metrics-token";
+  Start(o);
+  EXPECT_FALSE(
+      absl::StrContains(HttpGet(server_->metrics_port(), "/metrics"), "tlserve_requests_total"));
+  EXPECT_TRUE(absl::StrContains(
+      HttpGet(server_->metrics_port(), "/metrics", "Authorization: Bearer scrape-secret\r\n"),
+      "tlserve_security_info"));
+  server_.reset();
+  Pki pki(dir_);
+  o.tls_cert = pki.cert;
+  o.tls_key = pki.key;
+  o.metrics_tls = true;
+  o.metrics_address = absl::StrCat("127.0.0.1:", FreePort());
+  Start(o);
+  // Plain HTTP to the HTTPS endpoint: no metrics, with or without the token.
+  EXPECT_FALSE(absl::StrContains(
+      HttpGet(server_->metrics_port(), "/metrics", "Authorization: Bearer scrape-secret\r\n"),
+      "tlserve_"));
 }
 
 // A tenant flooding Embed from many threads cannot stop another tenant's

@@ -60,9 +60,10 @@ absl::StatusOr<ApiKeys> ApiKeys::Parse(const std::string& text) {
   ApiKeys keys;
   for (auto& [n, f] : Lines(text)) {
     auto bad = [n = n](const std::string& why) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "line ", n, ": ", why, " (lines are TENANT ROLE SHA256HEX [LABEL] or TENANT ROLE "
-                                "cn:COMMON_NAME [LABEL])"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("line ", n, ": ", why,
+                       " (lines are TENANT ROLE SHA256HEX [LABEL] or TENANT ROLE "
+                       "cn:COMMON_NAME [LABEL])"));
     };
     if (f.size() < 3 || f.size() > 4) return bad(absl::StrCat(f.size(), " fields"));
     Entry e;
@@ -119,8 +120,8 @@ absl::StatusOr<QuotaTable> QuotaTable::Parse(const std::string& text, QuotaLimit
   QuotaTable table(defaults);
   for (auto& [n, f] : Lines(text)) {
     auto bad = [n = n](const std::string& why) {
-      return absl::InvalidArgumentError(absl::StrCat("line ", n, ": ", why,
-                                                     " (lines are TENANT QUOTA VALUE)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("line ", n, ": ", why, " (lines are TENANT QUOTA VALUE)"));
     };
     if (f.size() != 3) return bad(absl::StrCat(f.size(), " fields"));
     if (absl::Status s = ValidateTenant(f[0]); !s.ok()) return bad(std::string(s.message()));

@@ -39,8 +39,8 @@ inline std::string TenantOf(const std::string& key) { return SplitTenantKey(key)
 inline absl::Status ValidateTenant(const std::string& tenant) {
   bool ok = !tenant.empty() && tenant.size() <= 64 && absl::ascii_isalnum(tenant[0]);
   for (char c : tenant) {
-    ok = ok && ((c >= 'a' && c <= 'z') || absl::ascii_isdigit(c) || c == '.' || c == '_' ||
-                c == '-');
+    ok = ok &&
+         ((c >= 'a' && c <= 'z') || absl::ascii_isdigit(c) || c == '.' || c == '_' || c == '-');
   }
   if (ok) return absl::OkStatus();
   return absl::InvalidArgumentError(
