@@ -601,6 +601,46 @@ TEST_F(SecurityTest, TlsMutualTlsAndThePlaintextHealthPort) {
   EXPECT_TRUE(acme.GetModel("x").error_code() == grpc::StatusCode::NOT_FOUND);
 }
 
+// cert-manager renews a certificate in place: new connections get the new
+// one without a restart.
+TEST_F(SecurityTest, ARenewedCertificateServesWithoutARestart) {
+  Pki first(dir_);
+  const std::string cert = dir_ + "/live.crt", key = dir_ + "/live.key";
+  Write(cert, Slurp(first.cert));
+  Write(key, Slurp(first.key));
+  ServerOptions o = Options();
+  o.tls_cert = cert;
+  o.tls_key = key;
+  o.tls_refresh_seconds = 1;
+  Start(o);
+  auto channel = [&](const std::string& ca) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = Slurp(ca);
+    grpc::ChannelArguments args;
+    args.SetInt("grpc.use_local_subchannel_pool", 1);  // a new connection each time
+    return grpc::CreateCustomChannel(target_, grpc::SslCredentials(ssl), args);
+  };
+  Conn old_ca(channel(first.ca), "acme-read-key");
+  ASSERT_EQ(old_ca.GetModel("x").error_code(), grpc::StatusCode::NOT_FOUND);
+  // A new CA and certificate, written over the files the server watches.
+  std::filesystem::create_directories(dir_ + "/renewed");
+  Pki renewed(dir_ + "/renewed");
+  Write(key, Slurp(renewed.key));
+  Write(cert, Slurp(renewed.cert));
+  const auto deadline = Clock::now() + std::chrono::seconds(20);
+  grpc::StatusCode code = grpc::StatusCode::UNKNOWN;
+  while (Clock::now() < deadline) {
+    Conn fresh(channel(renewed.ca), "acme-read-key");
+    code = fresh.GetModel("x", nullptr).error_code();
+    if (code == grpc::StatusCode::NOT_FOUND) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  }
+  EXPECT_EQ(code, grpc::StatusCode::NOT_FOUND) << "the renewed certificate was never served";
+  // ... and the old CA no longer verifies new connections.
+  Conn stale(channel(first.ca), "acme-read-key");
+  EXPECT_EQ(stale.GetModel("x").error_code(), grpc::StatusCode::UNAVAILABLE);
+}
+
 TEST_F(SecurityTest, BadTlsFilesStopTheStartWithTheirName) {
   Pki pki(dir_);
   ServerOptions o = Options();
