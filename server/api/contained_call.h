@@ -78,12 +78,15 @@ grpc::ServerUnaryReactor* ContainedOnWorker(grpc::CallbackServerContext* context
       context, security, method, object,
       [&](grpc::ServerUnaryReactor* reactor, const RpcTimer& timer,
           const Caller& caller) -> absl::Status {
-        pool->Schedule([reactor, timer, method, caller, body = std::move(body)]() mutable {
-          const absl::Status status = caller.Scrub(Contain(
-              absl::StrCat(method, " failed"), [&]() -> absl::Status { return body(caller); }));
-          timer.Done(status);
-          reactor->Finish(ToGrpcStatus(status));
-        });
+        // The caller's lane: one tenant's (or connection's) work waits for
+        // its own, not for another's.
+        pool->Schedule(
+            caller.lane, [reactor, timer, method, caller, body = std::move(body)]() mutable {
+              const absl::Status status = caller.Scrub(Contain(
+                  absl::StrCat(method, " failed"), [&]() -> absl::Status { return body(caller); }));
+              timer.Done(status);
+              reactor->Finish(ToGrpcStatus(status));
+            });
         return absl::OkStatus();
       });
 }

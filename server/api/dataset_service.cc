@@ -1,5 +1,6 @@
 #include "server/api/dataset_service.h"
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 
@@ -63,6 +64,13 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
                        ", --max_concurrent_uploads); retry when one has finished")));
       return;
     }
+    // With tenants, one holds at most half the upload slots.
+    auto slot = security_->AdmitSlot(caller_, "uploads", std::max(1, max_in_flight / 2));
+    if (!slot.ok()) {
+      Done(slot.status());
+      return;
+    }
+    tenant_slot_ = std::move(*slot);
     StartRead(&request_);
   }
 
@@ -71,7 +79,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
       // The stream ended before a message with `commit`: a client that went
       // away, a cut connection, or a message that could not be parsed. The
       // staged examples are dropped with the upload.
-      pool_->Schedule([this] {
+      pool_->Schedule(caller_.lane, [this] {
         upload_.reset();
         Done(context_->IsCancelled()
                  ? absl::CancelledError("the upload was cancelled; nothing was stored")
@@ -82,7 +90,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
       });
       return;
     }
-    pool_->Schedule([this] {
+    pool_->Schedule(caller_.lane, [this] {
       absl::Status s = Contain("upload failed", [this] { return Process(); });
       if (!s.ok()) {
         upload_.reset();
@@ -115,6 +123,13 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
       auto upload = catalog_->BeginUpload(key_, request_.strict());
       if (!upload.ok()) return upload.status();
       upload_ = std::move(*upload);
+    }
+    // Over a quota already with this message's examples (from their count
+    // and encoded sizes): refused before any of them is decoded.
+    int64_t message_bytes = 0;
+    for (const auto& e : request_.examples()) message_bytes += e.encoded().size();
+    if (absl::Status s = CheckQuotas(use_, request_.examples_size(), message_bytes); !s.ok()) {
+      return s;
     }
     for (auto& e : *request_.mutable_examples()) {
       UploadExample ex{std::move(*e.mutable_name()), std::move(*e.mutable_label()),
@@ -153,7 +168,8 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
   }
   // The tenant's dataset, image and storage quotas with this upload's
   // accepted examples on top of `use`.
-  absl::Status CheckQuotas(const TenantUsage& use) const {
+  absl::Status CheckQuotas(const TenantUsage& use, int64_t more_images = 0,
+                           int64_t more_bytes = 0) const {
     const QuotaLimits q = security_->QuotasOf(tenant_);
     if (!catalog_->Get(key_).ok()) {  // a new dataset
       if (absl::Status s = Security::CheckQuota(tenant_, "datasets", use.datasets, 1, q.datasets);
@@ -161,8 +177,8 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
         return s;
       }
     }
-    const int64_t images = upload_ ? upload_->accepted() : 0;
-    const int64_t bytes = upload_ ? upload_->accepted_bytes() : 0;
+    const int64_t images = (upload_ ? upload_->accepted() : 0) + more_images;
+    const int64_t bytes = (upload_ ? upload_->accepted_bytes() : 0) + more_bytes;
     if (absl::Status s = Security::CheckQuota(tenant_, "images", use.images, images, q.images);
         !s.ok()) {
       return s;
@@ -184,6 +200,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
   Metrics* metrics_;
   Caller caller_;
   std::string key_, tenant_;
+  std::shared_ptr<const void> tenant_slot_;  // Security::AdmitSlot
   TenantUsage use_;
   RpcTimer timer_;
   std::shared_ptr<std::atomic<int>> in_flight_;

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <random>
@@ -45,6 +46,13 @@ ExportReactor::ExportReactor(grpc::CallbackServerContext* context, ModelRegistry
                      " exports are in progress (--max_concurrent_exports); retry when one ends")));
     return;
   }
+  // With tenants, one holds at most half the export slots.
+  auto slot = security->AdmitSlot(caller_, "exports", std::max(1, options_.max_concurrent / 2));
+  if (!slot.ok()) {
+    End(slot.status());
+    return;
+  }
+  tenant_slot_ = std::move(*slot);
   // Contained: an exception here must still finish the call and free the slot.
   const absl::Status started = Contain("export failed", [&]() -> absl::Status {
     if (req.version() < 0) {
@@ -102,7 +110,7 @@ absl::Status ExportReactor::BuildFile(const std::shared_ptr<const ServableVersio
           version.version, size_, file->sha256.substr(0, 12),
           absl::ToDoubleSeconds(absl::Now() - start));
   v1::ExportInfo* info = message_.mutable_info();
-  info->set_model(version.model);
+  info->set_model(caller_.Name(version.model));
   info->set_version(version.version);
   info->set_size_bytes(size_);
   info->set_sha256(file->sha256);

@@ -52,6 +52,7 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportModelRespo
   std::shared_ptr<std::atomic<int>> in_flight_;
   RpcTimer timer_;
   Caller caller_;
+  std::shared_ptr<const void> tenant_slot_;  // Security::AdmitSlot
   std::thread worker_;
   std::atomic<bool> cancelled_{false};
   int fd_ = -1;  // the export, already unlinked

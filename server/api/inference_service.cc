@@ -52,11 +52,11 @@ grpc::ServerUnaryReactor* InferenceService::DescribeBackbone(
 grpc::ServerUnaryReactor* InferenceService::Embed(grpc::CallbackServerContext* context,
                                                   const v1::EmbedRequest* request,
                                                   v1::EmbedResponse* response) {
-  metrics_->AddImages("Embed", request->images_size());
   return ContainedAsyncUnary(
       context, security_, "Embed", "",
       [&](grpc::ServerUnaryReactor* reactor, const RpcTimer& held_timer,
           const Caller& caller) -> absl::Status {
+        metrics_->AddImages("Embed", request->images_size());
         if (request->images_size() == 0) {
           return absl::InvalidArgumentError("images: the request has no images");
         }

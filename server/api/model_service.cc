@@ -12,6 +12,7 @@
 #include "server/api/unary_image_call.h"
 #include "server/core/catalog/tenant_key.h"
 #include "server/core/contain.h"
+#include "server/core/head.h"
 
 namespace tlserve {
 namespace {
@@ -78,8 +79,17 @@ grpc::ServerUnaryReactor* ModelService::CreateModel(grpc::CallbackServerContext*
         absl::MutexLock quota(security_->QuotaLock(tenant));
         auto use = security_->Usage(tenant);
         if (!use.ok()) return use.status();
-        if (absl::Status s = Security::CheckQuota(tenant, "models", use->models, 1,
-                                                  security_->QuotasOf(tenant).models);
+        const QuotaLimits quotas = security_->QuotasOf(tenant);
+        if (absl::Status s = Security::CheckQuota(tenant, "models", use->models, 1, quotas.models);
+            !s.ok()) {
+          return s;
+        }
+        // The head's parameters take device memory like a private stage's.
+        const int64_t head_params = HeadParams(head, models_->backbone().embedding_dim(),
+                                               static_cast<int64_t>(classes.size()));
+        if (absl::Status s =
+                Security::CheckQuota(tenant, "private_params", use->private_params, head_params,
+                                     quotas.private_params, " parameters");
             !s.ok()) {
           return s;
         }
@@ -197,11 +207,11 @@ grpc::ServerUnaryReactor* ModelService::FreezeLayers(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
                                                  const v1::ClassifyRequest* req,
                                                  v1::ClassifyResponse* resp) {
-  metrics_->AddImages("Classify", req->images_size());
   return ContainedAsyncUnary(
       c, security_, "Classify", req->model(),
       [&](grpc::ServerUnaryReactor* reactor, const RpcTimer& held_timer,
           const Caller& caller) -> absl::Status {
+        metrics_->AddImages("Classify", req->images_size());
         if (req->images_size() == 0) {
           return absl::InvalidArgumentError("images: the request has no images");
         }

@@ -204,8 +204,8 @@ grpc::ServerUnaryReactor* ModelService::StartTraining(grpc::CallbackServerContex
                                                       v1::Job* resp) {
   // Starting reads the dataset's index and writes the job's record.
   return ContainedOnWorker(
-      c, security_, "StartTraining", req->model(), work_,
-      [this, req, resp](const Caller& caller) -> absl::Status {
+      c, security_, "StartTraining", absl::StrCat(req->model(), " (dataset ", req->dataset(), ")"),
+      work_, [this, req, resp](const Caller& caller) -> absl::Status {
         auto options = FromProto(req->options());
         if (!options.ok()) return options.status();
         auto model = caller.Qualify(req->model(), "model");
@@ -220,8 +220,18 @@ grpc::ServerUnaryReactor* ModelService::StartTraining(grpc::CallbackServerContex
         absl::MutexLock quota(security_->QuotaLock(tenant));
         auto use = security_->Usage(tenant);
         if (!use.ok()) return use.status();
-        if (absl::Status s = Security::CheckQuota(tenant, "jobs", use->jobs, 1,
-                                                  security_->QuotasOf(tenant).jobs, " jobs");
+        const QuotaLimits quotas = security_->QuotasOf(tenant);
+        if (absl::Status s =
+                Security::CheckQuota(tenant, "jobs", use->jobs, 1, quotas.jobs, " jobs");
+            !s.ok()) {
+          return s;
+        }
+        // The job's version will store the model's own weights.
+        auto info = models_->Get(*model);
+        if (!info.ok()) return info.status();
+        if (absl::Status s =
+                Security::CheckQuota(tenant, "storage_mb", use->storage_bytes,
+                                     ModelParams(*info) * 4, quotas.storage_bytes, " bytes");
             !s.ok()) {
           return s;
         }

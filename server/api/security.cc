@@ -13,6 +13,7 @@
 #include "absl/strings/str_replace.h"
 #include "absl/time/clock.h"
 #include "server/core/catalog/tenant_key.h"
+#include "server/core/contain.h"
 #include "server/core/datasets.h"
 #include "server/core/log.h"
 
@@ -107,6 +108,10 @@ absl::StatusOr<std::string> Caller::Qualify(const std::string& name, const char*
       const std::string rest = name.substr(slash + 1);
       if (absl::Status s = ValidateTenant(tenant); !s.ok()) {
         return absl::InvalidArgumentError(absl::StrCat(field, ": ", s.message()));
+      }
+      if (rest.find(':') != std::string::npos) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            field, " \"", Bounded(name), "\": name another tenant's object TENANT/NAME"));
       }
       if (absl::Status s = DatasetCatalog::ValidateName(rest, field); !s.ok()) return s;
       return TenantKey(tenant, rest);
@@ -229,6 +234,12 @@ void Security::ReloadIfChanged(bool force) {
     if (changed) {
       auto text = ReadAll(options_.api_keys_file);
       auto keys = text.ok() ? ApiKeys::Parse(*text) : absl::StatusOr<ApiKeys>(text.status());
+      if (keys.ok() && keys->size() == 0) {
+        // An empty file is more likely a write caught half-way than a wish
+        // to lock every caller out (stop the server for that).
+        keys = absl::FailedPreconditionError("the file has no keys");
+      }
+      metrics_->RecordConfigReload("api_keys", keys.ok());
       if (keys.ok()) {
         LogInfo("--api_keys %s re-read: %d keys", options_.api_keys_file,
                 static_cast<int>(keys->size()));
@@ -252,6 +263,7 @@ void Security::ReloadIfChanged(bool force) {
       auto text = ReadAll(options_.quotas_file);
       auto quotas = text.ok() ? QuotaTable::Parse(*text, options_.defaults)
                               : absl::StatusOr<QuotaTable>(text.status());
+      metrics_->RecordConfigReload("quotas", quotas.ok());
       if (quotas.ok()) {
         LogInfo("--quotas %s re-read: %d tenants with their own quotas", options_.quotas_file,
                 static_cast<int>(quotas->overrides().size()));
@@ -334,23 +346,80 @@ void Security::AttachAudit(RpcTimer* timer, const Caller& caller, const std::str
 
 void Security::Audit(const Caller& caller, const std::string& method, const std::string& object,
                      const absl::Status& outcome) {
+  const bool denied = outcome.code() == absl::StatusCode::kUnauthenticated ||
+                      outcome.code() == absl::StatusCode::kPermissionDenied;
+  int64_t suppressed = 0;
+  {
+    // A flood of denied calls costs a client nothing: at most
+    // kDeniedLinesPerSecond lines a second, then one line that counts the
+    // rest (written with the next audit line after the second).
+    absl::MutexLock lock(&audit_mu_);
+    const absl::Time now = absl::Now();
+    if (now - denied_window_ >= absl::Seconds(1)) {
+      suppressed = denied_suppressed_;
+      denied_suppressed_ = 0;
+      denied_in_window_ = 0;
+      denied_window_ = now;
+    }
+    if (denied && ++denied_in_window_ > kDeniedLinesPerSecond) {
+      ++denied_suppressed_;
+      return;
+    }
+  }
+  if (suppressed > 0) {
+    LogWarning("audit: %d more denied calls in the last second were not written",
+               static_cast<int>(suppressed));
+    WriteAudit(nlohmann::json{
+        {"time", absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone())},
+        {"suppressed_denied_calls", suppressed}}
+                   .dump());
+  }
   nlohmann::json line = {
       {"time", absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone())},
       {"tenant", caller.tenant},
       {"key", caller.label},
       {"peer", caller.peer},
       {"method", method},
-      {"object", object},
+      {"object", Bounded(object, 256)},
       {"outcome", outcome.ok() ? std::string("OK") : absl::StatusCodeToString(outcome.code())},
   };
   if (!outcome.ok()) line["message"] = std::string(outcome.message().substr(0, 300));
   const std::string text = line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   LogInfo("audit %s", text);
+  WriteAudit(text);
+}
+
+void Security::WriteAudit(const std::string& line) {
   absl::MutexLock lock(&audit_mu_);
   if (audit_file_ != nullptr) {
-    std::fputs((text + "\n").c_str(), audit_file_);
+    std::fputs((line + "\n").c_str(), audit_file_);
     std::fflush(audit_file_);
   }
+}
+
+absl::StatusOr<std::shared_ptr<const void>> Security::AdmitSlot(const Caller& caller,
+                                                                const char* what, int limit) {
+  if (!keys() || limit <= 0) return std::shared_ptr<const void>();
+  const std::string key = absl::StrCat(what, "/", caller.tenant);
+  {
+    absl::MutexLock lock(&mu_);
+    int64_t& use = slots_[key];
+    if (use >= limit) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("tenant ", caller.tenant, " has ", use, " ", what,
+                       " in progress, its most at once (half the server's); retry when one ends"));
+    }
+    ++use;
+  }
+  struct Slot {
+    Security* security;
+    std::string key;
+    ~Slot() {
+      absl::MutexLock lock(&security->mu_);
+      --security->slots_[key];
+    }
+  };
+  return std::shared_ptr<const void>(new Slot{this, key});
 }
 
 QuotaLimits Security::QuotasOf(const std::string& tenant) const {

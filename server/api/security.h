@@ -127,6 +127,15 @@ class Security {
 
   // Re-reads the key and quota files now (SIGHUP).
   void Reload();
+  // With keys, one tenant may hold at most `limit` of the server's `what`
+  // ("uploads", "exports") at once until the returned handle goes;
+  // RESOURCE_EXHAUSTED beyond. Without keys: no limit here.
+  absl::StatusOr<std::shared_ptr<const void>> AdmitSlot(const Caller& caller, const char* what,
+                                                        int limit);
+
+  // Denied calls written to the audit trail per second at most; the rest
+  // are counted in one line.
+  static constexpr int kDeniedLinesPerSecond = 100;
   // One audit line (JSON) to the log and to --audit_log.
   void Audit(const Caller& caller, const std::string& method, const std::string& object,
              const absl::Status& outcome);
@@ -147,8 +156,13 @@ class Security {
   // What the watcher last read: (mtime ns, size, inode) of each file.
   std::string keys_stamp_ ABSL_GUARDED_BY(mu_);
   std::string quotas_stamp_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> slots_ ABSL_GUARDED_BY(mu_);  // "what/tenant" -> in use
+  void WriteAudit(const std::string& line);
   absl::Mutex audit_mu_;
   FILE* audit_file_ ABSL_GUARDED_BY(audit_mu_) = nullptr;
+  absl::Time denied_window_ ABSL_GUARDED_BY(audit_mu_) = absl::InfinitePast();
+  int denied_in_window_ ABSL_GUARDED_BY(audit_mu_) = 0;
+  int64_t denied_suppressed_ ABSL_GUARDED_BY(audit_mu_) = 0;
   absl::Mutex stop_mu_;
   bool stopping_ ABSL_GUARDED_BY(stop_mu_) = false;
   std::thread watcher_;

@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "server/core/catalog/tenant_key.h"
 #include "server/core/contain.h"
 #include "server/core/fine_tuner.h"
 #include "server/core/image_decoder.h"
@@ -375,8 +376,24 @@ void JobRunner::WorkerLoop() {
                ABSL_NO_THREAD_SAFETY_ANALYSIS { return r->stopping_ || !r->queue_.empty(); },
           this));
       if (stopping_) return;
-      id = queue_.front();
-      queue_.pop_front();
+      // Tenants take turns: the queued job of the tenant whose last job
+      // started longest ago (or never), first come first within a tenant.
+      auto next = queue_.begin();
+      int64_t best = INT64_MAX;
+      for (auto it = queue_.begin(); it != queue_.end(); ++it) {
+        auto job = jobs_.find(*it);
+        const std::string tenant = job == jobs_.end() ? "" : TenantOf(job->second.record.model);
+        auto last = last_start_.find(tenant);
+        const int64_t when = last == last_start_.end() ? -1 : last->second;
+        if (when < best) {
+          best = when;
+          next = it;
+        }
+      }
+      id = *next;
+      queue_.erase(next);
+      auto job = jobs_.find(id);
+      if (job != jobs_.end()) last_start_[TenantOf(job->second.record.model)] = ++starts_;
     }
     Run(id);
   }

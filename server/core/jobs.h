@@ -139,6 +139,10 @@ class JobRunner {
   mutable absl::Mutex mu_;
   std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
+  // When each tenant's last job started (a sequence number): the worker
+  // takes queued jobs by tenant in turns.
+  std::map<std::string, int64_t> last_start_ ABSL_GUARDED_BY(mu_);
+  int64_t starts_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   int next_token_ ABSL_GUARDED_BY(mu_) = 1;
   FeatureCache feature_cache_;  // worker thread only

@@ -23,6 +23,12 @@ Metrics::Metrics(bool model_labels)
                             "How the server is exposed (always 1): tls, client_certificates "
                             "(mutual TLS) and auth (API keys), each \"true\" or \"false\".")
                         .Register(*registry_);
+  config_reloads_ = &prometheus::BuildCounter()
+                         .Name("tlserve_config_reloads_total")
+                         .Help(
+                             "Re-reads of --api_keys and --quotas by file and result (ok, or "
+                             "error: the file was refused and the last good one is kept).")
+                         .Register(*registry_);
   requests_ = &prometheus::BuildCounter()
                    .Name("tlserve_requests_total")
                    .Help("RPCs finished, by method and canonical status code.")
@@ -166,6 +172,10 @@ void Metrics::SetSecurityInfo(bool tls, bool client_certificates, bool auth) {
              {"client_certificates", text(client_certificates)},
              {"auth", text(auth)}})
       .Set(1);
+}
+
+void Metrics::RecordConfigReload(const std::string& file, bool ok) {
+  config_reloads_->Add({{"file", file}, {"result", ok ? "ok" : "error"}}).Increment();
 }
 
 void Metrics::RemoveModel(const std::string& model) {

@@ -38,6 +38,10 @@ class Metrics {
   // accumulate in every scrape).
   void RemoveModel(const std::string& model);
   void SetModels(double n);
+  // A re-read of --api_keys or --quotas ("api_keys", "quotas"): taken or
+  // refused (the server keeps what it read before):
+  // tlserve_config_reloads_total{file,result="ok|error"}.
+  void RecordConfigReload(const std::string& file, bool ok);
   // tlserve_security_info{tls,client_certificates,auth} = 1.
   void SetSecurityInfo(bool tls, bool client_certificates, bool auth);
   void SetDatasets(double datasets, double images);
@@ -62,6 +66,7 @@ class Metrics {
   std::shared_ptr<prometheus::Registry> registry_;
   const bool model_labels_;
   prometheus::Family<prometheus::Gauge>* security_info_;
+  prometheus::Family<prometheus::Counter>* config_reloads_;
   prometheus::Family<prometheus::Counter>* requests_;
   prometheus::Family<prometheus::Histogram>* request_seconds_;
   prometheus::Family<prometheus::Counter>* images_;

@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <filesystem>
@@ -24,6 +25,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
 #include "client/lib/image_files.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "server/api/server.h"
@@ -153,6 +155,30 @@ struct Conn {
     req.set_dataset(dataset);
     v1::Model m;
     return models()->CreateModel(ctx.get(), req, &m);
+  }
+  grpc::Status Unfreeze(const std::string& model, const std::string& stage) {
+    auto ctx = Context();
+    v1::UnfreezeLayersRequest req;
+    req.set_model(model);
+    req.add_stages(stage);
+    v1::Model m;
+    return models()->UnfreezeLayers(ctx.get(), req, &m);
+  }
+  grpc::Status StartTraining(const std::string& model, const std::string& dataset, v1::Job* job) {
+    auto ctx = Context();
+    v1::StartTrainingRequest req;
+    req.set_model(model);
+    req.set_dataset(dataset);
+    req.mutable_options()->set_epochs(1);
+    return models()->StartTraining(ctx.get(), req, job);
+  }
+  v1::Job GetJob(const std::string& id) {
+    auto ctx = Context();
+    v1::GetJobRequest req;
+    req.set_id(id);
+    v1::Job j;
+    EXPECT_TRUE(models()->GetJob(ctx.get(), req, &j).ok());
+    return j;
   }
   grpc::Status GetModel(const std::string& name, v1::Model* m = nullptr) {
     auto ctx = Context();
@@ -487,6 +513,10 @@ TEST_F(SecurityTest, TenantsAreIsolatedAndShareNames) {
   ASSERT_TRUE(admin.GetModel("acme/shirts", &m).ok());
   EXPECT_EQ(m.tenant(), "acme");
   EXPECT_EQ(admin.GetModel("shirts").error_code(), grpc::StatusCode::NOT_FOUND);  // ops has none
+  // TENANT/NAME with a key for NAME is not a way into a third tenant.
+  EXPECT_EQ(admin.CreateModel("default/acme:evil", "acme/d").error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(acme.GetModel("evil").error_code(), grpc::StatusCode::NOT_FOUND);
 
   // Metrics: no model names unless --metrics_model_labels; tenant usage.
   const std::string metrics = HttpGet(server_->metrics_port(), "/metrics");
@@ -710,6 +740,125 @@ TEST_F(SecurityTest, MetricsNeedTheTokenAndTlsWhenAsked) {
   EXPECT_FALSE(absl::StrContains(
       HttpGet(server_->metrics_port(), "/metrics", "Authorization: Bearer scrape-secret\r\n"),
       "tlserve_"));
+}
+
+// A tenant holds at most half the server's upload slots: idle streams of
+// one tenant do not lock the others out.
+TEST_F(SecurityTest, ATenantHoldsAtMostHalfTheUploadSlots) {
+  ServerOptions o = Options();
+  o.max_concurrent_uploads = 2;
+  Start(o);
+  auto images = Images();
+  Conn acme = Plain("acme-write-key"), beta = Plain("beta-write-key");
+  auto idle_ctx = acme.Context();
+  v1::UploadDatasetResponse idle_resp;
+  auto idle = acme.datasets()->UploadDataset(idle_ctx.get(), &idle_resp);  // sends nothing
+  grpc::Status s;
+  for (int i = 0; i < 100; ++i) {  // the idle stream reaches the server
+    s = acme.Upload("second", {images["sandal"][0]});
+    if (!s.ok()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  EXPECT_TRUE(absl::StrContains(s.error_message(), "tenant acme has 1 uploads"))
+      << s.error_message();
+  EXPECT_TRUE(beta.Upload("d", {images["sandal"][0]}).ok());
+  idle_ctx->TryCancel();
+  idle->Finish();
+}
+
+// Queued jobs are taken by tenant in turns: a tenant with many jobs queued
+// does not make another tenant's job wait for all of them.
+TEST_F(SecurityTest, QueuedJobsTakeTurnsByTenant) {
+  absl::Mutex mu;
+  bool open = false;
+  std::vector<std::string> first_steps;  // model keys, in the order their jobs began
+  ServerOptions o = Options();
+  o.before_training_step = [&](const std::string& model) {
+    absl::MutexLock lock(&mu);
+    if (std::find(first_steps.begin(), first_steps.end(), model) == first_steps.end()) {
+      first_steps.push_back(model);
+    }
+    mu.AwaitWithTimeout(absl::Condition(&open), absl::Seconds(120));
+  };
+  Start(o);
+  auto images = Images();
+  std::vector<std::string> files;
+  for (int i = 0; i < 4; ++i) {
+    files.push_back(images["sandal"][i]);
+    files.push_back(images["t-shirt"][i]);
+  }
+  Conn acme = Plain("acme-write-key"), beta = Plain("beta-write-key");
+  for (Conn* c : {&acme, &beta}) ASSERT_TRUE(c->Upload("d", files).ok());
+  for (const char* m : {"a1", "a2"}) {
+    ASSERT_TRUE(acme.CreateModel(m, "d").ok());
+    ASSERT_TRUE(acme.Unfreeze(m, "layer4").ok());  // fine-tuning: the hook runs
+  }
+  ASSERT_TRUE(beta.CreateModel("b1", "d").ok());
+  ASSERT_TRUE(beta.Unfreeze("b1", "layer4").ok());
+  v1::Job a1, a2, b1;
+  ASSERT_TRUE(acme.StartTraining("a1", "d", &a1).ok());
+  // a1 is running (held in its first step) before the others are queued.
+  for (int i = 0; i < 600; ++i) {
+    {
+      absl::MutexLock lock(&mu);
+      if (!first_steps.empty()) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_TRUE(acme.StartTraining("a2", "d", &a2).ok());
+  ASSERT_TRUE(beta.StartTraining("b1", "d", &b1).ok());
+  {
+    absl::MutexLock lock(&mu);
+    open = true;
+  }
+  for (auto [conn, id] :
+       {std::pair<Conn*, std::string>{&acme, a1.id()}, {&acme, a2.id()}, {&beta, b1.id()}}) {
+    v1::Job j;
+    for (int i = 0; i < 1200; ++i) {
+      j = conn->GetJob(id);
+      if (j.state() >= v1::Job::SUCCEEDED) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    EXPECT_EQ(j.state(), v1::Job::SUCCEEDED) << j.error();
+  }
+  absl::MutexLock lock(&mu);
+  EXPECT_EQ(first_steps, (std::vector<std::string>{"acme:a1", "beta:b1", "acme:a2"}));
+}
+
+// A flood of denied calls with huge names: each audit line is bounded, and
+// at most Security::kDeniedLinesPerSecond of them are written per second.
+TEST_F(SecurityTest, DeniedFloodsDoNotFloodTheAuditTrail) {
+  Start(Options());
+  const std::string huge(100 << 10, 'x');
+  const auto start = Clock::now();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      Conn anonymous = Plain("");
+      for (int i = 0; i < 150; ++i) anonymous.GetModel(huge);
+    });
+  }
+  for (auto& t : threads) t.join();
+  // The count of the rest comes with the next audit line after the second.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  Plain("acme-write-key").CreateModel("m", "no-such-dataset");
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  server_.reset();
+  int denied = 0;
+  size_t longest = 0;
+  bool counted = false;
+  for (absl::string_view line :
+       absl::StrSplit(Slurp(dir_ + "/audit.jsonl"), '\n', absl::SkipEmpty())) {
+    longest = std::max(longest, line.size());
+    denied += absl::StrContains(line, "UNAUTHENTICATED") ? 1 : 0;
+    counted |= absl::StrContains(line, "suppressed_denied_calls");
+  }
+  EXPECT_LT(longest, 1024u);
+  EXPECT_LE(denied, Security::kDeniedLinesPerSecond * (static_cast<int>(seconds) + 2));
+  if (denied < 600) {
+    EXPECT_TRUE(counted) << "suppressed lines were not counted";
+  }
 }
 
 // A tenant flooding Embed from many threads cannot stop another tenant's

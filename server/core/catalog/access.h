@@ -61,11 +61,11 @@ class ApiKeys {
 
 // One tenant's limits; 0 means unlimited.
 struct QuotaLimits {
-  int64_t storage_bytes = 0;  // encoded images in its datasets
+  int64_t storage_bytes = 0;  // images in its datasets, weights of its models' versions
   int64_t datasets = 0;
   int64_t images = 0;  // in all its datasets
   int64_t models = 0;
-  int64_t private_params = 0;   // parameters of its models' private stages (device memory)
+  int64_t private_params = 0;   // its models' own: private stages and heads (device memory)
   int64_t jobs = 0;             // queued and running training jobs
   int64_t inflight_images = 0;  // images of its Embed/Classify calls being computed
 };

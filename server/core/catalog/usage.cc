@@ -19,9 +19,10 @@ absl::StatusOr<std::map<std::string, TenantUsage>> UsageByTenant(const DatasetCa
   for (const auto& m : models.List()) {
     TenantUsage& u = out[TenantOf(m.name)];
     ++u.models;
-    for (const auto& st : m.stages) {
-      if (st.is_private) u.private_params += st.params;
-    }
+    const int64_t params = ModelParams(m);
+    u.private_params += params;
+    // Every version's weights are kept on disk (fp32).
+    u.storage_bytes += static_cast<int64_t>(m.versions.size()) * params * 4;
   }
   for (const auto& j : jobs.List("")) {
     if (j.state == JobRecord::State::kQueued || j.state == JobRecord::State::kRunning) {
@@ -29,6 +30,14 @@ absl::StatusOr<std::map<std::string, TenantUsage>> UsageByTenant(const DatasetCa
     }
   }
   return out;
+}
+
+int64_t ModelParams(const ModelInfo& model) {
+  int64_t params = model.head_params;
+  for (const auto& st : model.stages) {
+    if (st.is_private) params += st.params;
+  }
+  return params;
 }
 
 absl::StatusOr<TenantUsage> UsageOf(const std::string& tenant, const DatasetCatalog& datasets,

@@ -15,13 +15,18 @@
 namespace tlserve {
 
 struct TenantUsage {
-  int64_t storage_bytes = 0;  // encoded images in its datasets
+  // Encoded images in its datasets, and the weights of its models' versions.
+  int64_t storage_bytes = 0;
   int64_t datasets = 0;
   int64_t images = 0;
   int64_t models = 0;
-  int64_t private_params = 0;  // its models' private stages
+  int64_t private_params = 0;  // its models' own parameters: private stages and heads
   int64_t jobs = 0;            // queued or running
 };
+
+// A model's own parameters (its private stages and its head): what each of
+// its versions stores and what it takes on the device.
+int64_t ModelParams(const ModelInfo& model);
 
 // Every tenant with an object. Reads the database (datasets): not on a gRPC thread.
 absl::StatusOr<std::map<std::string, TenantUsage>> UsageByTenant(const DatasetCatalog& datasets,
