@@ -15,10 +15,10 @@ namespace tlserve {
 namespace {
 
 TEST(ApiKeys, ParsesKeysCommonNamesAndComments) {
-  const std::string text = absl::StrCat(
-      "# keys\n\n", "acme write ", Sha256Hex("k1"), " ci   # the CI's key\n", "acme\tread\t",
-      Sha256Hex("k2"), "\n", "ops admin ", Sha256Hex("k3"), " oncall\n",
-      "acme write cn:trainer.acme cert\n");
+  const std::string text =
+      absl::StrCat("# keys\n\n", "acme write ", Sha256Hex("k1"), " ci   # the CI's key\n",
+                   "acme\tread\t", Sha256Hex("k2"), "\n", "ops admin ", Sha256Hex("k3"),
+                   " oncall\n", "acme write cn:trainer.acme cert\n");
   auto keys = ApiKeys::Parse(text);
   ASSERT_TRUE(keys.ok()) << keys.status();
   EXPECT_EQ(keys->size(), 4u);
@@ -89,7 +89,8 @@ TEST(QuotaTable, OverridesOnTopOfDefaults) {
 TEST(TenantKey, DefaultTenantKeysAreBareNames) {
   EXPECT_EQ(TenantKey("default", "shirts"), "shirts");
   EXPECT_EQ(TenantKey("acme", "shirts"), "acme:shirts");
-  EXPECT_EQ(SplitTenantKey("shirts"), std::make_pair(std::string("default"), std::string("shirts")));
+  EXPECT_EQ(SplitTenantKey("shirts"),
+            std::make_pair(std::string("default"), std::string("shirts")));
   EXPECT_EQ(SplitTenantKey("acme:shirts"),
             std::make_pair(std::string("acme"), std::string("shirts")));
   EXPECT_EQ(TenantOf("acme:shirts"), "acme");
