@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import socket
+import signal
 import subprocess
 import sys
 import tempfile
@@ -359,6 +360,45 @@ class SecurityTest(unittest.TestCase):
         with self.client(self.plain) as c:
             self.assertCode(grpc.StatusCode.UNAUTHENTICATED, c.models.ListModels,
                             models_pb2.ListModelsRequest())
+
+
+class SighupTest(unittest.TestCase):
+    """SIGHUP re-reads --api_keys at once, even a change the 1 s watcher cannot
+    see (same inode, size and mtime): what an operator's `kill -HUP` is for."""
+
+    def test_sighup_rereads_the_keys(self):
+        tmp = tempfile.mkdtemp(prefix="tlserve-sighup-")
+        try:
+            keys = os.path.join(tmp, "api_keys")
+            old, new = "old-key-1", "new-key-1"  # same length: the file keeps its size
+            with open(keys, "w") as f:
+                f.write("acme write %s ci\n" % sha256(old))
+            server = Server(tmp, "sighup", ["--api_keys=" + keys], [])
+            try:
+                server.wait_healthy(old)
+                st = os.stat(keys)
+                with open(keys, "r+") as f:  # in place: the same inode
+                    f.write("acme write %s ci\n" % sha256(new))
+                os.utime(keys, ns=(st.st_atime_ns, st.st_mtime_ns))
+                self.assertEqual(os.stat(keys).st_size, st.st_size)
+
+                def models(key):
+                    return subprocess.run(server.tlctl_cmd("--token=" + key, "models"),
+                                          capture_output=True, text=True, timeout=60)
+                time.sleep(2.5)  # the watcher's polls see nothing
+                self.assertIn("UNAUTHENTICATED", models(new).stderr)
+                server.process.send_signal(signal.SIGHUP)
+                for _ in range(100):
+                    if models(new).returncode == 0:
+                        break
+                    time.sleep(0.1)
+                self.assertEqual(models(new).returncode, 0, open(server.log_path).read()[-2000:])
+                self.assertIn("UNAUTHENTICATED", models(old).stderr)
+                self.assertIn("received SIGHUP", open(server.log_path).read())
+            finally:
+                server.stop()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
