@@ -337,6 +337,49 @@ TEST_F(SecurityTest, KeysAndRolesOnEveryRpcFamily) {
     }
     EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::PERMISSION_DENIED);
   }
+  EXPECT_EQ(reader.Unfreeze("x", "layer4").error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  {
+    auto ctx = reader.Context();
+    v1::CancelJobRequest req;
+    req.set_id("no-such-job");
+    v1::Job job;
+    EXPECT_EQ(reader.models()->CancelJob(ctx.get(), req, &job).error_code(),
+              grpc::StatusCode::PERMISSION_DENIED);
+  }
+  {
+    auto ctx = reader.Context();
+    v1::DeleteModelRequest req;
+    req.set_name("x");
+    v1::DeleteModelResponse resp;
+    EXPECT_EQ(reader.models()->DeleteModel(ctx.get(), req, &resp).error_code(),
+              grpc::StatusCode::PERMISSION_DENIED);
+  }
+  // Reads of the jobs family: allowed (an unknown job is NOT_FOUND).
+  {
+    auto ctx = reader.Context();
+    v1::ListJobsResponse jobs;
+    EXPECT_TRUE(reader.models()->ListJobs(ctx.get(), {}, &jobs).ok());
+  }
+  // Streams: a read key may embed; no key may not.
+  for (Conn* c : {&reader, &none}) {
+    auto ctx = c->Context();
+    auto stream = c->inference()->StreamEmbed(ctx.get());
+    v1::StreamEmbedRequest req;
+    req.add_images()->set_encoded(ReadBytes(one[0]));
+    stream->Write(req);
+    stream->WritesDone();
+    v1::StreamEmbedResponse resp;
+    int results = 0;
+    while (stream->Read(&resp)) results += resp.results_size();
+    const grpc::Status s = stream->Finish();
+    if (c == &reader) {
+      EXPECT_TRUE(s.ok()) << s.error_message();
+      EXPECT_EQ(results, 1);
+    } else {
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+      EXPECT_EQ(results, 0);
+    }
+  }
   // The write key does all of it.
   ASSERT_TRUE(writer.Upload("d", {images["sandal"][0], images["t-shirt"][0]}).ok());
   EXPECT_TRUE(writer.CreateModel("x", "d").ok());
