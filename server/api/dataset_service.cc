@@ -119,7 +119,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
       auto use = security_->Usage(tenant_);
       if (!use.ok()) return use.status();
       use_ = *use;
-      if (absl::Status s = CheckQuotas(use_); !s.ok()) return s;
+      new_dataset_ = !catalog_->Get(key_).ok();
       auto upload = catalog_->BeginUpload(key_, request_.strict());
       if (!upload.ok()) return upload.status();
       upload_ = std::move(*upload);
@@ -128,7 +128,8 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
     // and encoded sizes): refused before any of them is decoded.
     int64_t message_bytes = 0;
     for (const auto& e : request_.examples()) message_bytes += e.encoded().size();
-    if (absl::Status s = CheckQuotas(use_, request_.examples_size(), message_bytes); !s.ok()) {
+    if (absl::Status s = CheckQuotas(use_, new_dataset_, request_.examples_size(), message_bytes);
+        !s.ok()) {
       return s;
     }
     for (auto& e : *request_.mutable_examples()) {
@@ -136,7 +137,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
                        std::move(*e.mutable_encoded())};
       if (absl::Status s = upload_->Add(std::move(ex)); !s.ok()) return s;
     }
-    if (absl::Status s = CheckQuotas(use_); !s.ok()) return s;
+    if (absl::Status s = CheckQuotas(use_, new_dataset_); !s.ok()) return s;
     const bool commit = request_.commit();
     request_.Clear();
     if (!commit) {
@@ -148,7 +149,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
       absl::MutexLock lock(security_->QuotaLock(tenant_));
       auto use = security_->Usage(tenant_);
       if (!use.ok()) return use.status();
-      if (absl::Status s = CheckQuotas(*use); !s.ok()) return s;
+      if (absl::Status s = CheckQuotas(*use, !catalog_->Get(key_).ok()); !s.ok()) return s;
       result = upload_->Commit();
     }
     upload_.reset();
@@ -167,11 +168,13 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
     return absl::OkStatus();
   }
   // The tenant's dataset, image and storage quotas with this upload's
-  // accepted examples on top of `use`.
-  absl::Status CheckQuotas(const TenantUsage& use, int64_t more_images = 0,
+  // accepted examples (and `more`) on top of `use`; `new_dataset`: the
+  // upload makes the dataset (per message: as found at its start; at the
+  // commit: as found then).
+  absl::Status CheckQuotas(const TenantUsage& use, bool new_dataset, int64_t more_images = 0,
                            int64_t more_bytes = 0) const {
     const QuotaLimits q = security_->QuotasOf(tenant_);
-    if (!catalog_->Get(key_).ok()) {  // a new dataset
+    if (new_dataset) {
       if (absl::Status s = Security::CheckQuota(tenant_, "datasets", use.datasets, 1, q.datasets);
           !s.ok()) {
         return s;
@@ -200,6 +203,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
   Metrics* metrics_;
   Caller caller_;
   std::string key_, tenant_;
+  bool new_dataset_ = false;
   std::shared_ptr<const void> tenant_slot_;  // Security::AdmitSlot
   TenantUsage use_;
   RpcTimer timer_;

@@ -222,59 +222,48 @@ void Security::Watch() {
 
 void Security::Reload() { ReloadIfChanged(true); }
 
+template <typename T, typename Parse, typename Describe>
+void Security::ReloadFile(const char* name, const std::string& path, std::string* stamp,
+                          std::shared_ptr<const T>* current, bool force, Parse parse,
+                          Describe describe) {
+  if (path.empty()) return;
+  const std::string now = Stamp(path);
+  {
+    absl::MutexLock lock(&mu_);
+    if (!force && now == *stamp) return;
+    *stamp = now;
+  }
+  auto text = ReadAll(path);
+  absl::StatusOr<T> value = text.ok() ? parse(*text) : absl::StatusOr<T>(text.status());
+  metrics_->RecordConfigReload(name, value.ok());
+  if (!value.ok()) {
+    LogError("--%s %s: %s; keeping what was read before", name, path, value.status().ToString());
+    return;
+  }
+  LogInfo("--%s %s re-read: %s", name, path, describe(*value));
+  absl::MutexLock lock(&mu_);
+  *current = std::make_shared<const T>(std::move(*value));
+}
+
 void Security::ReloadIfChanged(bool force) {
-  if (!options_.api_keys_file.empty()) {
-    const std::string stamp = Stamp(options_.api_keys_file);
-    bool changed;
-    {
-      absl::MutexLock lock(&mu_);
-      changed = force || stamp != keys_stamp_;
-      keys_stamp_ = stamp;
-    }
-    if (changed) {
-      auto text = ReadAll(options_.api_keys_file);
-      auto keys = text.ok() ? ApiKeys::Parse(*text) : absl::StatusOr<ApiKeys>(text.status());
-      if (keys.ok() && keys->size() == 0) {
-        // An empty file is more likely a write caught half-way than a wish
-        // to lock every caller out (stop the server for that).
-        keys = absl::FailedPreconditionError("the file has no keys");
-      }
-      metrics_->RecordConfigReload("api_keys", keys.ok());
-      if (keys.ok()) {
-        LogInfo("--api_keys %s re-read: %d keys", options_.api_keys_file,
-                static_cast<int>(keys->size()));
-        absl::MutexLock lock(&mu_);
-        keys_ = std::make_shared<const ApiKeys>(std::move(*keys));
-      } else {
-        LogError("--api_keys %s: %s; keeping the keys read before", options_.api_keys_file,
-                 keys.status().ToString());
-      }
-    }
-  }
-  if (!options_.quotas_file.empty()) {
-    const std::string stamp = Stamp(options_.quotas_file);
-    bool changed;
-    {
-      absl::MutexLock lock(&mu_);
-      changed = force || stamp != quotas_stamp_;
-      quotas_stamp_ = stamp;
-    }
-    if (changed) {
-      auto text = ReadAll(options_.quotas_file);
-      auto quotas = text.ok() ? QuotaTable::Parse(*text, options_.defaults)
-                              : absl::StatusOr<QuotaTable>(text.status());
-      metrics_->RecordConfigReload("quotas", quotas.ok());
-      if (quotas.ok()) {
-        LogInfo("--quotas %s re-read: %d tenants with their own quotas", options_.quotas_file,
-                static_cast<int>(quotas->overrides().size()));
-        absl::MutexLock lock(&mu_);
-        quotas_ = std::make_shared<const QuotaTable>(std::move(*quotas));
-      } else {
-        LogError("--quotas %s: %s; keeping the quotas read before", options_.quotas_file,
-                 quotas.status().ToString());
-      }
-    }
-  }
+  ReloadFile(
+      "api_keys", options_.api_keys_file, &keys_stamp_, &keys_, force,
+      [](const std::string& text) -> absl::StatusOr<ApiKeys> {
+        auto keys = ApiKeys::Parse(text);
+        if (keys.ok() && keys->size() == 0) {
+          // An empty file is more likely a write caught half-way than a wish
+          // to lock every caller out (stop the server for that).
+          return absl::FailedPreconditionError("the file has no keys");
+        }
+        return keys;
+      },
+      [](const ApiKeys& keys) { return absl::StrCat(keys.size(), " keys"); });
+  ReloadFile(
+      "quotas", options_.quotas_file, &quotas_stamp_, &quotas_, force,
+      [this](const std::string& text) { return QuotaTable::Parse(text, options_.defaults); },
+      [](const QuotaTable& quotas) {
+        return absl::StrCat(quotas.overrides().size(), " tenants with their own quotas");
+      });
 }
 
 absl::StatusOr<Caller> Security::Admit(const grpc::ServerContextBase& context, RpcTimer* timer,

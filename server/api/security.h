@@ -143,6 +143,12 @@ class Security {
  private:
   Security(const Options& options, Metrics* metrics);
   void ReloadIfChanged(bool force);
+  // Re-reads `path` (the flag --`name`) when its stamp changed, or `force`:
+  // `parse(text)` makes the new value, which replaces `*current`; a failure
+  // keeps the old one, logged and counted (tlserve_config_reloads_total).
+  template <typename T, typename Parse, typename Describe>
+  void ReloadFile(const char* name, const std::string& path, std::string* stamp,
+                  std::shared_ptr<const T>* current, bool force, Parse parse, Describe describe);
   void Watch();
 
   const Options options_;
