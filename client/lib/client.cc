@@ -196,6 +196,44 @@ absl::Status Client::WatchJob(const std::string& id, grpc::ClientContext* ctx,
   return FromGrpc(reader->Finish());
 }
 
+namespace {
+
+// Reads a stream of progress messages and returns the last one, which has
+// the results (an analysis that ends with no message is an error).
+template <typename Response>
+absl::StatusOr<Response> LastMessage(grpc::ClientReader<Response>* reader,
+                                     const std::function<void(int64_t, int64_t)>& progress) {
+  Response message, last;
+  bool any = false;
+  while (reader->Read(&message)) {
+    if (progress) progress(message.images_done(), message.images_total());
+    last = std::move(message);
+    any = true;
+  }
+  if (absl::Status s = FromGrpc(reader->Finish()); !s.ok()) return s;
+  if (!any) return absl::InternalError("the server ended the call without a result");
+  return last;
+}
+
+}  // namespace
+
+absl::StatusOr<v1::EvaluateResponse> Client::Evaluate(
+    const v1::EvaluateRequest& request, const std::function<void(int64_t, int64_t)>& progress) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Hours(2)));
+  auto reader = models_->Evaluate(&ctx, request);
+  return LastMessage(reader.get(), progress);
+}
+
+absl::StatusOr<v1::SuggestLabelsResponse> Client::SuggestLabels(
+    const v1::SuggestLabelsRequest& request,
+    const std::function<void(int64_t, int64_t)>& progress) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Hours(2)));
+  auto reader = models_->SuggestLabels(&ctx, request);
+  return LastMessage(reader.get(), progress);
+}
+
 absl::StatusOr<v1::ExportInfo> Client::ExportModel(
     const std::string& model, int version, const std::string& path,
     const std::function<void(int64_t, int64_t)>& progress) {

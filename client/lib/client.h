@@ -100,6 +100,15 @@ class Client {
       const std::string& model, int version, const std::string& path,
       const std::function<void(int64_t, int64_t)>& progress = nullptr);
 
+  // Evaluate and SuggestLabels: `progress(done, total)` for each progress
+  // message; the last message (the results) comes back.
+  absl::StatusOr<v1::EvaluateResponse> Evaluate(
+      const v1::EvaluateRequest& request,
+      const std::function<void(int64_t, int64_t)>& progress = nullptr);
+  absl::StatusOr<v1::SuggestLabelsResponse> SuggestLabels(
+      const v1::SuggestLabelsRequest& request,
+      const std::function<void(int64_t, int64_t)>& progress = nullptr);
+
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
 
  private:

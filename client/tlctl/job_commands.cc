@@ -36,7 +36,8 @@ nlohmann::json JobJson(const v1::Job& j) {
   nlohmann::json out = {{"id", j.id()},           {"model", j.model()},
                         {"dataset", j.dataset()}, {"state", StateName(j.state())},
                         {"phase", j.phase()},     {"error", j.error()},
-                        {"version", j.version()}, {"epochs", epochs}};
+                        {"version", j.version()}, {"epochs", epochs},
+                        {"outcome", j.outcome()}};
   if (const std::string t = TenantOf(j); !t.empty()) out["tenant"] = t;
   out["validation_accuracy"] = j.epochs_size()
                                    ? nlohmann::json(j.epochs().rbegin()->validation_accuracy())
@@ -135,6 +136,7 @@ int Follow(Client& c, const std::string& id, bool json) {
     }
     if (!last.error().empty()) std::cout << ": " << last.error();
     std::cout << "\n";
+    if (!last.outcome().empty()) std::cout << last.outcome() << "\n";
   }
   return last.state() == v1::Job::SUCCEEDED ? 0 : 1;
 }
@@ -145,7 +147,8 @@ int Train(Client& c, const Args& a) {
         "usage: tlctl train MODEL --dataset D [--epochs N --head-lr X --lr X --optimizer "
         "lbfgs|adamw|sgd "
         "--batch-size N --weight-decay X --label-smoothing X --balanced --patience N --augment "
-        "--train-batchnorm --no-head-first --seed N] [--wait]"));
+        "--train-batchnorm --no-head-first --seed N --serve if-not-worse|always|never "
+        "--target-precision P] [--wait]"));
   }
   v1::StartTrainingRequest req;
   req.set_model(a.positional[0]);
@@ -162,7 +165,9 @@ int Train(Client& c, const Args& a) {
            {"patience", [o](double v) { o->set_early_stopping_patience(static_cast<int>(v)); }},
            {"validation-fraction",
             [o](double v) { o->set_validation_fraction(static_cast<float>(v)); }},
-           {"seed", [o](double v) { o->set_seed(static_cast<uint64_t>(v)); }}}) {
+           {"seed", [o](double v) { o->set_seed(static_cast<uint64_t>(v)); }},
+           {"target-precision",
+            [o](double v) { o->set_target_precision(static_cast<float>(v)); }}}) {
     if (!a.Has(flag)) continue;
     auto v = a.Number(flag, 0);
     if (!v.ok()) return Fail(v.status());
@@ -186,6 +191,14 @@ int Train(Client& c, const Args& a) {
   if (a.Has("freeze-batchnorm")) o->set_freeze_batchnorm(true);
   if (a.Has("train-batchnorm")) o->set_freeze_batchnorm(false);
   if (a.Has("no-head-first")) o->set_head_first(false);
+  const std::string serve = a.Get("serve", "if-not-worse");
+  if (serve == "always") {
+    o->set_serve(v1::TrainingOptions::SERVE_ALWAYS);
+  } else if (serve == "never") {
+    o->set_serve(v1::TrainingOptions::SERVE_NEVER);
+  } else if (serve != "if-not-worse") {
+    return Fail(absl::InvalidArgumentError("--serve is if-not-worse, always or never"));
+  }
   auto job = c.Call(&v1::Models::Stub::StartTraining, req);
   if (!job.ok()) return Fail(job.status());
   if (a.Has("wait")) return Follow(c, job->id(), a.Has("json"));

@@ -30,8 +30,9 @@ commands:
   summary [--input 3x224x224]    a torchsummary-style table of the backbone
   embed FILE|DIR... [--layer L] [--pool avg|max] [--normalize] [--out FILE.csv|FILE.npy]
                                  one vector per image (directories: every .jpg/.png below)
-  upload DIR --dataset NAME [--strict]
-                                 upload an ImageFolder tree DIR/<class>/<image> (appends)
+  upload DIR --dataset NAME [--strict] [--unlabelled]
+                                 upload an ImageFolder tree DIR/<class>/<image> (appends);
+                                 --unlabelled: every image below DIR, with no label (a pool)
   datasets                       the datasets with their sizes
   dataset NAME                   one dataset's classes and counts
   delete-dataset NAME            delete a dataset and its images
@@ -45,7 +46,8 @@ commands:
                                  stop training them (--drop: back to the shared stages)
   train MODEL --dataset D [--epochs N --head-lr X --lr X (stages) --optimizer lbfgs|adamw|sgd
         --batch-size N --weight-decay X --label-smoothing X --balanced --patience N
-        --augment --train-batchnorm --no-head-first --seed N] [--wait]
+        --augment --train-batchnorm --no-head-first --seed N
+        --serve if-not-worse|always|never --target-precision P] [--wait]
                                  start a job; --wait follows it (Ctrl-C: cancel or detach)
   jobs [--model M]               training jobs
   watch JOB                      follow a job
@@ -54,6 +56,14 @@ commands:
                                  top-k labels per image
   export MODEL --out FILE.pt [--version V]
                                  download the model as one TorchScript classifier
+  evaluate MODEL --dataset D [--version V | --versions 1,2,3] [--split all|validation|train]
+                                 accuracy, top-5, log loss, calibration error, per-class scores
+                                 and confusion matrix; several versions: a paired comparison
+  serve MODEL --version V        serve that version (promote or roll back)
+  thresholds MODEL [--version V] (--global P | --class LABEL=P,... | --clear)
+                                 below its threshold, Classify answers "unknown"
+  suggest MODEL --dataset POOL [--count K] [--strategy margin|entropy] [--duplicate-cosine X]
+                                 the pool's unlabelled images to label next, most uncertain first
 
 options:
   --server=HOST:PORT   default localhost:50051 (or $TLSERVE_SERVER)
@@ -201,7 +211,8 @@ void PrintDataset(const v1::Dataset& d) {
 // DIR/<class>/<image>: the label is the first directory under DIR.
 int Upload(Client& c, const Args& a) {
   if (a.positional.size() != 1 || !a.flags.count("dataset")) {
-    return Fail(absl::InvalidArgumentError("usage: tlctl upload DIR --dataset NAME [--strict]"));
+    return Fail(absl::InvalidArgumentError(
+        "usage: tlctl upload DIR --dataset NAME [--strict] [--unlabelled]"));
   }
   const std::string root = a.positional[0];
   auto files = ListImageFiles({root});
@@ -209,6 +220,10 @@ int Upload(Client& c, const Args& a) {
   std::vector<std::pair<std::string, std::string>> examples;  // path, label
   for (const std::string& f : *files) {
     const std::string rel = f.substr(root.size() + (root.back() == '/' ? 0 : 1));
+    if (a.Has("unlabelled")) {  // a pool: no labels
+      examples.emplace_back(f, "");
+      continue;
+    }
     const auto slash = rel.find('/');
     if (slash == std::string::npos) {
       std::cerr << "tlctl: skipping " << f << ": not inside a class directory\n";

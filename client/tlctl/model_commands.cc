@@ -197,9 +197,13 @@ int Classify(Client& c, const Args& a) {
         for (const auto& p : r.classification().top()) {
           top.push_back({{"label", p.label()}, {"probability", p.probability()}});
         }
-        predictions.push_back({{"name", r.name()}, {"top", top}});
+        predictions.push_back({{"name", r.name()},
+                               {"label", r.classification().label()},
+                               {"unknown", r.classification().unknown()},
+                               {"top", top}});
         if (!a.Has("json")) {
           std::cout << r.name() << ":";
+          if (r.classification().unknown()) std::cout << " unknown (below the threshold):";
           for (const auto& p : r.classification().top()) {
             std::cout << absl::StrFormat(" %s %.4f", p.label(), p.probability());
           }
@@ -258,6 +262,7 @@ void AddModelCommands(std::map<std::string, Command>& commands) {
     return ChangeStages<v1::FreezeLayersRequest>(c, a, false);
   };
   AddJobCommands(commands);
+  AddResultCommands(commands);
   commands["classify"] = Classify;
   commands["export"] = Export;
 }

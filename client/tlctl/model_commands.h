@@ -18,6 +18,8 @@ using Command = std::function<int(Client&, const Args&)>;
 void AddModelCommands(std::map<std::string, Command>& commands);
 // train, jobs, watch, cancel (job_commands.cc).
 void AddJobCommands(std::map<std::string, Command>& commands);
+// evaluate, serve, thresholds, suggest (result_commands.cc).
+void AddResultCommands(std::map<std::string, Command>& commands);
 
 }  // namespace tlserve
 

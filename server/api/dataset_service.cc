@@ -20,6 +20,7 @@ void ToProto(const DatasetInfo& info, const Caller& caller, v1::Dataset* out) {
   out->set_created_unix(info.created_unix);
   out->set_images(info.images);
   out->set_bytes(info.bytes);
+  out->set_unlabelled(info.unlabelled);
   for (const auto& [label, count] : info.class_counts) {
     v1::ClassCount* c = out->add_classes();
     c->set_label(label);

@@ -15,7 +15,6 @@
 #include "server/core/head.h"
 
 namespace tlserve {
-namespace {
 
 void ToProto(const ModelInfo& m, const Caller& caller, v1::Model* out) {
   out->set_name(caller.Name(m.name));
@@ -47,12 +46,16 @@ void ToProto(const ModelInfo& m, const Caller& caller, v1::Model* out) {
       cm->set_precision(v.validation.precision[c]);
       cm->set_recall(v.validation.recall[c]);
       cm->set_support(v.validation.support[c]);
+      const double p = v.validation.precision[c], r = v.validation.recall[c];
+      cm->set_f1(p + r > 0 ? 2 * p * r / (p + r) : 0);
     }
     for (int64_t x : v.validation.confusion) pv->add_confusion(x);
+    pv->set_temperature(v.calibration.temperature);
+    for (float t : v.calibration.thresholds) pv->add_thresholds(t);
+    pv->set_validation_ece_uncalibrated(v.validation_ece_uncalibrated);
+    pv->set_validation_ece(v.validation_ece);
   }
 }
-
-}  // namespace
 
 grpc::ServerUnaryReactor* ModelService::CreateModel(grpc::CallbackServerContext* c,
                                                     const v1::CreateModelRequest* req,

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <memory>
 
+#include "server/api/analysis_reactor.h"
 #include "server/api/export_reactor.h"
 #include "server/api/inference_service.h"
 #include "server/api/security.h"
@@ -19,12 +20,16 @@
 
 namespace tlserve {
 
+// A model as the API shows it to `caller`.
+void ToProto(const ModelInfo& m, const Caller& caller, v1::Model* out);
+
 class ModelService final : public v1::Models::CallbackService {
  public:
   // `work` runs the handlers that touch the disk (StartTraining) off the
   // gRPC threads.
   ModelService(ModelRegistry* models, JobRunner* jobs, DatasetCatalog* datasets, Embedder* embedder,
-               ThreadPool* work, Security* security, ApiLimits limits, ExportOptions exports = {})
+               ThreadPool* work, Security* security, ApiLimits limits, ExportOptions exports = {},
+               AnalysisLimits analyses = {})
       : models_(models),
         jobs_(jobs),
         datasets_(datasets),
@@ -33,7 +38,8 @@ class ModelService final : public v1::Models::CallbackService {
         security_(security),
         metrics_(security->metrics()),
         limits_(limits),
-        exports_(std::move(exports)) {}
+        exports_(std::move(exports)),
+        analyses_(std::move(analyses)) {}
 
   grpc::ServerUnaryReactor* CreateModel(grpc::CallbackServerContext* c,
                                         const v1::CreateModelRequest* req,
@@ -69,6 +75,17 @@ class ModelService final : public v1::Models::CallbackService {
       grpc::CallbackServerContext* c) override;
   grpc::ServerWriteReactor<v1::ExportModelResponse>* ExportModel(
       grpc::CallbackServerContext* c, const v1::ExportModelRequest* req) override;
+  // model_service_results.cc:
+  grpc::ServerWriteReactor<v1::EvaluateResponse>* Evaluate(grpc::CallbackServerContext* c,
+                                                           const v1::EvaluateRequest* req) override;
+  grpc::ServerUnaryReactor* SetServedVersion(grpc::CallbackServerContext* c,
+                                             const v1::SetServedVersionRequest* req,
+                                             v1::Model* resp) override;
+  grpc::ServerUnaryReactor* SetThresholds(grpc::CallbackServerContext* c,
+                                          const v1::SetThresholdsRequest* req,
+                                          v1::Model* resp) override;
+  grpc::ServerWriteReactor<v1::SuggestLabelsResponse>* SuggestLabels(
+      grpc::CallbackServerContext* c, const v1::SuggestLabelsRequest* req) override;
 
  private:
   ModelRegistry* models_;
@@ -80,6 +97,7 @@ class ModelService final : public v1::Models::CallbackService {
   Metrics* metrics_;
   const ApiLimits limits_;
   const ExportOptions exports_;
+  const AnalysisLimits analyses_;
   std::shared_ptr<std::atomic<int>> exports_in_flight_ = std::make_shared<std::atomic<int>>(0);
 };
 

@@ -24,6 +24,7 @@ void ToProto(const JobRecord& r, const Caller& caller, v1::Job* out) {
   out->set_error(r.error);
   out->set_version(r.version);
   out->set_created_unix(r.created_unix);
+  out->set_outcome(r.outcome);
   for (const auto& e : r.epochs) {
     v1::EpochProgress* p = out->add_epochs();
     p->set_epoch(e.epoch);
@@ -53,6 +54,8 @@ void ToProto(const JobRecord& r, const Caller& caller, v1::Job* out) {
   po->set_learning_rate(o.learning_rate);
   po->set_weight_decay(o.weight_decay);
   po->set_validation_fraction(o.validation_fraction);
+  po->set_serve(static_cast<v1::TrainingOptions::Serve>(static_cast<int>(o.serve)));
+  po->set_target_precision(o.target_precision);
 }
 
 absl::StatusOr<TrainOptions> FromProto(const v1::TrainingOptions& p) {
@@ -88,6 +91,22 @@ absl::StatusOr<TrainOptions> FromProto(const v1::TrainingOptions& p) {
   o.early_stopping_patience = p.early_stopping_patience();
   if (p.has_validation_fraction()) o.validation_fraction = p.validation_fraction();
   o.seed = p.seed();
+  switch (p.serve()) {
+    case v1::TrainingOptions::SERVE_IF_NOT_WORSE:
+      o.serve = TrainOptions::Serve::kIfNotWorse;
+      break;
+    case v1::TrainingOptions::SERVE_ALWAYS:
+      o.serve = TrainOptions::Serve::kAlways;
+      break;
+    case v1::TrainingOptions::SERVE_NEVER:
+      o.serve = TrainOptions::Serve::kNever;
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("options.serve: unknown value ", static_cast<int>(p.serve()),
+                       "; use SERVE_IF_NOT_WORSE, SERVE_ALWAYS or SERVE_NEVER"));
+  }
+  o.target_precision = p.target_precision();
   return o;
 }
 

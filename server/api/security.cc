@@ -46,6 +46,12 @@ const std::map<std::string, MethodRule>& Rules() {
       {"StreamClassify", {Access::kRead, false}},
       // An export hands out the model's weights: write, and audited.
       {"ExportModel", {Access::kWrite, true}},
+      // Evaluation and suggestions only read, but spend the device a while.
+      {"Evaluate", {Access::kRead, false}},
+      {"SuggestLabels", {Access::kRead, false}},
+      // Which version answers, and when it says "unknown": changes, audited.
+      {"SetServedVersion", {Access::kWrite, true}},
+      {"SetThresholds", {Access::kWrite, true}},
   };
   return *rules;
 }

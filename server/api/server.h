@@ -45,6 +45,7 @@ struct ServerOptions {
   int64_t min_free_disk_bytes = int64_t{512} << 20;  // the data directory's reserve
   int max_concurrent_uploads = 16;
   int max_concurrent_exports = 4;
+  int max_concurrent_analyses = 2;  // Evaluate and SuggestLabels calls at once
 
   // Security (README "Security"). tls_cert + tls_key: gRPC over TLS, the
   // files re-read every tls_refresh_seconds; tls_client_ca: clients must

@@ -37,8 +37,9 @@ bool DatasetCatalog::IsValidation(uint64_t hash, double fraction) {
 }
 
 absl::Status DatasetCatalog::CheckExample(const UploadExample& e) const {
-  if (e.label.empty() || e.label.size() > 128) {
-    return absl::InvalidArgumentError("label must be 1-128 characters");
+  // An empty label is an unlabelled image (a pool for SuggestLabels).
+  if (e.label.size() > 128) {
+    return absl::InvalidArgumentError("label must be at most 128 characters");
   }
   for (unsigned char c : e.label) {
     if (c < 0x20 || c == 0x7f) return absl::InvalidArgumentError("label has control characters");
@@ -164,6 +165,11 @@ absl::Status DatasetCatalog::Delete(const std::string& name) {
 void DatasetCatalog::Acquire(const std::string& name) {
   absl::MutexLock lock(&mu_);
   ++users_[name];
+}
+
+std::shared_ptr<const void> DatasetCatalog::Hold(const std::string& name) {
+  Acquire(name);
+  return std::shared_ptr<const void>(nullptr, [this, name](const void*) { Release(name); });
 }
 
 void DatasetCatalog::Release(const std::string& name) {

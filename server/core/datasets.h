@@ -80,9 +80,12 @@ class DatasetCatalog {
   // FAILED_PRECONDITION while a job uses it.
   absl::Status Delete(const std::string& name);
 
-  // Jobs hold a dataset while they read it.
+  // Jobs (and evaluations) hold a dataset while they read it.
   void Acquire(const std::string& name);
   void Release(const std::string& name);
+  // Holds `name` until the result goes (Acquire, then Release).
+  std::shared_ptr<const void> Hold(const std::string& name);
+  Database* database() const { return db_; }
 
  private:
   friend class DatasetUpload;

@@ -86,6 +86,15 @@ absl::StatusOr<TrainOptions> ResolveTrainOptions(TrainOptions o, const HeadSpec&
   if (!(o.validation_fraction >= 0 && o.validation_fraction < 1)) {
     return absl::InvalidArgumentError("options.validation_fraction must be in [0, 1)");
   }
+  if (!(o.target_precision >= 0 && o.target_precision < 1)) {
+    return absl::InvalidArgumentError(
+        "options.target_precision must be in [0, 1) (0: no confidence thresholds)");
+  }
+  if (o.target_precision > 0 && o.validation_fraction == 0) {
+    return absl::InvalidArgumentError(
+        "options.target_precision needs a validation split to choose thresholds on; set "
+        "validation_fraction above 0");
+  }
   if (o.early_stopping_patience < 0) {
     return absl::InvalidArgumentError("options.early_stopping_patience must be >= 0");
   }
@@ -112,6 +121,7 @@ Evaluation Evaluate(torch::nn::Sequential& head, const at::Tensor& x, const at::
   // Computed where the head is; scored on the host.
   const at::Tensor logits = head->forward(x).to(torch::kCPU, torch::kFloat);
   e.loss = F::cross_entropy(logits, y.to(torch::kCPU)).item<double>();
+  e.logits = logits;
   const at::Tensor pred = logits.argmax(1);
   const at::Tensor y64 = y.to(torch::kCPU, torch::kLong).contiguous();
   e.accuracy = pred.eq(y64).to(torch::kDouble).mean().item<double>();

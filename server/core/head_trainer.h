@@ -42,6 +42,14 @@ struct TrainOptions {
   bool freeze_batchnorm = true;
   // A cold head (no trained version yet) is fitted alone before fine-tuning.
   bool head_first = true;
+  // Whether the version a job makes is served: only when its validation
+  // accuracy is not below the served version's on the same images (the
+  // default), always, or never (serve it later by hand).
+  enum class Serve { kIfNotWorse, kAlways, kNever };
+  Serve serve = Serve::kIfNotWorse;
+  // In (0, 1): per-class confidence thresholds chosen on the validation split
+  // for this precision (Classify's "unknown" below them); 0: none.
+  float target_precision = 0;
 };
 
 // Resolves defaults for a model with (`fine_tune`) or without unfrozen
@@ -61,6 +69,9 @@ struct Evaluation {
   std::vector<double> precision, recall;
   std::vector<int64_t> support;
   std::vector<int64_t> confusion;  // true × predicted, row-major
+  // N×C float32 on the host, in the order of the examples (calibration fits
+  // a temperature on the validation split's); not stored with a version.
+  at::Tensor logits;
 };
 
 // Loss and metrics of `head` on features `x` (N×D, on the head's device)

@@ -5,12 +5,15 @@
 #include <torch/torch.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "server/core/contain.h"
 #include "server/core/fine_tuner.h"
 #include "server/core/image_decoder.h"
 #include "server/core/jobs.h"
 #include "server/core/metrics.h"
+#include "server/core/predictions.h"
 #include "server/core/preprocess.h"
+#include "server/core/training/evaluation.h"
 
 namespace tlserve {
 namespace {
@@ -168,11 +171,102 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
   auto tuned = FineTune(*engine_, std::move(start->stages), head, classes, data, r.options,
                         OnEpoch(id, r), [&] { return Cancelled(id); });
   if (!tuned.ok()) return tuned.status();
+  return StoreVersion(id, r, info, examples, tuned->head, tuned->stages, tuned->train.accuracy,
+                      std::move(tuned->validation));
+}
+
+absl::StatusOr<int> JobRunner::StoreVersion(const std::string& id, const JobRecord& r,
+                                            const ModelInfo& info,
+                                            const std::vector<StoredExample>& examples,
+                                            const torch::nn::Sequential& head,
+                                            const StagePlan::Stages& stages, double train_accuracy,
+                                            Evaluation validation) {
+  // The validation split, in the order the trainers evaluated it.
+  std::map<std::string, int64_t> class_index;
+  for (size_t i = 0; i < info.classes.size(); ++i) class_index[info.classes[i]] = i;
+  std::vector<StoredExample> val;
+  std::vector<int64_t> val_labels;
+  for (const StoredExample& e : examples) {
+    if (DatasetCatalog::IsValidation(e.hash, r.options.validation_fraction)) {
+      val.push_back(e);
+      val_labels.push_back(class_index.at(e.label));
+    }
+  }
   VersionInfo v;
   v.job_id = id;
-  v.train_accuracy = tuned->train.accuracy;
-  v.validation = tuned->validation;
-  return models_->AddVersion(r.model, tuned->head, tuned->stages, v);
+  v.train_accuracy = train_accuracy;
+  const at::Tensor logits = std::move(validation.logits);
+  validation.logits = at::Tensor();  // not kept with the version
+  v.validation = std::move(validation);
+  if (logits.defined() && logits.size(0) == static_cast<int64_t>(val.size()) && !val.empty()) {
+    Update(id, [](JobRecord& rec) { rec.phase = "calibrating on the validation split"; });
+    const double t = FitTemperature(logits, val_labels);
+    const at::Tensor calibrated = at::softmax(logits.to(at::kDouble) / t, 1).to(at::kFloat);
+    v.calibration.temperature = t;
+    v.validation_ece_uncalibrated = ExpectedCalibrationError(at::softmax(logits, 1), val_labels);
+    v.validation_ece = ExpectedCalibrationError(calibrated, val_labels);
+    if (r.options.target_precision > 0) {
+      v.calibration.thresholds =
+          ThresholdsForPrecision(calibrated, val_labels, r.options.target_precision);
+    }
+  }
+  std::string outcome;
+  const bool serve = ShouldServe(id, r, val, val_labels, v.validation.accuracy, &outcome);
+  auto added = models_->AddVersion(r.model, head, stages, v, serve);
+  if (added.ok()) {
+    Update(id, [&](JobRecord& rec) {
+      rec.outcome = absl::StrCat("v", *added, serve ? " is served: " : " is not served: ", outcome);
+    });
+  }
+  return added;
+}
+
+bool JobRunner::ShouldServe(const std::string& id, const JobRecord& r,
+                            const std::vector<StoredExample>& val,
+                            const std::vector<int64_t>& val_labels, double accuracy,
+                            std::string* why) {
+  switch (r.options.serve) {
+    case TrainOptions::Serve::kAlways:
+      *why = "options.serve is ALWAYS";
+      return true;
+    case TrainOptions::Serve::kNever:
+      *why = "options.serve is NEVER; serve it with SetServedVersion (tlctl serve)";
+      return false;
+    case TrainOptions::Serve::kIfNotWorse:
+      break;
+  }
+  auto served = models_->ServableNow(r.model, 0);
+  if (!served.ok()) {
+    *why = "the model had no served version";
+    return true;
+  }
+  if (val.empty()) {
+    *why = "no validation split to compare it with the served version on";
+    return true;
+  }
+  // The served version on the same images, through the engine as Classify
+  // runs it: a version is compared with what users get now.
+  Update(id, [](JobRecord& rec) { rec.phase = "comparing with the served version"; });
+  PredictOptions o;
+  o.lane = Lane(id);
+  o.max_image_pixels = max_image_pixels_;
+  o.cancelled = [&] { return Cancelled(id); };
+  auto old = PredictExamples(*engine_, *db_, val, {*served}, o);
+  if (!old.ok()) {
+    *why = absl::StrCat("the served v", (*served)->version,
+                        " could not be compared: ", old.status().message());
+    return true;
+  }
+  const at::Tensor predicted = old->probabilities[0].argmax(1);
+  int64_t right = 0;
+  for (size_t i = 0; i < val.size(); ++i) {
+    right += predicted[static_cast<int64_t>(i)].item<int64_t>() == val_labels[i] ? 1 : 0;
+  }
+  const double served_accuracy = static_cast<double>(right) / static_cast<double>(val.size());
+  *why = absl::StrFormat("validation accuracy %.4f %s the served v%d's %.4f on the same %d images",
+                         accuracy, accuracy >= served_accuracy ? ">=" : "<", (*served)->version,
+                         served_accuracy, val.size());
+  return accuracy >= served_accuracy;
 }
 
 absl::StatusOr<int> JobRunner::Train(const std::string& id) {
@@ -189,16 +283,17 @@ absl::StatusOr<int> JobRunner::Train(const std::string& id) {
   Update(id, [](JobRecord& rec) { rec.phase = "reading the dataset"; });
   auto listed = db_->ListExamples(r.dataset);
   if (!listed.ok()) return listed.status();
-  const std::vector<StoredExample>& examples = *listed;
+  // Unlabelled images (a pool for SuggestLabels) do not train.
+  std::vector<StoredExample> examples;
+  for (StoredExample& e : *listed) {
+    if (!e.label.empty()) examples.push_back(std::move(e));
+  }
   if (!info->private_stages.empty()) return FineTuneJob(id, r, *info, examples);
   Update(id, [](JobRecord& rec) { rec.phase = "computing features"; });
   auto trained = FitHead(id, r, *info, examples, r.options, /*warmup=*/false);
   if (!trained.ok()) return trained.status();
-  VersionInfo v;
-  v.job_id = id;
-  v.train_accuracy = trained->train.accuracy;
-  v.validation = trained->validation;
-  return models_->AddVersion(r.model, trained->head, {}, v);
+  return StoreVersion(id, r, *info, examples, trained->head, {}, trained->train.accuracy,
+                      std::move(trained->validation));
 }
 
 }  // namespace tlserve

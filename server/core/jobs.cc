@@ -40,7 +40,9 @@ nlohmann::json OptionsToJson(const TrainOptions& o) {
           {"stage_learning_rate", o.stage_learning_rate},
           {"augment", o.augment},
           {"freeze_batchnorm", o.freeze_batchnorm},
-          {"head_first", o.head_first}};
+          {"head_first", o.head_first},
+          {"serve", static_cast<int>(o.serve)},
+          {"target_precision", o.target_precision}};
 }
 
 TrainOptions OptionsFromJson(const nlohmann::json& j) {
@@ -60,6 +62,8 @@ TrainOptions OptionsFromJson(const nlohmann::json& j) {
   o.augment = j.value("augment", o.augment);
   o.freeze_batchnorm = j.value("freeze_batchnorm", o.freeze_batchnorm);
   o.head_first = j.value("head_first", o.head_first);
+  o.serve = static_cast<TrainOptions::Serve>(j.value("serve", 0));
+  o.target_precision = j.value("target_precision", o.target_precision);
   return o;
 }
 
@@ -79,6 +83,7 @@ nlohmann::json ToJson(const JobRecord& r) {
           {"error", r.error},
           {"version", r.version},
           {"created_unix", r.created_unix},
+          {"outcome", r.outcome},
           {"options", OptionsToJson(r.options)}};
 }
 
@@ -92,6 +97,7 @@ JobRecord FromJson(const nlohmann::json& j) {
   r.error = j.at("error");
   r.version = j.at("version");
   r.created_unix = j.at("created_unix");
+  r.outcome = j.value("outcome", "");
   r.options = OptionsFromJson(j.value("options", nlohmann::json()));
   for (const auto& e : j.at("epochs")) {
     r.epochs.push_back({e.at(0).get<int>(), Number(e.at(1)), Number(e.at(2)), Number(e.at(3)),

@@ -49,6 +49,8 @@ struct JobRecord {
   std::vector<EpochStats> epochs;
   std::string error;
   int version = 0;
+  // What became of the version it made: served or not, and why.
+  std::string outcome;
   int64_t created_unix = 0;
   TrainOptions options;
   bool final() const { return state > State::kRunning; }
@@ -113,6 +115,17 @@ class JobRunner {
                                       const TrainOptions& options, bool warmup);
   absl::StatusOr<int> FineTuneJob(const std::string& id, const JobRecord& r, const ModelInfo& info,
                                   const std::vector<StoredExample>& examples);
+  // Calibrates the trained head on the validation split (temperature,
+  // thresholds), decides whether it is served, and stores the version.
+  absl::StatusOr<int> StoreVersion(const std::string& id, const JobRecord& r, const ModelInfo& info,
+                                   const std::vector<StoredExample>& examples,
+                                   const torch::nn::Sequential& head,
+                                   const StagePlan::Stages& stages, double train_accuracy,
+                                   Evaluation validation);
+  // options.serve: whether a new version with `accuracy` on the validation
+  // split `val` is served; `why` says why (the job's outcome).
+  bool ShouldServe(const std::string& id, const JobRecord& r, const std::vector<StoredExample>& val,
+                   const std::vector<int64_t>& val_labels, double accuracy, std::string* why);
   // Persists and tells the watchers; call without mu_ held.
   void Publish(const std::string& id);
   void Update(const std::string& id, const std::function<void(JobRecord&)>& change);

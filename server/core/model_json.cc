@@ -14,7 +14,11 @@ nlohmann::json ModelToJson(const ModelInfo& m) {
                         {"precision", v.validation.precision},
                         {"recall", v.validation.recall},
                         {"support", v.validation.support},
-                        {"confusion", v.validation.confusion}});
+                        {"confusion", v.validation.confusion},
+                        {"temperature", v.calibration.temperature},
+                        {"thresholds", v.calibration.thresholds},
+                        {"validation_ece_uncalibrated", v.validation_ece_uncalibrated},
+                        {"validation_ece", v.validation_ece}});
   }
   return {{"name", m.name},
           {"classes", m.classes},
@@ -45,6 +49,11 @@ ModelInfo ModelFromJson(const nlohmann::json& j) {
     vi.validation.recall = v.at("recall").get<std::vector<double>>();
     vi.validation.support = v.at("support").get<std::vector<int64_t>>();
     vi.validation.confusion = v.at("confusion").get<std::vector<int64_t>>();
+    // Versions made before calibration: temperature 1, no thresholds.
+    vi.calibration.temperature = v.value("temperature", 1.0);
+    vi.calibration.thresholds = v.value("thresholds", std::vector<float>{});
+    vi.validation_ece_uncalibrated = v.value("validation_ece_uncalibrated", 0.0);
+    vi.validation_ece = v.value("validation_ece", 0.0);
     m.versions.push_back(std::move(vi));
   }
   return m;

@@ -155,7 +155,8 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::LoadVersio
     }
   }
   return std::make_shared<const ServableVersion>(info.name, version, info.classes,
-                                                 StagePlan(*backbone_, std::move(own), head));
+                                                 StagePlan(*backbone_, std::move(own), head),
+                                                 vi ? vi->calibration : Calibration{});
 }
 
 absl::Status ModelRegistry::Persist(const ModelInfo& info) {
@@ -295,7 +296,17 @@ void ModelRegistry::Keep(const std::string& name, uint64_t generation,
   // Not into a model deleted (and maybe made again) while it was read.
   if (it == models_.end() || it->second.generation != generation) return;
   Entry& e = it->second;
-  e.loaded[version->version] = version;
+  // Its thresholds may have changed while it was read (SetThresholds): the
+  // record's win.
+  std::shared_ptr<const ServableVersion> kept = version;
+  for (const auto& v : e.info.versions) {
+    if (v.version == version->version &&
+        v.calibration.thresholds != version->calibration.thresholds) {
+      kept = std::make_shared<const ServableVersion>(
+          version->model, version->version, version->classes, version->plan, v.calibration);
+    }
+  }
+  e.loaded[version->version] = kept;
   e.last_use[version->version] = ++use_clock_;
   TrimOlder(e);
 }
@@ -475,7 +486,8 @@ absl::StatusOr<ModelRegistry::StartingPoint> ModelRegistry::Start(const std::str
 
 absl::StatusOr<int> ModelRegistry::AddVersion(
     const std::string& name, const torch::nn::Sequential& head,
-    const std::map<int, std::shared_ptr<torch::jit::Module>>& stages, VersionInfo info) {
+    const std::map<int, std::shared_ptr<torch::jit::Module>>& stages, VersionInfo info,
+    bool serve) {
   absl::MutexLock write(&write_mu_);
   ModelInfo next;
   {
@@ -530,18 +542,21 @@ absl::StatusOr<int> ModelRegistry::AddVersion(
     info.private_stages.push_back(stage);
   }
   next.versions.push_back(info);
-  next.served_version = info.version;
+  const int previous = next.served_version;
+  if (serve || previous == 0) next.served_version = info.version;
   if (absl::Status s = Persist(next); !s.ok()) return s;
-  auto version = std::make_shared<const ServableVersion>(name, info.version, next.classes, plan);
+  auto version = std::make_shared<const ServableVersion>(name, info.version, next.classes, plan,
+                                                         info.calibration);
   Describe(next);
   absl::MutexLock lock(&mu_);
   Entry& e = models_[name];  // not deleted: Delete needs write_mu_
-  const int previous = e.info.served_version;
   e.info = std::move(next);
-  // Swapped in: new calls see it, old ones keep theirs. The previous
-  // served version stays loaded as an older one.
+  // Swapped in: new calls see it, old ones keep theirs. The version not
+  // served (the previous one, or the new one when it is not served) stays
+  // loaded as an older one.
   e.loaded[info.version] = version;
-  if (previous > 0 && e.loaded.count(previous)) e.last_use[previous] = ++use_clock_;
+  const int older = e.info.served_version == info.version ? previous : info.version;
+  if (older > 0 && e.loaded.count(older)) e.last_use[older] = ++use_clock_;
   TrimOlder(e);
   return info.version;
 }

@@ -42,6 +42,12 @@ struct VersionInfo {
   std::string job_id;
   double train_accuracy = 0;
   Evaluation validation;
+  // Temperature (fitted on the validation split) and confidence thresholds.
+  Calibration calibration;
+  // Expected calibration error on the validation split before and after the
+  // temperature (0 without a validation split).
+  double validation_ece_uncalibrated = 0;
+  double validation_ece = 0;
 };
 
 // One stage of a model as DescribeModel shows it.
@@ -136,11 +142,22 @@ class ModelRegistry {
   void EndTraining(const std::string& name);
 
   // Stores `head` and the private `stages` (on any device) as the next
-  // version, durably, and serves it. The model must be training (one
-  // version is added at a time per model).
+  // version, durably, and serves it when `serve` (or when nothing is served
+  // yet). The model must be training (one version is added at a time per
+  // model).
   absl::StatusOr<int> AddVersion(const std::string& name, const torch::nn::Sequential& head,
                                  const std::map<int, std::shared_ptr<torch::jit::Module>>& stages,
-                                 VersionInfo info);
+                                 VersionInfo info, bool serve = true);
+
+  // Serves `version` (promote or roll back), durably: FAILED_PRECONDITION
+  // while the model trains or for a model with a problem, NOT_FOUND for a
+  // version it does not have.
+  absl::StatusOr<ModelInfo> Serve(const std::string& name, int version);
+  // Replaces a version's confidence thresholds (one per class in [0, 1], or
+  // empty for none), durably; in-flight calls keep the ones they started
+  // with. INVALID_ARGUMENT for a wrong count or a value out of range.
+  absl::StatusOr<ModelInfo> SetThresholds(const std::string& name, int version,
+                                          std::vector<float> thresholds);
 
  private:
   struct Entry {

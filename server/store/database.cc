@@ -274,7 +274,11 @@ absl::StatusOr<DatasetInfo> Database::GetDatasetLocked(const std::string& name) 
   if (!q.status().ok()) return q.status();
   q.Bind(1, name);
   while (sqlite3_step(q.get()) == SQLITE_ROW) {
-    info.class_counts[q.Text(0)] = q.Int(1);
+    if (q.Text(0).empty()) {
+      info.unlabelled = q.Int(1);  // the pool SuggestLabels ranks
+    } else {
+      info.class_counts[q.Text(0)] = q.Int(1);
+    }
     info.images += q.Int(1);
     info.bytes += q.Int(2);
   }

@@ -38,7 +38,8 @@ struct DatasetInfo {
   int64_t created_unix = 0;
   int64_t images = 0;
   int64_t bytes = 0;
-  std::map<std::string, int64_t> class_counts;
+  std::map<std::string, int64_t> class_counts;  // labelled images by label
+  int64_t unlabelled = 0;                       // images with no label (a pool)
 };
 
 // What one dataset may hold, checked when an upload commits.

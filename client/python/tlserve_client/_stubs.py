@@ -16,7 +16,12 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROTO_DIR = os.path.normpath(os.path.join(HERE, "..", "..", "..", "proto"))
-PROTOS = ["tlserve/v1/inference.proto", "tlserve/v1/datasets.proto", "tlserve/v1/models.proto"]
+PROTOS = [
+    "tlserve/v1/inference.proto",
+    "tlserve/v1/datasets.proto",
+    "tlserve/v1/evaluation.proto",
+    "tlserve/v1/models.proto",
+]
 
 
 def _target():

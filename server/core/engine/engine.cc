@@ -607,7 +607,9 @@ void Engine::Compute(InFlight* f) {
         }
         case Output::kClassification: {
           const StagePlan& plan = Acquire(w.version, pinned);
-          const at::Tensor probabilities = at::softmax(plan.Logits(slice), 1);
+          // Calibrated: the version's temperature divides its logits.
+          const at::Tensor probabilities =
+              at::softmax(plan.Logits(slice) / w.version->calibration.temperature, 1);
           const int64_t classes = probabilities.size(1);
           const int64_t top = w.top_k <= 0 ? classes : std::min<int64_t>(w.top_k, classes);
           auto [values, indices] = probabilities.topk(top, 1);

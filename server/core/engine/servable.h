@@ -12,12 +12,24 @@
 
 namespace tlserve {
 
+// How a version's logits become the probabilities and the label Classify
+// returns: softmax(logits / temperature) (temperature scaling, fitted on the
+// validation split when the version is made), and per-class confidence
+// thresholds below which the label is "unknown".
+struct Calibration {
+  double temperature = 1;
+  // One per class, in [0, 1]; empty: no thresholds (never "unknown").
+  std::vector<float> thresholds;
+};
+
 struct ServableVersion {
-  ServableVersion(std::string model, int version, std::vector<std::string> classes, StagePlan plan)
+  ServableVersion(std::string model, int version, std::vector<std::string> classes, StagePlan plan,
+                  Calibration calibration = {})
       : model(std::move(model)),
         version(version),
         classes(std::move(classes)),
-        plan(std::move(plan)) {}
+        plan(std::move(plan)),
+        calibration(std::move(calibration)) {}
 
   const std::string model;
   const int version;
@@ -27,6 +39,7 @@ struct ServableVersion {
   // the backbone's dtype on the device (its residency cache); on the CPU
   // the master itself runs.
   const StagePlan plan;
+  const Calibration calibration;
 };
 
 }  // namespace tlserve
