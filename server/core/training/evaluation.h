@@ -42,8 +42,8 @@ absl::StatusOr<ScoreReport> ScorePredictions(const at::Tensor& probabilities,
                                              const std::vector<int64_t>& labels);
 
 // ECE as ScorePredictions computes it, with `bins` equal-width bins.
-double ExpectedCalibrationError(const at::Tensor& probabilities,
-                                const std::vector<int64_t>& labels, int bins = 15);
+double ExpectedCalibrationError(const at::Tensor& probabilities, const std::vector<int64_t>& labels,
+                                int bins = 15);
 
 // McNemar's test of two classifiers on the same examples: the examples only
 // A got right, only B got right, and the exact two-sided binomial p-value of
@@ -75,8 +75,8 @@ enum class Uncertainty {
   kEntropy,  // largest entropy of the probabilities first
 };
 struct Suggestion {
-  int64_t index = 0;  // row of the inputs
-  double margin = 0;  // top-1 minus top-2 probability
+  int64_t index = 0;   // row of the inputs
+  double margin = 0;   // top-1 minus top-2 probability
   double entropy = 0;  // natural log
 };
 // The `count` most uncertain rows, most uncertain first (ties: lower index
