@@ -35,8 +35,8 @@ absl::Status Validate(const SweepData& data, const SweepOptions& o) {
   for (size_t l = 0; l < data.features.size(); ++l) {
     const at::Tensor& f = data.features[l];
     if (!f.defined() || f.dim() != 2 || f.size(0) != n || f.size(1) == 0 ||
-        !at::isFloatingType(f.scalar_type())) {
-      return Invalid(absl::StrCat("features[", l, "] must be a float N × D tensor with N = ", n,
+        !at::isFloatingType(f.scalar_type()) || !f.device().is_cpu()) {
+      return Invalid(absl::StrCat("features[", l, "] must be a float N × D CPU tensor with N = ", n,
                                   " (the labels') and D >= 1"));
     }
   }

@@ -58,7 +58,7 @@ struct SweepOptions {
 };
 
 struct SweepData {
-  std::vector<at::Tensor> features;  // one N × D_l float tensor per candidate layer, same rows
+  std::vector<at::Tensor> features;  // one N × D_l float CPU tensor per candidate layer, same rows
   at::Tensor labels;                 // N int64 in [0, classes)
   int64_t classes = 0;               // >= 2
   // With folds 0 or 1: N bool, true on the rows to validate on; the others
