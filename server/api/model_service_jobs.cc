@@ -56,6 +56,7 @@ void ToProto(const JobRecord& r, const Caller& caller, v1::Job* out) {
   po->set_validation_fraction(o.validation_fraction);
   po->set_serve(static_cast<v1::TrainingOptions::Serve>(static_cast<int>(o.serve)));
   po->set_target_precision(o.target_precision);
+  po->set_resume_after_restart(o.resume);
 }
 
 absl::StatusOr<TrainOptions> FromProto(const v1::TrainingOptions& p) {
@@ -107,6 +108,7 @@ absl::StatusOr<TrainOptions> FromProto(const v1::TrainingOptions& p) {
                        "; use SERVE_IF_NOT_WORSE, SERVE_ALWAYS or SERVE_NEVER"));
   }
   o.target_precision = p.target_precision();
+  if (p.has_resume_after_restart()) o.resume = p.resume_after_restart();
   return o;
 }
 

@@ -196,6 +196,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   jobs.train_threads = options.train_threads;
   jobs.max_image_pixels = options.embedder.max_image_pixels;
   jobs.disk = s->disk_.get();
+  jobs.checkpoint_dir = options.data_dir + "/checkpoints";
   jobs.before_step = options.before_training_step;
   s->jobs_ = std::make_unique<JobRunner>(s->database_.get(), s->datasets_.get(), s->models_.get(),
                                          s->engine_.get(), s->metrics_.get(), jobs);

@@ -105,7 +105,10 @@ absl::StatusOr<ExportedModel> ExportModel(Engine& engine,
     auto top_k = engine.Run(std::move(work));
     if (!top_k.ok()) return top_k.status();
     c10::InferenceMode guard;
-    const at::Tensor mine = at::softmax(top.forward({probe}).toTensor(), 1);
+    // The file keeps the raw logits; Classify divides them by the version's
+    // temperature (tlserve.json has it).
+    const at::Tensor mine =
+        at::softmax(top.forward({probe}).toTensor() / version.calibration.temperature, 1);
     at::Tensor served = at::zeros_like(mine);
     for (int64_t i = 0; i < 2; ++i) {
       served[i].index_put_({(*top_k)[i].indices}, (*top_k)[i].values.to(at::kFloat));
@@ -124,15 +127,18 @@ absl::StatusOr<ExportedModel> ExportModel(Engine& engine,
   extra["classes.json"] = nlohmann::json(version.classes).dump();
   // The model's name as its tenant knows it, and the tenant apart.
   const auto [tenant, model] = SplitTenantKey(version.model);
-  extra["tlserve.json"] = nlohmann::json{
-      {"name", model},
-      {"pretrained", true},
-      {"model", model},
-      {"tenant", tenant},
-      {"version", version.version},
-      {"backbone", backbone.name()},
-      {"backbone_sha256",
-       backbone.sha256()}}.dump();
+  extra["tlserve.json"] = nlohmann::json{{"name", model},
+                                         {"pretrained", true},
+                                         {"model", model},
+                                         {"tenant", tenant},
+                                         {"version", version.version},
+                                         {"backbone", backbone.name()},
+                                         {"backbone_sha256", backbone.sha256()},
+                                         // softmax(logits / temperature) is what Classify returns;
+                                         // below a class's threshold it answers "unknown".
+                                         {"temperature", version.calibration.temperature},
+                                         {"thresholds", version.calibration.thresholds}}
+                              .dump();
   top.save(path, extra);
   auto sha = FileSha256(path);
   if (!sha.ok()) return sha.status();

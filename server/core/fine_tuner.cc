@@ -86,7 +86,7 @@ absl::StatusOr<FineTuned> FineTune(Engine& engine,
                                    torch::nn::Sequential head, int64_t classes,
                                    const FineTuneData& data, const TrainOptions& o,
                                    const std::function<void(const EpochStats&)>& on_epoch,
-                                   const std::function<bool()>& cancelled) {
+                                   const std::function<bool()>& cancelled, Resume* resume) {
   const Backbone& backbone = engine.backbone();
   const torch::Device device = backbone.torch_device();
   if (stages.empty()) return absl::InvalidArgumentError("no private stages to fine-tune");
@@ -278,8 +278,24 @@ absl::StatusOr<FineTuned> FineTune(Engine& engine,
   // Epoch 0: the starting point, evaluated like every epoch. It is the one
   // to beat: a version never comes out worse than the one it started from.
   set_training(false, 0);
-  double best;
-  {
+  double best = -1;
+  int since_best = 0;
+  std::vector<at::Tensor> best_state;
+  for (const auto& t : State(stages, head)) best_state.push_back(t.detach().clone());
+  int first_epoch = 1;
+  bool finished = false;
+  if (resume != nullptr && !resume->state.empty()) {
+    // Where a previous process left the run: weights, optimizer, best epoch.
+    RunState rs;
+    rs.current = State(stages, head);
+    rs.best_weights = best_state;
+    if (absl::Status s = LoadRunState(resume->state, rs, opt.get()); !s.ok()) return s;
+    best = rs.best;
+    since_best = rs.since_best;
+    out.history = rs.history;
+    first_epoch = rs.epoch + 1;
+    finished = rs.finished;
+  } else {
     auto ft = features(data.train);
     if (!ft.ok()) return ft.status();
     auto fv = features(eval_idx);
@@ -297,10 +313,11 @@ absl::StatusOr<FineTuned> FineTune(Engine& engine,
     if (on_epoch) on_epoch(s);
     best = va.accuracy;
   }
-  int since_best = 0;
-  std::vector<at::Tensor> best_state;
-  for (const auto& t : State(stages, head)) best_state.push_back(t.detach().clone());
-  for (int epoch = 1; epoch <= o.epochs; ++epoch) {
+  for (int epoch = first_epoch; epoch <= o.epochs && !finished; ++epoch) {
+    // Each epoch's shuffle and augmentation from its own seed: a run resumed
+    // after epoch k draws what an uninterrupted one draws.
+    rng.seed(o.seed * 1000003 + static_cast<uint64_t>(epoch));
+    torch::manual_seed(o.seed * 1000003 + static_cast<uint64_t>(epoch));
     std::vector<int64_t> order = data.train;
     std::shuffle(order.begin(), order.end(), rng);
     double loss_sum = 0;
@@ -340,19 +357,32 @@ absl::StatusOr<FineTuned> FineTune(Engine& engine,
     s.train_accuracy = static_cast<double>(correct) / order.size();
     s.validation_loss = va.loss;
     s.validation_accuracy = va.accuracy;
+    const int run = epoch - first_epoch + 1;  // epochs of this process
     s.elapsed_seconds = absl::ToDoubleSeconds(absl::Now() - start);
-    s.images_per_second = order.size() * epoch / std::max(1e-9, s.elapsed_seconds);
-    s.eta_seconds = s.elapsed_seconds / epoch * (o.epochs - epoch);
+    s.images_per_second = order.size() * run / std::max(1e-9, s.elapsed_seconds);
+    s.eta_seconds = s.elapsed_seconds / run * (o.epochs - epoch);
     out.history.push_back(s);
-    if (on_epoch) on_epoch(s);
     if (va.accuracy > best) {
       best = va.accuracy;
       best_state.clear();
       for (const auto& t : State(stages, head)) best_state.push_back(t.detach().clone());
       since_best = 0;
     } else if (o.early_stopping_patience > 0 && ++since_best >= o.early_stopping_patience) {
-      break;
+      finished = true;
     }
+    // The state that continues after this epoch, saved before it is reported.
+    if (resume != nullptr && resume->save) {
+      RunState rs;
+      rs.epoch = epoch;
+      rs.best = best;
+      rs.since_best = since_best;
+      rs.finished = finished;
+      rs.current = State(stages, head);
+      rs.best_weights = best_state;
+      rs.history = out.history;
+      resume->save(s, SaveRunState(rs, opt.get()));
+    }
+    if (on_epoch) on_epoch(s);
   }
   {
     torch::NoGradGuard no_grad;

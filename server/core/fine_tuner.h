@@ -57,12 +57,15 @@ struct FineTuned {
 
 // `stages` (private copies; trainable ones have requires_grad) and `head`
 // are trained in place and returned. CANCELLED when `cancelled()` turns true.
+// With `resume`, saves its state after each epoch and, when resume->state is
+// set, continues from it (the starting point's epoch 0 is not run again).
 absl::StatusOr<FineTuned> FineTune(Engine& engine,
                                    std::map<int, std::shared_ptr<torch::jit::Module>> stages,
                                    torch::nn::Sequential head, int64_t classes,
                                    const FineTuneData& data, const TrainOptions& options,
                                    const std::function<void(const EpochStats&)>& on_epoch,
-                                   const std::function<bool()>& cancelled);
+                                   const std::function<bool()>& cancelled,
+                                   Resume* resume = nullptr);
 
 }  // namespace tlserve
 

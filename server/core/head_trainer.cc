@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "server/core/run_state.h"
 
 namespace tlserve {
 namespace {
@@ -147,7 +148,7 @@ absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
                                       const TrainOptions& o,
                                       const std::function<void(const EpochStats&)>& on_epoch,
                                       const std::function<bool()>& cancelled,
-                                      const torch::Device& device) {
+                                      const torch::Device& device, Resume* resume) {
   // Everything on one device: the features, the labels and the head.
   const at::Tensor x_train_raw = x_train_in.to(device, torch::kFloat);
   const at::Tensor y_train = y_train_in.to(device);
@@ -194,8 +195,29 @@ absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
   std::vector<at::Tensor> best_params = Snapshot(head);
   const bool has_val = x_val.size(0) > 0;
   double previous_loss = std::numeric_limits<double>::infinity();
-  for (int epoch = 1; epoch <= o.epochs; ++epoch) {
+  int first_epoch = 1;
+  bool finished = false;
+  if (resume != nullptr && !resume->state.empty()) {
+    RunState rs;
+    rs.current = head->parameters();
+    rs.best_weights = best_params;
+    // L-BFGS restarts its curvature history from the saved weights (its
+    // state has tensors it leaves undefined); the others continue theirs.
+    if (absl::Status s = LoadRunState(resume->state, rs, lbfgs ? nullptr : opt.get()); !s.ok()) {
+      return s;
+    }
+    best = rs.best;
+    since_best = rs.since_best;
+    previous_loss = rs.previous_loss;
+    out.history = rs.history;
+    first_epoch = rs.epoch + 1;
+    finished = rs.finished;
+  }
+  for (int epoch = first_epoch; epoch <= o.epochs && !finished; ++epoch) {
     if (cancelled && cancelled()) return absl::CancelledError("the job was cancelled");
+    // Each epoch's shuffle (and dropout) from its own seed: a run resumed
+    // after epoch k draws what an uninterrupted one draws.
+    torch::manual_seed(o.seed * 1000003 + static_cast<uint64_t>(epoch));
     head->train();
     if (lbfgs) {
       auto closure = [&] {
@@ -229,11 +251,11 @@ absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
     s.train_accuracy = tr.accuracy;
     s.validation_loss = va.loss;
     s.validation_accuracy = va.accuracy;
+    const int run = epoch - first_epoch + 1;  // epochs of this process
     s.elapsed_seconds = absl::ToDoubleSeconds(absl::Now() - start);
-    s.images_per_second = n * epoch / std::max(1e-9, s.elapsed_seconds);
-    s.eta_seconds = s.elapsed_seconds / epoch * (o.epochs - epoch);
+    s.images_per_second = n * run / std::max(1e-9, s.elapsed_seconds);
+    s.eta_seconds = s.elapsed_seconds / run * (o.epochs - epoch);
     out.history.push_back(s);
-    if (on_epoch) on_epoch(s);
     // Full-batch L-BFGS minimises a convex, regularised objective: its last
     // iterate is the answer (scikit-learn's too), and picking an earlier one
     // by a small validation split's accuracy would be early stopping by
@@ -243,15 +265,29 @@ absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
       best_params = Snapshot(head);
       since_best = 0;
     } else if (o.early_stopping_patience > 0 && ++since_best >= o.early_stopping_patience) {
-      break;
+      finished = true;
     }
     // Full-batch L-BFGS has converged when an epoch of 20 iterations no
     // longer lowers the loss (relative change under 1e-6): more epochs
     // would repeat the same weights.
     if (lbfgs && std::fabs(previous_loss - tr.loss) <= 1e-6 * std::max(1.0, std::fabs(tr.loss))) {
-      break;
+      finished = true;
     }
     previous_loss = tr.loss;
+    // The state that continues after this epoch, saved before it is reported.
+    if (resume != nullptr && resume->save) {
+      RunState rs;
+      rs.epoch = epoch;
+      rs.best = best;
+      rs.since_best = since_best;
+      rs.previous_loss = previous_loss;
+      rs.finished = finished;
+      rs.current = head->parameters();
+      rs.best_weights = best_params;
+      rs.history = out.history;
+      resume->save(s, SaveRunState(rs, lbfgs ? nullptr : opt.get()));
+    }
+    if (on_epoch) on_epoch(s);
   }
   Restore(head, best_params);
   out.train = Evaluate(head, x_train, y_train, classes);

@@ -16,6 +16,7 @@
 
 #include "absl/status/statusor.h"
 #include "server/core/head.h"
+#include "server/core/run_state.h"
 
 namespace tlserve {
 
@@ -50,6 +51,9 @@ struct TrainOptions {
   // In (0, 1): per-class confidence thresholds chosen on the validation split
   // for this precision (Classify's "unknown" below them); 0: none.
   float target_precision = 0;
+  // A job that a restart (SIGTERM or kill -9) interrupts resumes from its
+  // last epoch's checkpoint; false: it fails as "interrupted" instead.
+  bool resume = true;
 };
 
 // Resolves defaults for a model with (`fine_tune`) or without unfrozen
@@ -91,14 +95,13 @@ absl::Status TrainingDiverged(int epoch, double loss);
 // CANCELLED when `cancelled()` turns true between epochs; FAILED_PRECONDITION
 // (TrainingDiverged) when the loss stops being finite. The features, labels
 // and head all live on `device` (the backbone's) while training; the head
-// comes back there.
-absl::StatusOr<TrainedHead> TrainHead(const HeadSpec& spec, int64_t classes,
-                                      const at::Tensor& x_train, const at::Tensor& y_train,
-                                      const at::Tensor& x_val, const at::Tensor& y_val,
-                                      const TrainOptions& options,
-                                      const std::function<void(const EpochStats&)>& on_epoch,
-                                      const std::function<bool()>& cancelled,
-                                      const torch::Device& device = torch::kCPU);
+// comes back there. With `resume`, saves its state after each epoch and, when
+// resume->state is set, continues from it.
+absl::StatusOr<TrainedHead> TrainHead(
+    const HeadSpec& spec, int64_t classes, const at::Tensor& x_train, const at::Tensor& y_train,
+    const at::Tensor& x_val, const at::Tensor& y_val, const TrainOptions& options,
+    const std::function<void(const EpochStats&)>& on_epoch, const std::function<bool()>& cancelled,
+    const torch::Device& device = torch::kCPU, Resume* resume = nullptr);
 
 }  // namespace tlserve
 

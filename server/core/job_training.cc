@@ -10,6 +10,7 @@
 #include "server/core/fine_tuner.h"
 #include "server/core/image_decoder.h"
 #include "server/core/jobs.h"
+#include "server/core/log.h"
 #include "server/core/metrics.h"
 #include "server/core/predictions.h"
 #include "server/core/preprocess.h"
@@ -101,7 +102,8 @@ absl::StatusOr<at::Tensor> JobRunner::Features(const std::string& id,
 absl::StatusOr<TrainedHead> JobRunner::FitHead(const std::string& id, const JobRecord& r,
                                                const ModelInfo& info,
                                                const std::vector<StoredExample>& examples,
-                                               const TrainOptions& options, bool warmup) {
+                                               const TrainOptions& options, bool warmup,
+                                               Resume* resume) {
   auto features = Features(id, examples);
   if (!features.ok()) return features.status();
   std::map<std::string, int64_t> class_index;
@@ -122,19 +124,33 @@ absl::StatusOr<TrainedHead> JobRunner::FitHead(const std::string& id, const JobR
       info.head, classes, take(train_idx), torch::tensor(train_y, torch::kLong),
       val_idx.empty() ? at::empty({0, dim}) : take(val_idx), torch::tensor(val_y, torch::kLong),
       options, OnEpoch(id, r, options.epochs, warmup ? "head first: " : ""),
-      [&] { return Cancelled(id); }, backbone_->torch_device());
+      [&] { return Cancelled(id); }, backbone_->torch_device(), resume);
+}
+
+Resume JobRunner::ResumeFor(const std::string& id, const std::string& kind,
+                            const std::optional<Checkpoint>& from) {
+  Resume resume;
+  if (!from || from->kind == kind) {
+    resume.save = [this, id, kind](const EpochStats& last, const std::string& state) {
+      SaveCheckpoint(id, kind, last, state);
+    };
+  }
+  if (from && from->kind == kind) resume.state = from->state;
+  return resume;
 }
 
 absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecord& r,
                                            const ModelInfo& info,
-                                           const std::vector<StoredExample>& examples) {
+                                           const std::vector<StoredExample>& examples,
+                                           const std::optional<Checkpoint>& checkpoint) {
   auto start = models_->Start(r.model);
   if (!start.ok()) return start.status();
   const int64_t classes = static_cast<int64_t>(info.classes.size());
   torch::nn::Sequential head = MakeHead(info.head, backbone_->embedding_dim(), classes);
   if (start->served) {  // warm start: the served version's head (the notebook's second step)
     CopyHead(start->served->plan.head(), head);
-  } else if (r.options.head_first) {
+  } else if (r.options.head_first && !(checkpoint && checkpoint->kind == "fine-tune")) {
+    // (A run resumed from a fine-tuning checkpoint has its head there.)
     // A cold (random) head would send large, random gradients into the
     // unfrozen stages and wreck them: train the head alone first, on the
     // frozen features, as the notebook does (its first step). The private
@@ -168,8 +184,10 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
         .push_back(static_cast<int64_t>(i));
   }
   Update(id, [](JobRecord& rec) { rec.phase = "fine-tuning"; });
-  auto tuned = FineTune(*engine_, std::move(start->stages), head, classes, data, r.options,
-                        OnEpoch(id, r), [&] { return Cancelled(id); });
+  Resume resume = ResumeFor(id, "fine-tune", checkpoint);
+  auto tuned = FineTune(
+      *engine_, std::move(start->stages), head, classes, data, r.options, OnEpoch(id, r),
+      [&] { return Cancelled(id); }, r.options.resume ? &resume : nullptr);
   if (!tuned.ok()) return tuned.status();
   return StoreVersion(id, r, info, examples, tuned->head, tuned->stages, tuned->train.accuracy,
                       std::move(tuned->validation));
@@ -288,9 +306,22 @@ absl::StatusOr<int> JobRunner::Train(const std::string& id) {
   for (StoredExample& e : *listed) {
     if (!e.label.empty()) examples.push_back(std::move(e));
   }
-  if (!info->private_stages.empty()) return FineTuneJob(id, r, *info, examples);
+  // A job resumed after a restart continues from its last checkpoint (its
+  // epochs so far come back with it); without one it starts over.
+  std::optional<Checkpoint> checkpoint;
+  if (r.options.resume) checkpoint = LoadCheckpoint(id);
+  Update(id, [&](JobRecord& rec) {
+    rec.epochs = checkpoint ? checkpoint->epochs : std::vector<EpochStats>{};
+    if (checkpoint) {
+      LogInfo("job %s: resuming from its checkpoint after epoch %d", id,
+              checkpoint->epochs.empty() ? 0 : checkpoint->epochs.back().epoch);
+    }
+  });
+  if (!info->private_stages.empty()) return FineTuneJob(id, r, *info, examples, checkpoint);
   Update(id, [](JobRecord& rec) { rec.phase = "computing features"; });
-  auto trained = FitHead(id, r, *info, examples, r.options, /*warmup=*/false);
+  Resume resume = ResumeFor(id, "head", checkpoint);
+  auto trained = FitHead(id, r, *info, examples, r.options, /*warmup=*/false,
+                         r.options.resume ? &resume : nullptr);
   if (!trained.ok()) return trained.status();
   return StoreVersion(id, r, *info, examples, trained->head, {}, trained->train.accuracy,
                       std::move(trained->validation));

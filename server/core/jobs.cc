@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 #include <torch/torch.h>
 
+#include <cstdio>
 #include <ctime>
+#include <fstream>
+#include <iterator>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -17,6 +20,7 @@
 #include "server/core/log.h"
 #include "server/core/metrics.h"
 #include "server/core/preprocess.h"
+#include "server/store/data_dir.h"
 
 namespace tlserve {
 namespace {
@@ -42,7 +46,8 @@ nlohmann::json OptionsToJson(const TrainOptions& o) {
           {"freeze_batchnorm", o.freeze_batchnorm},
           {"head_first", o.head_first},
           {"serve", static_cast<int>(o.serve)},
-          {"target_precision", o.target_precision}};
+          {"target_precision", o.target_precision},
+          {"resume", o.resume}};
 }
 
 TrainOptions OptionsFromJson(const nlohmann::json& j) {
@@ -64,16 +69,25 @@ TrainOptions OptionsFromJson(const nlohmann::json& j) {
   o.head_first = j.value("head_first", o.head_first);
   o.serve = static_cast<TrainOptions::Serve>(j.value("serve", 0));
   o.target_precision = j.value("target_precision", o.target_precision);
+  // Jobs recorded before resumable jobs: as they were then, interrupted.
+  o.resume = j.value("resume", false);
   return o;
+}
+
+nlohmann::json EpochToJson(const EpochStats& e) {
+  return {e.epoch,           e.train_loss,          e.train_accuracy,
+          e.validation_loss, e.validation_accuracy, e.images_per_second,
+          e.elapsed_seconds, e.eta_seconds};
+}
+
+EpochStats EpochFromJson(const nlohmann::json& e) {
+  return {e.at(0).get<int>(), Number(e.at(1)), Number(e.at(2)), Number(e.at(3)),
+          Number(e.at(4)),    Number(e.at(5)), Number(e.at(6)), Number(e.at(7))};
 }
 
 nlohmann::json ToJson(const JobRecord& r) {
   nlohmann::json epochs = nlohmann::json::array();
-  for (const auto& e : r.epochs) {
-    epochs.push_back({e.epoch, e.train_loss, e.train_accuracy, e.validation_loss,
-                      e.validation_accuracy, e.images_per_second, e.elapsed_seconds,
-                      e.eta_seconds});
-  }
+  for (const auto& e : r.epochs) epochs.push_back(EpochToJson(e));
   return {{"id", r.id},
           {"model", r.model},
           {"dataset", r.dataset},
@@ -99,10 +113,7 @@ JobRecord FromJson(const nlohmann::json& j) {
   r.created_unix = j.at("created_unix");
   r.outcome = j.value("outcome", "");
   r.options = OptionsFromJson(j.value("options", nlohmann::json()));
-  for (const auto& e : j.at("epochs")) {
-    r.epochs.push_back({e.at(0).get<int>(), Number(e.at(1)), Number(e.at(2)), Number(e.at(3)),
-                        Number(e.at(4)), Number(e.at(5)), Number(e.at(6)), Number(e.at(7))});
-  }
+  for (const auto& e : j.at("epochs")) r.epochs.push_back(EpochFromJson(e));
   return r;
 }
 
@@ -138,6 +149,7 @@ JobRunner::JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* mode
       train_threads_(std::max(1, options.train_threads)),
       before_step_(options.before_step),
       disk_(options.disk),
+      checkpoint_dir_(options.checkpoint_dir),
       feature_cache_(options.feature_cache_bytes) {
   worker_ = std::thread([this] { WorkerLoop(); });
 }
@@ -154,7 +166,7 @@ JobRunner::~JobRunner() {
 absl::Status JobRunner::Recover() {
   auto records = db_->ListRecords("job");
   if (!records.ok()) return records.status();
-  std::vector<std::string> interrupted;
+  std::vector<std::string> interrupted, resumed;
   {
     absl::MutexLock lock(&mu_);
     for (const auto& [key, json] : *records) {
@@ -170,17 +182,98 @@ absl::Status JobRunner::Recover() {
         LogError("job record %s is corrupt (%s); skipped", key, e.what());
         continue;
       }
-      if (!job.record.final()) {
+      if (!job.record.final() && job.record.options.resume) {
+        resumed.push_back(key);
+      } else if (!job.record.final()) {
         job.record.state = JobRecord::State::kFailed;
-        job.record.error = "interrupted: the server stopped while the job was unfinished";
+        job.record.error =
+            "interrupted: the server stopped while the job was unfinished (resume_after_restart "
+            "was off)";
         interrupted.push_back(key);
       }
       jobs_[key] = std::move(job);
     }
+    // Back in the queue in the order they were made.
+    std::sort(resumed.begin(), resumed.end(),
+              [this](const std::string& a, const std::string& b) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                return jobs_.at(a).record.created_unix < jobs_.at(b).record.created_unix;
+              });
     UpdateStateMetrics();
   }
-  for (const auto& id : interrupted) Publish(id);
+  for (const auto& id : interrupted) {
+    DeleteCheckpoint(id);
+    Publish(id);
+  }
+  for (const auto& id : resumed) {
+    JobRecord r = *Get(id);
+    // The model is busy and the dataset held again, as when it was started.
+    if (absl::Status s = models_->BeginTraining(r.model); !s.ok()) {
+      Update(id, [&](JobRecord& rec) {
+        rec.state = JobRecord::State::kFailed;
+        rec.error = absl::StrCat("interrupted, and cannot resume: ", s.message());
+        rec.phase = "failed";
+      });
+      DeleteCheckpoint(id);
+      continue;
+    }
+    datasets_->Acquire(r.dataset);
+    {
+      absl::MutexLock lock(&mu_);
+      JobRecord& rec = jobs_.at(id).record;
+      rec.state = JobRecord::State::kQueued;
+      rec.phase = "queued again after a restart: it resumes from its last checkpoint";
+      queue_.push_back(id);
+      UpdateStateMetrics();
+    }
+    LogInfo("job %s: interrupted by a restart, queued to resume", id);
+    Publish(id);
+  }
   return absl::OkStatus();
+}
+
+std::string JobRunner::CheckpointPath(const std::string& id) const {
+  return absl::StrCat(checkpoint_dir_, "/", id, ".ckpt");
+}
+
+void JobRunner::SaveCheckpoint(const std::string& id, const std::string& kind,
+                               const EpochStats& last, const std::string& state) {
+  if (checkpoint_dir_.empty()) return;
+  nlohmann::json epochs = nlohmann::json::array();
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& e : jobs_.at(id).record.epochs) epochs.push_back(EpochToJson(e));
+  }
+  epochs.push_back(EpochToJson(last));  // reported right after this save
+  const std::string header = nlohmann::json{{"kind", kind}, {"epochs", epochs}}.dump();
+  absl::Status s = disk_ != nullptr ? disk_->Check(static_cast<int64_t>(state.size()) * 2,
+                                                   "a job's checkpoint", DiskBudget::Into::kFile)
+                                    : absl::OkStatus();
+  if (s.ok()) s = MakeDirectories(checkpoint_dir_);
+  if (s.ok()) s = WriteFileAtomically(CheckpointPath(id), absl::StrCat(header, "\n", state));
+  // The run goes on without it: a restart would resume from an earlier one.
+  if (!s.ok()) LogWarning("job %s: cannot write its checkpoint: %s", id, s.ToString());
+}
+
+std::optional<JobRunner::Checkpoint> JobRunner::LoadCheckpoint(const std::string& id) const {
+  if (checkpoint_dir_.empty()) return std::nullopt;
+  std::ifstream in(CheckpointPath(id), std::ios::binary);
+  if (!in) return std::nullopt;
+  std::string header;
+  std::getline(in, header);
+  const auto j = nlohmann::json::parse(header, nullptr, false);
+  if (j.is_discarded() || !j.contains("kind") || !j.contains("epochs")) {
+    LogWarning("job %s: its checkpoint is unreadable; it starts over", id);
+    return std::nullopt;
+  }
+  Checkpoint c;
+  c.kind = j.at("kind").get<std::string>();
+  for (const auto& e : j.at("epochs")) c.epochs.push_back(EpochFromJson(e));
+  c.state.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  return c;
+}
+
+void JobRunner::DeleteCheckpoint(const std::string& id) const {
+  if (!checkpoint_dir_.empty()) std::remove(CheckpointPath(id).c_str());
 }
 
 absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::string& dataset,
@@ -203,6 +296,7 @@ absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::
   std::map<std::string, int> train_counts;
   for (const auto& c : info->classes) train_counts[c] = 0;
   for (const auto& e : *examples) {
+    if (e.label.empty()) continue;  // the unlabelled pool does not train
     auto it = train_counts.find(e.label);
     if (it == train_counts.end()) {
       return absl::FailedPreconditionError(
@@ -436,6 +530,11 @@ void JobRunner::Run(const std::string& id) {
       r.state = JobRecord::State::kSucceeded;
       r.version = *version;
       r.phase = absl::StrCat("done: version ", *version);
+    } else if (version.status().code() == absl::StatusCode::kCancelled && stopping &&
+               r.options.resume) {
+      // Not final: the next start resumes it from its last checkpoint.
+      r.state = JobRecord::State::kQueued;
+      r.phase = "paused: the server stopped; it resumes from its last checkpoint after a restart";
     } else if (version.status().code() == absl::StatusCode::kCancelled && stopping) {
       r.state = JobRecord::State::kFailed;
       r.error = "interrupted: the server stopped while the job ran";
@@ -449,6 +548,7 @@ void JobRunner::Run(const std::string& id) {
       r.phase = "failed";
     }
   });
+  if (Get(id)->final()) DeleteCheckpoint(id);  // a paused one keeps it
   LogInfo(
       "job %s: %s", id,
       version.ok() ? absl::StrCat("succeeded, version ", *version) : version.status().ToString());

@@ -22,6 +22,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -68,6 +69,9 @@ class JobRunner {
     int train_threads = 1;                  // LibTorch intra-op threads of the job thread
     int64_t max_image_pixels = 40'000'000;  // decoded and resized, per image
     const DiskBudget* disk = nullptr;       // checked before a job is accepted
+    // Where running jobs keep their last epoch's checkpoint (empty: none;
+    // jobs then start over after a restart).
+    std::string checkpoint_dir;
     // Tests only: called before each training step of a fine-tune with the
     // model's name; what it throws fails that job.
     std::function<void(const std::string&)> before_step;
@@ -76,7 +80,8 @@ class JobRunner {
             Metrics* metrics, const Options& options);
   ~JobRunner();  // cancels what runs, then joins
 
-  // Marks jobs a previous process left unfinished as failed.
+  // Jobs a previous process left unfinished: queued again, to resume from
+  // their last checkpoint (options.resume), or marked failed.
   absl::Status Recover();
 
   // NOT_FOUND (model, dataset), FAILED_PRECONDITION (already training; a
@@ -100,6 +105,24 @@ class JobRunner {
     bool cancel = false;
     std::map<int, std::function<void(const JobRecord&)>> watchers;
   };
+  // A running job's last epoch, durably: which trainer ("head",
+  // "fine-tune"), the job's epochs so far and the trainer's state.
+  struct Checkpoint {
+    std::string kind;
+    std::vector<EpochStats> epochs;
+    std::string state;
+  };
+  std::string CheckpointPath(const std::string& id) const;
+  // `last` is the epoch the state ends (about to be reported). A failed
+  // write is logged; the job goes on.
+  void SaveCheckpoint(const std::string& id, const std::string& kind, const EpochStats& last,
+                      const std::string& state);
+  std::optional<Checkpoint> LoadCheckpoint(const std::string& id) const;
+  void DeleteCheckpoint(const std::string& id) const;
+  // The Resume a trainer of `kind` gets: saves go to the job's checkpoint;
+  // the state is the checkpoint's when it is of this kind.
+  Resume ResumeFor(const std::string& id, const std::string& kind,
+                   const std::optional<Checkpoint>& from);
   void WorkerLoop();
   void Run(const std::string& id);
   absl::StatusOr<int> Train(const std::string& id);
@@ -112,9 +135,11 @@ class JobRunner {
   absl::StatusOr<TrainedHead> FitHead(const std::string& id, const JobRecord& r,
                                       const ModelInfo& info,
                                       const std::vector<StoredExample>& examples,
-                                      const TrainOptions& options, bool warmup);
+                                      const TrainOptions& options, bool warmup,
+                                      Resume* resume = nullptr);
   absl::StatusOr<int> FineTuneJob(const std::string& id, const JobRecord& r, const ModelInfo& info,
-                                  const std::vector<StoredExample>& examples);
+                                  const std::vector<StoredExample>& examples,
+                                  const std::optional<Checkpoint>& checkpoint);
   // Calibrates the trained head on the validation split (temperature,
   // thresholds), decides whether it is served, and stores the version.
   absl::StatusOr<int> StoreVersion(const std::string& id, const JobRecord& r, const ModelInfo& info,
@@ -149,6 +174,7 @@ class JobRunner {
   const int train_threads_;
   const std::function<void(const std::string&)> before_step_;
   const DiskBudget* disk_;
+  const std::string checkpoint_dir_;
   mutable absl::Mutex mu_;
   std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);

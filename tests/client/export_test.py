@@ -105,7 +105,12 @@ def main():
                 assert extra["tlserve.json"]["model"] == model
                 spec = extra["preprocess.json"]
                 with torch.no_grad():
-                    mine = torch.softmax(module(torchvision_batch(test_paths, spec)), 1).numpy()
+                    # Raw logits in the file; Classify's probabilities are
+                    # softmax(logits / temperature), the temperature in tlserve.json.
+                    temperature = extra["tlserve.json"]["temperature"]
+                    assert temperature > 0, extra["tlserve.json"]
+                    logits = module(torchvision_batch(test_paths, spec))
+                    mine = torch.softmax(logits / temperature, 1).numpy()
                 served = c.classify(model, [b for _, _, b in test], top_k=3)
                 order = extra["classes.json"]
                 theirs = np.array([[dict(top)[k] for k in order] for top in served])

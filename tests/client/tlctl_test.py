@@ -168,7 +168,9 @@ class TlctlTest(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         preds = json.loads(r.stdout)["predictions"]
         self.assertEqual(len(preds), 20)
-        self.assertEqual(set(preds[0]), {"name", "top"})
+        self.assertEqual(set(preds[0]), {"name", "label", "unknown", "top"})
+        self.assertFalse(preds[0]["unknown"])  # no thresholds: never "unknown"
+        self.assertEqual(preds[0]["label"], preds[0]["top"][0]["label"])
         self.assertEqual(len(preds[0]["top"]), 2)
         self.assertGreater(sum(p["top"][0]["label"] == "trouser" for p in preds), 15)
         r = self.run_tlctl("unfreeze", "shoes", "--from", "layer4", "--json")

@@ -148,10 +148,17 @@ TEST_F(DatasetCatalogTest, EnforcesNameAndLimitRules) {
   auto images = Upload("lots", lots);
   EXPECT_EQ(images.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(images.status().message().find("--max_dataset_images"), absl::string_view::npos);
-  auto label = Upload("labels", {Ex("rgb_png.png", "")});
-  ASSERT_TRUE(label.ok());
-  EXPECT_EQ(label->rejected.size(), 1u);
+  // An empty label is an unlabelled image (a pool); one over 128 bytes is refused.
+  auto label =
+      Upload("labels", {Ex("rgb_png.png", ""), Ex("rgb_png.png", std::string(129, 'x'), "long")});
+  ASSERT_TRUE(label.ok()) << label.status();
+  ASSERT_EQ(label->rejected.size(), 1u);
+  EXPECT_EQ(label->rejected[0].index, 1);
   EXPECT_NE(label->rejected[0].reason.find("label"), std::string::npos);
+  auto pool = catalog_->Get("labels");
+  ASSERT_TRUE(pool.ok());
+  EXPECT_EQ(pool->unlabelled, 1);
+  EXPECT_TRUE(pool->class_counts.empty());
 }
 
 TEST_F(DatasetCatalogTest, DeleteIsRefusedWhileAJobUsesTheDataset) {
