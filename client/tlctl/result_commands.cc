@@ -55,9 +55,9 @@ nlohmann::json EvaluationJson(const v1::VersionEvaluation& e, int classes) {
     }
     confusion.push_back(row);
   }
-  return {{"version", e.version()},        {"images", e.images()},
-          {"accuracy", e.accuracy()},      {"top5_accuracy", e.top5_accuracy()},
-          {"log_loss", e.log_loss()},      {"ece", e.ece()},
+  return {{"version", e.version()},         {"images", e.images()},
+          {"accuracy", e.accuracy()},       {"top5_accuracy", e.top5_accuracy()},
+          {"log_loss", e.log_loss()},       {"ece", e.ece()},
           {"temperature", e.temperature()}, {"classes", per_class},
           {"confusion", confusion}};
 }

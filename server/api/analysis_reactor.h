@@ -40,7 +40,7 @@ struct AnalysisContext {
 };
 
 struct AnalysisLimits {
-  int max_concurrent = 2;  // --max_concurrent_analyses
+  int max_concurrent = 2;                 // --max_concurrent_analyses
   int64_t max_image_pixels = 40'000'000;  // decoded and resized, per image
   std::shared_ptr<std::atomic<int>> in_flight = std::make_shared<std::atomic<int>>(0);
 };

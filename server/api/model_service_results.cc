@@ -60,8 +60,8 @@ grpc::ServerWriteReactor<v1::EvaluateResponse>* ModelService::Evaluate(
         if (!dataset.ok()) return dataset.status();
         if (req.versions_size() > kMaxEvaluatedVersions) {
           return absl::InvalidArgumentError(absl::StrCat("versions: ", req.versions_size(),
-                                                         " given, at most ",
-                                                         kMaxEvaluatedVersions, " at once"));
+                                                         " given, at most ", kMaxEvaluatedVersions,
+                                                         " at once"));
         }
         if (!v1::Split_IsValid(req.split())) {
           return absl::InvalidArgumentError(
@@ -97,9 +97,8 @@ grpc::ServerWriteReactor<v1::EvaluateResponse>* ModelService::Evaluate(
         std::vector<int64_t> labels;
         for (StoredExample& e : held->examples) {
           if (e.label.empty()) continue;  // the unlabelled pool is not scored
-          if (req.split() != v1::SPLIT_ALL &&
-              DatasetCatalog::IsValidation(e.hash, fraction) !=
-                  (req.split() == v1::SPLIT_VALIDATION)) {
+          if (req.split() != v1::SPLIT_ALL && DatasetCatalog::IsValidation(e.hash, fraction) !=
+                                                  (req.split() == v1::SPLIT_VALIDATION)) {
             continue;
           }
           auto it = class_index.find(e.label);
@@ -199,9 +198,9 @@ grpc::ServerWriteReactor<v1::SuggestLabelsResponse>* ModelService::SuggestLabels
           if (e.label.empty()) pool.push_back(std::move(e));
         }
         if (pool.empty()) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              "dataset \"", req.dataset(),
-              "\" has no unlabelled image; upload the pool with empty labels"));
+          return absl::FailedPreconditionError(
+              absl::StrCat("dataset \"", req.dataset(),
+                           "\" has no unlabelled image; upload the pool with empty labels"));
         }
         PredictOptions o;
         o.priority = Engine::Priority::kServing;
@@ -214,11 +213,11 @@ grpc::ServerWriteReactor<v1::SuggestLabelsResponse>* ModelService::SuggestLabels
             PredictExamples(embedder_->engine(), *datasets_->database(), pool, {*version}, o);
         if (!predicted.ok()) return predicted.status();
         const at::Tensor& p = predicted->probabilities[0];
-        const std::vector<Suggestion> ranked = RankForLabelling(
-            p, predicted->embeddings, req.count(),
-            req.strategy() == v1::UNCERTAINTY_ENTROPY ? Uncertainty::kEntropy
-                                                      : Uncertainty::kMargin,
-            cosine);
+        const std::vector<Suggestion> ranked =
+            RankForLabelling(p, predicted->embeddings, req.count(),
+                             req.strategy() == v1::UNCERTAINTY_ENTROPY ? Uncertainty::kEntropy
+                                                                       : Uncertainty::kMargin,
+                             cosine);
         // Skipped as near-duplicates: those ranked before the last suggestion
         // that were not suggested (all ranked ones when fewer were found).
         const std::vector<Suggestion> all =
@@ -260,19 +259,19 @@ grpc::ServerWriteReactor<v1::SuggestLabelsResponse>* ModelService::SuggestLabels
 grpc::ServerUnaryReactor* ModelService::SetServedVersion(grpc::CallbackServerContext* c,
                                                          const v1::SetServedVersionRequest* req,
                                                          v1::Model* resp) {
-  return ContainedOnWorker(c, security_, "SetServedVersion", req->model(), work_,
-                           [this, req, resp](const Caller& caller) -> absl::Status {
-                             auto key = caller.Qualify(req->model(), "model");
-                             if (!key.ok()) return key.status();
-                             if (req->version() < 1) {
-                               return absl::InvalidArgumentError(
-                                   "version must be >= 1 (GetModel lists the versions)");
-                             }
-                             auto m = models_->Serve(*key, req->version());
-                             if (!m.ok()) return m.status();
-                             ToProto(*m, caller, resp);
-                             return absl::OkStatus();
-                           });
+  return ContainedOnWorker(
+      c, security_, "SetServedVersion", req->model(), work_,
+      [this, req, resp](const Caller& caller) -> absl::Status {
+        auto key = caller.Qualify(req->model(), "model");
+        if (!key.ok()) return key.status();
+        if (req->version() < 1) {
+          return absl::InvalidArgumentError("version must be >= 1 (GetModel lists the versions)");
+        }
+        auto m = models_->Serve(*key, req->version());
+        if (!m.ok()) return m.status();
+        ToProto(*m, caller, resp);
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerUnaryReactor* ModelService::SetThresholds(grpc::CallbackServerContext* c,
@@ -298,8 +297,8 @@ grpc::ServerUnaryReactor* ModelService::SetThresholds(grpc::CallbackServerContex
           for (const auto& [label, t] : req->per_class()) {
             auto it = index.find(label);
             if (it == index.end()) {
-              return absl::InvalidArgumentError(absl::StrCat(
-                  "per_class: \"", Bounded(label), "\" is not a class of the model"));
+              return absl::InvalidArgumentError(
+                  absl::StrCat("per_class: \"", Bounded(label), "\" is not a class of the model"));
             }
             thresholds[it->second] = t;
           }

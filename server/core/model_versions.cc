@@ -81,8 +81,8 @@ absl::StatusOr<ModelInfo> ModelRegistry::SetThresholds(const std::string& name, 
   for (size_t i = 0; i < thresholds.size(); ++i) {
     if (!(thresholds[i] >= 0 && thresholds[i] <= 1)) {
       return absl::InvalidArgumentError(absl::StrCat("thresholds[", i, "] (class \"",
-                                                      next.classes[i], "\") = ", thresholds[i],
-                                                      " is not a probability in [0, 1]"));
+                                                     next.classes[i], "\") = ", thresholds[i],
+                                                     " is not a probability in [0, 1]"));
     }
   }
   vi->calibration.thresholds = std::move(thresholds);

@@ -34,8 +34,7 @@ class EvaluationTest : public testing::TrainingTest {
  protected:
   // Uploads ImageFolder files as `dataset`; `labelled` false: as a pool.
   void Upload(const std::string& dataset,
-              const std::vector<std::pair<std::string, std::string>>& files,
-              bool labelled = true) {
+              const std::vector<std::pair<std::string, std::string>>& files, bool labelled = true) {
     auto r = client_->UploadDataset(dataset, true, files.size(), 16,
                                     [&](size_t i) -> absl::StatusOr<v1::Example> {
                                       v1::Example e;
@@ -93,8 +92,7 @@ class EvaluationTest : public testing::TrainingTest {
     for (const auto& r : resp.results()) {
       std::vector<double> p(classes.size(), 0);
       for (const auto& t : r.top()) {
-        p[std::find(classes.begin(), classes.end(), t.label()) - classes.begin()] =
-            t.probability();
+        p[std::find(classes.begin(), classes.end(), t.label()) - classes.begin()] = t.probability();
       }
       out.push_back(p);
     }
