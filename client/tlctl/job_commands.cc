@@ -8,8 +8,10 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "client/tlctl/format.h"
 #include "client/tlctl/model_commands.h"
 
@@ -39,6 +41,19 @@ nlohmann::json JobJson(const v1::Job& j) {
                         {"version", j.version()}, {"epochs", epochs},
                         {"outcome", j.outcome()}};
   if (const std::string t = TenantOf(j); !t.empty()) out["tenant"] = t;
+  if (j.leaderboard_size() > 0) {
+    nlohmann::json board = nlohmann::json::array();
+    for (const auto& c : j.leaderboard()) {
+      board.push_back({{"l2", c.l2()},
+                       {"hidden", std::vector<int>(c.hidden().begin(), c.hidden().end())},
+                       {"params", c.params()},
+                       {"accuracy", c.accuracy()},
+                       {"accuracy_std", c.accuracy_std()},
+                       {"log_loss", c.log_loss()},
+                       {"seconds", c.seconds()}});
+    }
+    out["leaderboard"] = board;
+  }
   out["validation_accuracy"] = j.epochs_size()
                                    ? nlohmann::json(j.epochs().rbegin()->validation_accuracy())
                                    : nlohmann::json(nullptr);
@@ -136,6 +151,19 @@ int Follow(Client& c, const std::string& id, bool json) {
     }
     if (!last.error().empty()) std::cout << ": " << last.error();
     std::cout << "\n";
+    if (last.leaderboard_size() > 0) {
+      std::cout << absl::StrFormat("%-4s %12s %10s %10s %8s %9s\n", "rank", "l2 (1/C)", "hidden",
+                                   "accuracy", "+-", "log loss");
+      int rank = 0;
+      for (const auto& cand : last.leaderboard()) {
+        std::string hidden = "linear";
+        if (cand.hidden_size() > 0) hidden = absl::StrCat(cand.hidden(0));
+        ++rank;
+        std::cout << absl::StrFormat("%-4d %12.6g %10s %10.4f %8.4f %9.4f%s\n", rank, cand.l2(),
+                                     hidden, cand.accuracy(), cand.accuracy_std(), cand.log_loss(),
+                                     rank == 1 ? "  <- the version" : "");
+      }
+    }
     if (!last.outcome().empty()) std::cout << last.outcome() << "\n";
   }
   return last.state() == v1::Job::SUCCEEDED ? 0 : 1;
@@ -148,7 +176,7 @@ int Train(Client& c, const Args& a) {
         "lbfgs|adamw|sgd "
         "--batch-size N --weight-decay X --label-smoothing X --balanced --patience N --augment "
         "--train-batchnorm --no-head-first --seed N --serve if-not-worse|always|never "
-        "--target-precision P] [--wait]"));
+        "--target-precision P --sweep [--l2 X,Y,.. --folds K]] [--wait]"));
   }
   v1::StartTrainingRequest req;
   req.set_model(a.positional[0]);
@@ -191,6 +219,20 @@ int Train(Client& c, const Args& a) {
   if (a.Has("freeze-batchnorm")) o->set_freeze_batchnorm(true);
   if (a.Has("train-batchnorm")) o->set_freeze_batchnorm(false);
   if (a.Has("no-head-first")) o->set_head_first(false);
+  if (a.Has("sweep")) {
+    v1::SweepOptions* sw = o->mutable_sweep();
+    for (absl::string_view part : absl::StrSplit(a.Get("l2"), ',', absl::SkipEmpty())) {
+      double v = 0;
+      if (!absl::SimpleAtod(part, &v)) {
+        return Fail(absl::InvalidArgumentError(
+            absl::StrCat("--l2: \"", part, "\" is not a number; e.g. --l2 0.01,0.1,1,10")));
+      }
+      sw->add_l2(static_cast<float>(v));
+    }
+    auto folds = a.Number("folds", 0);
+    if (!folds.ok()) return Fail(folds.status());
+    sw->set_folds(static_cast<int>(*folds));
+  }
   const std::string serve = a.Get("serve", "if-not-worse");
   if (serve == "always") {
     o->set_serve(v1::TrainingOptions::SERVE_ALWAYS);

@@ -47,8 +47,10 @@ commands:
   train MODEL --dataset D [--epochs N --head-lr X --lr X (stages) --optimizer lbfgs|adamw|sgd
         --batch-size N --weight-decay X --label-smoothing X --balanced --patience N
         --augment --train-batchnorm --no-head-first --seed N
-        --serve if-not-worse|always|never --target-precision P] [--wait]
-                                 start a job; --wait follows it (Ctrl-C: cancel or detach)
+        --serve if-not-worse|always|never --target-precision P
+        --sweep [--l2 X,Y,... --folds K]] [--wait]
+                                 start a job; --wait follows it (Ctrl-C: cancel or detach);
+                                 --sweep: one head per L2 value by k-fold, then a leaderboard
   jobs [--model M]               training jobs
   watch JOB                      follow a job
   cancel JOB                     cancel a job

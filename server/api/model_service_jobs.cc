@@ -25,6 +25,16 @@ void ToProto(const JobRecord& r, const Caller& caller, v1::Job* out) {
   out->set_version(r.version);
   out->set_created_unix(r.created_unix);
   out->set_outcome(r.outcome);
+  for (const SweepEntry& e : r.leaderboard) {
+    v1::SweepCandidate* c = out->add_leaderboard();
+    c->set_l2(e.l2);
+    for (int h : e.hidden) c->add_hidden(h);
+    c->set_params(e.params);
+    c->set_accuracy(e.accuracy);
+    c->set_accuracy_std(e.accuracy_std);
+    c->set_log_loss(e.log_loss);
+    c->set_seconds(e.seconds);
+  }
   for (const auto& e : r.epochs) {
     v1::EpochProgress* p = out->add_epochs();
     p->set_epoch(e.epoch);
@@ -57,6 +67,11 @@ void ToProto(const JobRecord& r, const Caller& caller, v1::Job* out) {
   po->set_serve(static_cast<v1::TrainingOptions::Serve>(static_cast<int>(o.serve)));
   po->set_target_precision(o.target_precision);
   po->set_resume_after_restart(o.resume);
+  if (o.sweep) {
+    v1::SweepOptions* sw = po->mutable_sweep();
+    for (double l2 : o.sweep_l2) sw->add_l2(static_cast<float>(l2));
+    sw->set_folds(o.sweep_folds);
+  }
 }
 
 absl::StatusOr<TrainOptions> FromProto(const v1::TrainingOptions& p) {
@@ -109,6 +124,11 @@ absl::StatusOr<TrainOptions> FromProto(const v1::TrainingOptions& p) {
   }
   o.target_precision = p.target_precision();
   if (p.has_resume_after_restart()) o.resume = p.resume_after_restart();
+  if (p.has_sweep()) {
+    o.sweep = true;
+    o.sweep_l2.assign(p.sweep().l2().begin(), p.sweep().l2().end());
+    o.sweep_folds = p.sweep().folds() == 0 ? 5 : p.sweep().folds();
+  }
   return o;
 }
 

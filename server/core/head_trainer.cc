@@ -87,6 +87,34 @@ absl::StatusOr<TrainOptions> ResolveTrainOptions(TrainOptions o, const HeadSpec&
   if (!(o.validation_fraction >= 0 && o.validation_fraction < 1)) {
     return absl::InvalidArgumentError("options.validation_fraction must be in [0, 1)");
   }
+  if (o.sweep) {
+    if (fine_tune) {
+      return absl::InvalidArgumentError(
+          "options.sweep trains heads on frozen features; a model with unfrozen stages "
+          "fine-tunes instead (freeze them, or train without a sweep)");
+    }
+    if (head.hidden.size() > 1 || (!head.hidden.empty() && head.dropout > 0)) {
+      return absl::InvalidArgumentError(
+          "options.sweep: the model's head must be linear or one hidden layer without dropout");
+    }
+    if (o.sweep_folds != 1 && (o.sweep_folds < 2 || o.sweep_folds > 20)) {
+      return absl::InvalidArgumentError(
+          "options.sweep.folds must be 2-20 (k-fold), or 1 (choose on the validation split)");
+    }
+    if (o.sweep_folds == 1 && o.validation_fraction == 0) {
+      return absl::InvalidArgumentError(
+          "options.sweep.folds 1 chooses on the validation split; validation_fraction is 0");
+    }
+    if (o.sweep_l2.size() > 32) {
+      return absl::InvalidArgumentError("options.sweep.l2: at most 32 values");
+    }
+    for (size_t i = 0; i < o.sweep_l2.size(); ++i) {
+      if (!(o.sweep_l2[i] >= 0 && o.sweep_l2[i] <= 1e8)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("options.sweep.l2[", i, "] must be in [0, 1e8]"));
+      }
+    }
+  }
   if (!(o.target_precision >= 0 && o.target_precision < 1)) {
     return absl::InvalidArgumentError(
         "options.target_precision must be in [0, 1) (0: no confidence thresholds)");

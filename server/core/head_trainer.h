@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -54,6 +55,13 @@ struct TrainOptions {
   // A job that a restart (SIGTERM or kill -9) interrupts resumes from its
   // last epoch's checkpoint; false: it fails as "interrupted" instead.
   bool resume = true;
+  // A sweep (head-only models): one head of the model's shape per L2
+  // strength, trained at once on the same cached features and chosen by
+  // k-fold cross-validation on the training split (1: by the validation
+  // split); the winner, refitted on the training split, is the version.
+  bool sweep = false;
+  std::vector<double> sweep_l2;  // empty: DefaultL2Grid() (LogisticRegressionCV's Cs=10)
+  int sweep_folds = 5;
 };
 
 // Resolves defaults for a model with (`fine_tune`) or without unfrozen

@@ -127,6 +127,87 @@ absl::StatusOr<TrainedHead> JobRunner::FitHead(const std::string& id, const JobR
       [&] { return Cancelled(id); }, backbone_->torch_device(), resume);
 }
 
+absl::StatusOr<TrainedHead> JobRunner::SweepHead(const std::string& id, const ModelInfo& info,
+                                                 const std::vector<StoredExample>& examples,
+                                                 const TrainOptions& options) {
+  auto features = Features(id, examples);
+  if (!features.ok()) return features.status();
+  std::map<std::string, int64_t> class_index;
+  for (size_t i = 0; i < info.classes.size(); ++i) class_index[info.classes[i]] = i;
+  const int64_t n = static_cast<int64_t>(examples.size());
+  std::vector<int64_t> train_idx, val_idx, train_y, val_y, all_y;
+  std::vector<bool> is_val;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool val = DatasetCatalog::IsValidation(examples[i].hash, options.validation_fraction);
+    (val ? val_idx : train_idx).push_back(i);
+    (val ? val_y : train_y).push_back(class_index.at(examples[i].label));
+    all_y.push_back(class_index.at(examples[i].label));
+    is_val.push_back(val);
+  }
+  auto take = [&](const std::vector<int64_t>& idx) {
+    return features->index_select(0, torch::tensor(idx, torch::kLong));
+  };
+  const int64_t classes = static_cast<int64_t>(info.classes.size());
+  SweepData data;
+  SweepOptions so;
+  if (!options.sweep_l2.empty()) so.l2_grid = options.sweep_l2;
+  so.hidden = {info.head.hidden};
+  so.seed = options.seed;
+  so.folds = options.sweep_folds;
+  data.classes = classes;
+  if (so.folds >= 2) {
+    // Cross-validation on the training split; the validation split stays
+    // held out for the version's scores, its calibration and whether it is
+    // served.
+    data.features = {take(train_idx)};
+    data.labels = torch::tensor(train_y, torch::kLong);
+  } else {
+    data.features = {*features};
+    data.labels = torch::tensor(all_y, torch::kLong);
+    data.validation = torch::zeros({n}, torch::kBool);
+    for (int64_t i = 0; i < n; ++i) data.validation[i] = static_cast<bool>(is_val[i]);
+  }
+  const size_t candidates = so.l2_grid.size() * so.hidden.size();
+  Update(id, [&](JobRecord& rec) {
+    rec.leaderboard.clear();
+    rec.phase = absl::StrCat("sweep: 0/", candidates, " candidates");
+  });
+  auto swept = Sweep(
+      data, so,
+      [&](const SweepEntry& e) {
+        Update(id, [&](JobRecord& rec) {
+          rec.leaderboard.push_back(e);
+          std::stable_sort(
+              rec.leaderboard.begin(), rec.leaderboard.end(),
+              [](const SweepEntry& a, const SweepEntry& b) { return a.accuracy > b.accuracy; });
+          rec.phase =
+              absl::StrCat("sweep: ", rec.leaderboard.size(), "/", candidates, " candidates");
+        });
+      },
+      [&] { return Cancelled(id); });
+  if (!swept.ok()) return swept.status();
+  // The sweep's own ranking (ties: the smaller head, then the stronger L2).
+  Update(id, [&](JobRecord& rec) {
+    rec.leaderboard = swept->leaderboard;
+    rec.phase = "sweep done: scoring the winner";
+  });
+  TrainedHead out;
+  out.head = swept->head;
+  out.train = Evaluate(out.head, take(train_idx), torch::tensor(train_y, torch::kLong), classes);
+  if (!val_idx.empty()) {
+    out.validation = Evaluate(out.head, take(val_idx), torch::tensor(val_y, torch::kLong), classes);
+  }
+  EpochStats s;  // the winner, as one epoch in the job's history
+  s.epoch = 1;
+  s.train_loss = out.train.loss;
+  s.train_accuracy = out.train.accuracy;
+  s.validation_loss = out.validation.loss;
+  s.validation_accuracy = out.validation.accuracy;
+  s.elapsed_seconds = swept->seconds;
+  OnEpoch(id, *Get(id), 1, "sweep winner: ")(s);
+  return out;
+}
+
 Resume JobRunner::ResumeFor(const std::string& id, const std::string& kind,
                             const std::optional<Checkpoint>& from) {
   Resume resume;
@@ -319,6 +400,12 @@ absl::StatusOr<int> JobRunner::Train(const std::string& id) {
   });
   if (!info->private_stages.empty()) return FineTuneJob(id, r, *info, examples, checkpoint);
   Update(id, [](JobRecord& rec) { rec.phase = "computing features"; });
+  if (r.options.sweep) {
+    auto swept = SweepHead(id, *info, examples, r.options);
+    if (!swept.ok()) return swept.status();
+    return StoreVersion(id, r, *info, examples, swept->head, {}, swept->train.accuracy,
+                        std::move(swept->validation));
+  }
   Resume resume = ResumeFor(id, "head", checkpoint);
   auto trained = FitHead(id, r, *info, examples, r.options, /*warmup=*/false,
                          r.options.resume ? &resume : nullptr);

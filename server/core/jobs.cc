@@ -47,7 +47,10 @@ nlohmann::json OptionsToJson(const TrainOptions& o) {
           {"head_first", o.head_first},
           {"serve", static_cast<int>(o.serve)},
           {"target_precision", o.target_precision},
-          {"resume", o.resume}};
+          {"resume", o.resume},
+          {"sweep", o.sweep},
+          {"sweep_l2", o.sweep_l2},
+          {"sweep_folds", o.sweep_folds}};
 }
 
 TrainOptions OptionsFromJson(const nlohmann::json& j) {
@@ -71,6 +74,9 @@ TrainOptions OptionsFromJson(const nlohmann::json& j) {
   o.target_precision = j.value("target_precision", o.target_precision);
   // Jobs recorded before resumable jobs: as they were then, interrupted.
   o.resume = j.value("resume", false);
+  o.sweep = j.value("sweep", false);
+  o.sweep_l2 = j.value("sweep_l2", std::vector<double>{});
+  o.sweep_folds = j.value("sweep_folds", o.sweep_folds);
   return o;
 }
 
@@ -83,6 +89,38 @@ nlohmann::json EpochToJson(const EpochStats& e) {
 EpochStats EpochFromJson(const nlohmann::json& e) {
   return {e.at(0).get<int>(), Number(e.at(1)), Number(e.at(2)), Number(e.at(3)),
           Number(e.at(4)),    Number(e.at(5)), Number(e.at(6)), Number(e.at(7))};
+}
+
+nlohmann::json LeaderboardToJson(const std::vector<SweepEntry>& board) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const SweepEntry& e : board) {
+    out.push_back({{"layer", e.layer},
+                   {"l2", e.l2},
+                   {"hidden", e.hidden},
+                   {"params", e.params},
+                   {"accuracy", e.accuracy},
+                   {"accuracy_std", e.accuracy_std},
+                   {"log_loss", e.log_loss},
+                   {"seconds", e.seconds}});
+  }
+  return out;
+}
+
+std::vector<SweepEntry> LeaderboardFromJson(const nlohmann::json& j) {
+  std::vector<SweepEntry> out;
+  for (const auto& e : j) {
+    SweepEntry s;
+    s.layer = e.value("layer", 0);
+    s.l2 = Number(e.at("l2"));
+    s.hidden = e.value("hidden", std::vector<int>{});
+    s.params = e.value("params", int64_t{0});
+    s.accuracy = Number(e.at("accuracy"));
+    s.accuracy_std = Number(e.at("accuracy_std"));
+    s.log_loss = Number(e.at("log_loss"));
+    s.seconds = Number(e.at("seconds"));
+    out.push_back(std::move(s));
+  }
+  return out;
 }
 
 nlohmann::json ToJson(const JobRecord& r) {
@@ -98,6 +136,7 @@ nlohmann::json ToJson(const JobRecord& r) {
           {"version", r.version},
           {"created_unix", r.created_unix},
           {"outcome", r.outcome},
+          {"leaderboard", LeaderboardToJson(r.leaderboard)},
           {"options", OptionsToJson(r.options)}};
 }
 
@@ -112,6 +151,7 @@ JobRecord FromJson(const nlohmann::json& j) {
   r.version = j.at("version");
   r.created_unix = j.at("created_unix");
   r.outcome = j.value("outcome", "");
+  if (j.contains("leaderboard")) r.leaderboard = LeaderboardFromJson(j.at("leaderboard"));
   r.options = OptionsFromJson(j.value("options", nlohmann::json()));
   for (const auto& e : j.at("epochs")) r.epochs.push_back(EpochFromJson(e));
   return r;

@@ -36,6 +36,7 @@
 #include "server/core/feature_cache.h"
 #include "server/core/head_trainer.h"
 #include "server/core/models.h"
+#include "server/core/training/sweep.h"
 #include "server/store/disk_budget.h"
 
 namespace tlserve {
@@ -52,6 +53,8 @@ struct JobRecord {
   int version = 0;
   // What became of the version it made: served or not, and why.
   std::string outcome;
+  // A sweep's candidates so far, best first.
+  std::vector<SweepEntry> leaderboard;
   int64_t created_unix = 0;
   TrainOptions options;
   bool final() const { return state > State::kRunning; }
@@ -137,6 +140,11 @@ class JobRunner {
                                       const std::vector<StoredExample>& examples,
                                       const TrainOptions& options, bool warmup,
                                       Resume* resume = nullptr);
+  // options.sweep: heads of every L2 strength on the same features, the
+  // winner by cross-validation (the leaderboard streams in the job).
+  absl::StatusOr<TrainedHead> SweepHead(const std::string& id, const ModelInfo& info,
+                                        const std::vector<StoredExample>& examples,
+                                        const TrainOptions& options);
   absl::StatusOr<int> FineTuneJob(const std::string& id, const JobRecord& r, const ModelInfo& info,
                                   const std::vector<StoredExample>& examples,
                                   const std::optional<Checkpoint>& checkpoint);

@@ -15,10 +15,10 @@ namespace tlserve {
 std::string SaveRunState(const RunState& s, torch::optim::Optimizer* optimizer) {
   torch::NoGradGuard no_grad;
   torch::serialize::OutputArchive a;
-  a.write("meta", torch::tensor({static_cast<double>(s.epoch), s.best,
-                                 static_cast<double>(s.since_best), s.previous_loss,
-                                 s.finished ? 1.0 : 0.0},
-                                torch::kDouble));
+  a.write("meta",
+          torch::tensor({static_cast<double>(s.epoch), s.best, static_cast<double>(s.since_best),
+                         s.previous_loss, s.finished ? 1.0 : 0.0},
+                        torch::kDouble));
   for (size_t i = 0; i < s.current.size(); ++i) {
     a.write(absl::StrCat("current.", i), s.current[i].detach().to(torch::kCPU));
   }
@@ -27,9 +27,9 @@ std::string SaveRunState(const RunState& s, torch::optim::Optimizer* optimizer) 
   }
   std::vector<double> history;
   for (const EpochStats& e : s.history) {
-    history.insert(history.end(), {static_cast<double>(e.epoch), e.train_loss, e.train_accuracy,
-                                   e.validation_loss, e.validation_accuracy, e.images_per_second,
-                                   e.elapsed_seconds, e.eta_seconds});
+    history.insert(history.end(),
+                   {static_cast<double>(e.epoch), e.train_loss, e.train_accuracy, e.validation_loss,
+                    e.validation_accuracy, e.images_per_second, e.elapsed_seconds, e.eta_seconds});
   }
   a.write("history", torch::tensor(history, torch::kDouble));
   if (optimizer != nullptr) {

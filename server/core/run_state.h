@@ -37,7 +37,7 @@ struct RunState {
   double best = -1;
   int since_best = 0;
   double previous_loss = 0;
-  bool finished = false;  // it stopped after `epoch` (early stopping, convergence)
+  bool finished = false;            // it stopped after `epoch` (early stopping, convergence)
   std::vector<at::Tensor> current;  // the weights (and buffers) now
   std::vector<at::Tensor> best_weights;
   std::vector<EpochStats> history;

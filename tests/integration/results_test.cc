@@ -443,5 +443,41 @@ TEST_F(EvaluationTest, EvaluateRefusesWhatItCannotScore) {
   EXPECT_NEAR(val->evaluations(0).accuracy(), Get("m").versions(0).validation_accuracy(), 1e-6);
 }
 
+TEST_F(EvaluationTest, ASweepPublishesItsCrossValidatedWinnerWithALeaderboard) {
+  UploadTrainingSet();
+  ASSERT_TRUE(CreateModel("m", "fmnist").ok());
+  v1::TrainingOptions o;
+  for (float l2 : {1e-2f, 1.0f, 1e2f, 1e7f}) o.mutable_sweep()->add_l2(l2);
+  o.mutable_sweep()->set_folds(3);
+  const v1::Job job = Train("m", o);
+  ASSERT_EQ(job.state(), v1::Job::SUCCEEDED) << job.error();
+  ASSERT_EQ(job.leaderboard_size(), 4);
+  for (const auto& c : job.leaderboard()) {
+    EXPECT_LE(c.accuracy(), job.leaderboard(0).accuracy()) << c.l2();
+    EXPECT_GE(c.accuracy(), 0);
+    EXPECT_TRUE(c.hidden().empty());
+  }
+  // An L2 of 1e7 leaves the weights at nearly 0: the worst of the four.
+  EXPECT_NEAR(job.leaderboard(3).l2(), 1e7, 1);
+  EXPECT_LT(job.leaderboard(3).accuracy(), job.leaderboard(0).accuracy());
+  EXPECT_EQ(job.version(), 1);
+  ASSERT_EQ(job.epochs_size(), 1);  // the winner, scored
+  EXPECT_GT(job.epochs(0).validation_accuracy(), 0.8);
+  EXPECT_TRUE(job.options().has_sweep());
+  const v1::Model m = Get("m");
+  EXPECT_EQ(m.served_version(), 1);
+  EXPECT_NEAR(m.versions(0).validation_accuracy(), job.epochs(0).validation_accuracy(), 1e-9);
+
+  // What a sweep cannot do is refused before it is queued.
+  v1::TrainingOptions bad = o;
+  bad.mutable_sweep()->set_folds(30);
+  EXPECT_EQ(Start("m", "fmnist", bad).status().code(), absl::StatusCode::kInvalidArgument);
+  bad = o;
+  bad.mutable_sweep()->add_l2(-1);
+  EXPECT_EQ(Start("m", "fmnist", bad).status().code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(Unfreeze("m", {"layer4"}).ok());
+  EXPECT_EQ(Start("m", "fmnist", o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace tlserve

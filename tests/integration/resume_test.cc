@@ -61,8 +61,7 @@ class ResumeTest : public testing::TrainingTest {
   int Checkpoints() {
     int n = 0;
     std::error_code ignored;
-    for (const auto& e :
-         std::filesystem::directory_iterator(dir_ + "/checkpoints", ignored)) {
+    for (const auto& e : std::filesystem::directory_iterator(dir_ + "/checkpoints", ignored)) {
       n += e.path().extension() == ".ckpt";
     }
     return n;
