@@ -176,7 +176,8 @@ int Train(Client& c, const Args& a) {
         "lbfgs|adamw|sgd "
         "--batch-size N --weight-decay X --label-smoothing X --balanced --patience N --augment "
         "--train-batchnorm --no-head-first --seed N --serve if-not-worse|always|never "
-        "--target-precision P --sweep [--l2 X,Y,.. --folds K]] [--wait]"));
+        "--target-precision P --sweep [--l2 X,Y,.. --folds K] --constant-lr --warmup F "
+        "--layer-decay X --no-gradual] [--wait]"));
   }
   v1::StartTrainingRequest req;
   req.set_model(a.positional[0]);
@@ -194,6 +195,8 @@ int Train(Client& c, const Args& a) {
            {"validation-fraction",
             [o](double v) { o->set_validation_fraction(static_cast<float>(v)); }},
            {"seed", [o](double v) { o->set_seed(static_cast<uint64_t>(v)); }},
+           {"warmup", [o](double v) { o->set_warmup_fraction(static_cast<float>(v)); }},
+           {"layer-decay", [o](double v) { o->set_layer_decay(static_cast<float>(v)); }},
            {"target-precision",
             [o](double v) { o->set_target_precision(static_cast<float>(v)); }}}) {
     if (!a.Has(flag)) continue;
@@ -219,6 +222,8 @@ int Train(Client& c, const Args& a) {
   if (a.Has("freeze-batchnorm")) o->set_freeze_batchnorm(true);
   if (a.Has("train-batchnorm")) o->set_freeze_batchnorm(false);
   if (a.Has("no-head-first")) o->set_head_first(false);
+  if (a.Has("constant-lr")) o->set_schedule(v1::TrainingOptions::SCHEDULE_CONSTANT);
+  if (a.Has("no-gradual")) o->set_gradual_unfreezing(false);
   if (a.Has("sweep")) {
     v1::SweepOptions* sw = o->mutable_sweep();
     for (absl::string_view part : absl::StrSplit(a.Get("l2"), ',', absl::SkipEmpty())) {

@@ -48,7 +48,8 @@ commands:
         --batch-size N --weight-decay X --label-smoothing X --balanced --patience N
         --augment --train-batchnorm --no-head-first --seed N
         --serve if-not-worse|always|never --target-precision P
-        --sweep [--l2 X,Y,... --folds K]] [--wait]
+        --sweep [--l2 X,Y,... --folds K] --constant-lr --warmup F --layer-decay X
+        --no-gradual] [--wait]
                                  start a job; --wait follows it (Ctrl-C: cancel or detach);
                                  --sweep: one head per L2 value by k-fold, then a leaderboard
   jobs [--model M]               training jobs

@@ -67,6 +67,12 @@ void ToProto(const JobRecord& r, const Caller& caller, v1::Job* out) {
   po->set_serve(static_cast<v1::TrainingOptions::Serve>(static_cast<int>(o.serve)));
   po->set_target_precision(o.target_precision);
   po->set_resume_after_restart(o.resume);
+  po->set_schedule(o.schedule == TrainOptions::Schedule::kConstant
+                       ? v1::TrainingOptions::SCHEDULE_CONSTANT
+                       : v1::TrainingOptions::SCHEDULE_WARMUP_COSINE);
+  po->set_warmup_fraction(o.warmup_fraction);
+  po->set_layer_decay(o.layer_decay);
+  po->set_gradual_unfreezing(o.gradual_unfreezing);
   if (o.sweep) {
     v1::SweepOptions* sw = po->mutable_sweep();
     for (double l2 : o.sweep_l2) sw->add_l2(static_cast<float>(l2));
@@ -124,6 +130,20 @@ absl::StatusOr<TrainOptions> FromProto(const v1::TrainingOptions& p) {
   }
   o.target_precision = p.target_precision();
   if (p.has_resume_after_restart()) o.resume = p.resume_after_restart();
+  switch (p.schedule()) {
+    case v1::TrainingOptions::SCHEDULE_WARMUP_COSINE:
+      o.schedule = TrainOptions::Schedule::kWarmupCosine;
+      break;
+    case v1::TrainingOptions::SCHEDULE_CONSTANT:
+      o.schedule = TrainOptions::Schedule::kConstant;
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          "options.schedule: unknown value; use SCHEDULE_WARMUP_COSINE or SCHEDULE_CONSTANT");
+  }
+  if (p.has_warmup_fraction()) o.warmup_fraction = p.warmup_fraction();
+  if (p.has_layer_decay()) o.layer_decay = p.layer_decay();
+  if (p.has_gradual_unfreezing()) o.gradual_unfreezing = p.gradual_unfreezing();
   if (p.has_sweep()) {
     o.sweep = true;
     o.sweep_l2.assign(p.sweep().l2().begin(), p.sweep().l2().end());

@@ -195,41 +195,76 @@ absl::StatusOr<FineTuned> FineTune(Engine& engine,
     head->train(training);
   };
 
-  std::vector<at::Tensor> stage_params;
-  for (auto& [i, m] : stages) {
-    for (const auto& p : m->parameters()) {
-      if (p.requires_grad()) stage_params.push_back(p);
+  // One optimizer group for the head, then one per trainable private stage,
+  // deepest first: a stage d stages before the last trains at
+  // stage_learning_rate * layer_decay^d (layer-wise learning-rate decay:
+  // early stages hold general features and move least).
+  std::vector<std::pair<int, std::vector<at::Tensor>>> stage_groups;  // stage index, params
+  for (auto it = stages.rbegin(); it != stages.rend(); ++it) {
+    std::vector<at::Tensor> params;
+    for (const auto& p : it->second->parameters()) {
+      if (p.requires_grad()) params.push_back(p);
     }
+    if (!params.empty()) stage_groups.emplace_back(it->first, std::move(params));
   }
-  const float stage_lr = o.stage_learning_rate;
+  std::vector<double> base_lr = {o.learning_rate};
+  for (size_t d = 0; d < stage_groups.size(); ++d) {
+    base_lr.push_back(o.stage_learning_rate * std::pow(o.layer_decay, static_cast<double>(d)));
+  }
   std::vector<torch::optim::OptimizerParamGroup> groups;
   std::unique_ptr<torch::optim::Optimizer> opt;
-  if (o.optimizer == TrainOptions::Optimizer::kSgd) {
-    groups.emplace_back(
-        head->parameters(),
-        std::make_unique<torch::optim::SGDOptions>(
-            torch::optim::SGDOptions(o.learning_rate).momentum(0.9).weight_decay(o.weight_decay)));
-    if (!stage_params.empty()) {
-      groups.emplace_back(
-          stage_params,
-          std::make_unique<torch::optim::SGDOptions>(
-              torch::optim::SGDOptions(stage_lr).momentum(0.9).weight_decay(o.weight_decay)));
+  const bool sgd = o.optimizer == TrainOptions::Optimizer::kSgd;
+  auto group_options = [&](double lr) -> std::unique_ptr<torch::optim::OptimizerOptions> {
+    if (sgd) {
+      return std::make_unique<torch::optim::SGDOptions>(
+          torch::optim::SGDOptions(lr).momentum(0.9).weight_decay(o.weight_decay));
     }
+    return std::make_unique<torch::optim::AdamWOptions>(
+        torch::optim::AdamWOptions(lr).weight_decay(o.weight_decay));
+  };
+  groups.emplace_back(head->parameters(), group_options(base_lr[0]));
+  for (size_t d = 0; d < stage_groups.size(); ++d) {
+    groups.emplace_back(stage_groups[d].second, group_options(base_lr[d + 1]));
+  }
+  if (sgd) {
     opt = std::make_unique<torch::optim::SGD>(std::move(groups),
                                               torch::optim::SGDOptions(o.learning_rate));
   } else {
-    groups.emplace_back(
-        head->parameters(),
-        std::make_unique<torch::optim::AdamWOptions>(
-            torch::optim::AdamWOptions(o.learning_rate).weight_decay(o.weight_decay)));
-    if (!stage_params.empty()) {
-      groups.emplace_back(stage_params,
-                          std::make_unique<torch::optim::AdamWOptions>(
-                              torch::optim::AdamWOptions(stage_lr).weight_decay(o.weight_decay)));
-    }
     opt = std::make_unique<torch::optim::AdamW>(std::move(groups),
                                                 torch::optim::AdamWOptions(o.learning_rate));
   }
+  // The learning rate of every group at a step: a linear warm-up over the
+  // first warmup_fraction of the steps, then cosine decay to 0 (or constant).
+  auto set_learning_rates = [&](int64_t step, int64_t total) {
+    double factor = 1;
+    if (o.schedule == TrainOptions::Schedule::kWarmupCosine && total > 0) {
+      const int64_t warmup = std::max<int64_t>(1, static_cast<int64_t>(o.warmup_fraction * total));
+      factor = step < warmup ? static_cast<double>(step + 1) / warmup
+                             : 0.5 * (1 + std::cos(M_PI * static_cast<double>(step - warmup) /
+                                                   std::max<int64_t>(1, total - warmup)));
+    }
+    auto& param_groups = opt->param_groups();
+    for (size_t g = 0; g < param_groups.size(); ++g) {
+      if (sgd) {
+        static_cast<torch::optim::SGDOptions&>(param_groups[g].options()).lr(base_lr[g] * factor);
+      } else {
+        static_cast<torch::optim::AdamWOptions&>(param_groups[g].options()).lr(base_lr[g] * factor);
+      }
+    }
+  };
+  // Gradual unfreezing (ULMFiT's): the deepest stage trains from epoch 1 and
+  // the earlier ones join in turn over the first half of the epochs (stage d
+  // from epoch 1 + floor(d * epochs / (2 * stages))), so that a model
+  // unfrozen from layer3 trains layer4 first, then both, and every stage
+  // trains for at least half of the run.
+  auto unfreeze_for = [&](int epoch) {
+    const int64_t count = static_cast<int64_t>(stage_groups.size());
+    for (size_t d = 0; d < stage_groups.size(); ++d) {
+      const int64_t starts = 1 + static_cast<int64_t>(d) * o.epochs / (2 * count);
+      const bool on = !o.gradual_unfreezing || epoch >= starts;
+      for (auto& p : stage_groups[d].second) p.set_requires_grad(on);
+    }
+  };
   at::Tensor weights;
   if (o.balanced_class_weights) {
     std::vector<double> counts(classes, 0);
@@ -322,7 +357,12 @@ absl::StatusOr<FineTuned> FineTune(Engine& engine,
     std::shuffle(order.begin(), order.end(), rng);
     double loss_sum = 0;
     int64_t correct = 0;
-    for (const auto& [b, e] : batches(order)) {
+    unfreeze_for(epoch);
+    const auto epoch_batches = batches(order);
+    const int64_t per_epoch = static_cast<int64_t>(epoch_batches.size());
+    int64_t step = (epoch - 1) * per_epoch;
+    for (const auto& [b, e] : epoch_batches) {
+      set_learning_rates(step++, per_epoch * o.epochs);
       if (cancelled && cancelled()) return absl::CancelledError("the job was cancelled");
       std::vector<int64_t> batch(order.begin() + b, order.begin() + e);
       if (data.before_step) data.before_step();

@@ -1,5 +1,7 @@
 // Fine-tuning: trains a model's private (unfrozen) stages together with its
-// head, at a smaller learning rate for the stages, on the backbone's device
+// head, at a smaller learning rate for the stages (and the rest of the recipe
+// in TrainOptions: warm-up and cosine decay, layer-wise decay, gradual
+// unfreezing), on the backbone's device
 // (every tensor, the head included; mixed precision on CUDA: float32 master
 // weights, autocast to the backbone's dtype). The shared prefix before the
 // first private stage runs without gradient in the device engine, at

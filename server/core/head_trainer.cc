@@ -115,6 +115,12 @@ absl::StatusOr<TrainOptions> ResolveTrainOptions(TrainOptions o, const HeadSpec&
       }
     }
   }
+  if (!(o.warmup_fraction >= 0 && o.warmup_fraction < 1)) {
+    return absl::InvalidArgumentError("options.warmup_fraction must be in [0, 1)");
+  }
+  if (!(o.layer_decay > 0 && o.layer_decay <= 1)) {
+    return absl::InvalidArgumentError("options.layer_decay must be in (0, 1]");
+  }
   if (!(o.target_precision >= 0 && o.target_precision < 1)) {
     return absl::InvalidArgumentError(
         "options.target_precision must be in [0, 1) (0: no confidence thresholds)");

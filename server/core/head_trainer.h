@@ -44,6 +44,17 @@ struct TrainOptions {
   bool freeze_batchnorm = true;
   // A cold head (no trained version yet) is fitted alone before fine-tuning.
   bool head_first = true;
+  // Fine-tuning's recipe (docs/experiments.md has the evidence): the
+  // learning rate warms up linearly over warmup_fraction of the steps, then
+  // decays along a cosine to 0 (kConstant: as before); a private stage d
+  // stages before the last trains at stage_learning_rate * layer_decay^d;
+  // with gradual_unfreezing the deepest private stage trains from epoch 1,
+  // the one before it from epoch 2, and so on.
+  enum class Schedule { kWarmupCosine, kConstant };
+  Schedule schedule = Schedule::kWarmupCosine;
+  float warmup_fraction = 0.1f;
+  float layer_decay = 0.5f;
+  bool gradual_unfreezing = true;
   // Whether the version a job makes is served: only when its validation
   // accuracy is not below the served version's on the same images (the
   // default), always, or never (serve it later by hand).

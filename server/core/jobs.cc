@@ -50,7 +50,11 @@ nlohmann::json OptionsToJson(const TrainOptions& o) {
           {"resume", o.resume},
           {"sweep", o.sweep},
           {"sweep_l2", o.sweep_l2},
-          {"sweep_folds", o.sweep_folds}};
+          {"sweep_folds", o.sweep_folds},
+          {"schedule", static_cast<int>(o.schedule)},
+          {"warmup_fraction", o.warmup_fraction},
+          {"layer_decay", o.layer_decay},
+          {"gradual_unfreezing", o.gradual_unfreezing}};
 }
 
 TrainOptions OptionsFromJson(const nlohmann::json& j) {
@@ -77,6 +81,12 @@ TrainOptions OptionsFromJson(const nlohmann::json& j) {
   o.sweep = j.value("sweep", false);
   o.sweep_l2 = j.value("sweep_l2", std::vector<double>{});
   o.sweep_folds = j.value("sweep_folds", o.sweep_folds);
+  // Jobs recorded before the recipe ran with a constant rate, no decay.
+  o.schedule = static_cast<TrainOptions::Schedule>(
+      j.value("schedule", static_cast<int>(TrainOptions::Schedule::kConstant)));
+  o.warmup_fraction = j.value("warmup_fraction", o.warmup_fraction);
+  o.layer_decay = j.value("layer_decay", 1.0f);
+  o.gradual_unfreezing = j.value("gradual_unfreezing", false);
   return o;
 }
 
@@ -555,12 +565,19 @@ void JobRunner::Run(const std::string& id) {
     stopping = stopping_;
   }
   std::string model, dataset;
+  bool resumable = false;
   {
     absl::MutexLock lock(&mu_);
     Job& job = jobs_.at(id);
     model = job.record.model;
     dataset = job.record.dataset;
+    resumable = job.record.options.resume;
   }
+  // A job that ends for good loses its checkpoint before anyone hears it
+  // ended; one paused by the stop keeps it.
+  const bool paused = !version.ok() && version.status().code() == absl::StatusCode::kCancelled &&
+                      stopping && resumable;
+  if (!paused) DeleteCheckpoint(id);
   // Released before the final state is published: a client that sees the
   // job end may start the model's next job at once.
   models_->EndTraining(model);
@@ -570,8 +587,7 @@ void JobRunner::Run(const std::string& id) {
       r.state = JobRecord::State::kSucceeded;
       r.version = *version;
       r.phase = absl::StrCat("done: version ", *version);
-    } else if (version.status().code() == absl::StatusCode::kCancelled && stopping &&
-               r.options.resume) {
+    } else if (paused) {
       // Not final: the next start resumes it from its last checkpoint.
       r.state = JobRecord::State::kQueued;
       r.phase = "paused: the server stopped; it resumes from its last checkpoint after a restart";
@@ -588,7 +604,6 @@ void JobRunner::Run(const std::string& id) {
       r.phase = "failed";
     }
   });
-  if (Get(id)->final()) DeleteCheckpoint(id);  // a paused one keeps it
   LogInfo(
       "job %s: %s", id,
       version.ok() ? absl::StrCat("succeeded, version ", *version) : version.status().ToString());

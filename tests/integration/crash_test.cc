@@ -1,8 +1,8 @@
 // Durability: the real binary is killed (kill -9 and SIGTERM) mid-upload and
 // mid-training, then restarted on the same data directory. Everything
 // acknowledged is still there; nothing unacknowledged half-exists; the job
-// that was running is failed ("interrupted") and its model serves its last
-// good version.
+// that was running resumes from its last checkpoint (one that may not resume
+// is failed, "interrupted") and its model serves its last good version.
 #include <gtest/gtest.h>
 #include <signal.h>
 
@@ -54,7 +54,8 @@ TEST_P(CrashTest, LosesNothingAcknowledged) {
   char tmpl[] = "/tmp/tlserve-crash-XXXXXX";
   const std::string dir = ::mkdtemp(tmpl);
   const std::string log = dir + "/server.log", data = dir + "/data";
-  std::string job_id, long_job_id;
+  std::string job_id, long_job_id, no_resume_id;
+  int epochs_before = 0;
   {
     ServerProcess server(Fixture("r18small.pt"), data, log);
     auto c = server.Connect();
@@ -80,11 +81,26 @@ TEST_P(CrashTest, LosesNothingAcknowledged) {
     auto long_job = client.Call(&v1::Models::Stub::StartTraining, train);
     ASSERT_TRUE(long_job.ok()) << long_job.status();
     long_job_id = long_job->id();
+    // Queued behind it, one that may not resume.
+    train.mutable_options()->set_resume_after_restart(false);
+    auto no_resume = client.Call(&v1::Models::Stub::StartTraining, train);
+    EXPECT_EQ(no_resume.status().code(), absl::StatusCode::kFailedPrecondition)
+        << "one job per model";
+    v1::CreateModelRequest other = create;
+    other.set_name("other");
+    ASSERT_TRUE(client.Call(&v1::Models::Stub::CreateModel, other).ok());
+    train.set_model("other");
+    no_resume = client.Call(&v1::Models::Stub::StartTraining, train);
+    ASSERT_TRUE(no_resume.ok()) << no_resume.status();
+    no_resume_id = no_resume->id();
     v1::GetJobRequest get;
     get.set_id(long_job_id);
     for (int i = 0; i < 500; ++i) {
       auto j = client.Call(&v1::Models::Stub::GetJob, get);
-      if (j.ok() && j->epochs_size() > 0) break;
+      if (j.ok() && j->epochs_size() > 1) {
+        epochs_before = j->epochs_size();
+        break;
+      }
       absl::SleepFor(absl::Milliseconds(20));
     }
     absl::Status upload;
@@ -121,11 +137,37 @@ TEST_P(CrashTest, LosesNothingAcknowledged) {
   auto done = client.Call(&v1::Models::Stub::GetJob, get);
   ASSERT_TRUE(done.ok());
   EXPECT_EQ(done->state(), v1::Job::SUCCEEDED);
+  // The long job resumed from its last checkpoint: queued or running again,
+  // with the epochs it had (each checkpoint is written before its epoch is
+  // reported, so none reported is lost).
   get.set_id(long_job_id);
+  auto resumed = client.Call(&v1::Models::Stub::GetJob, get);
+  ASSERT_TRUE(resumed.ok());
+  EXPECT_TRUE(resumed->state() == v1::Job::QUEUED || resumed->state() == v1::Job::RUNNING)
+      << resumed->state() << " " << resumed->error();
+  EXPECT_GT(epochs_before, 1);
+  for (int i = 0; i < 500 && resumed->epochs_size() < epochs_before; ++i) {
+    absl::SleepFor(absl::Milliseconds(20));
+    resumed = client.Call(&v1::Models::Stub::GetJob, get);
+    ASSERT_TRUE(resumed.ok());
+  }
+  EXPECT_GE(resumed->epochs_size(), epochs_before);
+  // The one that may not resume failed as interrupted.
+  get.set_id(no_resume_id);
   auto interrupted = client.Call(&v1::Models::Stub::GetJob, get);
   ASSERT_TRUE(interrupted.ok());
   EXPECT_EQ(interrupted->state(), v1::Job::FAILED);
   EXPECT_NE(interrupted->error().find("interrupted"), std::string::npos) << interrupted->error();
+  // Cancelling the resumed one frees its model.
+  v1::CancelJobRequest cancel;
+  cancel.set_id(long_job_id);
+  ASSERT_TRUE(client.Call(&v1::Models::Stub::CancelJob, cancel).ok());
+  for (int i = 0; i < 500; ++i) {
+    get.set_id(long_job_id);
+    auto j = client.Call(&v1::Models::Stub::GetJob, get);
+    if (j.ok() && j->state() == v1::Job::CANCELLED) break;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
   v1::ClassifyRequest classify;
   classify.set_model("clothes");
   v1::Image* img = classify.add_images();
@@ -133,7 +175,7 @@ TEST_P(CrashTest, LosesNothingAcknowledged) {
   auto r = client.Call(&v1::Models::Stub::Classify, classify);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->version(), 1);
-  // The model can train again: the interrupted job no longer holds it.
+  // The model can train again: the cancelled job no longer holds it.
   v1::StartTrainingRequest train;
   train.set_model("clothes");
   train.set_dataset("keep");
