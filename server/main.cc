@@ -60,6 +60,9 @@ ABSL_FLAG(int, max_concurrent_exports, 4,
 ABSL_FLAG(int, max_concurrent_analyses, 2,
           "most Evaluate and SuggestLabels calls at once (each classifies a whole dataset); "
           "more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, max_analysis_mb, 2048,
+          "most memory one Evaluate or SuggestLabels may hold for its probabilities, embeddings "
+          "and scores; a larger one gets RESOURCE_EXHAUSTED before it starts");
 ABSL_FLAG(std::string, data_dir, "./tlserve-data", "directory for the server's durable state");
 ABSL_FLAG(int, drain_seconds, 20, "on SIGTERM/SIGINT, how long in-flight calls may finish");
 
@@ -146,6 +149,7 @@ int main(int argc, char** argv) {
   o.max_concurrent_uploads = absl::GetFlag(FLAGS_max_concurrent_uploads);
   o.max_concurrent_exports = absl::GetFlag(FLAGS_max_concurrent_exports);
   o.max_concurrent_analyses = absl::GetFlag(FLAGS_max_concurrent_analyses);
+  o.max_analysis_bytes = absl::GetFlag(FLAGS_max_analysis_mb) << 20;
   const std::string host = absl::GetFlag(FLAGS_host);
   o.grpc_address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_port));
   const std::string metrics_host =
@@ -189,13 +193,14 @@ int main(int argc, char** argv) {
   if (o.limits.max_images_per_request < 1 || o.max_message_bytes < 1024 ||
       absl::GetFlag(FLAGS_feature_cache_mb) < 0 || o.models.max_head_params < 1 ||
       o.models.max_classes < 2 || o.min_free_disk_bytes < 0 || o.max_concurrent_uploads < 1 ||
-      o.max_concurrent_exports < 1 || o.max_concurrent_analyses < 1 || o.train_threads < 1 ||
+      o.max_concurrent_exports < 1 || o.max_concurrent_analyses < 1 ||
+      o.max_analysis_bytes < (int64_t{1} << 20) || o.train_threads < 1 ||
       absl::GetFlag(FLAGS_device_memory_budget_mb) < 0) {
     tlserve::LogError(
         "--max_images_per_request must be >= 1, --max_message_bytes >= 1024, "
         "--feature_cache_mb >= 0, --max_head_params >= 1, --max_model_classes >= 2 and "
         "--min_free_disk_mb >= 0, --max_concurrent_uploads >= 1, --max_concurrent_exports >= 1, "
-        "--max_concurrent_analyses >= 1, "
+        "--max_concurrent_analyses >= 1, --max_analysis_mb >= 1, "
         "--train_threads >= 1 and --device_memory_budget_mb >= 0");
     return 2;
   }

@@ -11,29 +11,14 @@ namespace {
 
 // Flags that take a value; the others are switches.
 bool TakesValue(const std::string& key) {
-  static const std::set<std::string> kValued = {"server",
-                                                "input",
-                                                "layer",
-                                                "pool",
-                                                "out",
-                                                "dataset",
-                                                "classes",
-                                                "hidden",
-                                                "dropout",
-                                                "from",
-                                                "epochs",
-                                                "lr",
-                                                "head-lr",
-                                                "optimizer",
-                                                "batch-size",
-                                                "weight-decay",
-                                                "label-smoothing",
-                                                "patience",
-                                                "validation-fraction",
-                                                "seed",
-                                                "top-k",
-                                                "version",
-                                                "model"};
+  static const std::set<std::string> kValued = {
+      "server", "input", "layer", "pool", "out", "dataset", "classes", "hidden", "dropout", "from",
+      "epochs", "lr", "head-lr", "optimizer", "batch-size", "weight-decay", "label-smoothing",
+      "patience", "validation-fraction", "seed", "top-k", "version", "model",
+      // evaluate, serve, thresholds, suggest, train's
+      // recipe and sweep
+      "versions", "split", "serve", "target-precision", "global", "class", "count", "strategy",
+      "duplicate-cosine", "l2", "folds", "warmup", "layer-decay"};
   // How to reach the server; tlctl's other flags use hyphens, the server's
   // flags underscores, so these are taken in both spellings.
   static const std::set<std::string> kConnection = {"token",    "tls_ca",  "tls-ca", "tls_cert",

@@ -42,6 +42,9 @@ struct AnalysisContext {
 struct AnalysisLimits {
   int max_concurrent = 2;                 // --max_concurrent_analyses
   int64_t max_image_pixels = 40'000'000;  // decoded and resized, per image
+  // What one analysis may hold: its probabilities (and embeddings) and their
+  // float64 copies for scoring (--max_analysis_mb).
+  int64_t max_bytes = int64_t{2} << 30;
   std::shared_ptr<std::atomic<int>> in_flight = std::make_shared<std::atomic<int>>(0);
 };
 
@@ -75,6 +78,7 @@ class AnalysisReactor final : public grpc::ServerWriteReactor<Response> {
       return;
     }
     tenant_slot_ = *std::move(slot);
+    started_ = true;
     worker_ = std::thread([this, body = std::move(body)] {
       const AnalysisContext ctx{caller_, [this](int64_t d, int64_t t) { Progress(d, t); },
                                 [this] { return cancelled_.load(); }};
@@ -176,7 +180,7 @@ class AnalysisReactor final : public grpc::ServerWriteReactor<Response> {
   }
 
   void End(const absl::Status& status) {
-    if (!worker_.joinable()) {  // refused before it started
+    if (!started_) {  // refused before it started
       tenant_slot_.reset();
       ReleaseSlot();
     }
@@ -192,6 +196,7 @@ class AnalysisReactor final : public grpc::ServerWriteReactor<Response> {
   std::thread worker_;
   std::atomic<bool> cancelled_{false};
   std::atomic<bool> released_{false};  // the server-wide slot was given back
+  bool started_ = false;               // set before the worker exists, never after
   absl::Mutex mu_;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;

@@ -31,13 +31,22 @@ struct HeldExamples {
 };
 
 absl::StatusOr<HeldExamples> ReadExamples(DatasetCatalog* datasets, const std::string& key) {
-  if (auto d = datasets->Get(key); !d.ok()) return d.status();
   HeldExamples held;
-  held.hold = datasets->Hold(key);
+  held.hold = datasets->Hold(key);  // first: no delete between the check and the read
+  if (auto d = datasets->Get(key); !d.ok()) return d.status();
   auto listed = datasets->database()->ListExamples(key);
   if (!listed.ok()) return listed.status();
   held.examples = *std::move(listed);
   return held;
+}
+
+// RESOURCE_EXHAUSTED before an analysis of `bytes` is started over the limit.
+absl::Status CheckAnalysisBytes(int64_t bytes, const AnalysisLimits& limits, const char* what) {
+  if (bytes <= limits.max_bytes) return absl::OkStatus();
+  return absl::ResourceExhaustedError(
+      absl::StrCat(what, " would hold ", bytes >> 20,
+                   " MiB of probabilities and scores, over --max_analysis_mb ",
+                   limits.max_bytes >> 20, "; use a smaller dataset or split, or fewer versions"));
 }
 
 std::string Verdict(const PairedTest& t, int a, int b) {
@@ -77,8 +86,8 @@ grpc::ServerWriteReactor<v1::EvaluateResponse>* ModelService::Evaluate(
         std::set<int> seen;
         for (size_t i = 0; i < numbers.size(); ++i) {
           if (numbers[i] < 0) {
-            return absl::InvalidArgumentError(
-                absl::StrCat("versions[", i, "] = ", numbers[i], " must be > 0"));
+            return absl::InvalidArgumentError(absl::StrCat(
+                "versions[", i, "] = ", numbers[i], " must be >= 0 (0: the served version)"));
           }
           auto v = models_->ServableNow(*model, numbers[i]);
           if (!v.ok()) return v.status();
@@ -113,6 +122,14 @@ grpc::ServerWriteReactor<v1::EvaluateResponse>* ModelService::Evaluate(
         if (chosen.empty()) {
           return absl::FailedPreconditionError(absl::StrCat(
               "dataset \"", req.dataset(), "\" has no labelled image in the chosen split"));
+        }
+        // float32 probabilities, their float64 copy while scored.
+        if (absl::Status s = CheckAnalysisBytes(static_cast<int64_t>(chosen.size()) *
+                                                    static_cast<int64_t>(classes.size()) *
+                                                    static_cast<int64_t>(versions.size()) * 12,
+                                                analyses_, "this evaluation");
+            !s.ok()) {
+          return s;
         }
         PredictOptions o;
         o.priority = Engine::Priority::kServing;
@@ -201,6 +218,16 @@ grpc::ServerWriteReactor<v1::SuggestLabelsResponse>* ModelService::SuggestLabels
           return absl::FailedPreconditionError(
               absl::StrCat("dataset \"", req.dataset(),
                            "\" has no unlabelled image; upload the pool with empty labels"));
+        }
+        // Probabilities (float32 and a float64 copy) and embeddings (float32,
+        // a float64 copy and its unit rows).
+        const int64_t n = static_cast<int64_t>(pool.size());
+        if (absl::Status s =
+                CheckAnalysisBytes(n * static_cast<int64_t>((*version)->classes.size()) * 12 +
+                                       n * embedder_->engine().backbone().embedding_dim() * 20,
+                                   analyses_, "these suggestions");
+            !s.ok()) {
+          return s;
         }
         PredictOptions o;
         o.priority = Engine::Priority::kServing;

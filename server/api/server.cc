@@ -226,7 +226,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   s->model_service_ = std::make_unique<ModelService>(
       s->models_.get(), s->jobs_.get(), s->datasets_.get(), s->embedder_.get(), s->pool_.get(),
       s->security_.get(), options.limits, exports,
-      AnalysisLimits{options.max_concurrent_analyses, options.embedder.max_image_pixels});
+      AnalysisLimits{options.max_concurrent_analyses, options.embedder.max_image_pixels,
+                     options.max_analysis_bytes});
   s->dataset_service_ = std::make_unique<DatasetService>(
       s->datasets_.get(), s->pool_.get(), s->security_.get(), options.max_concurrent_uploads);
   grpc::EnableDefaultHealthCheckService(true);

@@ -45,7 +45,8 @@ struct ServerOptions {
   int64_t min_free_disk_bytes = int64_t{512} << 20;  // the data directory's reserve
   int max_concurrent_uploads = 16;
   int max_concurrent_exports = 4;
-  int max_concurrent_analyses = 2;  // Evaluate and SuggestLabels calls at once
+  int max_concurrent_analyses = 2;                // Evaluate and SuggestLabels calls at once
+  int64_t max_analysis_bytes = int64_t{2} << 30;  // what one of them may hold
 
   // Security (README "Security"). tls_cert + tls_key: gRPC over TLS, the
   // files re-read every tls_refresh_seconds; tls_client_ca: clients must

@@ -155,8 +155,9 @@ absl::Status DatasetCatalog::Delete(const std::string& name) {
   {
     absl::MutexLock lock(&mu_);
     if (users_[name] > 0) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "dataset \"", name, "\" is used by a running training job; cancel it or wait"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("dataset \"", name,
+                       "\" is in use by a training job or an evaluation; cancel it or wait"));
     }
   }
   return db_->DeleteDataset(name);

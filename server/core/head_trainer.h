@@ -46,10 +46,10 @@ struct TrainOptions {
   bool head_first = true;
   // Fine-tuning's recipe (docs/experiments.md has the evidence): the
   // learning rate warms up linearly over warmup_fraction of the steps, then
-  // decays along a cosine to 0 (kConstant: as before); a private stage d
-  // stages before the last trains at stage_learning_rate * layer_decay^d;
-  // with gradual_unfreezing the deepest private stage trains from epoch 1,
-  // the one before it from epoch 2, and so on.
+  // decays along a cosine to 0 (kConstant: as before); the trainable private
+  // stage d places before the deepest trains at stage_learning_rate *
+  // layer_decay^d; with gradual_unfreezing the deepest trains from epoch 1
+  // and stage d from epoch 1 + floor(d * epochs / (2 * stages)).
   enum class Schedule { kWarmupCosine, kConstant };
   Schedule schedule = Schedule::kWarmupCosine;
   float warmup_fraction = 0.1f;

@@ -310,7 +310,9 @@ absl::StatusOr<int> JobRunner::StoreVersion(const std::string& id, const JobReco
     }
   }
   std::string outcome;
-  const bool serve = ShouldServe(id, r, val, val_labels, v.validation.accuracy, &outcome);
+  auto decided = ShouldServe(id, r, val, val_labels, v.validation.accuracy, &outcome);
+  if (!decided.ok()) return decided.status();  // cancelled or stopping
+  const bool serve = *decided;
   auto added = models_->AddVersion(r.model, head, stages, v, serve);
   if (added.ok()) {
     Update(id, [&](JobRecord& rec) {
@@ -320,10 +322,10 @@ absl::StatusOr<int> JobRunner::StoreVersion(const std::string& id, const JobReco
   return added;
 }
 
-bool JobRunner::ShouldServe(const std::string& id, const JobRecord& r,
-                            const std::vector<StoredExample>& val,
-                            const std::vector<int64_t>& val_labels, double accuracy,
-                            std::string* why) {
+absl::StatusOr<bool> JobRunner::ShouldServe(const std::string& id, const JobRecord& r,
+                                            const std::vector<StoredExample>& val,
+                                            const std::vector<int64_t>& val_labels, double accuracy,
+                                            std::string* why) {
   switch (r.options.serve) {
     case TrainOptions::Serve::kAlways:
       *why = "options.serve is ALWAYS";
@@ -335,9 +337,14 @@ bool JobRunner::ShouldServe(const std::string& id, const JobRecord& r,
       break;
   }
   auto served = models_->ServableNow(r.model, 0);
-  if (!served.ok()) {
+  if (!served.ok() && served.status().code() == absl::StatusCode::kFailedPrecondition) {
     *why = "the model had no served version";
     return true;
+  }
+  if (!served.ok()) {  // not compared: not served (serve it by hand)
+    *why = absl::StrCat("the served version could not be read to compare: ",
+                        served.status().message());
+    return false;
   }
   if (val.empty()) {
     *why = "no validation split to compare it with the served version on";
@@ -351,10 +358,13 @@ bool JobRunner::ShouldServe(const std::string& id, const JobRecord& r,
   o.max_image_pixels = max_image_pixels_;
   o.cancelled = [&] { return Cancelled(id); };
   auto old = PredictExamples(*engine_, *db_, val, {*served}, o);
-  if (!old.ok()) {
+  if (!old.ok() && (old.status().code() == absl::StatusCode::kCancelled || Cancelled(id))) {
+    return absl::CancelledError("the job was cancelled");
+  }
+  if (!old.ok()) {  // not compared: not served (serve it by hand)
     *why = absl::StrCat("the served v", (*served)->version,
                         " could not be compared: ", old.status().message());
-    return true;
+    return false;
   }
   const at::Tensor predicted = old->probabilities[0].argmax(1);
   int64_t right = 0;
@@ -389,8 +399,19 @@ absl::StatusOr<int> JobRunner::Train(const std::string& id) {
   }
   // A job resumed after a restart continues from its last checkpoint (its
   // epochs so far come back with it); without one it starts over.
+  // A crash after its version was stored and before its end was recorded:
+  // the job is done.
+  for (const VersionInfo& v : info->versions) {
+    if (v.job_id == id) return v.version;
+  }
   std::optional<Checkpoint> checkpoint;
   if (r.options.resume) checkpoint = LoadCheckpoint(id);
+  // Uploads may append to the dataset while a job waits to resume: its
+  // checkpoint is of other examples then, and it starts over.
+  if (checkpoint && checkpoint->examples != ExamplesDigest(examples)) {
+    LogWarning("job %s: its dataset changed since its checkpoint; it starts over", id);
+    checkpoint.reset();
+  }
   Update(id, [&](JobRecord& rec) {
     rec.epochs = checkpoint ? checkpoint->epochs : std::vector<EpochStats>{};
     if (checkpoint) {
@@ -398,6 +419,14 @@ absl::StatusOr<int> JobRunner::Train(const std::string& id) {
               checkpoint->epochs.empty() ? 0 : checkpoint->epochs.back().epoch);
     }
   });
+  for (const StoredExample& e : examples) {
+    if (std::find(info->classes.begin(), info->classes.end(), e.label) == info->classes.end()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("dataset \"", r.dataset, "\" now has label \"", Bounded(e.label),
+                       "\", which the model does not have (appended while the job waited)"));
+    }
+  }
+  current_examples_digest_ = ExamplesDigest(examples);
   if (!info->private_stages.empty()) return FineTuneJob(id, r, *info, examples, checkpoint);
   Update(id, [](JobRecord& rec) { rec.phase = "computing features"; });
   if (r.options.sweep) {

@@ -146,6 +146,7 @@ nlohmann::json ToJson(const JobRecord& r) {
           {"version", r.version},
           {"created_unix", r.created_unix},
           {"outcome", r.outcome},
+          {"cancel_requested", r.cancel_requested},
           {"leaderboard", LeaderboardToJson(r.leaderboard)},
           {"options", OptionsToJson(r.options)}};
 }
@@ -161,6 +162,7 @@ JobRecord FromJson(const nlohmann::json& j) {
   r.version = j.at("version");
   r.created_unix = j.at("created_unix");
   r.outcome = j.value("outcome", "");
+  r.cancel_requested = j.value("cancel_requested", false);
   if (j.contains("leaderboard")) r.leaderboard = LeaderboardFromJson(j.at("leaderboard"));
   r.options = OptionsFromJson(j.value("options", nlohmann::json()));
   for (const auto& e : j.at("epochs")) r.epochs.push_back(EpochFromJson(e));
@@ -232,7 +234,11 @@ absl::Status JobRunner::Recover() {
         LogError("job record %s is corrupt (%s); skipped", key, e.what());
         continue;
       }
-      if (!job.record.final() && job.record.options.resume) {
+      if (!job.record.final() && job.record.cancel_requested) {
+        job.record.state = JobRecord::State::kCancelled;
+        job.record.phase = "cancelled (the server stopped before the job noticed)";
+        interrupted.push_back(key);
+      } else if (!job.record.final() && job.record.options.resume) {
         resumed.push_back(key);
       } else if (!job.record.final()) {
         job.record.state = JobRecord::State::kFailed;
@@ -281,6 +287,12 @@ absl::Status JobRunner::Recover() {
   return absl::OkStatus();
 }
 
+std::string JobRunner::ExamplesDigest(const std::vector<StoredExample>& examples) {
+  std::string ids;
+  for (const StoredExample& e : examples) absl::StrAppend(&ids, e.id, ",");
+  return absl::StrCat(examples.size(), ":", std::hash<std::string>()(ids));
+}
+
 std::string JobRunner::CheckpointPath(const std::string& id) const {
   return absl::StrCat(checkpoint_dir_, "/", id, ".ckpt");
 }
@@ -294,7 +306,10 @@ void JobRunner::SaveCheckpoint(const std::string& id, const std::string& kind,
     for (const auto& e : jobs_.at(id).record.epochs) epochs.push_back(EpochToJson(e));
   }
   epochs.push_back(EpochToJson(last));  // reported right after this save
-  const std::string header = nlohmann::json{{"kind", kind}, {"epochs", epochs}}.dump();
+  const std::string header = nlohmann::json{
+      {"kind", kind},
+      {"examples", current_examples_digest_},
+      {"epochs", epochs}}.dump();
   absl::Status s = disk_ != nullptr ? disk_->Check(static_cast<int64_t>(state.size()) * 2,
                                                    "a job's checkpoint", DiskBudget::Into::kFile)
                                     : absl::OkStatus();
@@ -317,6 +332,7 @@ std::optional<JobRunner::Checkpoint> JobRunner::LoadCheckpoint(const std::string
   }
   Checkpoint c;
   c.kind = j.at("kind").get<std::string>();
+  c.examples = j.value("examples", "");
   for (const auto& e : j.at("epochs")) c.epochs.push_back(EpochFromJson(e));
   c.state.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
   return c;
@@ -415,6 +431,9 @@ absl::StatusOr<JobRecord> JobRunner::Cancel(const std::string& id) {
     }
     if (it->second.record.final()) return it->second.record;
     it->second.cancel = true;
+    // Durable before it is acknowledged: a stop or a crash before the job
+    // notices must not resume it.
+    it->second.record.cancel_requested = true;
     if (it->second.record.state == JobRecord::State::kQueued) {
       was_queued = true;
       queue_.erase(std::remove(queue_.begin(), queue_.end(), id), queue_.end());
@@ -428,8 +447,9 @@ absl::StatusOr<JobRecord> JobRunner::Cancel(const std::string& id) {
   if (was_queued) {
     models_->EndTraining(model);
     datasets_->Release(dataset);
-    Publish(id);
+    DeleteCheckpoint(id);  // a job paused by a restart has one
   }
+  Publish(id);
   return Get(id);  // a running job ends at its next check, asynchronously
 }
 
@@ -571,7 +591,7 @@ void JobRunner::Run(const std::string& id) {
     Job& job = jobs_.at(id);
     model = job.record.model;
     dataset = job.record.dataset;
-    resumable = job.record.options.resume;
+    resumable = job.record.options.resume && !job.record.cancel_requested;
   }
   // A job that ends for good loses its checkpoint before anyone hears it
   // ended; one paused by the stop keeps it.

@@ -53,6 +53,8 @@ struct JobRecord {
   int version = 0;
   // What became of the version it made: served or not, and why.
   std::string outcome;
+  // CancelJob was called (recorded before it is acknowledged).
+  bool cancel_requested = false;
   // A sweep's candidates so far, best first.
   std::vector<SweepEntry> leaderboard;
   int64_t created_unix = 0;
@@ -112,10 +114,13 @@ class JobRunner {
   // "fine-tune"), the job's epochs so far and the trainer's state.
   struct Checkpoint {
     std::string kind;
+    std::string examples;  // ExamplesDigest of the examples it trained on
     std::vector<EpochStats> epochs;
     std::string state;
   };
   std::string CheckpointPath(const std::string& id) const;
+  // Which examples a run trains on: their count and ids, hashed.
+  static std::string ExamplesDigest(const std::vector<StoredExample>& examples);
   // `last` is the epoch the state ends (about to be reported). A failed
   // write is logged; the job goes on.
   void SaveCheckpoint(const std::string& id, const std::string& kind, const EpochStats& last,
@@ -157,8 +162,11 @@ class JobRunner {
                                    Evaluation validation);
   // options.serve: whether a new version with `accuracy` on the validation
   // split `val` is served; `why` says why (the job's outcome).
-  bool ShouldServe(const std::string& id, const JobRecord& r, const std::vector<StoredExample>& val,
-                   const std::vector<int64_t>& val_labels, double accuracy, std::string* why);
+  // CANCELLED when the job is cancelled (or the server stops) meanwhile.
+  absl::StatusOr<bool> ShouldServe(const std::string& id, const JobRecord& r,
+                                   const std::vector<StoredExample>& val,
+                                   const std::vector<int64_t>& val_labels, double accuracy,
+                                   std::string* why);
   // Persists and tells the watchers; call without mu_ held.
   void Publish(const std::string& id);
   void Update(const std::string& id, const std::function<void(JobRecord&)>& change);
@@ -192,7 +200,8 @@ class JobRunner {
   int64_t starts_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   int next_token_ ABSL_GUARDED_BY(mu_) = 1;
-  FeatureCache feature_cache_;  // worker thread only
+  FeatureCache feature_cache_;           // worker thread only
+  std::string current_examples_digest_;  // worker thread only: the running job's
   std::thread worker_;
 };
 

@@ -1,6 +1,17 @@
 #include "server/core/model_json.h"
 
+#include <cmath>
+
 namespace tlserve {
+namespace {
+
+// A number that may be missing (older records) or null (JSON has no NaN).
+double NumberOr(const nlohmann::json& j, const char* key, double fallback) {
+  auto it = j.find(key);
+  return it != j.end() && it->is_number() ? it->get<double>() : fallback;
+}
+
+}  // namespace
 
 nlohmann::json ModelToJson(const ModelInfo& m) {
   nlohmann::json versions = nlohmann::json::array();
@@ -49,11 +60,23 @@ ModelInfo ModelFromJson(const nlohmann::json& j) {
     vi.validation.recall = v.at("recall").get<std::vector<double>>();
     vi.validation.support = v.at("support").get<std::vector<int64_t>>();
     vi.validation.confusion = v.at("confusion").get<std::vector<int64_t>>();
-    // Versions made before calibration: temperature 1, no thresholds.
-    vi.calibration.temperature = v.value("temperature", 1.0);
-    vi.calibration.thresholds = v.value("thresholds", std::vector<float>{});
-    vi.validation_ece_uncalibrated = v.value("validation_ece_uncalibrated", 0.0);
-    vi.validation_ece = v.value("validation_ece", 0.0);
+    // Versions made before calibration: temperature 1, no thresholds. A
+    // temperature or thresholds that cannot be right are dropped (a damaged
+    // record must not index past the classes).
+    vi.calibration.temperature = NumberOr(v, "temperature", 1.0);
+    if (!(vi.calibration.temperature > 0 && std::isfinite(vi.calibration.temperature))) {
+      vi.calibration.temperature = 1;
+    }
+    if (auto t = v.find("thresholds"); t != v.end() && t->is_array()) {
+      for (const auto& x : *t) {
+        vi.calibration.thresholds.push_back(x.is_number() ? x.get<float>() : 2.0f);
+      }
+    }
+    bool valid = vi.calibration.thresholds.size() == m.classes.size();
+    for (float x : vi.calibration.thresholds) valid = valid && x >= 0 && x <= 1;
+    if (!valid) vi.calibration.thresholds.clear();
+    vi.validation_ece_uncalibrated = NumberOr(v, "validation_ece_uncalibrated", 0.0);
+    vi.validation_ece = NumberOr(v, "validation_ece", 0.0);
     m.versions.push_back(std::move(vi));
   }
   return m;

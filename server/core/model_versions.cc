@@ -54,7 +54,6 @@ absl::StatusOr<ModelInfo> ModelRegistry::SetThresholds(const std::string& name, 
                                                        std::vector<float> thresholds) {
   absl::MutexLock write(&write_mu_);
   ModelInfo next;
-  std::shared_ptr<const ServableVersion> loaded;
   {
     absl::MutexLock lock(&mu_);
     auto entry = Idle(name, "set thresholds after the job");
@@ -62,7 +61,6 @@ absl::StatusOr<ModelInfo> ModelRegistry::SetThresholds(const std::string& name, 
     if (!(*entry)->info.problem.ok()) return (*entry)->info.problem;
     next = (*entry)->info;
     if (version == 0) version = next.served_version;
-    if (auto it = (*entry)->loaded.find(version); it != (*entry)->loaded.end()) loaded = it->second;
   }
   if (version == 0) {
     return absl::FailedPreconditionError(
@@ -92,11 +90,13 @@ absl::StatusOr<ModelInfo> ModelRegistry::SetThresholds(const std::string& name, 
   absl::MutexLock lock(&mu_);
   Entry& e = models_[name];  // not deleted: Delete needs write_mu_
   e.info = next;
-  // A loaded copy gets the new thresholds (the same modules); one not loaded
-  // reads them with its record when it is.
-  if (loaded) {
-    e.loaded[version] = std::make_shared<const ServableVersion>(
-        loaded->model, loaded->version, loaded->classes, loaded->plan, calibration);
+  // The copy loaded now (not the one seen before the write: the loader may
+  // have installed one meanwhile) gets the new thresholds, with the same
+  // modules; one not loaded reads them with its record when it is.
+  if (auto it = e.loaded.find(version); it != e.loaded.end()) {
+    const auto& now = it->second;
+    it->second = std::make_shared<const ServableVersion>(now->model, now->version, now->classes,
+                                                         now->plan, calibration);
   }
   return next;
 }

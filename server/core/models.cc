@@ -306,13 +306,21 @@ void ModelRegistry::Keep(const std::string& name, uint64_t generation,
           version->model, version->version, version->classes, version->plan, v.calibration);
     }
   }
+  if (version->version == e.info.served_version) {
+    // Served meanwhile (SetServedVersion loaded it itself): never an older
+    // version to evict, and the copy already installed stays.
+    if (!e.loaded.count(version->version)) e.loaded[version->version] = kept;
+    return;
+  }
   e.loaded[version->version] = kept;
   e.last_use[version->version] = ++use_clock_;
   TrimOlder(e);
 }
 
 void ModelRegistry::TrimOlder(Entry& e) {
-  // Older versions beyond the bound go, least recently used first.
+  // Older versions beyond the bound go, least recently used first; the
+  // served one is never among them.
+  e.last_use.erase(e.info.served_version);
   while (static_cast<int>(e.last_use.size()) > kMaxOlderVersions) {
     auto lru = e.last_use.begin();
     for (auto u = e.last_use.begin(); u != e.last_use.end(); ++u) {

@@ -189,6 +189,45 @@ class TlctlTest(unittest.TestCase):
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("NOT_FOUND", r.stderr)
 
+    def test_evaluate_serve_thresholds_and_suggest(self):
+        train = os.path.join(FIX, "fmnist", "train")
+        test = os.path.join(FIX, "fmnist", "test")
+        for args in (("upload", train, "--dataset", "fm"), ("upload", test, "--dataset", "held"),
+                     ("upload", test, "--dataset", "pool", "--unlabelled"),
+                     ("create-model", "m", "--dataset", "fm"),
+                     ("train", "m", "--dataset", "fm", "--wait"),
+                     ("train", "m", "--dataset", "fm", "--sweep", "--l2", "0.1,1,10", "--folds", "3",
+                      "--serve", "never", "--wait")):
+            r = self.run_tlctl(*args)
+            self.assertEqual(r.returncode, 0, (args, r.stderr))
+        self.assertIn("<- the version", r.stdout)  # the sweep's leaderboard
+        self.assertIn("v2 is not served", r.stdout)
+        # Flags given as "--flag value" (space-separated) as well as "--flag=value".
+        r = self.run_tlctl("evaluate", "m", "--dataset", "held", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        e = json.loads(r.stdout)
+        self.assertEqual(set(e) >= {"accuracy", "top5_accuracy", "log_loss", "ece", "classes", "confusion"}, True, e)
+        self.assertEqual(len(e["confusion"]), 3)
+        self.assertEqual(sum(map(sum, e["confusion"])), sum(c["support"] for c in e["classes"]))
+        self.assertEqual(set(e["classes"][0]), {"label", "precision", "recall", "f1", "support"})
+        r = self.run_tlctl("evaluate", "m", "--dataset", "held", "--versions", "1,2")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("v1 vs v2", r.stdout)
+        r = self.run_tlctl("serve", "m", "--version", "2", "--json")
+        self.assertEqual(json.loads(r.stdout)["served_version"], 2, r.stderr)
+        r = self.run_tlctl("thresholds", "m", "--global", "0.5", "--json")
+        self.assertEqual(json.loads(r.stdout)["thresholds"], [0.5, 0.5, 0.5], r.stderr)
+        r = self.run_tlctl("thresholds", "m", "--class", "nope=0.5")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("INVALID_ARGUMENT", r.stderr)
+        r = self.run_tlctl("suggest", "m", "--dataset", "pool", "--count", "5", "--duplicate-cosine", "1", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        s = json.loads(r.stdout)["suggestions"]
+        self.assertEqual(len(s), 5)
+        margins = [x["margin"] for x in s]
+        self.assertEqual(margins, sorted(margins))
+        self.assertEqual(set(s[0]), {"name", "margin", "entropy", "top"})
+
     def test_unreachable_server_is_reported(self):
         r = subprocess.run([os.path.join(BIN, "tlctl"), "--server=127.0.0.1:%d" % free_port(), "health"],
                            capture_output=True, text=True, timeout=60)

@@ -243,3 +243,60 @@ TEST(FineTunerTest, TrainsAPrivateLayer4AndLeavesTheSharedOneBitIdentical) {
 
 }  // namespace
 }  // namespace tlserve
+
+namespace tlserve {
+namespace {
+
+// The recipe's gradual unfreezing: with layer3 and layer4 private, layer4
+// trains from the first step, layer3 only from the epoch where it joins
+// (1 + 1 * 4 / (2 * 2) = 2 of 4), then both; without it, both from the start.
+TEST(FineTunerTest, GradualUnfreezingTrainsTheDeepestStageFirstThenBoth) {
+  auto b = LoadBackbone("r18tiny.pt");
+  ASSERT_NE(b, nullptr);
+  Examples ex = Load({"t-shirt", "trouser"});
+  const int l3 = *b->EmbeddableStage("layer3"), l4 = *b->EmbeddableStage("layer4");
+  for (bool gradual : {true, false}) {
+    std::map<int, std::shared_ptr<torch::jit::Module>> stages;
+    for (int i : {l3, l4}) {
+      torch::NoGradGuard no_grad;
+      stages[i] = std::make_shared<torch::jit::Module>(b->CloneStage(i));
+    }
+    for (auto& [i, m] : stages) {
+      for (const auto& p : m->parameters()) p.set_requires_grad(true);
+    }
+    const auto layer3 = stages[l3], layer4 = stages[l4];
+    const std::vector<at::Tensor> layer3_before = Copy(*layer3);
+    FineTuneData data = Data(ex.examples, ex.labels);
+    TrainOptions o;
+    o.epochs = 4;
+    o.batch_size = 16;
+    o.gradual_unfreezing = gradual;
+    auto resolved = ResolveTrainOptions(o, HeadSpec{}, /*fine_tune=*/true);
+    ASSERT_TRUE(resolved.ok()) << resolved.status();
+    const int64_t n = static_cast<int64_t>(data.train.size());
+    const int64_t per_epoch = (n + 15) / 16 - (n % 16 == 1 ? 1 : 0);
+    int64_t step = 0;
+    std::vector<bool> layer3_trains, layer4_trains;
+    bool layer3_moved = false;  // by the last step (the best epoch is restored after)
+    data.before_step = [&] {
+      ++step;
+      if (step == 4 * per_epoch) layer3_moved = !Same(Copy(*layer3), layer3_before);
+      // The flags are set per epoch, before its first step.
+      layer3_trains.push_back(layer3->parameters().begin().operator*().requires_grad());
+      layer4_trains.push_back(layer4->parameters().begin().operator*().requires_grad());
+    };
+    auto tuned = FineTune(*EngineOf(*b), stages, MakeHead(HeadSpec{}, b->embedding_dim(), 2), 2,
+                          data, *resolved, nullptr, nullptr);
+    ASSERT_TRUE(tuned.ok()) << tuned.status();
+    ASSERT_EQ(step, 4 * per_epoch);
+    for (int64_t s = 0; s < step; ++s) {
+      EXPECT_TRUE(layer4_trains[s]) << "step " << s;
+      EXPECT_EQ(layer3_trains[s], !gradual || s >= per_epoch)
+          << "gradual " << gradual << " step " << s;
+    }
+    EXPECT_TRUE(layer3_moved) << "layer3 trained in the end";
+  }
+}
+
+}  // namespace
+}  // namespace tlserve

@@ -6,6 +6,7 @@
 #include <grpcpp/client_context.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <thread>
@@ -22,12 +23,15 @@
 namespace tlserve {
 namespace {
 
+std::atomic<int> steps{0};  // fine-tuning steps taken (all servers of a test)
+
 class ResumeTest : public testing::TrainingTest {
  protected:
-  // Fine-tuning steps slowed down, so that a restart lands mid-run.
+  // Fine-tuning steps counted and slowed down, so that a restart lands mid-run.
   ServerOptions Options(const std::string& data_dir) override {
     ServerOptions o = TrainingTest::Options(data_dir);
     o.before_training_step = [](const std::string&) {
+      ++steps;
       std::this_thread::sleep_for(std::chrono::milliseconds(150));
     };
     return o;
@@ -72,10 +76,12 @@ TEST_F(ResumeTest, AJobInterruptedByARestartResumesFromItsLastEpoch) {
   UploadTrainingSet();
   // The uninterrupted run.
   Prepare("whole");
+  steps = 0;
   auto whole = Start("whole", "fmnist", FineTuning());
   ASSERT_TRUE(whole.ok()) << whole.status();
   const v1::Job done = Watch(whole->id()).back();
   ASSERT_EQ(done.state(), v1::Job::SUCCEEDED) << done.error();
+  const int whole_steps = steps.load();
 
   // The same run, the server stopped after epoch 2.
   Prepare("resumed");
@@ -83,12 +89,23 @@ TEST_F(ResumeTest, AJobInterruptedByARestartResumesFromItsLastEpoch) {
   ASSERT_TRUE(job.ok()) << job.status();
   WaitForEpoch(job->id(), 2);
   EXPECT_EQ(Checkpoints(), 1);
+  const v1::Job before = GetJob(job->id());
   Restart();
+  steps = 0;
   const std::vector<v1::Job> seen = Watch(job->id());
   ASSERT_FALSE(seen.empty());
   const v1::Job after = seen.back();
   ASSERT_EQ(after.state(), v1::Job::SUCCEEDED) << after.error();
 
+  // Resumed, not started over: the epochs reported before the stop come back
+  // as they were (their times too), and fewer steps ran after it.
+  ASSERT_GE(after.epochs_size(), before.epochs_size());
+  for (int i = 0; i < before.epochs_size(); ++i) {
+    EXPECT_EQ(after.epochs(i).elapsed_seconds(), before.epochs(i).elapsed_seconds()) << i;
+    EXPECT_EQ(after.epochs(i).train_loss(), before.epochs(i).train_loss()) << i;
+  }
+  EXPECT_GT(steps.load(), 0);
+  EXPECT_LT(steps.load(), whole_steps);
   // As many epochs, numbered alike, and a model at least as good.
   ASSERT_EQ(after.epochs_size(), done.epochs_size());
   for (int i = 0; i < after.epochs_size(); ++i) {

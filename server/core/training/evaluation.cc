@@ -340,7 +340,8 @@ std::vector<Suggestion> RankForLabelling(const at::Tensor& probabilities,
                    [&key](const Suggestion& l, const Suggestion& r) { return key(l) < key(r); });
 
   std::vector<Suggestion> chosen;
-  const bool dedupe = duplicate_cosine <= 1;
+  // >= 1: every row kept (rounding can put a cosine a hair above 1).
+  const bool dedupe = duplicate_cosine < 1;
   at::Tensor unit;
   if (dedupe) {
     // A zero row stays zero after the clamp, so its cosine with anything is 0.

@@ -81,7 +81,7 @@ struct Suggestion {
 };
 // The `count` most uncertain rows, most uncertain first (ties: lower index
 // first), skipping any row whose embedding has cosine similarity above
-// `duplicate_cosine` with a row already chosen (> 1: no de-duplication).
+// `duplicate_cosine` with a row already chosen (>= 1: no de-duplication).
 // `embeddings`: N×D float (any scale).
 std::vector<Suggestion> RankForLabelling(const at::Tensor& probabilities,
                                          const at::Tensor& embeddings, int64_t count,
