@@ -130,6 +130,26 @@ TEST(EvaluationTest, FitTemperatureRecoversAPlantedTemperature) {
             ExpectedCalibrationError(torch::softmax(logits, 1), Labels(y)) / 2);
 }
 
+// The acceptance's check: a temperature fitted on one sample (a validation
+// split) lowers the calibration error on another of the same source (a
+// held-out set) that it never saw.
+TEST(EvaluationTest, ATemperatureFittedOnValidationLowersTheErrorOnAHeldOutSet) {
+  torch::manual_seed(11);
+  auto sample = [](int64_t n) {
+    const at::Tensor true_logits = torch::randn({n, 5}) * 1.5;
+    const at::Tensor y = torch::multinomial(torch::softmax(true_logits, 1), 1).squeeze(1);
+    return std::make_pair(true_logits * 2.5, y);  // over-confident, as trained heads are
+  };
+  const auto [val_logits, val_y] = sample(2000);
+  const auto [test_logits, test_y] = sample(2000);
+  const double t = FitTemperature(val_logits, Labels(val_y));
+  EXPECT_GT(t, 1.5);
+  const double before = ExpectedCalibrationError(torch::softmax(test_logits, 1), Labels(test_y));
+  const double after = ExpectedCalibrationError(torch::softmax(test_logits / t, 1), Labels(test_y));
+  std::printf("held-out ECE %.4f -> %.4f (T = %.3f fitted on another sample)\n", before, after, t);
+  EXPECT_LT(after, before / 2);
+}
+
 TEST(EvaluationTest, FitTemperatureAtTheEndsOfItsRange) {
   // Every label already has probability 1 in float64: nothing beats T = 1.
   const at::Tensor certain = Rows({{100, 0, 0}, {0, 100, 0}, {0, 0, 100}});
