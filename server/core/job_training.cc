@@ -299,8 +299,14 @@ absl::StatusOr<int> JobRunner::StoreVersion(const std::string& id, const JobReco
   v.validation = std::move(validation);
   if (logits.defined() && logits.size(0) == static_cast<int64_t>(val.size()) && !val.empty()) {
     Update(id, [](JobRecord& rec) { rec.phase = "calibrating on the validation split"; });
-    const double t = FitTemperature(logits, val_labels);
-    const at::Tensor calibrated = at::softmax(logits.to(at::kDouble) / t, 1).to(at::kFloat);
+    // A split the head gets all right has no finite optimum (sharper is
+    // always "better"): fitting there would make every answer certain, so
+    // such a version keeps temperature 1.
+    const bool all_right = v.validation.accuracy >= 1.0;
+    const double t = all_right ? 1.0 : FitTemperature(logits, val_labels);
+    const at::Tensor calibrated = t == 1.0
+                                      ? at::softmax(logits, 1)
+                                      : at::softmax(logits.to(at::kDouble) / t, 1).to(at::kFloat);
     v.calibration.temperature = t;
     v.validation_ece_uncalibrated = ExpectedCalibrationError(at::softmax(logits, 1), val_labels);
     v.validation_ece = ExpectedCalibrationError(calibrated, val_labels);
