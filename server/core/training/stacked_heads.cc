@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -192,7 +193,9 @@ absl::Status FitLinear(const Problem& p, int64_t classes, const StackedFitOption
         warm_start->bias[0].to(at::kFloat) + at::bmm(shift.unsqueeze(1), a).squeeze(1);
     x = at::cat({a, b.unsqueeze(1)}, 1).reshape({kk, m});
   }
-  auto [f, g] = eval(ids, x);
+  // Not a structured binding: `retire` captures them (clang 14 refuses that).
+  at::Tensor f, g;
+  std::tie(f, g) = eval(ids, x);
   at::Tensor s = at::zeros({h, kk, m}), yh = at::zeros({h, kk, m}), rho = at::zeros({h, kk});
   at::Tensor gamma = at::ones({kk}), iters = at::zeros({kk}, at::kLong);
   auto retire = [&](const at::Tensor& done) {
