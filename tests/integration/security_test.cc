@@ -796,7 +796,7 @@ TEST_F(SecurityTest, ATenantHoldsAtMostHalfTheUploadSlots) {
   v1::UploadDatasetResponse idle_resp;
   auto idle = acme.datasets()->UploadDataset(idle_ctx.get(), &idle_resp);  // sends nothing
   grpc::Status s;
-  for (int i = 0; i < 100; ++i) {  // the idle stream reaches the server
+  for (int i = 0; i < 600; ++i) {  // the idle stream reaches the server (slow under ASan)
     s = acme.Upload("second", {images["sandal"][0]});
     if (!s.ok()) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
