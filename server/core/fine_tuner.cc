@@ -15,6 +15,7 @@
 #include "server/core/engine/stage_plan.h"
 #include "server/core/image_decoder.h"
 #include "server/core/preprocess.h"
+#include "server/core/training/schedule.h"
 
 #if __has_include(<ATen/autocast_mode.h>)
 #include <ATen/autocast_mode.h>
@@ -208,8 +209,9 @@ absl::StatusOr<FineTuned> FineTune(Engine& engine,
     if (!params.empty()) stage_groups.emplace_back(it->first, std::move(params));
   }
   std::vector<double> base_lr = {o.learning_rate};
-  for (size_t d = 0; d < stage_groups.size(); ++d) {
-    base_lr.push_back(o.stage_learning_rate * std::pow(o.layer_decay, static_cast<double>(d)));
+  for (double lr : StageLearningRates(o.stage_learning_rate, o.layer_decay,
+                                      static_cast<int64_t>(stage_groups.size()))) {
+    base_lr.push_back(lr);
   }
   std::vector<torch::optim::OptimizerParamGroup> groups;
   std::unique_ptr<torch::optim::Optimizer> opt;
@@ -236,13 +238,8 @@ absl::StatusOr<FineTuned> FineTune(Engine& engine,
   // The learning rate of every group at a step: a linear warm-up over the
   // first warmup_fraction of the steps, then cosine decay to 0 (or constant).
   auto set_learning_rates = [&](int64_t step, int64_t total) {
-    double factor = 1;
-    if (o.schedule == TrainOptions::Schedule::kWarmupCosine && total > 0) {
-      const int64_t warmup = std::max<int64_t>(1, static_cast<int64_t>(o.warmup_fraction * total));
-      factor = step < warmup ? static_cast<double>(step + 1) / warmup
-                             : 0.5 * (1 + std::cos(M_PI * static_cast<double>(step - warmup) /
-                                                   std::max<int64_t>(1, total - warmup)));
-    }
+    const double factor = LearningRateFactor(o.schedule == TrainOptions::Schedule::kWarmupCosine,
+                                             o.warmup_fraction, step, total);
     auto& param_groups = opt->param_groups();
     for (size_t g = 0; g < param_groups.size(); ++g) {
       if (sgd) {
@@ -260,7 +257,7 @@ absl::StatusOr<FineTuned> FineTune(Engine& engine,
   auto unfreeze_for = [&](int epoch) {
     const int64_t count = static_cast<int64_t>(stage_groups.size());
     for (size_t d = 0; d < stage_groups.size(); ++d) {
-      const int64_t starts = 1 + static_cast<int64_t>(d) * o.epochs / (2 * count);
+      const int64_t starts = UnfreezeEpoch(static_cast<int64_t>(d), count, o.epochs);
       const bool on = !o.gradual_unfreezing || epoch >= starts;
       for (auto& p : stage_groups[d].second) p.set_requires_grad(on);
     }
