@@ -72,6 +72,9 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadDatasetRequ
       return;
     }
     tenant_slot_ = std::move(*slot);
+    // Initial metadata now tells the client that its upload holds a slot
+    // (a client may wait for it before sending a large first message).
+    StartSendInitialMetadata();
     StartRead(&request_);
   }
 

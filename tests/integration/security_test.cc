@@ -795,19 +795,16 @@ TEST_F(SecurityTest, ATenantHoldsAtMostHalfTheUploadSlots) {
   auto idle_ctx = acme.Context();
   v1::UploadDatasetResponse idle_resp;
   auto idle = acme.datasets()->UploadDataset(idle_ctx.get(), &idle_resp);  // sends nothing
-  grpc::Status s;
-  for (int i = 0; i < 600; ++i) {  // the idle stream reaches the server (slow under ASan)
-    s = acme.Upload("second", {images["sandal"][0]});
-    if (!s.ok()) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
+  // The server sends initial metadata once the stream holds its slots.
+  idle->WaitForInitialMetadata();
+  const grpc::Status s = acme.Upload("second", {images["sandal"][0]});
   EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
   EXPECT_TRUE(absl::StrContains(s.error_message(), "tenant acme has 1 uploads"))
       << s.error_message();
   // Another tenant gets the free slot (once the refused upload's call is
   // over on the server too: it held a server-wide slot for a moment).
   grpc::Status b;
-  for (int i = 0; i < 100; ++i) {
+  for (int i = 0; i < 300; ++i) {
     b = beta.Upload("d", {images["sandal"][0]});
     if (b.ok()) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
