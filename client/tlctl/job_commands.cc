@@ -176,7 +176,8 @@ int Train(Client& c, const Args& a) {
         "lbfgs|adamw|sgd "
         "--batch-size N --weight-decay X --label-smoothing X --balanced --patience N --augment "
         "--train-batchnorm --no-head-first --seed N --serve if-not-worse|always|never "
-        "--target-precision P --sweep [--l2 X,Y,.. --folds K] --constant-lr --warmup F "
+        "--target-precision P --sweep [--l2 X,Y,.. --folds K --heads linear,H] --constant-lr "
+        "--warmup F "
         "--layer-decay X --no-gradual] [--wait]"));
   }
   v1::StartTrainingRequest req;
@@ -237,6 +238,18 @@ int Train(Client& c, const Args& a) {
     auto folds = a.Number("folds", 0);
     if (!folds.ok()) return Fail(folds.status());
     sw->set_folds(static_cast<int>(*folds));
+    for (absl::string_view part : absl::StrSplit(a.Get("heads"), ',', absl::SkipEmpty())) {
+      int width = 0;
+      if (part == "linear") {
+        width = 0;
+      } else if (!absl::SimpleAtoi(part, &width) || width < 0) {
+        return Fail(absl::InvalidArgumentError(
+            absl::StrCat("--heads: \"", part,
+                         "\" is not a head shape; e.g. --heads linear,512 (linear, or "
+                         "one hidden layer of 512 units)")));
+      }
+      sw->add_hidden(width);
+    }
   }
   const std::string serve = a.Get("serve", "if-not-worse");
   if (serve == "always") {

@@ -48,10 +48,11 @@ commands:
         --batch-size N --weight-decay X --label-smoothing X --balanced --patience N
         --augment --train-batchnorm --no-head-first --seed N
         --serve if-not-worse|always|never --target-precision P
-        --sweep [--l2 X,Y,... --folds K] --constant-lr --warmup F --layer-decay X
-        --no-gradual] [--wait]
+        --sweep [--l2 X,Y,... --folds K --heads linear,H,...] --constant-lr --warmup F
+        --layer-decay X --no-gradual] [--wait]
                                  start a job; --wait follows it (Ctrl-C: cancel or detach);
-                                 --sweep: one head per L2 value by k-fold, then a leaderboard
+                                 --sweep: one head per L2 value (and head shape: linear, or
+                                 one hidden layer of H units) by k-fold, then a leaderboard
   jobs [--model M]               training jobs
   watch JOB                      follow a job
   cancel JOB                     cancel a job
@@ -60,11 +61,15 @@ commands:
   export MODEL --out FILE.pt [--version V]
                                  download the model as one TorchScript classifier
   evaluate MODEL --dataset D [--version V | --versions 1,2,3] [--split all|validation|train]
+        [--target-precision P]
                                  accuracy, top-5, log loss, calibration error, per-class scores
-                                 and confusion matrix; several versions: a paired comparison
+                                 and confusion matrix; several versions: a paired comparison;
+                                 --target-precision: the per-class thresholds that reach it
   serve MODEL --version V        serve that version (promote or roll back)
-  thresholds MODEL [--version V] (--global P | --class LABEL=P,... | --clear)
-                                 below its threshold, Classify answers "unknown"
+  thresholds MODEL [--version V] (--global P | --class LABEL=P,... | --clear |
+                 --target-precision P --dataset D [--split validation|all|train])
+                                 below its threshold, Classify answers "unknown"; with
+                                 --target-precision chosen per class on D's images
   suggest MODEL --dataset POOL [--count K] [--strategy margin|entropy] [--duplicate-cosine X]
                                  the pool's unlabelled images to label next, most uncertain first
 

@@ -55,11 +55,17 @@ nlohmann::json EvaluationJson(const v1::VersionEvaluation& e, int classes) {
     }
     confusion.push_back(row);
   }
-  return {{"version", e.version()},         {"images", e.images()},
-          {"accuracy", e.accuracy()},       {"top5_accuracy", e.top5_accuracy()},
-          {"log_loss", e.log_loss()},       {"ece", e.ece()},
-          {"temperature", e.temperature()}, {"classes", per_class},
-          {"confusion", confusion}};
+  nlohmann::json out = {{"version", e.version()},         {"images", e.images()},
+                        {"accuracy", e.accuracy()},       {"top5_accuracy", e.top5_accuracy()},
+                        {"log_loss", e.log_loss()},       {"ece", e.ece()},
+                        {"temperature", e.temperature()}, {"classes", per_class},
+                        {"confusion", confusion}};
+  if (!e.thresholds().empty()) {  // with --target-precision
+    out["thresholds"] = std::map<std::string, float>(e.thresholds().begin(), e.thresholds().end());
+    out["coverage"] = e.coverage();
+    out["precision_at_thresholds"] = e.precision_at_thresholds();
+  }
+  return out;
 }
 
 void PrintEvaluation(const v1::EvaluateResponse& r) {
@@ -79,8 +85,17 @@ void PrintEvaluation(const v1::EvaluateResponse& r) {
   std::cout << absl::StrFormat("\n%-24s %9s %9s %9s %8s\n", "class", "precision", "recall", "f1",
                                "support");
   for (const auto& c : e.classes()) {
-    std::cout << absl::StrFormat("%-24s %9.4f %9.4f %9.4f %8d\n", c.label(), c.precision(),
+    std::cout << absl::StrFormat("%-24s %9.4f %9.4f %9.4f %8d", c.label(), c.precision(),
                                  c.recall(), c.f1(), c.support());
+    if (auto t = e.thresholds().find(c.label()); t != e.thresholds().end()) {
+      std::cout << absl::StrFormat("  threshold %.4f", t->second);
+    }
+    std::cout << "\n";
+  }
+  if (!e.thresholds().empty()) {
+    std::cout << absl::StrFormat(
+        "under those thresholds %.1f%% of the images get a label, %.2f%% of them right\n",
+        100 * e.coverage(), 100 * e.precision_at_thresholds());
   }
   const int n = r.classes_size();
   std::cout << "\nconfusion (rows: true class, columns: predicted, in the order above)\n";
@@ -92,26 +107,33 @@ void PrintEvaluation(const v1::EvaluateResponse& r) {
   }
 }
 
+// --split for Evaluate; `fallback` when not given.
+absl::StatusOr<v1::Split> SplitOf(const Args& a, const char* fallback) {
+  const std::string split = a.Get("split", fallback);
+  if (split == "all") return v1::SPLIT_ALL;
+  if (split == "validation") return v1::SPLIT_VALIDATION;
+  if (split == "train") return v1::SPLIT_TRAIN;
+  return absl::InvalidArgumentError("--split: use all, validation or train");
+}
+
 int Evaluate(Client& c, const Args& a) {
   if (a.positional.size() != 1 || !a.Has("dataset")) {
     return Fail(absl::InvalidArgumentError(
         "usage: tlctl evaluate MODEL --dataset D [--version V | --versions 1,2,3] "
-        "[--split all|validation|train]"));
+        "[--split all|validation|train] [--target-precision P]"));
   }
   auto versions = Versions(a);
   if (!versions.ok()) return Fail(versions.status());
+  auto target = a.Number("target-precision", 0);
+  if (!target.ok()) return Fail(target.status());
   v1::EvaluateRequest req;
+  req.set_target_precision(static_cast<float>(*target));
   req.set_model(a.positional[0]);
   req.set_dataset(a.Get("dataset"));
   for (int v : *versions) req.add_versions(v);
-  const std::string split = a.Get("split", "all");
-  if (split == "validation") {
-    req.set_split(v1::SPLIT_VALIDATION);
-  } else if (split == "train") {
-    req.set_split(v1::SPLIT_TRAIN);
-  } else if (split != "all") {
-    return Fail(absl::InvalidArgumentError("--split: use all, validation or train"));
-  }
+  auto split = SplitOf(a, "all");
+  if (!split.ok()) return Fail(split.status());
+  req.set_split(*split);
   std::unique_ptr<ProgressBar> bar;
   auto r = c.Evaluate(req, Progress("evaluating", &bar));
   if (bar) bar->Finish();
@@ -159,18 +181,61 @@ int Serve(Client& c, const Args& a) {
   return 0;
 }
 
+// tlctl thresholds --target-precision: Evaluate chooses per-class thresholds
+// for the precision on the dataset's images (with a progress bar); they are
+// then set on the version that was evaluated.
+absl::StatusOr<v1::SetThresholdsRequest> ThresholdsForTarget(Client& c, const Args& a,
+                                                             int version) {
+  auto target = a.Number("target-precision", 0);
+  if (!target.ok()) return target.status();
+  if (!a.Has("dataset")) {
+    return absl::InvalidArgumentError(
+        "--target-precision needs --dataset D: the labelled images to choose the thresholds on");
+  }
+  auto split = SplitOf(a, "validation");
+  if (!split.ok()) return split.status();
+  v1::EvaluateRequest req;
+  req.set_model(a.positional[0]);
+  req.set_dataset(a.Get("dataset"));
+  if (version > 0) req.add_versions(version);
+  req.set_split(*split);
+  req.set_target_precision(static_cast<float>(*target));
+  std::unique_ptr<ProgressBar> bar;
+  auto r = c.Evaluate(req, Progress("choosing thresholds", &bar));
+  if (bar) bar->Finish();
+  if (!r.ok()) return r.status();
+  if (r->evaluations_size() != 1) return absl::InternalError("Evaluate answered no evaluation");
+  const v1::VersionEvaluation& e = r->evaluations(0);
+  if (!a.Has("json")) {
+    std::cout << absl::StrFormat(
+        "on %d images of %s (%s): %.1f%% get a label, %.2f%% of those right (target %.2f%%)\n",
+        e.images(), req.dataset(), a.Get("split", "validation"), 100 * e.coverage(),
+        100 * e.precision_at_thresholds(), 100 * *target);
+  }
+  v1::SetThresholdsRequest set;
+  set.set_model(req.model());
+  set.set_version(e.version());
+  for (const auto& [label, t] : e.thresholds()) (*set.mutable_per_class())[label] = t;
+  return set;
+}
+
 int Thresholds(Client& c, const Args& a) {
   auto version = a.Number("version", 0);
   auto global = a.Number("global", -1);
   if (a.positional.size() != 1 || !version.ok() || !global.ok() ||
-      (a.Has("global") + a.Has("class") + a.Has("clear")) != 1) {
+      (a.Has("global") + a.Has("class") + a.Has("clear") + a.Has("target-precision")) != 1) {
     return Fail(absl::InvalidArgumentError(
         "usage: tlctl thresholds MODEL [--version V] (--global P | --class LABEL=P,LABEL=P | "
-        "--clear)"));
+        "--target-precision P --dataset D [--split validation|all|train] | --clear)"));
   }
   v1::SetThresholdsRequest req;
+  if (a.Has("target-precision")) {
+    auto chosen = ThresholdsForTarget(c, a, static_cast<int>(*version));
+    if (!chosen.ok()) return Fail(chosen.status());
+    req = *std::move(chosen);
+  }
   req.set_model(a.positional[0]);
-  req.set_version(static_cast<int>(*version));
+  if (req.version() == 0) req.set_version(static_cast<int>(*version));
   if (a.Has("global")) req.set_global(static_cast<float>(*global));
   for (absl::string_view pair : absl::StrSplit(a.Get("class"), ',', absl::SkipEmpty())) {
     std::pair<std::string, std::string> kv = absl::StrSplit(pair, absl::MaxSplits('=', 1));

@@ -54,6 +54,9 @@ void ToProto(const ModelInfo& m, const Caller& caller, v1::Model* out) {
     for (float t : v.calibration.thresholds) pv->add_thresholds(t);
     pv->set_validation_ece_uncalibrated(v.validation_ece_uncalibrated);
     pv->set_validation_ece(v.validation_ece);
+    const HeadSpec& head = v.head ? *v.head : m.head;
+    for (int h : head.hidden) pv->mutable_head()->add_hidden(h);
+    pv->mutable_head()->set_dropout(head.dropout);
   }
 }
 

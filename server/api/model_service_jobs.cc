@@ -77,6 +77,7 @@ void ToProto(const JobRecord& r, const Caller& caller, v1::Job* out) {
     v1::SweepOptions* sw = po->mutable_sweep();
     for (double l2 : o.sweep_l2) sw->add_l2(static_cast<float>(l2));
     sw->set_folds(o.sweep_folds);
+    for (int h : o.sweep_hidden) sw->add_hidden(h);
   }
 }
 
@@ -148,6 +149,7 @@ absl::StatusOr<TrainOptions> FromProto(const v1::TrainingOptions& p) {
     o.sweep = true;
     o.sweep_l2.assign(p.sweep().l2().begin(), p.sweep().l2().end());
     o.sweep_folds = p.sweep().folds() == 0 ? 5 : p.sweep().folds();
+    o.sweep_hidden.assign(p.sweep().hidden().begin(), p.sweep().hidden().end());
   }
   return o;
 }

@@ -80,6 +80,10 @@ grpc::ServerWriteReactor<v1::EvaluateResponse>* ModelService::Evaluate(
         if (!(fraction >= 0 && fraction < 1)) {
           return absl::InvalidArgumentError("validation_fraction must be in [0, 1)");
         }
+        if (!(req.target_precision() >= 0 && req.target_precision() < 1)) {
+          return absl::InvalidArgumentError(
+              "target_precision must be in (0, 1), e.g. 0.95 (0: no thresholds)");
+        }
         std::vector<int> numbers(req.versions().begin(), req.versions().end());
         if (numbers.empty()) numbers.push_back(0);
         std::vector<std::shared_ptr<const ServableVersion>> versions;
@@ -165,6 +169,15 @@ grpc::ServerWriteReactor<v1::EvaluateResponse>* ModelService::Evaluate(
             cs->set_support(report->classes[k].support);
           }
           for (int64_t x : report->confusion) e->add_confusion(x);
+          if (req.target_precision() > 0) {
+            const ThresholdChoice t =
+                ChooseThresholds(predicted->probabilities[v], labels, req.target_precision());
+            for (size_t k = 0; k < t.thresholds.size() && k < classes.size(); ++k) {
+              (*e->mutable_thresholds())[classes[k]] = t.thresholds[k];
+            }
+            e->set_coverage(t.coverage);
+            e->set_precision_at_thresholds(t.precision);
+          }
           reports.push_back(*std::move(report));
         }
         for (size_t a = 0; a < versions.size(); ++a) {
@@ -240,27 +253,12 @@ grpc::ServerWriteReactor<v1::SuggestLabelsResponse>* ModelService::SuggestLabels
             PredictExamples(embedder_->engine(), *datasets_->database(), pool, {*version}, o);
         if (!predicted.ok()) return predicted.status();
         const at::Tensor& p = predicted->probabilities[0];
+        int64_t skipped = 0;
         const std::vector<Suggestion> ranked =
             RankForLabelling(p, predicted->embeddings, req.count(),
                              req.strategy() == v1::UNCERTAINTY_ENTROPY ? Uncertainty::kEntropy
                                                                        : Uncertainty::kMargin,
-                             cosine);
-        // Skipped as near-duplicates: those ranked before the last suggestion
-        // that were not suggested (all ranked ones when fewer were found).
-        const std::vector<Suggestion> all =
-            RankForLabelling(p, predicted->embeddings, static_cast<int64_t>(pool.size()),
-                             req.strategy() == v1::UNCERTAINTY_ENTROPY ? Uncertainty::kEntropy
-                                                                       : Uncertainty::kMargin,
-                             2.0);
-        int64_t skipped = 0;
-        if (!ranked.empty()) {
-          std::set<int64_t> kept;
-          for (const auto& s : ranked) kept.insert(s.index);
-          for (const auto& s : all) {
-            if (s.index == ranked.back().index) break;
-            skipped += kept.count(s.index) ? 0 : 1;
-          }
-        }
+                             cosine, &skipped);
         v1::SuggestLabelsResponse out;
         out.set_images_done(static_cast<int64_t>(pool.size()));
         out.set_images_total(static_cast<int64_t>(pool.size()));

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "server/api/convert.h"
+#include "server/core/training/evaluation.h"
 
 namespace tlserve {
 
@@ -23,7 +24,8 @@ void TopK(const ServableVersion& version, const EngineResult& top, v1::Classific
   // The answer: the best label unless its probability is below the
   // version's threshold for it.
   const std::vector<float>& thresholds = version.calibration.thresholds;
-  const bool unknown = p.size(0) > 0 && !thresholds.empty() && prob[0] < thresholds[cls[0]];
+  const bool unknown =
+      p.size(0) > 0 && !thresholds.empty() && AnswersUnknown(prob[0], thresholds[cls[0]]);
   out->set_unknown(unknown);
   out->set_label(unknown ? "unknown" : p.size(0) > 0 ? version.classes[cls[0]] : "");
 }

@@ -93,9 +93,26 @@ absl::StatusOr<TrainOptions> ResolveTrainOptions(TrainOptions o, const HeadSpec&
           "options.sweep trains heads on frozen features; a model with unfrozen stages "
           "fine-tunes instead (freeze them, or train without a sweep)");
     }
-    if (head.hidden.size() > 1 || (!head.hidden.empty() && head.dropout > 0)) {
+    if (o.sweep_hidden.empty() &&
+        (head.hidden.size() > 1 || (!head.hidden.empty() && head.dropout > 0))) {
       return absl::InvalidArgumentError(
-          "options.sweep: the model's head must be linear or one hidden layer without dropout");
+          "options.sweep: the model's head must be linear or one hidden layer without dropout, "
+          "or give the head shapes to try (sweep.hidden)");
+    }
+    if (o.sweep_hidden.size() > 8) {
+      return absl::InvalidArgumentError("options.sweep.hidden: at most 8 head shapes");
+    }
+    for (size_t i = 0; i < o.sweep_hidden.size(); ++i) {
+      if (o.sweep_hidden[i] < 0 || o.sweep_hidden[i] > 16384) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "options.sweep.hidden[", i, "] must be 0 (linear) or a width in [1, 16384]"));
+      }
+      for (size_t j = 0; j < i; ++j) {
+        if (o.sweep_hidden[j] == o.sweep_hidden[i]) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("options.sweep.hidden: ", o.sweep_hidden[i], " is given twice"));
+        }
+      }
     }
     if (o.sweep_folds != 1 && (o.sweep_folds < 2 || o.sweep_folds > 20)) {
       return absl::InvalidArgumentError(

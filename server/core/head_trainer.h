@@ -66,13 +66,17 @@ struct TrainOptions {
   // A job that a restart (SIGTERM or kill -9) interrupts resumes from its
   // last epoch's checkpoint; false: it fails as "interrupted" instead.
   bool resume = true;
-  // A sweep (head-only models): one head of the model's shape per L2
-  // strength, trained at once on the same cached features and chosen by
-  // k-fold cross-validation on the training split (1: by the validation
-  // split); the winner, refitted on the training split, is the version.
+  // A sweep (head-only models): one head per L2 strength and head shape,
+  // trained at once on the same cached features and chosen by k-fold
+  // cross-validation on the training split (1: by the validation split);
+  // the winner, refitted on the training split, is the version.
   bool sweep = false;
   std::vector<double> sweep_l2;  // empty: DefaultL2Grid() (LogisticRegressionCV's Cs=10)
   int sweep_folds = 5;
+  // Head shapes: 0 linear, H one hidden layer of H units; empty: the model's
+  // own head. A winner of another shape than the model's is recorded with
+  // its version (VersionInfo::head).
+  std::vector<int> sweep_hidden;
 };
 
 // Resolves defaults for a model with (`fine_tune`) or without unfrozen

@@ -129,7 +129,7 @@ absl::StatusOr<TrainedHead> JobRunner::FitHead(const std::string& id, const JobR
 
 absl::StatusOr<TrainedHead> JobRunner::SweepHead(const std::string& id, const ModelInfo& info,
                                                  const std::vector<StoredExample>& examples,
-                                                 const TrainOptions& options) {
+                                                 const TrainOptions& options, HeadSpec* spec) {
   auto features = Features(id, examples);
   if (!features.ok()) return features.status();
   std::map<std::string, int64_t> class_index;
@@ -152,6 +152,12 @@ absl::StatusOr<TrainedHead> JobRunner::SweepHead(const std::string& id, const Mo
   SweepOptions so;
   if (!options.sweep_l2.empty()) so.l2_grid = options.sweep_l2;
   so.hidden = {info.head.hidden};
+  if (!options.sweep_hidden.empty()) {
+    so.hidden.clear();
+    for (int h : options.sweep_hidden) {
+      so.hidden.push_back(h == 0 ? std::vector<int>{} : std::vector<int>{h});
+    }
+  }
   so.seed = options.seed;
   so.folds = options.sweep_folds;
   data.classes = classes;
@@ -193,6 +199,10 @@ absl::StatusOr<TrainedHead> JobRunner::SweepHead(const std::string& id, const Mo
   });
   TrainedHead out;
   out.head = swept->head;
+  *spec = HeadSpec{swept->leaderboard.front().hidden, 0.0f};
+  // The model's own head when the winner has its shape (and its dropout,
+  // which does nothing in eval mode).
+  if (spec->hidden == info.head.hidden) *spec = info.head;
   out.train = Evaluate(out.head, take(train_idx), torch::tensor(train_y, torch::kLong), classes);
   if (!val_idx.empty()) {
     out.validation = Evaluate(out.head, take(val_idx), torch::tensor(val_y, torch::kLong), classes);
@@ -227,7 +237,10 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
   auto start = models_->Start(r.model);
   if (!start.ok()) return start.status();
   const int64_t classes = static_cast<int64_t>(info.classes.size());
-  torch::nn::Sequential head = MakeHead(info.head, backbone_->embedding_dim(), classes);
+  // The served version's head shape (a sweep may have chosen one other than
+  // the model's), so that its weights are the warm start.
+  const HeadSpec spec = start->served ? VersionHead(info, start->served->version) : info.head;
+  torch::nn::Sequential head = MakeHead(spec, backbone_->embedding_dim(), classes);
   if (start->served) {  // warm start: the served version's head (the notebook's second step)
     CopyHead(start->served->plan.head(), head);
   } else if (r.options.head_first && !(checkpoint && checkpoint->kind == "fine-tune")) {
@@ -270,14 +283,14 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
       *engine_, std::move(start->stages), head, classes, data, r.options, OnEpoch(id, r),
       [&] { return Cancelled(id); }, r.options.resume ? &resume : nullptr);
   if (!tuned.ok()) return tuned.status();
-  return StoreVersion(id, r, info, examples, tuned->head, tuned->stages, tuned->train.accuracy,
-                      std::move(tuned->validation));
+  return StoreVersion(id, r, info, examples, tuned->head, spec, tuned->stages,
+                      tuned->train.accuracy, std::move(tuned->validation));
 }
 
 absl::StatusOr<int> JobRunner::StoreVersion(const std::string& id, const JobRecord& r,
                                             const ModelInfo& info,
                                             const std::vector<StoredExample>& examples,
-                                            const torch::nn::Sequential& head,
+                                            const torch::nn::Sequential& head, const HeadSpec& spec,
                                             const StagePlan::Stages& stages, double train_accuracy,
                                             Evaluation validation) {
   // The validation split, in the order the trainers evaluated it.
@@ -293,6 +306,7 @@ absl::StatusOr<int> JobRunner::StoreVersion(const std::string& id, const JobReco
   }
   VersionInfo v;
   v.job_id = id;
+  if (spec.hidden != info.head.hidden || spec.dropout != info.head.dropout) v.head = spec;
   v.train_accuracy = train_accuracy;
   const at::Tensor logits = std::move(validation.logits);
   validation.logits = at::Tensor();  // not kept with the version
@@ -436,17 +450,18 @@ absl::StatusOr<int> JobRunner::Train(const std::string& id) {
   if (!info->private_stages.empty()) return FineTuneJob(id, r, *info, examples, checkpoint);
   Update(id, [](JobRecord& rec) { rec.phase = "computing features"; });
   if (r.options.sweep) {
-    auto swept = SweepHead(id, *info, examples, r.options);
+    HeadSpec spec;
+    auto swept = SweepHead(id, *info, examples, r.options, &spec);
     if (!swept.ok()) return swept.status();
-    return StoreVersion(id, r, *info, examples, swept->head, {}, swept->train.accuracy,
+    return StoreVersion(id, r, *info, examples, swept->head, spec, {}, swept->train.accuracy,
                         std::move(swept->validation));
   }
   Resume resume = ResumeFor(id, "head", checkpoint);
   auto trained = FitHead(id, r, *info, examples, r.options, /*warmup=*/false,
                          r.options.resume ? &resume : nullptr);
   if (!trained.ok()) return trained.status();
-  return StoreVersion(id, r, *info, examples, trained->head, {}, trained->train.accuracy,
-                      std::move(trained->validation));
+  return StoreVersion(id, r, *info, examples, trained->head, info->head, {},
+                      trained->train.accuracy, std::move(trained->validation));
 }
 
 }  // namespace tlserve

@@ -51,6 +51,7 @@ nlohmann::json OptionsToJson(const TrainOptions& o) {
           {"sweep", o.sweep},
           {"sweep_l2", o.sweep_l2},
           {"sweep_folds", o.sweep_folds},
+          {"sweep_hidden", o.sweep_hidden},
           {"schedule", static_cast<int>(o.schedule)},
           {"warmup_fraction", o.warmup_fraction},
           {"layer_decay", o.layer_decay},
@@ -81,6 +82,7 @@ TrainOptions OptionsFromJson(const nlohmann::json& j) {
   o.sweep = j.value("sweep", false);
   o.sweep_l2 = j.value("sweep_l2", std::vector<double>{});
   o.sweep_folds = j.value("sweep_folds", o.sweep_folds);
+  o.sweep_hidden = j.value("sweep_hidden", std::vector<int>{});
   // Jobs recorded before the recipe ran with a constant rate, no decay.
   o.schedule = static_cast<TrainOptions::Schedule>(
       j.value("schedule", static_cast<int>(TrainOptions::Schedule::kConstant)));

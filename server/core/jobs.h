@@ -147,17 +147,19 @@ class JobRunner {
                                       Resume* resume = nullptr);
   // options.sweep: heads of every L2 strength on the same features, the
   // winner by cross-validation (the leaderboard streams in the job).
+  // The sweep's winner (its shape in `spec`).
   absl::StatusOr<TrainedHead> SweepHead(const std::string& id, const ModelInfo& info,
                                         const std::vector<StoredExample>& examples,
-                                        const TrainOptions& options);
+                                        const TrainOptions& options, HeadSpec* spec);
   absl::StatusOr<int> FineTuneJob(const std::string& id, const JobRecord& r, const ModelInfo& info,
                                   const std::vector<StoredExample>& examples,
                                   const std::optional<Checkpoint>& checkpoint);
-  // Calibrates the trained head on the validation split (temperature,
-  // thresholds), decides whether it is served, and stores the version.
+  // Calibrates the trained head (of shape `spec`) on the validation split
+  // (temperature, thresholds), decides whether it is served, and stores the
+  // version.
   absl::StatusOr<int> StoreVersion(const std::string& id, const JobRecord& r, const ModelInfo& info,
                                    const std::vector<StoredExample>& examples,
-                                   const torch::nn::Sequential& head,
+                                   const torch::nn::Sequential& head, const HeadSpec& spec,
                                    const StagePlan::Stages& stages, double train_accuracy,
                                    Evaluation validation);
   // options.serve: whether a new version with `accuracy` on the validation

@@ -30,6 +30,9 @@ nlohmann::json ModelToJson(const ModelInfo& m) {
                         {"thresholds", v.calibration.thresholds},
                         {"validation_ece_uncalibrated", v.validation_ece_uncalibrated},
                         {"validation_ece", v.validation_ece}});
+    if (v.head) {
+      versions.back()["head"] = {{"hidden", v.head->hidden}, {"dropout", v.head->dropout}};
+    }
   }
   return {{"name", m.name},
           {"classes", m.classes},
@@ -77,6 +80,10 @@ ModelInfo ModelFromJson(const nlohmann::json& j) {
     if (!valid) vi.calibration.thresholds.clear();
     vi.validation_ece_uncalibrated = NumberOr(v, "validation_ece_uncalibrated", 0.0);
     vi.validation_ece = NumberOr(v, "validation_ece", 0.0);
+    if (auto h = v.find("head"); h != v.end() && h->is_object()) {
+      // Checked where the version is loaded (a bad one is the model's problem).
+      vi.head = HeadSpec{h->at("hidden").get<std::vector<int>>(), h->at("dropout").get<float>()};
+    }
     m.versions.push_back(std::move(vi));
   }
   return m;

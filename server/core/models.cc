@@ -122,6 +122,13 @@ void ModelRegistry::Describe(ModelInfo& info) const {
   }
 }
 
+const HeadSpec& VersionHead(const ModelInfo& info, int version) {
+  for (const auto& v : info.versions) {
+    if (v.version == version && v.head) return *v.head;
+  }
+  return info.head;
+}
+
 absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::LoadVersion(
     const ModelInfo& info, int version) const {
   const VersionInfo* vi = nullptr;
@@ -133,7 +140,12 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::LoadVersio
   }
   std::stringstream bytes;
   bytes << in.rdbuf();
-  torch::nn::Sequential head = MakeHead(info.head, dim_, info.classes.size());
+  const HeadSpec& spec = VersionHead(info, version);
+  if (absl::Status s = ValidateHeadSpec(spec); !s.ok()) {
+    return absl::DataLossError(
+        absl::StrCat("the head of ", info.name, " v", version, " in its record: ", s.message()));
+  }
+  torch::nn::Sequential head = MakeHead(spec, dim_, info.classes.size());
   if (absl::Status s = LoadHead(bytes.str(), head); !s.ok()) return s;
   head->eval();
   StagePlan::Stages own;

@@ -18,6 +18,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -48,6 +49,9 @@ struct VersionInfo {
   // temperature (0 without a validation split).
   double validation_ece_uncalibrated = 0;
   double validation_ece = 0;
+  // This version's head when it is not the model's (a sweep chose another
+  // shape); unset: ModelInfo::head.
+  std::optional<HeadSpec> head;
 };
 
 // One stage of a model as DescribeModel shows it.
@@ -75,6 +79,10 @@ struct ModelInfo {
   // Such a model can be described and deleted, nothing else.
   absl::Status problem;
 };
+
+// The head shape of `version` (the model's own when the version has none
+// of its own, or is not found).
+const HeadSpec& VersionHead(const ModelInfo& info, int version);
 
 // What one model may cost (flags --max_head_params, --max_model_classes).
 struct ModelLimits {

@@ -197,10 +197,12 @@ class TlctlTest(unittest.TestCase):
                      ("create-model", "m", "--dataset", "fm"),
                      ("train", "m", "--dataset", "fm", "--wait"),
                      ("train", "m", "--dataset", "fm", "--sweep", "--l2", "0.1,1,10", "--folds", "3",
-                      "--serve", "never", "--wait")):
+                      "--heads", "linear,8", "--serve", "never", "--wait")):
             r = self.run_tlctl(*args)
             self.assertEqual(r.returncode, 0, (args, r.stderr))
         self.assertIn("<- the version", r.stdout)  # the sweep's leaderboard
+        board = [line.split() for line in r.stdout.splitlines() if line[:1].isdigit()]
+        self.assertEqual(sorted(row[2] for row in board), ["8"] * 3 + ["linear"] * 3, r.stdout)
         self.assertIn("v2 is not served", r.stdout)
         # Flags given as "--flag value" (space-separated) as well as "--flag=value".
         r = self.run_tlctl("evaluate", "m", "--dataset", "held", "--json")
@@ -220,6 +222,21 @@ class TlctlTest(unittest.TestCase):
         r = self.run_tlctl("thresholds", "m", "--class", "nope=0.5")
         self.assertEqual(r.returncode, 1)
         self.assertIn("INVALID_ARGUMENT", r.stderr)
+        # Chosen for a precision on held-out images: what evaluate reports is what is set.
+        r = self.run_tlctl("evaluate", "m", "--dataset", "held", "--target-precision", "0.8", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        chosen = json.loads(r.stdout)
+        self.assertEqual(set(chosen["thresholds"]), {c["label"] for c in chosen["classes"]})
+        self.assertTrue(0 <= chosen["coverage"] <= 1, chosen)
+        r = self.run_tlctl("thresholds", "m", "--target-precision", "0.8", "--dataset", "held",
+                           "--split", "all", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        labels = [c["label"] for c in chosen["classes"]]
+        self.assertEqual(json.loads(r.stdout)["thresholds"],
+                         [chosen["thresholds"][label] for label in labels])
+        r = self.run_tlctl("thresholds", "m", "--target-precision", "0.8")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("--dataset", r.stderr)
         r = self.run_tlctl("suggest", "m", "--dataset", "pool", "--count", "5", "--duplicate-cosine", "1", "--json")
         self.assertEqual(r.returncode, 0, r.stderr)
         s = json.loads(r.stdout)["suggestions"]

@@ -289,6 +289,7 @@ std::vector<float> ThresholdsForPrecision(const at::Tensor& probabilities,
     // Precision need not fall monotonically as t falls, so keep the lowest
     // qualifying t; a t admits every example tied with it, hence the groups.
     double best = 1;
+    bool qualified = false;
     int64_t kept = 0, right = 0;
     for (size_t i = 0; i < seen.size();) {
       const double t = seen[i].first;
@@ -296,17 +297,45 @@ std::vector<float> ThresholdsForPrecision(const at::Tensor& probabilities,
         ++kept;
         right += seen[i].second;
       }
-      if (static_cast<double>(right) / kept >= target) best = t;
+      if (static_cast<double>(right) / kept >= target) best = t, qualified = true;
     }
+    // A threshold of 1 means "never" (AnswersUnknown): probabilities of 1
+    // that qualify keep their label under the float just below it.
     thresholds[c] = static_cast<float>(best);
+    if (best >= 1 && qualified) thresholds[c] = std::nextafter(1.0f, 0.0f);
   }
   return thresholds;
+}
+
+ThresholdChoice ChooseThresholds(const at::Tensor& probabilities,
+                                 const std::vector<int64_t>& labels, double target) {
+  ThresholdChoice out;
+  out.thresholds = ThresholdsForPrecision(probabilities, labels, target);
+  auto checked = CheckedScores(probabilities, labels, "probabilities");
+  if (!checked.ok() || out.thresholds.empty()) return out;
+  const at::Tensor& p = *checked;
+  const int64_t n = p.size(0), classes = p.size(1);
+  const double* data = p.data_ptr<double>();
+  int64_t kept = 0, right = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t top = Top1(data + i * classes, classes);
+    // As the engine compares: the float probability against the threshold.
+    if (!AnswersUnknown(static_cast<float>(data[i * classes + top]), out.thresholds[top])) {
+      ++kept;
+      right += top == labels[i];
+    }
+  }
+  if (n > 0) out.coverage = static_cast<double>(kept) / n;
+  if (kept > 0) out.precision = static_cast<double>(right) / kept;
+  return out;
 }
 
 // Empty when the shapes disagree (not N×C and N×D), as for nothing to rank.
 std::vector<Suggestion> RankForLabelling(const at::Tensor& probabilities,
                                          const at::Tensor& embeddings, int64_t count,
-                                         Uncertainty strategy, double duplicate_cosine) {
+                                         Uncertainty strategy, double duplicate_cosine,
+                                         int64_t* skipped) {
+  if (skipped != nullptr) *skipped = 0;
   if (count <= 0 || !probabilities.defined() || probabilities.dim() != 2 ||
       probabilities.size(1) < 1 || !embeddings.defined() || embeddings.dim() != 2 ||
       embeddings.size(0) != probabilities.size(0)) {
@@ -358,7 +387,11 @@ std::vector<Suggestion> RankForLabelling(const at::Tensor& probabilities,
       const double* b = u + chosen[k].index * dims;
       duplicate = std::inner_product(a, a + dims, b, 0.0) > duplicate_cosine;
     }
-    if (!duplicate) chosen.push_back(s);
+    if (!duplicate) {
+      chosen.push_back(s);
+    } else if (skipped != nullptr) {
+      ++*skipped;
+    }
   }
   return chosen;
 }

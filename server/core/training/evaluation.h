@@ -61,13 +61,30 @@ absl::StatusOr<PairedTest> McNemar(const std::vector<bool>& correct_a,
 // [0.05, 20]; 1 when no T does better than 1 (or there are no examples).
 double FitTemperature(const at::Tensor& logits, const std::vector<int64_t>& labels);
 
+// Whether a top probability `p` under its class's threshold `t` answers
+// "unknown": below t; and always at t >= 1 (a class that never reaches its
+// target), even for a probability that is 1 in float32.
+inline bool AnswersUnknown(float p, float t) { return t >= 1 || p < t; }
+
 // Per-class confidence thresholds for a target precision: for class c, the
 // smallest t such that, of the examples whose top-1 is c with probability
 // >= t, at least `target` are truly c (counting only thresholds at observed
 // probabilities). A class never predicted gets 0; a class whose precision
-// never reaches the target gets 1 (always "unknown").
+// never reaches the target gets 1 (always "unknown"); one that reaches it
+// only with probabilities of exactly 1 gets the float just below 1.
 std::vector<float> ThresholdsForPrecision(const at::Tensor& probabilities,
                                           const std::vector<int64_t>& labels, double target);
+
+// ThresholdsForPrecision's thresholds with what they do on the same
+// examples: the share that get a label (top probability >= its class's
+// threshold) and the share of those that are right (0 when none is kept).
+struct ThresholdChoice {
+  std::vector<float> thresholds;
+  double coverage = 0;
+  double precision = 0;
+};
+ThresholdChoice ChooseThresholds(const at::Tensor& probabilities,
+                                 const std::vector<int64_t>& labels, double target);
 
 // Which unlabelled images to label next.
 enum class Uncertainty {
@@ -82,10 +99,13 @@ struct Suggestion {
 // The `count` most uncertain rows, most uncertain first (ties: lower index
 // first), skipping any row whose embedding has cosine similarity above
 // `duplicate_cosine` with a row already chosen (>= 1: no de-duplication).
-// `embeddings`: N×D float (any scale).
+// `embeddings`: N×D float (any scale). `skipped` (may be null): the rows
+// skipped as near-duplicates before the count was reached (every one, when
+// fewer than `count` were found).
 std::vector<Suggestion> RankForLabelling(const at::Tensor& probabilities,
                                          const at::Tensor& embeddings, int64_t count,
-                                         Uncertainty strategy, double duplicate_cosine);
+                                         Uncertainty strategy, double duplicate_cosine,
+                                         int64_t* skipped = nullptr);
 
 }  // namespace tlserve
 

@@ -189,6 +189,34 @@ TEST(EvaluationTest, ThresholdsForPrecisionTakeTheLowestQualifyingProbability) {
   EXPECT_TRUE(ThresholdsForPrecision(p, {0}, 0.9).empty());
 }
 
+// A threshold of 1 is "never": a probability that is 1 in float32 answers
+// "unknown" under it, so a class whose only precise answers are certain
+// gets the float just below 1 instead.
+TEST(EvaluationTest, ThresholdsOfOneAnswerUnknownEvenForCertainty) {
+  const at::Tensor p = Rows({{1, 0}, {1, 0}, {0.9, 0.1}, {0, 1}, {0.2, 0.8}});
+  const std::vector<int64_t> y = {0, 0, 1, 0, 1};
+  const std::vector<float> t = ThresholdsForPrecision(p, y, 0.9);
+  ASSERT_EQ(t.size(), 2u);
+  EXPECT_EQ(t[0], std::nextafter(1.0f, 0.0f));  // the two at 1 are right
+  EXPECT_EQ(t[1], 1.0f);                        // the one at 1 is wrong: never
+  EXPECT_FALSE(AnswersUnknown(1.0f, t[0]));
+  EXPECT_TRUE(AnswersUnknown(0.9f, t[0]));
+  EXPECT_TRUE(AnswersUnknown(1.0f, t[1]));
+  EXPECT_FALSE(AnswersUnknown(0.5f, 0.5f));
+  EXPECT_TRUE(AnswersUnknown(0.49f, 0.5f));
+  EXPECT_FALSE(AnswersUnknown(0.3f, 0.0f));
+
+  // What they keep: rows 0 and 1 (right); row 3's certainty answers unknown.
+  const ThresholdChoice chosen = ChooseThresholds(p, y, 0.9);
+  EXPECT_EQ(chosen.thresholds, t);
+  EXPECT_DOUBLE_EQ(chosen.coverage, 2.0 / 5);
+  EXPECT_DOUBLE_EQ(chosen.precision, 1.0);
+  // Nothing kept: precision 0 rather than 0/0.
+  const ThresholdChoice none = ChooseThresholds(Rows({{0.6, 0.4}}), {1}, 0.9);
+  EXPECT_DOUBLE_EQ(none.coverage, 0);
+  EXPECT_DOUBLE_EQ(none.precision, 0);
+}
+
 // Margins 0.85, 0.05, 0, 0, 0; entropies ~0.394, ~1.081, ln 2, ln 3, ~0.949.
 at::Tensor RankingProbabilities() {
   return Rows({{0.9, 0.05, 0.05},
@@ -225,8 +253,16 @@ TEST(EvaluationTest, RankForLabellingSkipsNearDuplicates) {
   // resemble nothing, not even each other.
   EXPECT_EQ(Indices(RankForLabelling(p, e, 3, Uncertainty::kMargin, 0.99)),
             (std::vector<int64_t>{2, 3, 1}));
-  EXPECT_EQ(Indices(RankForLabelling(p, e, 10, Uncertainty::kMargin, 0.99)),
+  int64_t skipped = -1;
+  EXPECT_EQ(Indices(RankForLabelling(p, e, 3, Uncertainty::kMargin, 0.99, &skipped)),
+            (std::vector<int64_t>{2, 3, 1}));
+  EXPECT_EQ(skipped, 1);  // row 4
+  EXPECT_EQ(Indices(RankForLabelling(p, e, 2, Uncertainty::kMargin, 0.99, &skipped)),
+            (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(skipped, 0);  // the count was reached before row 4
+  EXPECT_EQ(Indices(RankForLabelling(p, e, 10, Uncertainty::kMargin, 0.99, &skipped)),
             (std::vector<int64_t>{2, 3, 1, 0}));
+  EXPECT_EQ(skipped, 1);
   EXPECT_EQ(Indices(RankForLabelling(p, e, 3, Uncertainty::kMargin, 2)),
             (std::vector<int64_t>{2, 3, 4}));
 }
