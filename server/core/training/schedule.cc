@@ -5,8 +5,7 @@
 
 namespace tlserve {
 
-double LearningRateFactor(bool warmup_cosine, double warmup_fraction, int64_t step,
-                          int64_t total) {
+double LearningRateFactor(bool warmup_cosine, double warmup_fraction, int64_t step, int64_t total) {
   if (!warmup_cosine || total <= 0) return 1;
   const int64_t warmup = std::max<int64_t>(1, static_cast<int64_t>(warmup_fraction * total));
   if (step < warmup) return static_cast<double>(step + 1) / warmup;
