@@ -61,15 +61,16 @@ commands:
   export MODEL --out FILE.pt [--version V]
                                  download the model as one TorchScript classifier
   evaluate MODEL --dataset D [--version V | --versions 1,2,3] [--split all|validation|train]
-        [--target-precision P]
+        [--validation-fraction F] [--target-precision P]
                                  accuracy, top-5, log loss, calibration error, per-class scores
                                  and confusion matrix; several versions: a paired comparison;
                                  --target-precision: the per-class thresholds that reach it
   serve MODEL --version V        serve that version (promote or roll back)
   thresholds MODEL [--version V] (--global P | --class LABEL=P,... | --clear |
-                 --target-precision P --dataset D [--split validation|all|train])
-                                 below its threshold, Classify answers "unknown"; with
-                                 --target-precision chosen per class on D's images
+                 --target-precision P --dataset D [--split validation|all|train]
+                 [--validation-fraction F])
+                                 below its threshold (and at 1, always), Classify answers
+                                 "unknown"; --target-precision: chosen per class on D's images
   suggest MODEL --dataset POOL [--count K] [--strategy margin|entropy] [--duplicate-cosine X]
                                  the pool's unlabelled images to label next, most uncertain first
 

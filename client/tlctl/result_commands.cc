@@ -120,14 +120,19 @@ int Evaluate(Client& c, const Args& a) {
   if (a.positional.size() != 1 || !a.Has("dataset")) {
     return Fail(absl::InvalidArgumentError(
         "usage: tlctl evaluate MODEL --dataset D [--version V | --versions 1,2,3] "
-        "[--split all|validation|train] [--target-precision P]"));
+        "[--split all|validation|train] [--validation-fraction F] [--target-precision P]"));
   }
   auto versions = Versions(a);
   if (!versions.ok()) return Fail(versions.status());
   auto target = a.Number("target-precision", 0);
   if (!target.ok()) return Fail(target.status());
   v1::EvaluateRequest req;
-  req.set_target_precision(static_cast<float>(*target));
+  req.set_target_precision(*target);
+  if (a.Has("validation-fraction")) {
+    auto fraction = a.Number("validation-fraction", 0.15);
+    if (!fraction.ok()) return Fail(fraction.status());
+    req.set_validation_fraction(static_cast<float>(*fraction));
+  }
   req.set_model(a.positional[0]);
   req.set_dataset(a.Get("dataset"));
   for (int v : *versions) req.add_versions(v);
@@ -188,6 +193,9 @@ absl::StatusOr<v1::SetThresholdsRequest> ThresholdsForTarget(Client& c, const Ar
                                                              int version) {
   auto target = a.Number("target-precision", 0);
   if (!target.ok()) return target.status();
+  if (!(*target > 0 && *target < 1)) {
+    return absl::InvalidArgumentError("--target-precision must be in (0, 1), e.g. 0.95");
+  }
   if (!a.Has("dataset")) {
     return absl::InvalidArgumentError(
         "--target-precision needs --dataset D: the labelled images to choose the thresholds on");
@@ -199,13 +207,19 @@ absl::StatusOr<v1::SetThresholdsRequest> ThresholdsForTarget(Client& c, const Ar
   req.set_dataset(a.Get("dataset"));
   if (version > 0) req.add_versions(version);
   req.set_split(*split);
-  req.set_target_precision(static_cast<float>(*target));
+  req.set_target_precision(*target);
+  if (a.Has("validation-fraction")) {
+    auto fraction = a.Number("validation-fraction", 0.15);
+    if (!fraction.ok()) return fraction.status();
+    req.set_validation_fraction(static_cast<float>(*fraction));
+  }
   std::unique_ptr<ProgressBar> bar;
   auto r = c.Evaluate(req, Progress("choosing thresholds", &bar));
   if (bar) bar->Finish();
   if (!r.ok()) return r.status();
   if (r->evaluations_size() != 1) return absl::InternalError("Evaluate answered no evaluation");
   const v1::VersionEvaluation& e = r->evaluations(0);
+  if (e.thresholds().empty()) return absl::InternalError("Evaluate answered no thresholds");
   if (!a.Has("json")) {
     std::cout << absl::StrFormat(
         "on %d images of %s (%s): %.1f%% get a label, %.2f%% of those right (target %.2f%%)\n",
@@ -226,7 +240,9 @@ int Thresholds(Client& c, const Args& a) {
       (a.Has("global") + a.Has("class") + a.Has("clear") + a.Has("target-precision")) != 1) {
     return Fail(absl::InvalidArgumentError(
         "usage: tlctl thresholds MODEL [--version V] (--global P | --class LABEL=P,LABEL=P | "
-        "--target-precision P --dataset D [--split validation|all|train] | --clear)"));
+        "--target-precision P --dataset D [--split validation|all|train] [--validation-fraction F] "
+        "| "
+        "--clear)"));
   }
   v1::SetThresholdsRequest req;
   if (a.Has("target-precision")) {

@@ -135,7 +135,8 @@ absl::StatusOr<ExportedModel> ExportModel(Engine& engine,
                                          {"backbone", backbone.name()},
                                          {"backbone_sha256", backbone.sha256()},
                                          // softmax(logits / temperature) is what Classify returns;
-                                         // below a class's threshold it answers "unknown".
+                                         // below a class's threshold it answers "unknown", and
+                                         // always at a threshold of 1.
                                          {"temperature", version.calibration.temperature},
                                          {"thresholds", version.calibration.thresholds}}
                               .dump();

@@ -199,10 +199,12 @@ absl::StatusOr<TrainedHead> JobRunner::SweepHead(const std::string& id, const Mo
   });
   TrainedHead out;
   out.head = swept->head;
+  // The winner's shape (no dropout: the sweep trains without); the model's
+  // own spec when that is the same head (a linear one has no dropout layer).
   *spec = HeadSpec{swept->leaderboard.front().hidden, 0.0f};
-  // The model's own head when the winner has its shape (and its dropout,
-  // which does nothing in eval mode).
-  if (spec->hidden == info.head.hidden) *spec = info.head;
+  if (spec->hidden == info.head.hidden && (spec->hidden.empty() || info.head.dropout == 0)) {
+    *spec = info.head;
+  }
   out.train = Evaluate(out.head, take(train_idx), torch::tensor(train_y, torch::kLong), classes);
   if (!val_idx.empty()) {
     out.validation = Evaluate(out.head, take(val_idx), torch::tensor(val_y, torch::kLong), classes);

@@ -356,6 +356,17 @@ absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::
   }
   auto resolved = ResolveTrainOptions(options, info->head, !info->private_stages.empty());
   if (!resolved.ok()) return resolved.status();
+  for (int width : resolved->sweep_hidden) {
+    const int64_t params =
+        HeadParams(HeadSpec{width == 0 ? std::vector<int>{} : std::vector<int>{width}, 0.0f},
+                   backbone_->embedding_dim(), static_cast<int64_t>(info->classes.size()));
+    if (params > models_->limits().max_head_params) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("options.sweep.hidden: a head of width ", width, " has ", params,
+                       " parameters, over the limit of ", models_->limits().max_head_params,
+                       " (--max_head_params)"));
+    }
+  }
   auto examples = db_->ListExamples(dataset);
   if (!examples.ok()) return examples.status();
   if (examples->empty()) {

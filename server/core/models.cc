@@ -120,6 +120,10 @@ void ModelRegistry::Describe(ModelInfo& info) const {
     for (const auto& p : backbone_->stage(i).parameters()) st.params += p.numel();
     info.stages.push_back(st);
   }
+  const int64_t classes = static_cast<int64_t>(info.classes.size());
+  for (VersionInfo& v : info.versions) {
+    v.head_params = HeadParams(v.head ? *v.head : info.head, dim_, classes);
+  }
 }
 
 const HeadSpec& VersionHead(const ModelInfo& info, int version) {

@@ -52,6 +52,7 @@ struct VersionInfo {
   // This version's head when it is not the model's (a sweep chose another
   // shape); unset: ModelInfo::head.
   std::optional<HeadSpec> head;
+  int64_t head_params = 0;  // of its head; filled by the registry (Describe)
 };
 
 // One stage of a model as DescribeModel shows it.
@@ -215,6 +216,11 @@ class ModelRegistry {
   const Backbone* backbone_;
   const int64_t dim_;
   const ModelLimits limits_;
+
+ public:
+  const ModelLimits& limits() const { return limits_; }
+
+ private:
   // Serialises mutations (and their disk writes); taken before mu_.
   absl::Mutex write_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   // Guards the in-memory state only; never held across disk I/O.

@@ -32,6 +32,12 @@ using ::tlserve::testing::ReadBytes;
 
 class EvaluationTest : public testing::TrainingTest {
  protected:
+  ServerOptions Options(const std::string& data_dir) override {
+    ServerOptions o = TrainingTest::Options(data_dir);
+    if (max_head_params_ > 0) o.models.max_head_params = max_head_params_;
+    return o;
+  }
+  int64_t max_head_params_ = 0;  // 0: the default
   // Uploads ImageFolder files as `dataset`; `labelled` false: as a pool.
   void Upload(const std::string& dataset,
               const std::vector<std::pair<std::string, std::string>>& files, bool labelled = true) {
@@ -359,6 +365,21 @@ TEST_F(EvaluationTest, VersionsAreCalibratedAndThresholdsAnswerUnknown) {
   EXPECT_EQ(Get("m").versions(0).thresholds_size(), 3);
   EXPECT_FLOAT_EQ(Get("m").versions(0).thresholds(0), threshold);
   check_unknown();
+  // A threshold of 1 answers "unknown" always, also where the probability is
+  // 1 in float32 (fixtures' heads are often that sure).
+  {
+    grpc::ClientContext one_ctx;
+    v1::SetThresholdsRequest one;
+    one.set_model("m");
+    one.set_global(1.0f);
+    ASSERT_TRUE(stub_->SetThresholds(&one_ctx, one, &m).ok());
+    auto all = Classify("m", files);
+    ASSERT_TRUE(all.ok()) << all.status();
+    for (const auto& r : all->results()) {
+      EXPECT_TRUE(r.unknown()) << r.top(0).probability();
+      EXPECT_EQ(r.label(), "unknown");
+    }
+  }
   grpc::ClientContext clear_ctx;
   v1::SetThresholdsRequest clear;
   clear.set_model("m");
@@ -617,7 +638,31 @@ TEST_F(EvaluationTest, ASweepMayChooseAHiddenLayerAndItsVersionKeepsIt) {
   EXPECT_EQ(m.versions(1).head().hidden(0), 16);
   EXPECT_EQ(Probabilities("m", 2, files, classes).size(), files.size());
 
-  // Shapes out of range, or twice, are refused before the job is queued.
+  // A model whose head has the winner's width but dropout: the version's
+  // head has no dropout layer, and is recorded as such (it reloads).
+  {
+    grpc::ClientContext ctx;
+    v1::CreateModelRequest req;
+    req.set_name("d");
+    req.set_dataset("fmnist");
+    req.mutable_head()->add_hidden(16);
+    req.mutable_head()->set_dropout(0.5f);
+    v1::Model created;
+    ASSERT_TRUE(stub_->CreateModel(&ctx, req, &created).ok());
+  }
+  ASSERT_EQ(Train("d", o).state(), v1::Job::SUCCEEDED);
+  const auto dropped = Probabilities("d", 1, files, classes);
+  Restart();
+  const v1::Model d = Get("d");
+  EXPECT_TRUE(d.problem().empty()) << d.problem();
+  EXPECT_EQ(d.versions(0).head().dropout(), 0.0f);
+  const auto reloaded = Probabilities("d", 1, files, classes);
+  for (size_t i = 0; i < files.size(); ++i) {
+    for (size_t c = 0; c < classes.size(); ++c) EXPECT_NEAR(reloaded[i][c], dropped[i][c], 1e-6);
+  }
+
+  // Shapes out of range, or twice, or over --max_head_params, are refused
+  // before the job is queued.
   ASSERT_TRUE(CreateModel("h", "fmnist").ok());
   for (int width : {-1, 20000}) {
     v1::TrainingOptions bad = o;
@@ -628,6 +673,13 @@ TEST_F(EvaluationTest, ASweepMayChooseAHiddenLayerAndItsVersionKeepsIt) {
   v1::TrainingOptions twice = o;
   twice.mutable_sweep()->add_hidden(16);
   EXPECT_EQ(Start("h", "fmnist", twice).status().code(), absl::StatusCode::kInvalidArgument);
+  max_head_params_ = 100'000;
+  Restart();
+  v1::TrainingOptions wide = o;
+  wide.mutable_sweep()->add_hidden(256);  // 512 * 256 + 256 + 256 * 3 + 3 = 132,099 parameters
+  const auto refused = Start("h", "fmnist", wide);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_NE(refused.status().message().find("--max_head_params"), std::string::npos);
 }
 
 }  // namespace

@@ -21,8 +21,12 @@ absl::StatusOr<std::map<std::string, TenantUsage>> UsageByTenant(const DatasetCa
     ++u.models;
     const int64_t params = ModelParams(m);
     u.private_params += params;
-    // Every version's weights are kept on disk (fp32).
-    u.storage_bytes += static_cast<int64_t>(m.versions.size()) * params * 4;
+    // Every version's weights are kept on disk (fp32): its private stages
+    // and its own head (a sweep may have chosen a larger one).
+    for (const VersionInfo& v : m.versions) {
+      const int64_t head = v.head_params > 0 ? v.head_params : m.head_params;
+      u.storage_bytes += (params - m.head_params + head) * 4;
+    }
   }
   for (const auto& j : jobs.List("")) {
     if (j.state == JobRecord::State::kQueued || j.state == JobRecord::State::kRunning) {

@@ -18,7 +18,8 @@ namespace tlserve {
 // thresholds below which the label is "unknown".
 struct Calibration {
   double temperature = 1;
-  // One per class, in [0, 1]; empty: no thresholds (never "unknown").
+  // One per class, in [0, 1]: "unknown" below it, and always at 1
+  // (AnswersUnknown); empty: no thresholds (never "unknown").
   std::vector<float> thresholds;
 };
 

@@ -297,7 +297,7 @@ std::vector<float> ThresholdsForPrecision(const at::Tensor& probabilities,
         ++kept;
         right += seen[i].second;
       }
-      if (static_cast<double>(right) / kept >= target) best = t, qualified = true;
+      if (static_cast<double>(right) / kept >= target - 1e-7) best = t, qualified = true;
     }
     // A threshold of 1 means "never" (AnswersUnknown): probabilities of 1
     // that qualify keep their label under the float just below it.

@@ -71,7 +71,9 @@ inline bool AnswersUnknown(float p, float t) { return t >= 1 || p < t; }
 // >= t, at least `target` are truly c (counting only thresholds at observed
 // probabilities). A class never predicted gets 0; a class whose precision
 // never reaches the target gets 1 (always "unknown"); one that reaches it
-// only with probabilities of exactly 1 gets the float just below 1.
+// only with probabilities of exactly 1 gets the float just below 1. A
+// precision within 1e-7 of `target` counts (a target sent as float32: 0.8f
+// is 0.80000001, and 4 in 5 must still do).
 std::vector<float> ThresholdsForPrecision(const at::Tensor& probabilities,
                                           const std::vector<int64_t>& labels, double target);
 
