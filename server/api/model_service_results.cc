@@ -49,6 +49,31 @@ absl::Status CheckAnalysisBytes(int64_t bytes, const AnalysisLimits& limits, con
                    limits.max_bytes >> 20, "; use a smaller dataset or split, or fewer versions"));
 }
 
+// The qualified (tenant's) keys of an analysis's model and dataset.
+struct AnalysisKeys {
+  std::string model, dataset;
+};
+absl::StatusOr<AnalysisKeys> QualifyKeys(const Caller& caller, const std::string& model,
+                                         const std::string& dataset) {
+  auto m = caller.Qualify(model, "model");
+  if (!m.ok()) return m.status();
+  auto d = caller.Qualify(dataset, "dataset");
+  if (!d.ok()) return d.status();
+  return AnalysisKeys{*std::move(m), *std::move(d)};
+}
+
+// How an analysis runs its images through the engine: at serving priority,
+// in the caller's lane, with the analysis's progress and cancellation.
+PredictOptions AnalysisPredictOptions(const AnalysisContext& ctx, const AnalysisLimits& limits) {
+  PredictOptions o;
+  o.priority = Engine::Priority::kServing;
+  o.lane = ctx.caller.lane;
+  o.max_image_pixels = limits.max_image_pixels;
+  o.progress = ctx.progress;
+  o.cancelled = ctx.cancelled;
+  return o;
+}
+
 std::string Verdict(const PairedTest& t, int a, int b) {
   if (t.p_value < 0.05) {
     return absl::StrFormat("v%d is better (p = %.3g)", t.only_a > t.only_b ? a : b, t.p_value);
@@ -63,10 +88,8 @@ grpc::ServerWriteReactor<v1::EvaluateResponse>* ModelService::Evaluate(
   return new AnalysisReactor<v1::EvaluateResponse>(
       c, security_, "Evaluate", req->model(), analyses_,
       [this, req = *req](const AnalysisContext& ctx) -> absl::StatusOr<v1::EvaluateResponse> {
-        auto model = ctx.caller.Qualify(req.model(), "model");
-        if (!model.ok()) return model.status();
-        auto dataset = ctx.caller.Qualify(req.dataset(), "dataset");
-        if (!dataset.ok()) return dataset.status();
+        auto keys = QualifyKeys(ctx.caller, req.model(), req.dataset());
+        if (!keys.ok()) return keys.status();
         if (req.versions_size() > kMaxEvaluatedVersions) {
           return absl::InvalidArgumentError(absl::StrCat("versions: ", req.versions_size(),
                                                          " given, at most ", kMaxEvaluatedVersions,
@@ -93,7 +116,7 @@ grpc::ServerWriteReactor<v1::EvaluateResponse>* ModelService::Evaluate(
             return absl::InvalidArgumentError(absl::StrCat(
                 "versions[", i, "] = ", numbers[i], " must be >= 0 (0: the served version)"));
           }
-          auto v = models_->ServableNow(*model, numbers[i]);
+          auto v = models_->ServableNow(keys->model, numbers[i]);
           if (!v.ok()) return v.status();
           if (!seen.insert((*v)->version).second) {
             return absl::InvalidArgumentError(
@@ -104,7 +127,7 @@ grpc::ServerWriteReactor<v1::EvaluateResponse>* ModelService::Evaluate(
         const std::vector<std::string>& classes = versions.front()->classes;
         std::map<std::string, int64_t> class_index;
         for (size_t i = 0; i < classes.size(); ++i) class_index[classes[i]] = i;
-        auto held = ReadExamples(datasets_, *dataset);
+        auto held = ReadExamples(datasets_, keys->dataset);
         if (!held.ok()) return held.status();
         std::vector<StoredExample> chosen;
         std::vector<int64_t> labels;
@@ -135,14 +158,8 @@ grpc::ServerWriteReactor<v1::EvaluateResponse>* ModelService::Evaluate(
             !s.ok()) {
           return s;
         }
-        PredictOptions o;
-        o.priority = Engine::Priority::kServing;
-        o.lane = ctx.caller.lane;
-        o.max_image_pixels = analyses_.max_image_pixels;
-        o.progress = ctx.progress;
-        o.cancelled = ctx.cancelled;
-        auto predicted =
-            PredictExamples(embedder_->engine(), *datasets_->database(), chosen, versions, o);
+        auto predicted = PredictExamples(embedder_->engine(), *datasets_->database(), chosen,
+                                         versions, AnalysisPredictOptions(ctx, analyses_));
         if (!predicted.ok()) return predicted.status();
         v1::EvaluateResponse out;
         out.set_images_done(static_cast<int64_t>(chosen.size()));
@@ -202,10 +219,8 @@ grpc::ServerWriteReactor<v1::SuggestLabelsResponse>* ModelService::SuggestLabels
   return new AnalysisReactor<v1::SuggestLabelsResponse>(
       c, security_, "SuggestLabels", req->model(), analyses_,
       [this, req = *req](const AnalysisContext& ctx) -> absl::StatusOr<v1::SuggestLabelsResponse> {
-        auto model = ctx.caller.Qualify(req.model(), "model");
-        if (!model.ok()) return model.status();
-        auto dataset = ctx.caller.Qualify(req.dataset(), "dataset");
-        if (!dataset.ok()) return dataset.status();
+        auto keys = QualifyKeys(ctx.caller, req.model(), req.dataset());
+        if (!keys.ok()) return keys.status();
         if (req.count() < 1 || req.count() > kMaxSuggestions) {
           return absl::InvalidArgumentError(
               absl::StrCat("count must be in [1, ", kMaxSuggestions, "]"));
@@ -219,9 +234,9 @@ grpc::ServerWriteReactor<v1::SuggestLabelsResponse>* ModelService::SuggestLabels
           return absl::InvalidArgumentError("duplicate_cosine must be > 0 (>= 1: keep all)");
         }
         if (req.version() < 0) return absl::InvalidArgumentError("version must be >= 0");
-        auto version = models_->ServableNow(*model, req.version());
+        auto version = models_->ServableNow(keys->model, req.version());
         if (!version.ok()) return version.status();
-        auto held = ReadExamples(datasets_, *dataset);
+        auto held = ReadExamples(datasets_, keys->dataset);
         if (!held.ok()) return held.status();
         std::vector<StoredExample> pool;
         for (StoredExample& e : held->examples) {
@@ -242,13 +257,8 @@ grpc::ServerWriteReactor<v1::SuggestLabelsResponse>* ModelService::SuggestLabels
             !s.ok()) {
           return s;
         }
-        PredictOptions o;
-        o.priority = Engine::Priority::kServing;
-        o.lane = ctx.caller.lane;
-        o.max_image_pixels = analyses_.max_image_pixels;
+        PredictOptions o = AnalysisPredictOptions(ctx, analyses_);
         o.embeddings = true;
-        o.progress = ctx.progress;
-        o.cancelled = ctx.cancelled;
         auto predicted =
             PredictExamples(embedder_->engine(), *datasets_->database(), pool, {*version}, o);
         if (!predicted.ok()) return predicted.status();
