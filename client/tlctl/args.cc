@@ -18,7 +18,7 @@ bool TakesValue(const std::string& key) {
       // evaluate, serve, thresholds, suggest, train's
       // recipe and sweep
       "versions", "split", "serve", "target-precision", "global", "class", "count", "strategy",
-      "duplicate-cosine", "l2", "folds", "heads", "warmup", "layer-decay"};
+      "duplicate-cosine", "l2", "folds", "heads", "layers", "warmup", "layer-decay"};
   // How to reach the server; tlctl's other flags use hyphens, the server's
   // flags underscores, so these are taken in both spellings.
   static const std::set<std::string> kConnection = {"token",    "tls_ca",  "tls-ca", "tls_cert",

@@ -152,15 +152,16 @@ int Follow(Client& c, const std::string& id, bool json) {
     if (!last.error().empty()) std::cout << ": " << last.error();
     std::cout << "\n";
     if (last.leaderboard_size() > 0) {
-      std::cout << absl::StrFormat("%-4s %12s %10s %10s %8s %9s\n", "rank", "l2 (1/C)", "hidden",
-                                   "accuracy", "+-", "log loss");
+      std::cout << absl::StrFormat("%-4s %12s %10s %10s %10s %8s %9s\n", "rank", "l2 (1/C)",
+                                   "hidden", "layer", "accuracy", "+-", "log loss");
       int rank = 0;
       for (const auto& cand : last.leaderboard()) {
         std::string hidden = "linear";
         if (cand.hidden_size() > 0) hidden = absl::StrCat(cand.hidden(0));
         ++rank;
-        std::cout << absl::StrFormat("%-4d %12.6g %10s %10.4f %8.4f %9.4f%s\n", rank, cand.l2(),
-                                     hidden, cand.accuracy(), cand.accuracy_std(), cand.log_loss(),
+        std::cout << absl::StrFormat("%-4d %12.6g %10s %10s %10.4f %8.4f %9.4f%s\n", rank,
+                                     cand.l2(), hidden, cand.layer(), cand.accuracy(),
+                                     cand.accuracy_std(), cand.log_loss(),
                                      rank == 1 ? "  <- the version" : "");
       }
     }
@@ -176,7 +177,9 @@ int Train(Client& c, const Args& a) {
         "lbfgs|adamw|sgd "
         "--batch-size N --weight-decay X --label-smoothing X --balanced --patience N --augment "
         "--train-batchnorm --no-head-first --seed N --serve if-not-worse|always|never "
-        "--target-precision P --sweep [--l2 X,Y,.. --folds K --heads linear,H] --constant-lr "
+        "--target-precision P --sweep [--l2 X,Y,.. --folds K --heads linear,H --layers "
+        "L,embedding] "
+        "--constant-lr "
         "--warmup F "
         "--layer-decay X --no-gradual] [--wait]"));
   }
@@ -249,6 +252,9 @@ int Train(Client& c, const Args& a) {
                          "one hidden layer of 512 units)")));
       }
       sw->add_hidden(width);
+    }
+    for (absl::string_view layer : absl::StrSplit(a.Get("layers"), ',', absl::SkipEmpty())) {
+      sw->add_layers(std::string(layer));
     }
   }
   const std::string serve = a.Get("serve", "if-not-worse");

@@ -48,11 +48,12 @@ commands:
         --batch-size N --weight-decay X --label-smoothing X --balanced --patience N
         --augment --train-batchnorm --no-head-first --seed N
         --serve if-not-worse|always|never --target-precision P
-        --sweep [--l2 X,Y,... --folds K --heads linear,H,...] --constant-lr --warmup F
-        --layer-decay X --no-gradual] [--wait]
+        --sweep [--l2 X,Y,... --folds K --heads linear,H,... --layers layer3,embedding]
+        --constant-lr --warmup F --layer-decay X --no-gradual] [--wait]
                                  start a job; --wait follows it (Ctrl-C: cancel or detach);
                                  --sweep: one head per L2 value (and head shape: linear, or
-                                 one hidden layer of H units) by k-fold, then a leaderboard
+                                 one hidden layer of H units; and feature layer: a stage's
+                                 output average-pooled) by k-fold, then a leaderboard
   jobs [--model M]               training jobs
   watch JOB                      follow a job
   cancel JOB                     cancel a job

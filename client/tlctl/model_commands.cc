@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "client/lib/image_files.h"
 #include "client/tlctl/format.h"
@@ -41,7 +42,14 @@ nlohmann::json ModelJson(const v1::Model& m) {
          {"train_accuracy", v.train_accuracy()},
          {"validation_accuracy", v.validation_accuracy()},
          {"classes", classes},
-         {"confusion", std::vector<int64_t>(v.confusion().begin(), v.confusion().end())}});
+         {"confusion", std::vector<int64_t>(v.confusion().begin(), v.confusion().end())},
+         {"temperature", v.temperature()},
+         {"validation_ece", v.validation_ece()},
+         {"validation_ece_uncalibrated", v.validation_ece_uncalibrated()},
+         {"thresholds", std::vector<float>(v.thresholds().begin(), v.thresholds().end())},
+         {"hidden", std::vector<int>(v.head().hidden().begin(), v.head().hidden().end())},
+         {"feature_layer", v.feature_layer()},
+         {"head_params", v.head_params()}});
   }
   nlohmann::json out = {
       {"name", m.name()},
@@ -71,6 +79,18 @@ void PrintModel(const v1::Model& m) {
     std::cout << absl::StrFormat("  v%d: train accuracy %.4f, validation accuracy %.4f (job %s)\n",
                                  v.version(), v.train_accuracy(), v.validation_accuracy(),
                                  v.job_id());
+    std::cout << absl::StrFormat(
+        "      temperature %.4g, validation ECE %.4f (uncalibrated %.4f)%s\n", v.temperature(),
+        v.validation_ece(), v.validation_ece_uncalibrated(),
+        v.thresholds().empty() ? "" : ", with confidence thresholds");
+    if (!v.feature_layer().empty() || v.head().hidden_size() > 0) {
+      std::string hidden = "linear";
+      if (v.head().hidden_size() > 0)
+        hidden = absl::StrCat("hidden ", absl::StrJoin(v.head().hidden(), ","));
+      std::cout << absl::StrFormat("      head: %s on %s, %s params\n", hidden,
+                                   v.feature_layer().empty() ? "the embedding" : v.feature_layer(),
+                                   WithCommas(v.head_params()));
+    }
   }
 }
 

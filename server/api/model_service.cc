@@ -57,6 +57,8 @@ void ToProto(const ModelInfo& m, const Caller& caller, v1::Model* out) {
     const HeadSpec& head = v.head ? *v.head : m.head;
     for (int h : head.hidden) pv->mutable_head()->add_hidden(h);
     pv->mutable_head()->set_dropout(head.dropout);
+    pv->set_feature_layer(v.feature_layer);
+    pv->set_head_params(v.head_params);
   }
 }
 

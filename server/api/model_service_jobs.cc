@@ -27,6 +27,9 @@ void ToProto(const JobRecord& r, const Caller& caller, v1::Job* out) {
   out->set_outcome(r.outcome);
   for (const SweepEntry& e : r.leaderboard) {
     v1::SweepCandidate* c = out->add_leaderboard();
+    const auto& layers = r.options.sweep_layers;
+    c->set_layer(e.layer >= 0 && e.layer < static_cast<int>(layers.size()) ? layers[e.layer]
+                                                                           : "embedding");
     c->set_l2(e.l2);
     for (int h : e.hidden) c->add_hidden(h);
     c->set_params(e.params);
@@ -78,6 +81,7 @@ void ToProto(const JobRecord& r, const Caller& caller, v1::Job* out) {
     for (double l2 : o.sweep_l2) sw->add_l2(static_cast<float>(l2));
     sw->set_folds(o.sweep_folds);
     for (int h : o.sweep_hidden) sw->add_hidden(h);
+    for (const auto& layer : o.sweep_layers) sw->add_layers(layer);
   }
 }
 
@@ -150,6 +154,7 @@ absl::StatusOr<TrainOptions> FromProto(const v1::TrainingOptions& p) {
     o.sweep_l2.assign(p.sweep().l2().begin(), p.sweep().l2().end());
     o.sweep_folds = p.sweep().folds() == 0 ? 5 : p.sweep().folds();
     o.sweep_hidden.assign(p.sweep().hidden().begin(), p.sweep().hidden().end());
+    o.sweep_layers.assign(p.sweep().layers().begin(), p.sweep().layers().end());
   }
   return o;
 }

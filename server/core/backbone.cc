@@ -300,6 +300,16 @@ torch::Tensor Backbone::Embed(const torch::Tensor& batch, const EmbedSpec& spec)
   return PoolEmbedding(RunStages(batch, last), spec);
 }
 
+absl::StatusOr<int64_t> Backbone::PooledDim(int stage) const {
+  auto summary = Describe({});
+  if (!summary.ok()) return summary.status();
+  if (stage < 0 || stage >= static_cast<int>(summary->stages.size()) ||
+      summary->stages[stage].output_shape.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("no stage ", stage, " to pool"));
+  }
+  return summary->stages[stage].output_shape[0];
+}
+
 absl::StatusOr<BackboneSummary> Backbone::Describe(std::vector<int64_t> input_chw) const {
   const int64_t crop = preprocess_.crop;
   if (input_chw.empty()) input_chw = {3, crop, crop};

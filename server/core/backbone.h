@@ -97,6 +97,9 @@ class Backbone {
   // run convolutions on the meta device from C++), once per size; answers
   // are cached. Embedder::Describe runs it on a lane of its own.
   absl::StatusOr<BackboneSummary> Describe(std::vector<int64_t> input_chw) const;
+  // The width of stage `stage`'s output pooled over space (its channels):
+  // what a head reading that stage takes. From Describe({}), cached.
+  absl::StatusOr<int64_t> PooledDim(int stage) const;
 
   // float32 N×3×H×W on the CPU -> float32 N×D on the CPU, on the calling
   // thread: the reference (load-time checks, tests); serving and training

@@ -79,13 +79,19 @@ absl::StatusOr<ExportedModel> ExportModel(Engine& engine,
   torch::jit::Module top("tlserve_Classifier");
   top.register_attribute("training", c10::BoolType::get(), false);
   std::string forward = "def forward(self, x):\n";
-  for (int i = 0; i < backbone.head_index(); ++i) {
+  // A head on an earlier stage (a sweep's choice): the stages up to it, then
+  // the average over space, as the engine pools it.
+  const int feature_stage = version.plan.feature_stage();
+  const int last = feature_stage >= 0 ? feature_stage : backbone.head_index() - 1;
+  for (int i = 0; i <= last; ++i) {
     top.register_module(names[i], Frozen(version.plan.module(i)));
     absl::StrAppend(&forward, "    x = self.", names[i], ".forward(x)\n");
   }
   top.register_module(names.back(), *head);
-  absl::StrAppend(&forward, "    x = torch.flatten(x, 1)\n    return self.", names.back(),
-                  ".forward(x)\n");
+  absl::StrAppend(&forward,
+                  feature_stage >= 0 ? "    x = torch.flatten(x, 2).mean(2)\n"
+                                     : "    x = torch.flatten(x, 1)\n",
+                  "    return self.", names.back(), ".forward(x)\n");
   top.define(forward);
   top.eval();
 
@@ -127,19 +133,23 @@ absl::StatusOr<ExportedModel> ExportModel(Engine& engine,
   extra["classes.json"] = nlohmann::json(version.classes).dump();
   // The model's name as its tenant knows it, and the tenant apart.
   const auto [tenant, model] = SplitTenantKey(version.model);
-  extra["tlserve.json"] = nlohmann::json{{"name", model},
-                                         {"pretrained", true},
-                                         {"model", model},
-                                         {"tenant", tenant},
-                                         {"version", version.version},
-                                         {"backbone", backbone.name()},
-                                         {"backbone_sha256", backbone.sha256()},
-                                         // softmax(logits / temperature) is what Classify returns;
-                                         // below a class's threshold it answers "unknown", and
-                                         // always at a threshold of 1.
-                                         {"temperature", version.calibration.temperature},
-                                         {"thresholds", version.calibration.thresholds}}
-                              .dump();
+  extra["tlserve.json"] =
+      nlohmann::json{{"name", model},
+                     {"pretrained", true},
+                     {"model", model},
+                     {"tenant", tenant},
+                     {"version", version.version},
+                     {"backbone", backbone.name()},
+                     {"backbone_sha256", backbone.sha256()},
+                     // softmax(logits / temperature) is what Classify returns;
+                     // below a class's threshold it answers "unknown", and
+                     // always at a threshold of 1.
+                     {"temperature", version.calibration.temperature},
+                     {"thresholds", version.calibration.thresholds},
+                     // The stage the head reads, pooled ("": the backbone's
+                     // own embedding).
+                     {"feature_layer", feature_stage >= 0 ? names[feature_stage] : ""}}
+          .dump();
   top.save(path, extra);
   auto sha = FileSha256(path);
   if (!sha.ok()) return sha.status();

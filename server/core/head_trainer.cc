@@ -102,6 +102,21 @@ absl::StatusOr<TrainOptions> ResolveTrainOptions(TrainOptions o, const HeadSpec&
     if (o.sweep_hidden.size() > 8) {
       return absl::InvalidArgumentError("options.sweep.hidden: at most 8 head shapes");
     }
+    if (o.sweep_layers.size() > 4) {
+      return absl::InvalidArgumentError("options.sweep.layers: at most 4 feature layers");
+    }
+    for (size_t i = 0; i < o.sweep_layers.size(); ++i) {
+      if (o.sweep_layers[i].empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("options.sweep.layers[", i, "] is empty; name a stage, or \"embedding\""));
+      }
+      for (size_t j = 0; j < i; ++j) {
+        if (o.sweep_layers[j] == o.sweep_layers[i]) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("options.sweep.layers: \"", o.sweep_layers[i], "\" is given twice"));
+        }
+      }
+    }
     for (size_t i = 0; i < o.sweep_hidden.size(); ++i) {
       if (o.sweep_hidden[i] < 0 || o.sweep_hidden[i] > 16384) {
         return absl::InvalidArgumentError(absl::StrCat(

@@ -77,6 +77,10 @@ struct TrainOptions {
   // own head. A winner of another shape than the model's is recorded with
   // its version (VersionInfo::head).
   std::vector<int> sweep_hidden;
+  // Feature layers: backbone stage names (average-pooled) or "embedding";
+  // empty: the embedding. A winner on another layer is recorded with its
+  // version (VersionInfo::feature_layer).
+  std::vector<std::string> sweep_layers;
 };
 
 // Resolves defaults for a model with (`fine_tune`) or without unfrozen

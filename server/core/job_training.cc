@@ -45,13 +45,18 @@ absl::StatusOr<std::vector<std::string>> JobRunner::ReadBytes(
 }
 
 absl::StatusOr<at::Tensor> JobRunner::Features(const std::string& id,
-                                               const std::vector<StoredExample>& examples) {
+                                               const std::vector<StoredExample>& examples,
+                                               int layer, int64_t dim) {
   // Features of every example with the frozen backbone, once, through the
   // device engine at training priority: normal tensors (not inference
   // tensors), so that training can use them. The images are read from the
   // database a batch at a time, a full engine batch each.
-  const int64_t n = static_cast<int64_t>(examples.size()), dim = backbone_->embedding_dim();
+  const int64_t n = static_cast<int64_t>(examples.size());
+  if (layer < 0) dim = backbone_->embedding_dim();
   at::Tensor features = at::empty({n, dim});
+  // The embedding's key is the backbone's alone (as before layers).
+  const std::string key_prefix =
+      layer < 0 ? backbone_->sha256() : absl::StrCat(backbone_->sha256(), "@", layer);
   const int64_t kBatch = engine_->max_batch_size();
   std::vector<int64_t> pending;
   auto flush = [&]() -> absl::Status {
@@ -70,12 +75,13 @@ absl::StatusOr<at::Tensor> JobRunner::Features(const std::string& id,
       work[k].input = *std::move(x);
       work[k].priority = Engine::Priority::kTraining;
       work[k].lane = Lane(id);
+      if (layer >= 0) work[k].spec = EmbedSpec{layer, Pool::kAvg, false};
     }
     auto out = engine_->Run(std::move(work));
     if (!out.ok()) return out.status();
     for (size_t k = 0; k < pending.size(); ++k) {
       features[pending[k]].copy_((*out)[k].values);
-      feature_cache_.Put(absl::StrCat(backbone_->sha256(), ":", examples[pending[k]].id),
+      feature_cache_.Put(absl::StrCat(key_prefix, ":", examples[pending[k]].id),
                          (*out)[k].values.clone());
     }
     pending.clear();
@@ -83,8 +89,7 @@ absl::StatusOr<at::Tensor> JobRunner::Features(const std::string& id,
   };
   for (int64_t i = 0; i < n; ++i) {
     if (Cancelled(id)) return absl::CancelledError("cancelled");
-    const at::Tensor cached =
-        feature_cache_.Get(absl::StrCat(backbone_->sha256(), ":", examples[i].id));
+    const at::Tensor cached = feature_cache_.Get(absl::StrCat(key_prefix, ":", examples[i].id));
     if (cached.defined()) {
       features[i].copy_(cached);
     } else {
@@ -129,9 +134,23 @@ absl::StatusOr<TrainedHead> JobRunner::FitHead(const std::string& id, const JobR
 
 absl::StatusOr<TrainedHead> JobRunner::SweepHead(const std::string& id, const ModelInfo& info,
                                                  const std::vector<StoredExample>& examples,
-                                                 const TrainOptions& options, HeadSpec* spec) {
-  auto features = Features(id, examples);
-  if (!features.ok()) return features.status();
+                                                 const TrainOptions& options, HeadSpec* spec,
+                                                 std::string* feature_layer) {
+  // Features once per candidate layer, shared by every candidate on it.
+  std::vector<std::string> layers = options.sweep_layers;
+  if (layers.empty()) layers = {"embedding"};
+  std::vector<at::Tensor> per_layer;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    auto resolved = models_->ResolveFeatureLayer(layers[l] == "embedding" ? "" : layers[l]);
+    if (!resolved.ok()) return resolved.status();
+    Update(id, [&](JobRecord& rec) {
+      rec.phase =
+          absl::StrCat("features of layer ", layers[l], " (", l + 1, "/", layers.size(), ")");
+    });
+    auto f = Features(id, examples, resolved->stage, resolved->dim);
+    if (!f.ok()) return f.status();
+    per_layer.push_back(*std::move(f));
+  }
   std::map<std::string, int64_t> class_index;
   for (size_t i = 0; i < info.classes.size(); ++i) class_index[info.classes[i]] = i;
   const int64_t n = static_cast<int64_t>(examples.size());
@@ -144,8 +163,8 @@ absl::StatusOr<TrainedHead> JobRunner::SweepHead(const std::string& id, const Mo
     all_y.push_back(class_index.at(examples[i].label));
     is_val.push_back(val);
   }
-  auto take = [&](const std::vector<int64_t>& idx) {
-    return features->index_select(0, torch::tensor(idx, torch::kLong));
+  auto take_from = [](const at::Tensor& x, const std::vector<int64_t>& idx) {
+    return x.index_select(0, torch::tensor(idx, torch::kLong));
   };
   const int64_t classes = static_cast<int64_t>(info.classes.size());
   SweepData data;
@@ -165,15 +184,15 @@ absl::StatusOr<TrainedHead> JobRunner::SweepHead(const std::string& id, const Mo
     // Cross-validation on the training split; the validation split stays
     // held out for the version's scores, its calibration and whether it is
     // served.
-    data.features = {take(train_idx)};
+    for (const at::Tensor& x : per_layer) data.features.push_back(take_from(x, train_idx));
     data.labels = torch::tensor(train_y, torch::kLong);
   } else {
-    data.features = {*features};
+    data.features = per_layer;
     data.labels = torch::tensor(all_y, torch::kLong);
     data.validation = torch::zeros({n}, torch::kBool);
     for (int64_t i = 0; i < n; ++i) data.validation[i] = static_cast<bool>(is_val[i]);
   }
-  const size_t candidates = so.l2_grid.size() * so.hidden.size();
+  const size_t candidates = so.l2_grid.size() * so.hidden.size() * layers.size();
   Update(id, [&](JobRecord& rec) {
     rec.leaderboard.clear();
     rec.phase = absl::StrCat("sweep: 0/", candidates, " candidates");
@@ -199,6 +218,10 @@ absl::StatusOr<TrainedHead> JobRunner::SweepHead(const std::string& id, const Mo
   });
   TrainedHead out;
   out.head = swept->head;
+  const int winner_layer = swept->leaderboard.front().layer;
+  *feature_layer = layers[winner_layer] == "embedding" ? "" : layers[winner_layer];
+  const at::Tensor& features = per_layer[winner_layer];
+  auto take = [&](const std::vector<int64_t>& idx) { return take_from(features, idx); };
   // The winner's shape (no dropout: the sweep trains without); the model's
   // own spec when that is the same head (a linear one has no dropout layer).
   *spec = HeadSpec{swept->leaderboard.front().hidden, 0.0f};
@@ -239,11 +262,18 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
   auto start = models_->Start(r.model);
   if (!start.ok()) return start.status();
   const int64_t classes = static_cast<int64_t>(info.classes.size());
-  // The served version's head shape (a sweep may have chosen one other than
-  // the model's), so that its weights are the warm start.
-  const HeadSpec spec = start->served ? VersionHead(info, start->served->version) : info.head;
+  // The served version's head is the warm start, of its shape (a sweep may
+  // have chosen one other than the model's) — unless it reads an earlier
+  // feature layer (a sweep's choice): fine-tuning trains the embedding's
+  // head, so such a version starts cold.
+  bool warm = false;
+  for (const VersionInfo& v : info.versions) {
+    warm =
+        warm || (start->served && v.version == start->served->version && v.feature_layer.empty());
+  }
+  const HeadSpec spec = warm ? VersionHead(info, start->served->version) : info.head;
   torch::nn::Sequential head = MakeHead(spec, backbone_->embedding_dim(), classes);
-  if (start->served) {  // warm start: the served version's head (the notebook's second step)
+  if (warm) {  // warm start: the served version's head (the notebook's second step)
     CopyHead(start->served->plan.head(), head);
   } else if (r.options.head_first && !(checkpoint && checkpoint->kind == "fine-tune")) {
     // (A run resumed from a fine-tuning checkpoint has its head there.)
@@ -285,7 +315,7 @@ absl::StatusOr<int> JobRunner::FineTuneJob(const std::string& id, const JobRecor
       *engine_, std::move(start->stages), head, classes, data, r.options, OnEpoch(id, r),
       [&] { return Cancelled(id); }, r.options.resume ? &resume : nullptr);
   if (!tuned.ok()) return tuned.status();
-  return StoreVersion(id, r, info, examples, tuned->head, spec, tuned->stages,
+  return StoreVersion(id, r, info, examples, tuned->head, spec, "", tuned->stages,
                       tuned->train.accuracy, std::move(tuned->validation));
 }
 
@@ -293,6 +323,7 @@ absl::StatusOr<int> JobRunner::StoreVersion(const std::string& id, const JobReco
                                             const ModelInfo& info,
                                             const std::vector<StoredExample>& examples,
                                             const torch::nn::Sequential& head, const HeadSpec& spec,
+                                            const std::string& feature_layer,
                                             const StagePlan::Stages& stages, double train_accuracy,
                                             Evaluation validation) {
   // The validation split, in the order the trainers evaluated it.
@@ -309,6 +340,7 @@ absl::StatusOr<int> JobRunner::StoreVersion(const std::string& id, const JobReco
   VersionInfo v;
   v.job_id = id;
   if (spec.hidden != info.head.hidden || spec.dropout != info.head.dropout) v.head = spec;
+  v.feature_layer = feature_layer;
   v.train_accuracy = train_accuracy;
   const at::Tensor logits = std::move(validation.logits);
   validation.logits = at::Tensor();  // not kept with the version
@@ -453,16 +485,17 @@ absl::StatusOr<int> JobRunner::Train(const std::string& id) {
   Update(id, [](JobRecord& rec) { rec.phase = "computing features"; });
   if (r.options.sweep) {
     HeadSpec spec;
-    auto swept = SweepHead(id, *info, examples, r.options, &spec);
+    std::string feature_layer;
+    auto swept = SweepHead(id, *info, examples, r.options, &spec, &feature_layer);
     if (!swept.ok()) return swept.status();
-    return StoreVersion(id, r, *info, examples, swept->head, spec, {}, swept->train.accuracy,
-                        std::move(swept->validation));
+    return StoreVersion(id, r, *info, examples, swept->head, spec, feature_layer, {},
+                        swept->train.accuracy, std::move(swept->validation));
   }
   Resume resume = ResumeFor(id, "head", checkpoint);
   auto trained = FitHead(id, r, *info, examples, r.options, /*warmup=*/false,
                          r.options.resume ? &resume : nullptr);
   if (!trained.ok()) return trained.status();
-  return StoreVersion(id, r, *info, examples, trained->head, info->head, {},
+  return StoreVersion(id, r, *info, examples, trained->head, info->head, "", {},
                       trained->train.accuracy, std::move(trained->validation));
 }
 

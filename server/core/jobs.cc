@@ -52,6 +52,7 @@ nlohmann::json OptionsToJson(const TrainOptions& o) {
           {"sweep_l2", o.sweep_l2},
           {"sweep_folds", o.sweep_folds},
           {"sweep_hidden", o.sweep_hidden},
+          {"sweep_layers", o.sweep_layers},
           {"schedule", static_cast<int>(o.schedule)},
           {"warmup_fraction", o.warmup_fraction},
           {"layer_decay", o.layer_decay},
@@ -83,6 +84,7 @@ TrainOptions OptionsFromJson(const nlohmann::json& j) {
   o.sweep_l2 = j.value("sweep_l2", std::vector<double>{});
   o.sweep_folds = j.value("sweep_folds", o.sweep_folds);
   o.sweep_hidden = j.value("sweep_hidden", std::vector<int>{});
+  o.sweep_layers = j.value("sweep_layers", std::vector<std::string>{});
   // Jobs recorded before the recipe ran with a constant rate, no decay.
   o.schedule = static_cast<TrainOptions::Schedule>(
       j.value("schedule", static_cast<int>(TrainOptions::Schedule::kConstant)));
@@ -344,6 +346,39 @@ void JobRunner::DeleteCheckpoint(const std::string& id) const {
   if (!checkpoint_dir_.empty()) std::remove(CheckpointPath(id).c_str());
 }
 
+absl::Status JobRunner::CheckSweepHeads(const TrainOptions& o, const ModelInfo& info) const {
+  if (!o.sweep) return absl::OkStatus();
+  std::vector<int64_t> input_dims = {backbone_->embedding_dim()};
+  if (!o.sweep_layers.empty()) input_dims.clear();
+  for (const std::string& layer : o.sweep_layers) {
+    auto resolved_layer = models_->ResolveFeatureLayer(layer == "embedding" ? "" : layer);
+    if (!resolved_layer.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("options.sweep.layers: ", resolved_layer.status().message()));
+    }
+    input_dims.push_back(resolved_layer->dim);
+  }
+  std::vector<std::vector<int>> shapes = {info.head.hidden};
+  if (!o.sweep_hidden.empty()) shapes.clear();
+  for (int width : o.sweep_hidden) {
+    shapes.push_back(width == 0 ? std::vector<int>{} : std::vector<int>{width});
+  }
+  for (int64_t dim : input_dims) {
+    for (const std::vector<int>& hidden : shapes) {
+      const int64_t params =
+          HeadParams(HeadSpec{hidden, 0.0f}, dim, static_cast<int64_t>(info.classes.size()));
+      if (params > models_->limits().max_head_params) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("options.sweep: a head ",
+                         hidden.empty() ? "(linear)" : absl::StrCat("of width ", hidden[0]), " on ",
+                         dim, " features has ", params, " parameters, over the limit of ",
+                         models_->limits().max_head_params, " (--max_head_params)"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::string& dataset,
                                            const TrainOptions& options) {
   if (absl::Status s = DatasetCatalog::ValidateName(dataset, "dataset"); !s.ok()) return s;
@@ -356,17 +391,9 @@ absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::
   }
   auto resolved = ResolveTrainOptions(options, info->head, !info->private_stages.empty());
   if (!resolved.ok()) return resolved.status();
-  for (int width : resolved->sweep_hidden) {
-    const int64_t params =
-        HeadParams(HeadSpec{width == 0 ? std::vector<int>{} : std::vector<int>{width}, 0.0f},
-                   backbone_->embedding_dim(), static_cast<int64_t>(info->classes.size()));
-    if (params > models_->limits().max_head_params) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("options.sweep.hidden: a head of width ", width, " has ", params,
-                       " parameters, over the limit of ", models_->limits().max_head_params,
-                       " (--max_head_params)"));
-    }
-  }
+  // A sweep: every candidate's head within --max_head_params (each feature
+  // layer's width into each shape).
+  if (absl::Status s = CheckSweepHeads(*resolved, *info); !s.ok()) return s;
   auto examples = db_->ListExamples(dataset);
   if (!examples.ok()) return examples.status();
   if (examples->empty()) {

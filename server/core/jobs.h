@@ -138,8 +138,12 @@ class JobRunner {
   absl::StatusOr<int> TrainContained(const std::string& id);
   absl::StatusOr<std::vector<std::string>> ReadBytes(const std::vector<StoredExample>& examples,
                                                      const std::vector<int64_t>& indices) const;
+  // Every example's features from the frozen backbone: the embedding, or
+  // (`layer` >= 0) that stage's output average-pooled over space (`dim`
+  // wide); cached per example and layer.
   absl::StatusOr<at::Tensor> Features(const std::string& id,
-                                      const std::vector<StoredExample>& examples);
+                                      const std::vector<StoredExample>& examples, int layer = -1,
+                                      int64_t dim = 0);
   absl::StatusOr<TrainedHead> FitHead(const std::string& id, const JobRecord& r,
                                       const ModelInfo& info,
                                       const std::vector<StoredExample>& examples,
@@ -147,10 +151,15 @@ class JobRunner {
                                       Resume* resume = nullptr);
   // options.sweep: heads of every L2 strength on the same features, the
   // winner by cross-validation (the leaderboard streams in the job).
-  // The sweep's winner (its shape in `spec`).
+  // options.sweep: INVALID_ARGUMENT for a feature layer the backbone does not
+  // have, RESOURCE_EXHAUSTED for a candidate head over --max_head_params.
+  absl::Status CheckSweepHeads(const TrainOptions& o, const ModelInfo& info) const;
+  // The sweep's winner (its shape in `spec`, its feature layer in
+  // `feature_layer`: empty for the embedding).
   absl::StatusOr<TrainedHead> SweepHead(const std::string& id, const ModelInfo& info,
                                         const std::vector<StoredExample>& examples,
-                                        const TrainOptions& options, HeadSpec* spec);
+                                        const TrainOptions& options, HeadSpec* spec,
+                                        std::string* feature_layer);
   absl::StatusOr<int> FineTuneJob(const std::string& id, const JobRecord& r, const ModelInfo& info,
                                   const std::vector<StoredExample>& examples,
                                   const std::optional<Checkpoint>& checkpoint);
@@ -160,6 +169,7 @@ class JobRunner {
   absl::StatusOr<int> StoreVersion(const std::string& id, const JobRecord& r, const ModelInfo& info,
                                    const std::vector<StoredExample>& examples,
                                    const torch::nn::Sequential& head, const HeadSpec& spec,
+                                   const std::string& feature_layer,
                                    const StagePlan::Stages& stages, double train_accuracy,
                                    Evaluation validation);
   // options.serve: whether a new version with `accuracy` on the validation

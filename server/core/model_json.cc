@@ -33,6 +33,7 @@ nlohmann::json ModelToJson(const ModelInfo& m) {
     if (v.head) {
       versions.back()["head"] = {{"hidden", v.head->hidden}, {"dropout", v.head->dropout}};
     }
+    if (!v.feature_layer.empty()) versions.back()["feature_layer"] = v.feature_layer;
   }
   return {{"name", m.name},
           {"classes", m.classes},
@@ -80,6 +81,7 @@ ModelInfo ModelFromJson(const nlohmann::json& j) {
     if (!valid) vi.calibration.thresholds.clear();
     vi.validation_ece_uncalibrated = NumberOr(v, "validation_ece_uncalibrated", 0.0);
     vi.validation_ece = NumberOr(v, "validation_ece", 0.0);
+    vi.feature_layer = v.value("feature_layer", "");
     if (auto h = v.find("head"); h != v.end() && h->is_object()) {
       // Checked where the version is loaded (a bad one is the model's problem).
       vi.head = HeadSpec{h->at("hidden").get<std::vector<int>>(), h->at("dropout").get<float>()};

@@ -122,8 +122,20 @@ void ModelRegistry::Describe(ModelInfo& info) const {
   }
   const int64_t classes = static_cast<int64_t>(info.classes.size());
   for (VersionInfo& v : info.versions) {
-    v.head_params = HeadParams(v.head ? *v.head : info.head, dim_, classes);
+    auto layer = ResolveFeatureLayer(v.feature_layer);
+    v.head_params =
+        HeadParams(v.head ? *v.head : info.head, layer.ok() ? layer->dim : dim_, classes);
   }
+}
+
+absl::StatusOr<ModelRegistry::FeatureLayer> ModelRegistry::ResolveFeatureLayer(
+    const std::string& layer) const {
+  if (layer.empty()) return FeatureLayer{-1, dim_};
+  auto stage = backbone_->EmbeddableStage(layer);
+  if (!stage.ok()) return stage.status();
+  auto dim = backbone_->PooledDim(*stage);
+  if (!dim.ok()) return dim.status();
+  return FeatureLayer{*stage, *dim};
 }
 
 const HeadSpec& VersionHead(const ModelInfo& info, int version) {
@@ -149,7 +161,12 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::LoadVersio
     return absl::DataLossError(
         absl::StrCat("the head of ", info.name, " v", version, " in its record: ", s.message()));
   }
-  torch::nn::Sequential head = MakeHead(spec, dim_, info.classes.size());
+  auto layer = ResolveFeatureLayer(vi ? vi->feature_layer : "");
+  if (!layer.ok()) {
+    return absl::DataLossError(absl::StrCat("the feature layer of ", info.name, " v", version,
+                                            " in its record: ", layer.status().message()));
+  }
+  torch::nn::Sequential head = MakeHead(spec, layer->dim, info.classes.size());
   if (absl::Status s = LoadHead(bytes.str(), head); !s.ok()) return s;
   head->eval();
   StagePlan::Stages own;
@@ -170,9 +187,9 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::LoadVersio
                                               version, ": ", Bounded(e.msg(), 200)));
     }
   }
-  return std::make_shared<const ServableVersion>(info.name, version, info.classes,
-                                                 StagePlan(*backbone_, std::move(own), head),
-                                                 vi ? vi->calibration : Calibration{});
+  return std::make_shared<const ServableVersion>(
+      info.name, version, info.classes, StagePlan(*backbone_, std::move(own), head, layer->stage),
+      vi ? vi->calibration : Calibration{});
 }
 
 absl::Status ModelRegistry::Persist(const ModelInfo& info) {
@@ -539,7 +556,9 @@ absl::StatusOr<int> ModelRegistry::AddVersion(
     copy->eval();
     own[index] = std::move(copy);
   }
-  const StagePlan plan(*backbone_, std::move(own), torch::nn::Sequential(host_head));
+  auto layer = ResolveFeatureLayer(info.feature_layer);
+  if (!layer.ok()) return layer.status();
+  const StagePlan plan(*backbone_, std::move(own), torch::nn::Sequential(host_head), layer->stage);
   if (disk_ != nullptr) {
     if (absl::Status s = disk_->Check(plan.bytes() + (1 << 16), "the new version's weights",
                                       DiskBudget::Into::kFile);

@@ -52,6 +52,9 @@ struct VersionInfo {
   // This version's head when it is not the model's (a sweep chose another
   // shape); unset: ModelInfo::head.
   std::optional<HeadSpec> head;
+  // The backbone stage whose output, average-pooled, its head reads (a
+  // sweep's choice); empty: the embedding (the backbone's own pooling).
+  std::string feature_layer;
   int64_t head_params = 0;  // of its head; filled by the registry (Describe)
 };
 
@@ -168,6 +171,16 @@ class ModelRegistry {
   absl::StatusOr<ModelInfo> SetThresholds(const std::string& name, int version,
                                           std::vector<float> thresholds);
 
+  // The stage index and head input width of a version's feature layer
+  // ({-1, embedding dim} for the embedding); INVALID_ARGUMENT for a name
+  // the backbone does not have.
+  struct FeatureLayer {
+    int stage = -1;
+    int64_t dim = 0;
+  };
+  absl::StatusOr<FeatureLayer> ResolveFeatureLayer(const std::string& layer) const;
+  const ModelLimits& limits() const { return limits_; }
+
  private:
   struct Entry {
     ModelInfo info;
@@ -216,11 +229,6 @@ class ModelRegistry {
   const Backbone* backbone_;
   const int64_t dim_;
   const ModelLimits limits_;
-
- public:
-  const ModelLimits& limits() const { return limits_; }
-
- private:
   // Serialises mutations (and their disk writes); taken before mu_.
   absl::Mutex write_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   // Guards the in-memory state only; never held across disk I/O.

@@ -197,12 +197,21 @@ class TlctlTest(unittest.TestCase):
                      ("create-model", "m", "--dataset", "fm"),
                      ("train", "m", "--dataset", "fm", "--wait"),
                      ("train", "m", "--dataset", "fm", "--sweep", "--l2", "0.1,1,10", "--folds", "3",
-                      "--heads", "linear,8", "--serve", "never", "--wait")):
+                      "--heads", "linear,8", "--layers", "layer3,embedding", "--serve", "never",
+                      "--wait")):
             r = self.run_tlctl(*args)
             self.assertEqual(r.returncode, 0, (args, r.stderr))
         self.assertIn("<- the version", r.stdout)  # the sweep's leaderboard
         board = [line.split() for line in r.stdout.splitlines() if line[:1].isdigit()]
-        self.assertEqual(sorted(row[2] for row in board), ["8"] * 3 + ["linear"] * 3, r.stdout)
+        self.assertEqual(sorted(row[2] for row in board), ["8"] * 6 + ["linear"] * 6, r.stdout)
+        self.assertEqual(sorted(row[3] for row in board), ["embedding"] * 6 + ["layer3"] * 6, r.stdout)
+        winner = board[0]
+        v2 = json.loads(self.run_tlctl("describe-model", "m", "--json").stdout)["versions"][1]
+        self.assertEqual(v2["feature_layer"], "" if winner[3] == "embedding" else winner[3], v2)
+        self.assertEqual(v2["hidden"], [] if winner[2] == "linear" else [int(winner[2])], v2)
+        self.assertGreater(v2["temperature"], 0)
+        self.assertIn("validation_ece_uncalibrated", v2)
+        self.assertIn("temperature", self.run_tlctl("describe-model", "m").stdout)
         self.assertIn("v2 is not served", r.stdout)
         # Flags given as "--flag value" (space-separated) as well as "--flag=value".
         r = self.run_tlctl("evaluate", "m", "--dataset", "held", "--json")

@@ -589,6 +589,70 @@ TEST_F(EvaluationTest, ASweepPublishesItsCrossValidatedWinnerWithALeaderboard) {
   EXPECT_EQ(Start("m", "fmnist", o).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// A sweep over feature layers: a head on layer3's pooled output. What the
+// job measured on its features is what Classify computes through the engine
+// (Evaluate on the validation split), after a restart too, and the export
+// (checked by the server against Classify) carries the layer.
+TEST_F(EvaluationTest, ASweepMayChooseAnEarlierLayerAndClassifyRunsUpToIt) {
+  UploadTrainingSet();
+  ASSERT_TRUE(CreateModel("m", "fmnist").ok());
+  v1::TrainingOptions o;
+  for (float l2 : {1e-2f, 1.0f}) o.mutable_sweep()->add_l2(l2);
+  o.mutable_sweep()->set_folds(2);
+  o.mutable_sweep()->add_layers("layer3");  // only this layer: the winner reads it
+  const v1::Job job = Train("m", o);
+  ASSERT_EQ(job.state(), v1::Job::SUCCEEDED) << job.error();
+  ASSERT_EQ(job.leaderboard_size(), 2);
+  for (const auto& c : job.leaderboard()) EXPECT_EQ(c.layer(), "layer3");
+  v1::Model m = Get("m");
+  EXPECT_EQ(m.versions(0).feature_layer(), "layer3");
+  EXPECT_GT(m.versions(0).head_params(), 0);
+  EXPECT_NE(m.versions(0).head_params(), m.head_params())
+      << "layer3 is narrower than the embedding";
+
+  v1::EvaluateRequest req;
+  req.set_model("m");
+  req.set_dataset("fmnist");
+  req.set_split(v1::SPLIT_VALIDATION);
+  auto val = client_->Evaluate(req);
+  ASSERT_TRUE(val.ok()) << val.status();
+  EXPECT_NEAR(val->evaluations(0).accuracy(), m.versions(0).validation_accuracy(), 1e-6);
+
+  const auto test = Folder(Fixture("fmnist/test"));
+  std::vector<std::string> files;
+  for (const auto& [f, label] : test) {
+    if (files.size() < 8) files.push_back(f);
+  }
+  const std::vector<std::string> classes(m.classes().begin(), m.classes().end());
+  const auto before = Probabilities("m", 1, files, classes);
+  Restart();
+  EXPECT_EQ(Get("m").versions(0).feature_layer(), "layer3");
+  const auto after = Probabilities("m", 1, files, classes);
+  for (size_t i = 0; i < files.size(); ++i) {
+    for (size_t c = 0; c < classes.size(); ++c) EXPECT_NEAR(after[i][c], before[i][c], 1e-6);
+  }
+  auto exported = client_->ExportModel("m", 1, dir_ + "/m.pt");
+  EXPECT_TRUE(exported.ok()) << exported.status();
+
+  // A layer the backbone does not have is refused before the job is queued.
+  v1::TrainingOptions bad = o;
+  bad.mutable_sweep()->add_layers("layer9");
+  EXPECT_EQ(Start("m", "fmnist", bad).status().code(), absl::StatusCode::kInvalidArgument);
+  bad = o;
+  bad.mutable_sweep()->add_layers("layer3");
+  EXPECT_EQ(Start("m", "fmnist", bad).status().code(), absl::StatusCode::kInvalidArgument);
+
+  // A fine-tune after it starts cold (the layer3 head cannot read the
+  // embedding) and makes an embedding version.
+  ASSERT_TRUE(Unfreeze("m", {"layer4"}).ok());
+  v1::TrainingOptions tune;
+  tune.set_epochs(1);
+  tune.set_serve(v1::TrainingOptions::SERVE_ALWAYS);
+  const v1::Job tuned = Train("m", tune);
+  ASSERT_EQ(tuned.state(), v1::Job::SUCCEEDED) << tuned.error();
+  EXPECT_EQ(Get("m").versions(1).feature_layer(), "");
+}
+
 // A sweep over head shapes: a winner with a hidden layer on a model whose
 // head is linear keeps its shape with its version — served, reloaded after a
 // restart, and the warm start of a later fine-tune.

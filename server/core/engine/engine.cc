@@ -144,7 +144,7 @@ absl::Status Engine::Enqueue(std::vector<Work> work, bool wait) {
         if (!w.version || !w.version->plan.head()) {
           return absl::InvalidArgumentError(absl::StrCat("work[", i, "]: no model version"));
         }
-        q.prefix_end = w.version->plan.first_private();
+        q.prefix_end = w.version->plan.prefix_end();
         break;
     }
     if (q.prefix_end > backbone_->head_index()) {
@@ -433,7 +433,8 @@ const StagePlan& Engine::Acquire(const std::shared_ptr<const ServableVersion>& v
       auto head = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(host.head()->clone());
       head->to(backbone_->torch_device());
       head->eval();
-      r->plan.emplace(*backbone_, std::move(own), torch::nn::Sequential(head));
+      r->plan.emplace(*backbone_, std::move(own), torch::nn::Sequential(head),
+                      host.feature_stage());
     }
     r->bytes = r->plan->bytes();
     resident_bytes_ += r->bytes;

@@ -18,10 +18,12 @@ absl::StatusOr<StagePlan> StagePlan::Declare(const Backbone& backbone,
   return plan;
 }
 
-StagePlan::StagePlan(const Backbone& backbone, Stages own, torch::nn::Sequential head)
+StagePlan::StagePlan(const Backbone& backbone, Stages own, torch::nn::Sequential head,
+                     int feature_stage)
     : backbone_(&backbone),
       kinds_(backbone.head_index(), Kind::kShared),
       first_private_(backbone.head_index()),
+      feature_stage_(feature_stage),
       own_(std::move(own)),
       head_(std::move(head)) {
   for (const auto& [i, module] : own_) {
@@ -30,6 +32,10 @@ StagePlan::StagePlan(const Backbone& backbone, Stages own, torch::nn::Sequential
     kinds_[i] = trainable ? Kind::kTrainable : Kind::kPrivate;
     first_private_ = std::min(first_private_, i);
   }
+}
+
+int StagePlan::prefix_end() const {
+  return feature_stage_ < 0 ? first_private_ : std::min(first_private_, feature_stage_ + 1);
 }
 
 std::vector<int> StagePlan::private_indices() const {
@@ -54,14 +60,19 @@ at::Tensor StagePlan::Run(at::Tensor x, int first, int last) const {
 }
 
 at::Tensor StagePlan::Logits(const at::Tensor& prefix_output) const {
-  at::Tensor x = Run(prefix_output, first_private_, backbone_->head_index() - 1);
   torch::nn::Sequential h = head_;  // a holder sharing the module
+  if (feature_stage_ >= 0) {
+    // As the engine embeds a stage (training's features): average-pooled.
+    const at::Tensor x = Run(prefix_output, prefix_end(), feature_stage_);
+    return h->forward(PoolEmbedding(x, EmbedSpec{feature_stage_, Pool::kAvg, false}));
+  }
+  at::Tensor x = Run(prefix_output, first_private_, backbone_->head_index() - 1);
   return h->forward(x.flatten(1).to(at::kFloat));
 }
 
 at::Tensor StagePlan::LogitsOf(const at::Tensor& cpu_batch) const {
   at::Tensor x = backbone_->ToDevice(cpu_batch);
-  if (first_private_ > 0) x = backbone_->Forward(x, 0, first_private_ - 1);
+  if (prefix_end() > 0) x = backbone_->Forward(x, 0, prefix_end() - 1);
   return Logits(x);
 }
 

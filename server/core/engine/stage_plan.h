@@ -42,7 +42,12 @@ class StagePlan {
                                            const std::map<std::string, bool>& private_stages);
   // A plan with modules: `own` are the private stages by index (trainable
   // when any parameter requires grad); `head` may be null (a layout only).
-  StagePlan(const Backbone& backbone, Stages own, torch::nn::Sequential head = nullptr);
+  // `feature_stage` >= 0: the head reads that stage's output average-pooled
+  // over space (PoolEmbedding), and the stages after it do not run (a sweep
+  // may choose an earlier layer's features); -1: the backbone's own path to
+  // its head (through its pooling, flattened).
+  StagePlan(const Backbone& backbone, Stages own, torch::nn::Sequential head = nullptr,
+            int feature_stage = -1);
 
   const Backbone& backbone() const { return *backbone_; }
   Kind kind(int i) const { return kinds_[i]; }
@@ -50,6 +55,10 @@ class StagePlan {
   // The first private stage; the backbone's head index when every stage is
   // shared (a head-only model). The shared prefix is [0, first_private()).
   int first_private() const { return first_private_; }
+  int feature_stage() const { return feature_stage_; }
+  // Where the engine's shared prefix for this plan ends: first_private(), or
+  // just after the feature stage when that comes first.
+  int prefix_end() const;
   // The private stages' indices, in order.
   std::vector<int> private_indices() const;
   const Stages& own() const { return own_; }
@@ -61,8 +70,9 @@ class StagePlan {
   // Runs stages first..last (last before the backbone's head) on a tensor on
   // the modules' device. The caller chooses the autograd mode.
   at::Tensor Run(at::Tensor x, int first, int last) const;
-  // Logits (float32) from the shared prefix's output: the private stages
-  // and the shared ones after them, flatten, then the head.
+  // Logits (float32) from the shared prefix's output (up to prefix_end()):
+  // the private stages and the shared ones after them, flatten (or pool at
+  // the feature stage), then the head.
   at::Tensor Logits(const at::Tensor& prefix_output) const;
   // Logits of a preprocessed CPU float batch N×3×H×W, everything on the
   // modules' device: the reference path (export's check, tests), not the
@@ -76,6 +86,7 @@ class StagePlan {
   const Backbone* backbone_;
   std::vector<Kind> kinds_;
   int first_private_ = 0;
+  int feature_stage_ = -1;
   Stages own_;
   torch::nn::Sequential head_{nullptr};
 };
