@@ -44,7 +44,8 @@ nlohmann::json JobJson(const v1::Job& j) {
   if (j.leaderboard_size() > 0) {
     nlohmann::json board = nlohmann::json::array();
     for (const auto& c : j.leaderboard()) {
-      board.push_back({{"l2", c.l2()},
+      board.push_back({{"layer", c.layer()},
+                       {"l2", c.l2()},
                        {"hidden", std::vector<int>(c.hidden().begin(), c.hidden().end())},
                        {"params", c.params()},
                        {"accuracy", c.accuracy()},

@@ -202,6 +202,12 @@ absl::StatusOr<std::unique_ptr<Backbone>> Backbone::Load(const BackboneOptions& 
     full = out.toTensor().to(torch::kCPU, torch::kFloat);
     staged = b->RunStages(probe, static_cast<int>(m.stages.size()) - 1);
     b->embedding_dim_ = b->Embed(probe, EmbedSpec{}).size(1);
+    // Each stage's width once pooled (its channels): what a head on it takes.
+    torch::Tensor x = b->ToDevice(probe);
+    for (int i = 0; i + 1 < static_cast<int>(m.stages.size()); ++i) {
+      x = b->Forward(x, i, i);
+      b->pooled_dims_.push_back(x.dim() >= 2 ? x.size(1) : 0);
+    }
   } catch (const c10::Error& e) {
     return absl::InvalidArgumentError(absl::StrCat(
         "backbone ", options.path, " cannot run its stages in order on a 1x3x", crop, "x", crop,
@@ -301,13 +307,10 @@ torch::Tensor Backbone::Embed(const torch::Tensor& batch, const EmbedSpec& spec)
 }
 
 absl::StatusOr<int64_t> Backbone::PooledDim(int stage) const {
-  auto summary = Describe({});
-  if (!summary.ok()) return summary.status();
-  if (stage < 0 || stage >= static_cast<int>(summary->stages.size()) ||
-      summary->stages[stage].output_shape.empty()) {
+  if (stage < 0 || stage >= static_cast<int>(pooled_dims_.size()) || pooled_dims_[stage] < 1) {
     return absl::InvalidArgumentError(absl::StrCat("no stage ", stage, " to pool"));
   }
-  return summary->stages[stage].output_shape[0];
+  return pooled_dims_[stage];
 }
 
 absl::StatusOr<BackboneSummary> Backbone::Describe(std::vector<int64_t> input_chw) const {

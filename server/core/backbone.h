@@ -98,7 +98,7 @@ class Backbone {
   // are cached. Embedder::Describe runs it on a lane of its own.
   absl::StatusOr<BackboneSummary> Describe(std::vector<int64_t> input_chw) const;
   // The width of stage `stage`'s output pooled over space (its channels):
-  // what a head reading that stage takes. From Describe({}), cached.
+  // what a head reading that stage takes. Measured once, at load.
   absl::StatusOr<int64_t> PooledDim(int stage) const;
 
   // float32 N×3×H×W on the CPU -> float32 N×D on the CPU, on the calling
@@ -139,6 +139,7 @@ class Backbone {
   bool pretrained_ = true;
   PreprocessSpec preprocess_;
   int64_t embedding_dim_ = 0;
+  std::vector<int64_t> pooled_dims_;  // by stage, the head excluded
   std::vector<std::string> stage_names_;
   mutable absl::Mutex cache_mu_;
   mutable std::map<std::vector<int64_t>, BackboneSummary> summaries_ ABSL_GUARDED_BY(cache_mu_);

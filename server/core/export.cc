@@ -89,8 +89,9 @@ absl::StatusOr<ExportedModel> ExportModel(Engine& engine,
   }
   top.register_module(names.back(), *head);
   absl::StrAppend(&forward,
-                  feature_stage >= 0 ? "    x = torch.flatten(x, 2).mean(2)\n"
-                                     : "    x = torch.flatten(x, 1)\n",
+                  feature_stage >= 0
+                      ? "    if x.dim() > 2:\n        x = torch.flatten(x, 2).mean(2)\n"
+                      : "    x = torch.flatten(x, 1)\n",
                   "    return self.", names.back(), ".forward(x)\n");
   top.define(forward);
   top.eval();

@@ -347,7 +347,9 @@ void JobRunner::DeleteCheckpoint(const std::string& id) const {
 }
 
 absl::Status JobRunner::CheckSweepHeads(const TrainOptions& o, const ModelInfo& info) const {
-  if (!o.sweep) return absl::OkStatus();
+  // A plain sweep trains the model's own head on the embedding, which was
+  // checked when the model was made.
+  if (!o.sweep || (o.sweep_layers.empty() && o.sweep_hidden.empty())) return absl::OkStatus();
   std::vector<int64_t> input_dims = {backbone_->embedding_dim()};
   if (!o.sweep_layers.empty()) input_dims.clear();
   for (const std::string& layer : o.sweep_layers) {

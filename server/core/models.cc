@@ -122,9 +122,9 @@ void ModelRegistry::Describe(ModelInfo& info) const {
   }
   const int64_t classes = static_cast<int64_t>(info.classes.size());
   for (VersionInfo& v : info.versions) {
+    // 0 for a layer the backbone does not have (loading it is DATA_LOSS).
     auto layer = ResolveFeatureLayer(v.feature_layer);
-    v.head_params =
-        HeadParams(v.head ? *v.head : info.head, layer.ok() ? layer->dim : dim_, classes);
+    v.head_params = layer.ok() ? HeadParams(v.head ? *v.head : info.head, layer->dim, classes) : 0;
   }
 }
 

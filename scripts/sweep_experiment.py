@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""The sweep's layers and head shapes, on real features (docs/experiments.md).
+
+Same backbone, target classes and test set as scripts/recipe_experiment.py
+(whose helpers it uses): the default backbone, classes 5-9, the first N
+train-split images per class, the whole official test split of those classes
+(5,000 images) scored with Evaluate on the version each job made. Per size
+and seed, four sweep jobs (TrainingOptions.sweep, the default 10 L2 values,
+5-fold CV on the training split):
+  (s)   the embedding, linear heads (the sweep of the recipe experiment);
+  (l3)  layer3's output average-pooled, linear heads;
+  (h)   the embedding, heads with one hidden layer of 256 units;
+  (all) layers layer2, layer3 and the embedding x linear and 256 hidden: the
+        sweep chooses among 60 candidates by CV.
+Each run is appended to a JSON-lines file (--results); the table is written
+between markers in docs/experiments.md.
+
+  /usr/bin/python3 scripts/sweep_experiment.py --bin build/bin \
+      --backbone var/backbones/fmnist-resnet18.pt --seeds 100=3,1000=3
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from recipe_experiment import TARGET, evaluate, fmt, train  # noqa: E402
+from tlserve_client import Client, image_folder, models_pb2  # noqa: E402
+from tlserve_client.local_server import LocalServer  # noqa: E402
+
+BEGIN, END = "<!-- sweep-experiment:begin -->", "<!-- sweep-experiment:end -->"
+METHODS = [
+    ("s", "(s) embedding, linear", dict(layers=[], hidden=[])),
+    ("l3", "(l3) layer3 pooled, linear", dict(layers=["layer3"], hidden=[])),
+    ("h", "(h) embedding, hidden 256", dict(layers=[], hidden=[256])),
+    ("all", "(all) layer2 / layer3 / embedding × linear / hidden 256", dict(
+        layers=["layer2", "layer3", "embedding"], hidden=[0, 256])),
+]
+
+
+def run_one(c, n, seed, ds, out):
+    for key, _, sweep in METHODS:
+        m = "%s-%d-%d" % (key, n, seed)
+        c.create_model(m, dataset=ds)
+        secs, job = train(c, m, ds, seed=seed, sweep=models_pb2.SweepOptions(**sweep))
+        w = job.leaderboard[0]
+        row = dict(n=n, seed=seed, method=key, acc=evaluate(c, m, job.version, "test"), secs=secs,
+                   version=job.version, layer=w.layer, hidden=list(w.hidden), l2=w.l2, cv=w.accuracy,
+                   candidates=len(job.leaderboard))
+        print(json.dumps(row), flush=True)
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def table(rows, command):
+    cpu = "unknown CPU"
+    try:
+        cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    lines = [BEGIN,
+             "Made on %s by `%s` (%d cores, %s)." % (datetime.date.today().isoformat(), command,
+                                                     os.cpu_count(), cpu),
+             "",
+             "| per class | sweep | seeds | candidates | test accuracy (mean ± std) | per seed | CV accuracy "
+             "of the winner | winner (layer, head) per seed | training s (mean) |",
+             "|---:|---|---:|---:|---:|---|---:|---|---:|"]
+    for n in sorted({r["n"] for r in rows}):
+        for key, name, _ in METHODS:
+            rs = sorted((r for r in rows if r["n"] == n and r["method"] == key), key=lambda r: r["seed"])
+            if not rs:
+                continue
+            accs = [r["acc"] for r in rs]
+            winners = " / ".join("%s, %s" % (r["layer"], "hidden %d" % r["hidden"][0] if r["hidden"] else "linear")
+                                 for r in rs)
+            lines.append("| %d | %s | %d | %d | %s | %s | %s | %s | %.1f |" % (
+                n, name, len(rs), rs[0]["candidates"], fmt(accs), " / ".join("%.4f" % x for x in accs),
+                fmt([r["cv"] for r in rs]), winners, statistics.mean(r["secs"] for r in rs)))
+    lines.append("")
+    lines.append("Std: sample standard deviation over the seeds; *CV accuracy*: the winner's mean 5-fold accuracy "
+                 "on the training split (what the sweep chose by); *training s*: the job's wall time seen by "
+                 "the client (features of each layer, then the sweep).")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bin", default=os.path.join(HERE, "..", "build", "bin"))
+    p.add_argument("--backbone", default=os.path.join(HERE, "..", "var", "backbones", "fmnist-resnet18.pt"))
+    p.add_argument("--seeds", default="100=3,1000=3", help="SIZE=SEEDS,...: images per class and seeds")
+    p.add_argument("--results", default=os.path.join(tempfile.gettempdir(), "sweep_experiment.jsonl"),
+                   help="JSON lines, one per run, appended")
+    p.add_argument("--table-only", action="store_true", help="only rewrite the table from --results")
+    p.add_argument("--doc", default=os.path.join(HERE, "..", "docs", "experiments.md"))
+    a = p.parse_args()
+    plan = [(int(k), int(v)) for k, v in (x.split("=") for x in a.seeds.split(","))]
+    command = "/usr/bin/python3 scripts/sweep_experiment.py --seeds %s" % a.seeds
+    if not a.table_only:
+        tmp = tempfile.mkdtemp(prefix="tlserve-sweep-")
+        try:
+            for split, count in (("train", max(n for n, _ in plan)), ("test", 1000)):
+                subprocess.run([sys.executable, os.path.join(HERE, "sample_images.py"), os.path.join(tmp, split),
+                                "--count", str(count), "--classes", TARGET, "--split", split], check=True)
+            with LocalServer(a.bin, a.backbone, os.path.join(tmp, "data")) as server, Client(server.target) as c:
+                c.upload("test", image_folder(os.path.join(tmp, "test")))
+                for n, seeds in plan:
+                    ds = "target-%d" % n
+                    c.upload(ds, image_folder(os.path.join(tmp, "train"), n))
+                    for seed in range(seeds):
+                        print("== %d per class, seed %d" % (n, seed), flush=True)
+                        run_one(c, n, seed, ds, a.results)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    rows = [json.loads(line) for line in open(a.results) if line.strip()]
+    text = table(rows, command)
+    print(text)
+    doc = open(a.doc).read()
+    if BEGIN in doc and END in doc:
+        doc = doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
+    else:
+        doc += "\n" + text + "\n"
+    with open(a.doc, "w") as f:
+        f.write(doc)
+    print("wrote the table into %s" % a.doc)
+
+
+if __name__ == "__main__":
+    main()
