@@ -150,6 +150,42 @@ def table(rows, command, epochs):
     return "\n".join(lines)
 
 
+def run_plan(bin_dir, backbone, plan, run_one):
+    """Samples the target images, serves `backbone`, uploads the test set and,
+    per (images per class, seeds) of `plan`, the training set; then calls
+    run_one(client, n, seed, dataset) for each seed. Also used by
+    scripts/sweep_experiment.py."""
+    tmp = tempfile.mkdtemp(prefix="tlserve-experiment-")
+    try:
+        for split, count in (("train", max(n for n, _ in plan)), ("test", 1000)):
+            subprocess.run([sys.executable, os.path.join(HERE, "sample_images.py"), os.path.join(tmp, split),
+                            "--count", str(count), "--classes", TARGET, "--split", split], check=True)
+        with LocalServer(bin_dir, backbone, os.path.join(tmp, "data")) as server, Client(server.target) as c:
+            c.upload("test", image_folder(os.path.join(tmp, "test")))
+            for n, seeds in plan:
+                ds = "target-%d" % n
+                c.upload(ds, image_folder(os.path.join(tmp, "train"), n))
+                for seed in range(seeds):
+                    print("== %d per class, seed %d" % (n, seed), flush=True)
+                    run_one(c, n, seed, ds)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_table(doc_path, begin, end, text):
+    """Prints `text` and puts it between the markers in doc_path (appended
+    when they are missing)."""
+    print(text)
+    doc = open(doc_path).read()
+    if begin in doc and end in doc:
+        doc = doc[:doc.index(begin)] + text + doc[doc.index(end) + len(end):]
+    else:
+        doc += "\n" + text + "\n"
+    with open(doc_path, "w") as f:
+        f.write(doc)
+    print("wrote the table into %s" % doc_path)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bin", default=os.path.join(HERE, "..", "build", "bin"))
@@ -164,32 +200,9 @@ def main():
     plan = [(int(k), int(v)) for k, v in (x.split("=") for x in a.seeds.split(","))]
     command = "/usr/bin/python3 scripts/recipe_experiment.py --seeds %s --epochs %d" % (a.seeds, a.epochs)
     if not a.table_only:
-        tmp = tempfile.mkdtemp(prefix="tlserve-recipe-")
-        try:
-            for split, count in (("train", max(n for n, _ in plan)), ("test", 1000)):
-                subprocess.run([sys.executable, os.path.join(HERE, "sample_images.py"), os.path.join(tmp, split),
-                                "--count", str(count), "--classes", TARGET, "--split", split], check=True)
-            with LocalServer(a.bin, a.backbone, os.path.join(tmp, "data")) as server, Client(server.target) as c:
-                c.upload("test", image_folder(os.path.join(tmp, "test")))
-                for n, seeds in plan:
-                    ds = "target-%d" % n
-                    c.upload(ds, image_folder(os.path.join(tmp, "train"), n))
-                    for seed in range(seeds):
-                        print("== %d per class, seed %d" % (n, seed), flush=True)
-                        run_one(c, n, seed, ds, a.epochs, a.results)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        run_plan(a.bin, a.backbone, plan, lambda c, n, seed, ds: run_one(c, n, seed, ds, a.epochs, a.results))
     rows = [json.loads(l) for l in open(a.results) if l.strip()]
-    text = table(rows, command, a.epochs)
-    print(text)
-    doc = open(a.doc).read()
-    if BEGIN in doc and END in doc:
-        doc = doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-    else:
-        doc += "\n" + text + "\n"
-    with open(a.doc, "w") as f:
-        f.write(doc)
-    print("wrote the table into %s" % a.doc)
+    write_table(a.doc, BEGIN, END, table(rows, command, a.epochs))
 
 
 if __name__ == "__main__":

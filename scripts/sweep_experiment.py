@@ -23,17 +23,14 @@ import datetime
 import json
 import os
 import re
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from recipe_experiment import TARGET, evaluate, fmt, train  # noqa: E402
-from tlserve_client import Client, image_folder, models_pb2  # noqa: E402
-from tlserve_client.local_server import LocalServer  # noqa: E402
+from recipe_experiment import evaluate, fmt, run_plan, train, write_table  # noqa: E402
+from tlserve_client import models_pb2  # noqa: E402
 
 BEGIN, END = "<!-- sweep-experiment:begin -->", "<!-- sweep-experiment:end -->"
 METHODS = [
@@ -104,33 +101,9 @@ def main():
     plan = [(int(k), int(v)) for k, v in (x.split("=") for x in a.seeds.split(","))]
     command = "/usr/bin/python3 scripts/sweep_experiment.py --seeds %s" % a.seeds
     if not a.table_only:
-        tmp = tempfile.mkdtemp(prefix="tlserve-sweep-")
-        try:
-            for split, count in (("train", max(n for n, _ in plan)), ("test", 1000)):
-                subprocess.run([sys.executable, os.path.join(HERE, "sample_images.py"), os.path.join(tmp, split),
-                                "--count", str(count), "--classes", TARGET, "--split", split], check=True)
-            with LocalServer(a.bin, a.backbone, os.path.join(tmp, "data")) as server, Client(server.target) as c:
-                c.upload("test", image_folder(os.path.join(tmp, "test")))
-                for n, seeds in plan:
-                    ds = "target-%d" % n
-                    c.upload(ds, image_folder(os.path.join(tmp, "train"), n))
-                    for seed in range(seeds):
-                        print("== %d per class, seed %d" % (n, seed), flush=True)
-                        run_one(c, n, seed, ds, a.results)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        run_plan(a.bin, a.backbone, plan, lambda c, n, seed, ds: run_one(c, n, seed, ds, a.results))
     rows = [json.loads(line) for line in open(a.results) if line.strip()]
-    text = table(rows, command)
-    print(text)
-    doc = open(a.doc).read()
-    if BEGIN in doc and END in doc:
-        doc = doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-    else:
-        doc += "\n" + text + "\n"
-    with open(a.doc, "w") as f:
-        f.write(doc)
-    print("wrote the table into %s" % a.doc)
-
+    write_table(a.doc, BEGIN, END, table(rows, command))
 
 if __name__ == "__main__":
     main()

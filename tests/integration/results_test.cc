@@ -93,6 +93,23 @@ class EvaluationTest : public testing::TrainingTest {
     out.resize(files.size(), std::vector<double>(classes.size(), 0.0));
     return out;
   }
+  // The first `n` images of the fixture's test folder.
+  static std::vector<std::string> TestFiles(size_t n) {
+    std::vector<std::string> files;
+    for (const auto& [f, label] : Folder(Fixture("fmnist/test"))) {
+      if (files.size() < n) files.push_back(f);
+    }
+    return files;
+  }
+  static void ExpectSameProbabilities(const std::vector<std::vector<double>>& a,
+                                      const std::vector<std::vector<double>>& b) {
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+      ASSERT_EQ(a[i].size(), b[i].size());
+      for (size_t c = 0; c < a[i].size(); ++c)
+        EXPECT_NEAR(a[i][c], b[i][c], 1e-6) << i << ", " << c;
+    }
+  }
   static void AddRows(const v1::ClassifyResponse& resp, const std::vector<std::string>& classes,
                       std::vector<std::vector<double>>& out) {
     for (const auto& r : resp.results()) {
@@ -618,19 +635,13 @@ TEST_F(EvaluationTest, ASweepMayChooseAnEarlierLayerAndClassifyRunsUpToIt) {
   ASSERT_TRUE(val.ok()) << val.status();
   EXPECT_NEAR(val->evaluations(0).accuracy(), m.versions(0).validation_accuracy(), 1e-6);
 
-  const auto test = Folder(Fixture("fmnist/test"));
-  std::vector<std::string> files;
-  for (const auto& [f, label] : test) {
-    if (files.size() < 8) files.push_back(f);
-  }
+  const std::vector<std::string> files = TestFiles(8);
   const std::vector<std::string> classes(m.classes().begin(), m.classes().end());
   const auto before = Probabilities("m", 1, files, classes);
   Restart();
   EXPECT_EQ(Get("m").versions(0).feature_layer(), "layer3");
   const auto after = Probabilities("m", 1, files, classes);
-  for (size_t i = 0; i < files.size(); ++i) {
-    for (size_t c = 0; c < classes.size(); ++c) EXPECT_NEAR(after[i][c], before[i][c], 1e-6);
-  }
+  ExpectSameProbabilities(after, before);
   auto exported = client_->ExportModel("m", 1, dir_ + "/m.pt");
   EXPECT_TRUE(exported.ok()) << exported.status();
 
@@ -675,19 +686,13 @@ TEST_F(EvaluationTest, ASweepMayChooseAHiddenLayerAndItsVersionKeepsIt) {
   ASSERT_EQ(m.versions(0).head().hidden_size(), 1);
   EXPECT_EQ(m.versions(0).head().hidden(0), 16);
 
-  const auto test = Folder(Fixture("fmnist/test"));
-  std::vector<std::string> files;
-  for (const auto& [f, label] : test) {
-    if (files.size() < 8) files.push_back(f);
-  }
+  const std::vector<std::string> files = TestFiles(8);
   const std::vector<std::string> classes(m.classes().begin(), m.classes().end());
   const auto before = Probabilities("m", 1, files, classes);
   Restart();
   EXPECT_EQ(Get("m").versions(0).head().hidden_size(), 1);
   const auto after = Probabilities("m", 1, files, classes);
-  for (size_t i = 0; i < files.size(); ++i) {
-    for (size_t c = 0; c < classes.size(); ++c) EXPECT_NEAR(after[i][c], before[i][c], 1e-6);
-  }
+  ExpectSameProbabilities(after, before);
 
   // A fine-tune starts from the served version: its head, of its shape.
   ASSERT_TRUE(Unfreeze("m", {"layer4"}).ok());
@@ -721,9 +726,7 @@ TEST_F(EvaluationTest, ASweepMayChooseAHiddenLayerAndItsVersionKeepsIt) {
   EXPECT_TRUE(d.problem().empty()) << d.problem();
   EXPECT_EQ(d.versions(0).head().dropout(), 0.0f);
   const auto reloaded = Probabilities("d", 1, files, classes);
-  for (size_t i = 0; i < files.size(); ++i) {
-    for (size_t c = 0; c < classes.size(); ++c) EXPECT_NEAR(reloaded[i][c], dropped[i][c], 1e-6);
-  }
+  ExpectSameProbabilities(reloaded, dropped);
 
   // Shapes out of range, or twice, or over --max_head_params, are refused
   // before the job is queued.
