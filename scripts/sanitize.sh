@@ -6,7 +6,8 @@
 #         seeded from fuzz/corpus/<fuzzer>/; a crash is saved in fuzz/crashes/<fuzzer>/;
 #   tsa   clang -Wthread-safety -Werror (TLSERVE_THREAD_SAFETY) over every C++ file
 #         of build-tsa/ with -fsyntax-only (no code generated: the locking is
-#         checked by the front end, and a full clang build would take longer).
+#         checked by the front end, and a full clang build would take longer);
+#         tests and benchmarks only where they take locks (scripts/syntax_check.py).
 # Exit status 0 only when every phase passes; all phases run even if one fails.
 #   scripts/sanitize.sh [asan|fuzz|tsa ...]     (default: all three)
 #   TLSERVE_SKIP_SANITIZE=1 skips everything (for a quick local scripts/test.sh).

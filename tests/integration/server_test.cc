@@ -406,7 +406,7 @@ TEST_F(ServerTest, StreamEmbedWithUnknownLayerEndsTheStream) {
 }
 
 TEST_F(ServerTest, ManyImagesStreamInOrder) {
-  constexpr size_t kCount = 60;
+  constexpr size_t kCount = 24;  // six windows of 4: enough to reorder, a ResNet-50 forward each
   size_t seen = 0;
   bool in_order = true;
   absl::Status s = client_->StreamEmbed(
