@@ -9,7 +9,7 @@ BUILD_PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   libtorch-dev libopenblas0-pthread
   prometheus-cpp-dev libgtest-dev libgmock-dev
-  libsqlite3-dev libturbojpeg0-dev libpng-dev libssl-dev nlohmann-json3-dev
+  libsqlite3-dev libpq-dev libturbojpeg0-dev libpng-dev libssl-dev nlohmann-json3-dev
 )
 # The checking builds of scripts/sanitize.sh (CI runs them after the tests): clang for
 # libFuzzer and -Wthread-safety, its sanitizer and fuzzer runtimes, llvm-symbolizer-14 for reports.
@@ -18,6 +18,8 @@ CHECK_PACKAGES=(clang-14 libclang-rt-14-dev llvm-14)
 TEST_PACKAGES=(
   python3 python3-torch python3-torchvision python3-numpy python3-pil python3-sklearn
   python3-grpcio python3-grpc-tools prometheus dataset-fashion-mnist
+  # The store's PostgreSQL tests start a real server of their own (the scale-out mode).
+  postgresql-15
   # The Helm chart's test: Go's text/template + sprig (Helm's engine), Kubernetes' models.
   golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev python3-kubernetes python3-yaml
 )

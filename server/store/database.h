@@ -1,12 +1,15 @@
-// The server's durable catalogue in one SQLite database under the data
-// directory (WAL journal, synchronous=FULL): datasets and their examples
-// (the encoded image bytes themselves), and later models, versions and jobs.
-// Every mutating method is one transaction, committed — on disk — before it
-// returns OK; on an error nothing of it is written. Errors keep SQLite's
-// cause: RESOURCE_EXHAUSTED for a full disk, UNAVAILABLE for busy, DATA_LOSS
-// for a corrupt file, INTERNAL otherwise.
+// The server's durable catalogue behind one interface, with two
+// implementations: SQLite (one file under the data directory: the embedded
+// default, server/store/sqlite_database.h) and PostgreSQL (a database shared
+// by several replicas, server/store/postgres_database.h). It holds datasets
+// and their examples (the encoded image bytes themselves), and small JSON
+// records: models, versions, jobs. Every mutating method is one transaction,
+// committed — on disk — before it returns OK; on an error nothing of it is
+// written. Errors keep the engine's cause: RESOURCE_EXHAUSTED for a full
+// disk, UNAVAILABLE for busy or an unreachable server, DATA_LOSS for a
+// corrupt file, INTERNAL otherwise.
 //
-// Thread-safe: calls are serialised on one connection.
+// Thread-safe.
 #ifndef TLSERVE_SERVER_STORE_DATABASE_H_
 #define TLSERVE_SERVER_STORE_DATABASE_H_
 
@@ -16,12 +19,8 @@
 #include <string>
 #include <vector>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
-
-struct sqlite3;
 
 namespace tlserve {
 
@@ -50,60 +49,61 @@ struct UploadQuota {
 
 class Database {
  public:
-  // Opens or creates `path` and brings its schema up to date.
-  static absl::StatusOr<std::unique_ptr<Database>> Open(const std::string& path);
-  ~Database();
+  // `location` is a file path (SQLite; created if missing) or a libpq
+  // connection URI starting "postgresql://" or "postgres://" (PostgreSQL;
+  // the database must exist, its schema is created or brought up to date).
+  static absl::StatusOr<std::unique_ptr<Database>> Open(const std::string& location);
+  // Whether `location` names a PostgreSQL database rather than a file.
+  static bool IsPostgresUri(const std::string& location);
+
+  virtual ~Database() = default;
+  Database() = default;
   Database(const Database&) = delete;
   Database& operator=(const Database&) = delete;
+
+  // "sqlite" or "postgresql".
+  virtual const char* kind() const = 0;
 
   // Uploads are staged in bounded chunks (invisible to every reader) and
   // moved into their dataset in one transaction at commit, when the quota is
   // checked; an upload that is aborted, or left by a crash, stores nothing.
-  int64_t BeginUpload();
-  absl::Status StageExamples(int64_t upload, const std::vector<StoredExample>& examples);
+  virtual int64_t BeginUpload() = 0;
+  virtual absl::Status StageExamples(int64_t upload,
+                                     const std::vector<StoredExample>& examples) = 0;
   // The number of examples added; RESOURCE_EXHAUSTED (nothing stored) over
   // the quota.
-  absl::StatusOr<int64_t> CommitUpload(int64_t upload, const std::string& dataset,
-                                       const UploadQuota& quota);
-  void AbortUpload(int64_t upload);
+  virtual absl::StatusOr<int64_t> CommitUpload(int64_t upload, const std::string& dataset,
+                                               const UploadQuota& quota) = 0;
+  virtual void AbortUpload(int64_t upload) = 0;
 
   // NOT_FOUND for an unknown name.
-  absl::StatusOr<DatasetInfo> GetDataset(const std::string& name);
-  absl::StatusOr<std::vector<DatasetInfo>> ListDatasets();
+  virtual absl::StatusOr<DatasetInfo> GetDataset(const std::string& name) = 0;
+  virtual absl::StatusOr<std::vector<DatasetInfo>> ListDatasets() = 0;
   // Examples in insertion order (bytes included). NOT_FOUND for an unknown name.
-  absl::StatusOr<std::vector<StoredExample>> LoadExamples(const std::string& dataset);
+  virtual absl::StatusOr<std::vector<StoredExample>> LoadExamples(const std::string& dataset) = 0;
   // The same without the image bytes (`bytes` empty): what a training job
   // plans with. Jobs read the bytes a batch at a time with ReadExampleBytes.
-  absl::StatusOr<std::vector<StoredExample>> ListExamples(const std::string& dataset);
+  virtual absl::StatusOr<std::vector<StoredExample>> ListExamples(const std::string& dataset) = 0;
   // The encoded bytes of examples by id, in the order given; NOT_FOUND when
   // one no longer exists.
-  absl::StatusOr<std::vector<std::string>> ReadExampleBytes(const std::vector<int64_t>& ids);
-  absl::Status DeleteDataset(const std::string& name);
+  virtual absl::StatusOr<std::vector<std::string>> ReadExampleBytes(
+      const std::vector<int64_t>& ids) = 0;
+  virtual absl::Status DeleteDataset(const std::string& name) = 0;
 
-  // Bytes inside the database file that SQLite will reuse before growing
-  // it (free pages, e.g. of deleted datasets): free space for the disk budget.
-  int64_t ReusableBytes();
+  // Bytes inside the database's local file that will be reused before it
+  // grows (free pages, e.g. of deleted datasets): free space for the disk
+  // budget. 0 for a database on another machine.
+  virtual int64_t ReusableBytes() = 0;
 
   // Small JSON documents by kind ("model", "version", "job") and key, for
   // the catalogue of models, their versions and the job history.
-  absl::Status PutRecord(const std::string& kind, const std::string& key, const std::string& json);
+  virtual absl::Status PutRecord(const std::string& kind, const std::string& key,
+                                 const std::string& json) = 0;
   // Deletes the records of `kind` whose key is `key` or starts with `key` + "/".
-  absl::Status DeleteRecords(const std::string& kind, const std::string& key);
+  virtual absl::Status DeleteRecords(const std::string& kind, const std::string& key) = 0;
   // (key, json) of every record of `kind`, by key.
-  absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ListRecords(
-      const std::string& kind);
-
- private:
-  explicit Database(sqlite3* db) : db_(db) {}
-  absl::Status Exec(const std::string& sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Ends a failed transaction; returns `cause`.
-  absl::Status Rollback(absl::Status cause) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<DatasetInfo> GetDatasetLocked(const std::string& name)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-
-  absl::Mutex mu_;
-  sqlite3* db_ ABSL_GUARDED_BY(mu_);
-  int64_t next_upload_ ABSL_GUARDED_BY(mu_) = 1;
+  virtual absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ListRecords(
+      const std::string& kind) = 0;
 };
 
 }  // namespace tlserve

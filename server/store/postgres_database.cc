@@ -1,0 +1,542 @@
+#include "server/store/postgres_database.h"
+
+#include <endian.h>
+#include <libpq-fe.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <random>
+#include <unordered_map>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace tlserve {
+
+// A query's result, cleared on scope exit. Columns are in binary format.
+class PgResult {
+ public:
+  explicit PgResult(PGresult* r) : r_(r) {}
+  PgResult(PgResult&& o) noexcept : r_(std::exchange(o.r_, nullptr)) {}
+  PgResult& operator=(PgResult&& o) noexcept {
+    std::swap(r_, o.r_);
+    return *this;
+  }
+  ~PgResult() { PQclear(r_); }
+  PGresult* get() const { return r_; }
+  int rows() const { return PQntuples(r_); }
+  std::string Bytes(int row, int col) const {
+    return std::string(PQgetvalue(r_, row, col), static_cast<size_t>(PQgetlength(r_, row, col)));
+  }
+  // An integer column (smallint, integer, bigint): big-endian bytes in a
+  // binary result, digits in a text one; 0 for NULL.
+  int64_t Int(int row, int col) const {
+    const char* p = PQgetvalue(r_, row, col);
+    if (PQgetisnull(r_, row, col)) return 0;
+    if (PQfformat(r_, col) == 0) return std::strtoll(p, nullptr, 10);
+    switch (PQgetlength(r_, row, col)) {
+      case 8: {
+        uint64_t v;
+        std::memcpy(&v, p, 8);
+        return static_cast<int64_t>(be64toh(v));
+      }
+      case 4: {
+        uint32_t v;
+        std::memcpy(&v, p, 4);
+        return static_cast<int32_t>(be32toh(v));
+      }
+      case 2: {
+        uint16_t v;
+        std::memcpy(&v, p, 2);
+        return static_cast<int16_t>(be16toh(v));
+      }
+      default:
+        return 0;  // NULL
+    }
+  }
+
+ private:
+  PGresult* r_;
+};
+
+namespace {
+
+// Each migration runs once, in order, in its own transaction; the number of
+// those applied is the schema version. Append, never edit.
+const char* const kMigrations[] = {
+    // 1: datasets, staged uploads and records (what the SQLite schema holds).
+    R"sql(
+CREATE TABLE datasets (
+  name TEXT PRIMARY KEY,
+  created_unix BIGINT NOT NULL
+);
+CREATE TABLE examples (
+  id BIGSERIAL PRIMARY KEY,
+  dataset TEXT NOT NULL REFERENCES datasets(name) ON DELETE CASCADE,
+  name TEXT NOT NULL,
+  label TEXT NOT NULL,
+  bytes BYTEA NOT NULL,
+  hash BIGINT NOT NULL
+);
+-- Encoded images do not compress: store them out of line, uncompressed.
+ALTER TABLE examples ALTER COLUMN bytes SET STORAGE EXTERNAL;
+CREATE INDEX examples_by_dataset ON examples(dataset, id);
+CREATE TABLE staged_examples (
+  upload BIGINT NOT NULL,
+  seq BIGSERIAL PRIMARY KEY,
+  name TEXT NOT NULL,
+  label TEXT NOT NULL,
+  bytes BYTEA NOT NULL,
+  hash BIGINT NOT NULL,
+  staged_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+ALTER TABLE staged_examples ALTER COLUMN bytes SET STORAGE EXTERNAL;
+CREATE INDEX staged_by_upload ON staged_examples(upload, seq);
+CREATE TABLE records (
+  kind TEXT NOT NULL,
+  key TEXT NOT NULL,
+  json TEXT NOT NULL,
+  PRIMARY KEY (kind, key)
+);
+)sql",
+};
+
+// pg_advisory_lock key of the migrations ("tlserve" in ASCII, 0x746c7365727665).
+constexpr char kMigrationLock[] = "SELECT pg_advisory_lock(32770340177475173)";
+constexpr char kMigrationUnlock[] = "SELECT pg_advisory_unlock(32770340177475173)";
+
+// Uploads whose last chunk was staged this long ago were left by a replica
+// that died mid-upload (a live upload stages a chunk at least every few
+// seconds, or its stream times out long before).
+constexpr char kAbandonedUploads[] =
+    "DELETE FROM staged_examples WHERE upload IN (SELECT upload FROM staged_examples "
+    "GROUP BY upload HAVING max(staged_at) < now() - interval '1 hour')";
+
+// A failed statement as a status that keeps its cause (SQLSTATE classes:
+// https://www.postgresql.org/docs/15/errcodes-appendix.html).
+absl::Status PgStatus(const std::string& what, const char* sqlstate, const std::string& message) {
+  const std::string state = sqlstate ? sqlstate : "";
+  std::string text = absl::StrCat("postgresql ", what, ": ", message);
+  while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
+  if (state == "53100") {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(text,
+                     " (the database server's disk is full; delete datasets or models, "
+                     "or give it more space)"));
+  }
+  if (state.rfind("53", 0) == 0) return absl::ResourceExhaustedError(text);
+  if (state.empty() || state.rfind("08", 0) == 0 || state.rfind("57P", 0) == 0) {
+    return absl::UnavailableError(text);  // connection lost, server shutting down
+  }
+  if (state == "40001" || state == "40P01" || state == "55P03") return absl::AbortedError(text);
+  if (state.rfind("22", 0) == 0) return absl::InvalidArgumentError(text);  // data exceptions
+  if (state == "XX001" || state == "XX002") return absl::DataLossError(text);
+  if (state.rfind("42", 0) == 0 && state != "42P01") return absl::InternalError(text);
+  if (state == "28000" || state == "28P01" || state == "42501") {
+    return absl::PermissionDeniedError(text);
+  }
+  return absl::InternalError(text);
+}
+
+PostgresDatabase::Param Text(std::string v) { return {std::move(v), false}; }
+PostgresDatabase::Param Text(int64_t v) { return {absl::StrCat(v), false}; }
+PostgresDatabase::Param Blob(const std::string& v) { return {v, true}; }
+
+// The first word of a statement, for messages ("INSERT", "SELECT", ...).
+std::string Verb(const std::string& sql) {
+  const size_t start = sql.find_first_not_of(" \n");
+  if (start == std::string::npos) return "statement";
+  return sql.substr(start, sql.find_first_of(" \n(", start) - start);
+}
+
+}  // namespace
+
+std::string PostgresDatabase::Redacted(const std::string& uri) {
+  // postgresql://user:password@host/... -> postgresql://user:***@host/...
+  const size_t scheme = uri.find("://");
+  if (scheme == std::string::npos) return uri;
+  const size_t at = uri.find('@', scheme + 3);
+  const size_t slash = uri.find('/', scheme + 3);
+  std::string out = uri;
+  if (at != std::string::npos && (slash == std::string::npos || at < slash)) {
+    const size_t colon = uri.find(':', scheme + 3);
+    if (colon != std::string::npos && colon < at) {
+      out = absl::StrCat(uri.substr(0, colon + 1), "***", uri.substr(at));
+    }
+  }
+  // A password given as a query parameter.
+  const size_t p = out.find("password=");
+  if (p != std::string::npos) {
+    const size_t end = out.find('&', p);
+    out =
+        absl::StrCat(out.substr(0, p + 9), "***", end == std::string::npos ? "" : out.substr(end));
+  }
+  return out;
+}
+
+int PostgresDatabase::SchemaVersion() {
+  return static_cast<int>(sizeof(kMigrations) / sizeof(kMigrations[0]));
+}
+
+absl::StatusOr<std::unique_ptr<Database>> PostgresDatabase::Open(const std::string& uri) {
+  PGconn* conn = PQconnectdb(uri.c_str());
+  if (conn == nullptr || PQstatus(conn) != CONNECTION_OK) {
+    absl::Status s =
+        absl::UnavailableError(absl::StrCat("cannot connect to PostgreSQL at ", Redacted(uri), ": ",
+                                            conn ? PQerrorMessage(conn) : "out of memory"));
+    PQfinish(conn);
+    return s;
+  }
+  std::unique_ptr<PostgresDatabase> d(new PostgresDatabase(conn, uri));
+  absl::MutexLock lock(&d->mu_);
+  // Notices (e.g. "relation already exists, skipping") are not errors.
+  PQsetNoticeProcessor(
+      conn, [](void*, const char*) {}, nullptr);
+  if (absl::Status s = d->Migrate(); !s.ok()) return s;
+  // Uploads a dead replica left unfinished were never acknowledged.
+  if (auto r = d->Run(kAbandonedUploads); !r.ok()) return r.status();
+  return std::unique_ptr<Database>(std::move(d));
+}
+
+PostgresDatabase::~PostgresDatabase() {
+  absl::MutexLock lock(&mu_);
+  PQfinish(conn_);
+}
+
+absl::Status PostgresDatabase::Migrate() {
+  // Replicas starting at once: one applies the migrations, the others wait
+  // for the lock and then find nothing left to do.
+  if (auto r = Run(kMigrationLock); !r.ok()) return r.status();
+  auto unlock = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { (void)Run(kMigrationUnlock); };
+  auto created =
+      Run("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+          "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())");
+  if (!created.ok()) {
+    unlock();
+    return created.status();
+  }
+  auto stored = Run("SELECT COALESCE(max(version), 0)::bigint FROM schema_migrations");
+  if (!stored.ok()) {
+    unlock();
+    return stored.status();
+  }
+  const int64_t version = stored->Int(0, 0);
+  if (version > SchemaVersion()) {
+    unlock();
+    return absl::FailedPreconditionError(
+        absl::StrCat("the database's schema is version ", version, ", newer than this tlserve's (",
+                     SchemaVersion(), "): upgrade tlserve, or point it at another database"));
+  }
+  for (int v = static_cast<int>(version) + 1; v <= SchemaVersion(); ++v) {
+    absl::Status s = Begin();
+    if (s.ok()) {
+      auto applied = Run(kMigrations[v - 1]);
+      if (applied.ok()) {
+        applied = Run("INSERT INTO schema_migrations(version) VALUES ($1)", {Text(v)});
+      }
+      s = applied.ok() ? Commit() : Rollback(applied.status());
+    }
+    if (!s.ok()) {
+      unlock();
+      return absl::Status(s.code(), absl::StrCat("schema migration ", v, ": ", s.message()));
+    }
+  }
+  unlock();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> PostgresDatabase::StoredSchemaVersion() {
+  absl::MutexLock lock(&mu_);
+  auto r = Run("SELECT COALESCE(max(version), 0)::bigint FROM schema_migrations");
+  if (!r.ok()) return r.status();
+  return static_cast<int>(r->Int(0, 0));
+}
+
+absl::StatusOr<PgResult> PostgresDatabase::Run(const std::string& sql,
+                                               const std::vector<Param>& params) {
+  std::vector<const char*> values;
+  std::vector<int> lengths, formats;
+  for (const Param& p : params) {
+    values.push_back(p.value.data());
+    lengths.push_back(static_cast<int>(p.value.size()));
+    formats.push_back(p.binary ? 1 : 0);
+  }
+  for (int attempt = 0;; ++attempt) {
+    if (PQstatus(conn_) != CONNECTION_OK) {
+      if (in_transaction_) {
+        return absl::UnavailableError("postgresql: the connection was lost in a transaction");
+      }
+      PQreset(conn_);
+      if (PQstatus(conn_) != CONNECTION_OK) {
+        return absl::UnavailableError(absl::StrCat("cannot reach PostgreSQL at ", Redacted(uri_),
+                                                   ": ", PQerrorMessage(conn_)));
+      }
+    }
+    // Parameterless statements go through the simple query protocol, which
+    // takes several commands at once (a migration); results come back as text.
+    PgResult r(params.empty() ? PQexec(conn_, sql.c_str())
+                              : PQexecParams(conn_, sql.c_str(), static_cast<int>(params.size()),
+                                             nullptr, values.data(), lengths.data(), formats.data(),
+                                             /*resultFormat=*/1));
+    const PGresult* raw = r.get();
+    const ExecStatusType st = PQresultStatus(raw);
+    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) return r;
+    const bool lost = PQstatus(conn_) != CONNECTION_OK;
+    if (lost && !in_transaction_ && attempt == 0) continue;  // reconnect and try once more
+    return PgStatus(Verb(sql), raw ? PQresultErrorField(raw, PG_DIAG_SQLSTATE) : nullptr,
+                    raw ? PQresultErrorMessage(raw) : PQerrorMessage(conn_));
+  }
+}
+
+absl::Status PostgresDatabase::Begin() {
+  auto r = Run("BEGIN");
+  if (!r.ok()) return r.status();
+  in_transaction_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status PostgresDatabase::Commit() {
+  auto r = Run("COMMIT");
+  in_transaction_ = false;
+  return r.status();
+}
+
+absl::Status PostgresDatabase::Rollback(absl::Status cause) {
+  if (in_transaction_) {
+    if (PQstatus(conn_) == CONNECTION_OK) (void)Run("ROLLBACK");
+    in_transaction_ = false;
+  }
+  return cause;
+}
+
+int64_t PostgresDatabase::BeginUpload() {
+  // Unique across replicas without a round trip: 62 random bits.
+  static thread_local std::mt19937_64 rng{std::random_device{}() ^
+                                          (static_cast<uint64_t>(std::random_device{}()) << 32)};
+  return static_cast<int64_t>(rng() >> 2) + 1;
+}
+
+absl::Status PostgresDatabase::StageExamples(int64_t upload,
+                                             const std::vector<StoredExample>& examples) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = Begin(); !s.ok()) return s;
+  for (const StoredExample& e : examples) {
+    auto r =
+        Run("INSERT INTO staged_examples(upload, name, label, bytes, hash) "
+            "VALUES ($1::bigint, $2::text, $3::text, $4::bytea, $5::bigint)",
+            {Text(upload), Text(e.name), Text(e.label), Blob(e.bytes),
+             Text(static_cast<int64_t>(e.hash))});
+    if (!r.ok()) return Rollback(r.status());
+  }
+  return Commit();
+}
+
+absl::StatusOr<int64_t> PostgresDatabase::CommitUpload(int64_t upload, const std::string& dataset,
+                                                       const UploadQuota& quota) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = Begin(); !s.ok()) return s;
+  // Commits to one dataset take turns (on every replica): the quota is
+  // checked against the dataset as it is at commit (no check-then-act race).
+  if (auto r = Run("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))", {Text(dataset)});
+      !r.ok()) {
+    return Rollback(r.status());
+  }
+  auto count = [&](const char* sql, std::vector<Param> params)
+                   ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::StatusOr<int64_t> {
+    auto r = Run(sql, params);
+    if (!r.ok()) return r.status();
+    return r->Int(0, 0);
+  };
+  auto added = count("SELECT COUNT(*)::bigint FROM staged_examples WHERE upload = $1::bigint",
+                     {Text(upload)});
+  if (!added.ok()) return Rollback(added.status());
+  auto images =
+      count("SELECT COUNT(*)::bigint FROM examples WHERE dataset = $1::text", {Text(dataset)});
+  if (!images.ok()) return Rollback(images.status());
+  if (*images + *added > quota.max_images) {
+    return Rollback(absl::ResourceExhaustedError(
+        absl::StrCat("dataset \"", dataset, "\" would hold ", *images + *added,
+                     " images, over the limit of ", quota.max_images, " (--max_dataset_images)")));
+  }
+  auto classes = count(
+      "SELECT COUNT(*)::bigint FROM (SELECT label FROM examples WHERE dataset = $1::text "
+      "UNION SELECT label FROM staged_examples WHERE upload = $2::bigint) AS labels",
+      {Text(dataset), Text(upload)});
+  if (!classes.ok()) return Rollback(classes.status());
+  if (*classes > quota.max_classes) {
+    return Rollback(absl::ResourceExhaustedError(absl::StrCat(
+        "dataset \"", dataset, "\" would have ", *classes, " classes, over the limit of ",
+        quota.max_classes, " (--max_dataset_classes)")));
+  }
+  if (*added > 0) {
+    for (const auto& [sql, params] : std::vector<std::pair<const char*, std::vector<Param>>>{
+             {"INSERT INTO datasets(name, created_unix) VALUES ($1::text, $2::bigint) "
+              "ON CONFLICT (name) DO NOTHING",
+              {Text(dataset), Text(static_cast<int64_t>(std::time(nullptr)))}},
+             {"INSERT INTO examples(dataset, name, label, bytes, hash) "
+              "SELECT $1::text, name, label, bytes, hash FROM staged_examples "
+              "WHERE upload = $2::bigint ORDER BY seq",
+              {Text(dataset), Text(upload)}},
+             {"DELETE FROM staged_examples WHERE upload = $1::bigint", {Text(upload)}}}) {
+      if (auto r = Run(sql, params); !r.ok()) return Rollback(r.status());
+    }
+  }
+  if (absl::Status s = Commit(); !s.ok()) return s;
+  return *added;
+}
+
+void PostgresDatabase::AbortUpload(int64_t upload) {
+  absl::MutexLock lock(&mu_);
+  (void)Run("DELETE FROM staged_examples WHERE upload = $1::bigint", {Text(upload)});
+}
+
+absl::StatusOr<DatasetInfo> PostgresDatabase::GetDatasetLocked(const std::string& name) {
+  DatasetInfo info;
+  {
+    auto r = Run("SELECT created_unix FROM datasets WHERE name = $1::text", {Text(name)});
+    if (!r.ok()) return r.status();
+    if (r->rows() == 0) {
+      return absl::NotFoundError(absl::StrCat("dataset \"", name, "\" does not exist"));
+    }
+    info.name = name;
+    info.created_unix = r->Int(0, 0);
+  }
+  // octet_length of an out-of-line value reads its header, not the bytes.
+  auto r =
+      Run("SELECT label, COUNT(*)::bigint, COALESCE(SUM(octet_length(bytes)), 0)::bigint "
+          "FROM examples WHERE dataset = $1::text GROUP BY label",
+          {Text(name)});
+  if (!r.ok()) return r.status();
+  for (int i = 0; i < r->rows(); ++i) {
+    const std::string label = r->Bytes(i, 0);
+    if (label.empty()) {
+      info.unlabelled = r->Int(i, 1);
+    } else {
+      info.class_counts[label] = r->Int(i, 1);
+    }
+    info.images += r->Int(i, 1);
+    info.bytes += r->Int(i, 2);
+  }
+  return info;
+}
+
+absl::StatusOr<DatasetInfo> PostgresDatabase::GetDataset(const std::string& name) {
+  absl::MutexLock lock(&mu_);
+  return GetDatasetLocked(name);
+}
+
+absl::StatusOr<std::vector<DatasetInfo>> PostgresDatabase::ListDatasets() {
+  absl::MutexLock lock(&mu_);
+  // COLLATE "C": byte order, as SQLite sorts (not the server's locale).
+  auto r = Run("SELECT name FROM datasets ORDER BY name COLLATE \"C\"");
+  if (!r.ok()) return r.status();
+  std::vector<DatasetInfo> out;
+  for (int i = 0; i < r->rows(); ++i) {
+    auto info = GetDatasetLocked(r->Bytes(i, 0));
+    if (info.status().code() == absl::StatusCode::kNotFound) continue;  // deleted meanwhile
+    if (!info.ok()) return info.status();
+    out.push_back(std::move(*info));
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<StoredExample>> PostgresDatabase::Examples(const std::string& dataset,
+                                                                      bool bytes) {
+  absl::MutexLock lock(&mu_);
+  // One snapshot: the dataset and its examples as of one moment.
+  if (absl::Status s = Begin(); !s.ok()) return s;
+  if (auto r = Run("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"); !r.ok()) {
+    return Rollback(r.status());
+  }
+  if (auto info = GetDatasetLocked(dataset); !info.ok()) return Rollback(info.status());
+  auto r = Run(bytes ? "SELECT id, name, label, hash, bytes FROM examples WHERE dataset = $1::text "
+                       "ORDER BY id"
+                     : "SELECT id, name, label, hash FROM examples WHERE dataset = $1::text "
+                       "ORDER BY id",
+               {Text(dataset)});
+  if (!r.ok()) return Rollback(r.status());
+  if (absl::Status s = Commit(); !s.ok()) return s;
+  std::vector<StoredExample> out;
+  out.reserve(static_cast<size_t>(r->rows()));
+  for (int i = 0; i < r->rows(); ++i) {
+    out.push_back({r->Int(i, 0), r->Bytes(i, 1), r->Bytes(i, 2), bytes ? r->Bytes(i, 4) : "",
+                   static_cast<uint64_t>(r->Int(i, 3))});
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<StoredExample>> PostgresDatabase::LoadExamples(
+    const std::string& dataset) {
+  return Examples(dataset, /*bytes=*/true);
+}
+
+absl::StatusOr<std::vector<StoredExample>> PostgresDatabase::ListExamples(
+    const std::string& dataset) {
+  return Examples(dataset, /*bytes=*/false);
+}
+
+absl::StatusOr<std::vector<std::string>> PostgresDatabase::ReadExampleBytes(
+    const std::vector<int64_t>& ids) {
+  absl::MutexLock lock(&mu_);
+  auto r = Run("SELECT id, bytes FROM examples WHERE id = ANY($1::bigint[])",
+               {Text(absl::StrCat("{", absl::StrJoin(ids, ","), "}"))});
+  if (!r.ok()) return r.status();
+  std::unordered_map<int64_t, int> row_of;
+  for (int i = 0; i < r->rows(); ++i) row_of[r->Int(i, 0)] = i;
+  std::vector<std::string> out;
+  out.reserve(ids.size());
+  for (int64_t id : ids) {
+    auto it = row_of.find(id);
+    if (it == row_of.end()) {
+      return absl::NotFoundError(absl::StrCat("example ", id, " no longer exists"));
+    }
+    out.push_back(r->Bytes(it->second, 1));
+  }
+  return out;
+}
+
+absl::Status PostgresDatabase::DeleteDataset(const std::string& name) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = Begin(); !s.ok()) return s;
+  // The examples go with their dataset (ON DELETE CASCADE).
+  auto r = Run("DELETE FROM datasets WHERE name = $1::text", {Text(name)});
+  if (!r.ok()) return Rollback(r.status());
+  const char* affected = PQcmdTuples(r->get());
+  if (affected == nullptr || std::strcmp(affected, "0") == 0) {
+    return Rollback(absl::NotFoundError(absl::StrCat("dataset \"", name, "\" does not exist")));
+  }
+  return Commit();
+}
+
+absl::Status PostgresDatabase::PutRecord(const std::string& kind, const std::string& key,
+                                         const std::string& json) {
+  absl::MutexLock lock(&mu_);
+  return Run("INSERT INTO records(kind, key, json) VALUES ($1::text, $2::text, $3::text) "
+             "ON CONFLICT (kind, key) DO UPDATE SET json = EXCLUDED.json",
+             {Text(kind), Text(key), Text(json)})
+      .status();
+}
+
+absl::Status PostgresDatabase::DeleteRecords(const std::string& kind, const std::string& key) {
+  absl::MutexLock lock(&mu_);
+  return Run("DELETE FROM records WHERE kind = $1::text AND (key = $2::text OR "
+             "starts_with(key, $3::text))",
+             {Text(kind), Text(key), Text(key + "/")})
+      .status();
+}
+
+absl::StatusOr<std::vector<std::pair<std::string, std::string>>> PostgresDatabase::ListRecords(
+    const std::string& kind) {
+  absl::MutexLock lock(&mu_);
+  auto r = Run("SELECT key, json FROM records WHERE kind = $1::text ORDER BY key COLLATE \"C\"",
+               {Text(kind)});
+  if (!r.ok()) return r.status();
+  std::vector<std::pair<std::string, std::string>> out;
+  out.reserve(static_cast<size_t>(r->rows()));
+  for (int i = 0; i < r->rows(); ++i) out.emplace_back(r->Bytes(i, 0), r->Bytes(i, 1));
+  return out;
+}
+
+}  // namespace tlserve

@@ -1,0 +1,357 @@
+// The store interface's own suite: every test runs against both
+// implementations, SQLite (a file in a temporary directory) and PostgreSQL
+// (a fresh database on a throwaway server, tests/postgres_util.h), and
+// expects the same answers from both. PostgreSQL-only behaviour (schema
+// migrations under a lock, several connections at once, an unreachable
+// server) follows.
+#include "server/store/database.h"
+
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <atomic>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "server/store/postgres_database.h"
+#include "tests/postgres_util.h"
+
+namespace tlserve {
+namespace {
+
+// One PostgreSQL server for the whole binary; each test gets a database.
+testing::TempPostgres* postgres = nullptr;
+
+class PostgresEnvironment : public ::testing::Environment {
+ public:
+  void SetUp() override {
+    std::string error;
+    server_ = testing::TempPostgres::Start(&error);
+    ASSERT_NE(server_, nullptr) << error;
+    postgres = server_.get();
+  }
+  void TearDown() override {
+    postgres = nullptr;
+    server_.reset();
+  }
+
+ private:
+  std::unique_ptr<testing::TempPostgres> server_;
+};
+
+[[maybe_unused]] const auto* const kEnvironment =
+    ::testing::AddGlobalTestEnvironment(new PostgresEnvironment);
+
+StoredExample Example(const std::string& name, const std::string& label, std::string bytes,
+                      uint64_t hash) {
+  return {0, name, label, std::move(bytes), hash};
+}
+
+class DatabaseTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    static std::atomic<int> next{0};
+    if (GetParam() == "sqlite") {
+      char dir[] = "/tmp/tlserve-db-XXXXXX";
+      ASSERT_NE(mkdtemp(dir), nullptr);
+      dir_ = dir;
+      location_ = dir_ + "/tlserve.db";
+    } else {
+      ASSERT_NE(postgres, nullptr);
+      location_ = postgres->NewDatabase(absl::StrCat("t", ::getpid(), "_", next++));
+      ASSERT_FALSE(location_.empty());
+    }
+    Reopen();
+  }
+  void TearDown() override {
+    db_.reset();
+    if (!dir_.empty()) std::filesystem::remove_all(dir_);
+  }
+  void Reopen() {
+    db_.reset();
+    auto db = Database::Open(location_);
+    ASSERT_TRUE(db.ok()) << db.status();
+    db_ = std::move(*db);
+    ASSERT_EQ(db_->kind(), GetParam());
+  }
+  // Stages `examples` as one upload and commits it into `dataset`.
+  absl::StatusOr<int64_t> Upload(const std::string& dataset,
+                                 const std::vector<StoredExample>& examples,
+                                 UploadQuota quota = {}) {
+    const int64_t upload = db_->BeginUpload();
+    if (absl::Status s = db_->StageExamples(upload, examples); !s.ok()) return s;
+    return db_->CommitUpload(upload, dataset, quota);
+  }
+
+  std::string dir_;
+  std::string location_;
+  std::unique_ptr<Database> db_;
+};
+
+INSTANTIATE_TEST_SUITE_P(Stores, DatabaseTest, ::testing::Values("sqlite", "postgresql"),
+                         [](const auto& info) { return info.param; });
+
+TEST_P(DatabaseTest, AnUploadIsInvisibleUntilCommittedAndThenSurvivesAReopen) {
+  // Bytes of every value, NUL and 0xff included; a hash with its top bit set.
+  std::string all_bytes;
+  for (int i = 0; i < 256; ++i) all_bytes.push_back(static_cast<char>(i));
+  const int64_t upload = db_->BeginUpload();
+  ASSERT_TRUE(db_->StageExamples(upload, {Example("a.png", "cat", all_bytes, 0xfedcba9876543210ull),
+                                          Example("b.png", "dog", "bb", 2)})
+                  .ok());
+  ASSERT_TRUE(db_->StageExamples(upload, {Example("c.png", "", "ccc", 3)}).ok());
+  EXPECT_EQ(db_->GetDataset("pets").status().code(), absl::StatusCode::kNotFound);
+  auto listed = db_->ListDatasets();
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_TRUE(listed->empty());
+
+  auto added = db_->CommitUpload(upload, "pets", {});
+  ASSERT_TRUE(added.ok()) << added.status();
+  EXPECT_EQ(*added, 3);
+  ASSERT_NO_FATAL_FAILURE(Reopen());
+  auto info = db_->GetDataset("pets");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->images, 3);
+  EXPECT_EQ(info->bytes, 256 + 2 + 3);
+  EXPECT_EQ(info->unlabelled, 1);
+  EXPECT_EQ(info->class_counts, (std::map<std::string, int64_t>{{"cat", 1}, {"dog", 1}}));
+  EXPECT_GT(info->created_unix, 1'700'000'000);
+
+  auto examples = db_->LoadExamples("pets");
+  ASSERT_TRUE(examples.ok()) << examples.status();
+  ASSERT_EQ(examples->size(), 3u);
+  EXPECT_EQ((*examples)[0].name, "a.png");
+  EXPECT_EQ((*examples)[0].bytes, all_bytes);
+  EXPECT_EQ((*examples)[0].hash, 0xfedcba9876543210ull);
+  EXPECT_EQ((*examples)[1].label, "dog");
+  EXPECT_EQ((*examples)[2].label, "");
+  EXPECT_LT((*examples)[0].id, (*examples)[1].id);
+  EXPECT_LT((*examples)[1].id, (*examples)[2].id);
+
+  auto plan = db_->ListExamples("pets");
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(plan->size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ((*plan)[i].id, (*examples)[i].id);
+    EXPECT_EQ((*plan)[i].hash, (*examples)[i].hash);
+    EXPECT_TRUE((*plan)[i].bytes.empty());
+  }
+  // Bytes by id, in the order asked (repeats too).
+  auto bytes = db_->ReadExampleBytes({(*plan)[2].id, (*plan)[0].id, (*plan)[2].id});
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  EXPECT_EQ(*bytes, (std::vector<std::string>{"ccc", all_bytes, "ccc"}));
+  EXPECT_EQ(db_->ReadExampleBytes({(*plan)[0].id, 987654321}).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST_P(DatabaseTest, AppendsKeepInsertionOrderAndAnAbortedUploadStoresNothing) {
+  ASSERT_TRUE(Upload("d", {Example("1", "x", "1", 1), Example("2", "y", "2", 2)}).ok());
+  const int64_t aborted = db_->BeginUpload();
+  ASSERT_TRUE(db_->StageExamples(aborted, {Example("lost", "z", "lost", 9)}).ok());
+  db_->AbortUpload(aborted);
+  ASSERT_TRUE(Upload("d", {Example("3", "x", "3", 3)}).ok());
+  // A commit of an aborted upload adds nothing (and creates no dataset).
+  auto none = db_->CommitUpload(aborted, "other", {});
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(*none, 0);
+  EXPECT_EQ(db_->GetDataset("other").status().code(), absl::StatusCode::kNotFound);
+  auto examples = db_->ListExamples("d");
+  ASSERT_TRUE(examples.ok());
+  std::vector<std::string> names;
+  for (const auto& e : *examples) names.push_back(e.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"1", "2", "3"}));
+}
+
+TEST_P(DatabaseTest, QuotasAreCheckedAtCommitAndAnUploadOverThemStoresNothing) {
+  ASSERT_TRUE(Upload("d", {Example("1", "a", "1", 1), Example("2", "b", "2", 2)}).ok());
+  UploadQuota quota;
+  quota.max_images = 3;
+  auto over = Upload("d", {Example("3", "a", "3", 3), Example("4", "a", "4", 4)}, quota);
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
+  EXPECT_TRUE(absl::StrContains(over.status().message(), "--max_dataset_images"));
+  quota = {};
+  quota.max_classes = 2;
+  auto classes = Upload("d", {Example("5", "c", "5", 5)}, quota);
+  EXPECT_EQ(classes.status().code(), absl::StatusCode::kResourceExhausted) << classes.status();
+  EXPECT_TRUE(absl::StrContains(classes.status().message(), "--max_dataset_classes"));
+  auto fits = Upload("d", {Example("6", "a", "6", 6)}, quota);
+  ASSERT_TRUE(fits.ok()) << fits.status();
+  auto info = db_->GetDataset("d");
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->images, 3);
+}
+
+TEST_P(DatabaseTest, DatasetsListInByteOrderAndDeleteWithTheirExamples) {
+  for (const char* name : {"b", "B", "a", "a.b", "a-b"}) {
+    ASSERT_TRUE(Upload(name, {Example("x", "l", "x", 1)}).ok()) << name;
+  }
+  auto listed = db_->ListDatasets();
+  ASSERT_TRUE(listed.ok());
+  std::vector<std::string> names;
+  for (const auto& d : *listed) names.push_back(d.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"B", "a", "a-b", "a.b", "b"}));
+  auto ids = db_->ListExamples("a");
+  ASSERT_TRUE(ids.ok());
+  ASSERT_TRUE(db_->DeleteDataset("a").ok());
+  EXPECT_EQ(db_->GetDataset("a").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(db_->DeleteDataset("a").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(db_->ListExamples("a").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(db_->ReadExampleBytes({(*ids)[0].id}).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(db_->GetDataset("a.b").ok());
+}
+
+TEST_P(DatabaseTest, RecordsReplaceListByKeyAndDeleteByPrefix) {
+  for (const char* key : {"m", "m/v2", "m/v10", "mm", "M", "n/v1"}) {
+    ASSERT_TRUE(db_->PutRecord("version", key, absl::StrCat("{\"k\":\"", key, "\"}")).ok());
+  }
+  ASSERT_TRUE(db_->PutRecord("version", "m/v2", "{\"replaced\":true}").ok());
+  ASSERT_TRUE(db_->PutRecord("job", "m", "{}").ok());
+  ASSERT_NO_FATAL_FAILURE(Reopen());
+  auto all = db_->ListRecords("version");
+  ASSERT_TRUE(all.ok()) << all.status();
+  std::vector<std::string> keys;
+  for (const auto& [k, json] : *all) keys.push_back(k);
+  EXPECT_EQ(keys, (std::vector<std::string>{"M", "m", "m/v10", "m/v2", "mm", "n/v1"}));
+  EXPECT_EQ((*all)[3].second, "{\"replaced\":true}");
+
+  ASSERT_TRUE(db_->DeleteRecords("version", "m").ok());
+  all = db_->ListRecords("version");
+  ASSERT_TRUE(all.ok());
+  keys.clear();
+  for (const auto& [k, json] : *all) keys.push_back(k);
+  EXPECT_EQ(keys, (std::vector<std::string>{"M", "mm", "n/v1"}));
+  auto jobs = db_->ListRecords("job");
+  ASSERT_TRUE(jobs.ok());
+  EXPECT_EQ(jobs->size(), 1u);  // another kind is untouched
+  // Unicode and JSON escapes round-trip as they were written.
+  const std::string json = "{\"label\":\"\\u0000 ñ 猫 \\\"q\\\"\"}";
+  ASSERT_TRUE(db_->PutRecord("model", "ünï", json).ok());
+  auto models = db_->ListRecords("model");
+  ASSERT_TRUE(models.ok());
+  ASSERT_EQ(models->size(), 1u);
+  EXPECT_EQ((*models)[0].first, "ünï");
+  EXPECT_EQ((*models)[0].second, json);
+}
+
+// --- PostgreSQL only --------------------------------------------------------
+
+TEST(PostgresDatabaseTest, ReplicasStartingAtOnceOnAnEmptyDatabaseAgreeOnOneSchema) {
+  ASSERT_NE(postgres, nullptr);
+  const std::string uri = postgres->NewDatabase("racing_starts");
+  ASSERT_FALSE(uri.empty());
+  constexpr int kReplicas = 6;
+  std::vector<absl::Status> results(kReplicas);
+  std::vector<std::unique_ptr<Database>> dbs(kReplicas);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kReplicas; ++i) {
+    threads.emplace_back([&, i] {
+      auto db = Database::Open(uri);
+      results[i] = db.status();
+      if (db.ok()) dbs[i] = std::move(*db);
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < kReplicas; ++i) ASSERT_TRUE(results[i].ok()) << i << ": " << results[i];
+  auto* pg = dynamic_cast<PostgresDatabase*>(dbs[0].get());
+  ASSERT_NE(pg, nullptr);
+  auto version = pg->StoredSchemaVersion();
+  ASSERT_TRUE(version.ok()) << version.status();
+  EXPECT_EQ(*version, PostgresDatabase::SchemaVersion());
+  // What one replica commits, another reads.
+  const int64_t upload = dbs[1]->BeginUpload();
+  ASSERT_TRUE(dbs[1]->StageExamples(upload, {Example("x", "l", "bytes", 7)}).ok());
+  ASSERT_TRUE(dbs[1]->CommitUpload(upload, "shared", {}).ok());
+  auto seen = dbs[2]->LoadExamples("shared");
+  ASSERT_TRUE(seen.ok()) << seen.status();
+  ASSERT_EQ(seen->size(), 1u);
+  EXPECT_EQ((*seen)[0].bytes, "bytes");
+}
+
+TEST(PostgresDatabaseTest, CommitsToOneDatasetFromTwoReplicasTakeTurnsUnderTheQuota) {
+  ASSERT_NE(postgres, nullptr);
+  const std::string uri = postgres->NewDatabase("racing_commits");
+  auto a = Database::Open(uri);
+  auto b = Database::Open(uri);
+  ASSERT_TRUE(a.ok() && b.ok());
+  UploadQuota quota;
+  quota.max_images = 5;
+  // Each stages 3; both commit at once: exactly one fits.
+  for (int round = 0; round < 5; ++round) {
+    const std::string dataset = absl::StrCat("d", round);
+    const int64_t ua = (*a)->BeginUpload(), ub = (*b)->BeginUpload();
+    ASSERT_NE(ua, ub);
+    std::vector<StoredExample> three = {Example("1", "l", "1", 1), Example("2", "l", "2", 2),
+                                        Example("3", "l", "3", 3)};
+    ASSERT_TRUE((*a)->StageExamples(ua, three).ok());
+    ASSERT_TRUE((*b)->StageExamples(ub, three).ok());
+    absl::StatusOr<int64_t> ra, rb;
+    std::thread ta([&] { ra = (*a)->CommitUpload(ua, dataset, quota); });
+    std::thread tb([&] { rb = (*b)->CommitUpload(ub, dataset, quota); });
+    ta.join();
+    tb.join();
+    EXPECT_NE(ra.ok(), rb.ok()) << ra.status() << " / " << rb.status();
+    auto info = (*a)->GetDataset(dataset);
+    ASSERT_TRUE(info.ok());
+    EXPECT_EQ(info->images, 3);
+  }
+}
+
+TEST(PostgresDatabaseTest, AnUnreachableServerIsUnavailableAndThePasswordStaysSecret) {
+  // A port nothing listens on (the server's own, plus one, is as good as any:
+  // pg-temp picks free ports).
+  auto db = Database::Open("postgresql://tlserve:s3cret@127.0.0.1:1/tlserve?connect_timeout=2");
+  ASSERT_FALSE(db.ok());
+  EXPECT_EQ(db.status().code(), absl::StatusCode::kUnavailable) << db.status();
+  EXPECT_FALSE(absl::StrContains(db.status().message(), "s3cret")) << db.status();
+  EXPECT_TRUE(absl::StrContains(db.status().message(), "127.0.0.1")) << db.status();
+  EXPECT_EQ(PostgresDatabase::Redacted("postgresql://u:pw@h:5432/db?sslmode=require"),
+            "postgresql://u:***@h:5432/db?sslmode=require");
+  EXPECT_EQ(PostgresDatabase::Redacted("postgres://h/db?user=u&password=pw&x=1"),
+            "postgres://h/db?user=u&password=***&x=1");
+  EXPECT_EQ(PostgresDatabase::Redacted("postgresql://u@h/db"), "postgresql://u@h/db");
+}
+
+TEST(PostgresDatabaseTest, ANewerSchemaThanThisBuildIsRefused) {
+  ASSERT_NE(postgres, nullptr);
+  const std::string uri = postgres->NewDatabase("from_the_future");
+  {
+    auto db = Database::Open(uri);
+    ASSERT_TRUE(db.ok()) << db.status();
+  }
+  {
+    // Record a version this build does not know, through a second connection.
+    PGconn* c = PQconnectdb(uri.c_str());
+    ASSERT_EQ(PQstatus(c), CONNECTION_OK);
+    PGresult* r = PQexec(c, "INSERT INTO schema_migrations(version) VALUES (1000)");
+    EXPECT_EQ(PQresultStatus(r), PGRES_COMMAND_OK);
+    PQclear(r);
+    PQfinish(c);
+  }
+  auto db = Database::Open(uri);
+  ASSERT_FALSE(db.ok());
+  EXPECT_EQ(db.status().code(), absl::StatusCode::kFailedPrecondition) << db.status();
+  EXPECT_TRUE(absl::StrContains(db.status().message(), "1000")) << db.status();
+}
+
+TEST(PostgresDatabaseTest, ALostConnectionIsReestablishedByTheNextCall) {
+  ASSERT_NE(postgres, nullptr);
+  const std::string uri = postgres->NewDatabase("reconnects");
+  auto db = Database::Open(uri);
+  ASSERT_TRUE(db.ok()) << db.status();
+  ASSERT_TRUE((*db)->PutRecord("model", "m", "{}").ok());
+  // The server ends every session of that database (as a restart or a
+  // failover would).
+  ASSERT_TRUE(postgres->Exec(
+      "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'reconnects'"));
+  auto records = (*db)->ListRecords("model");
+  ASSERT_TRUE(records.ok()) << records.status();
+  EXPECT_EQ(records->size(), 1u);
+}
+
+}  // namespace
+}  // namespace tlserve
