@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "server/api/server.h"
 #include "server/core/log.h"
+#include "server/store/postgres_database.h"
 
 ABSL_FLAG(std::string, backbone, "", "TorchScript backbone file (required)");
 ABSL_FLAG(std::string, device, "auto", "auto | cpu | cuda | cuda:N (auto: CUDA when available)");
@@ -64,6 +65,11 @@ ABSL_FLAG(int64_t, max_analysis_mb, 2048,
           "most memory one Evaluate or SuggestLabels may hold for its probabilities, embeddings "
           "and scores; a larger one gets RESOURCE_EXHAUSTED before it starts");
 ABSL_FLAG(std::string, data_dir, "./tlserve-data", "directory for the server's durable state");
+ABSL_FLAG(std::string, database, "",
+          "where the durable state lives: empty for SQLite and files in --data_dir (one server), "
+          "or a PostgreSQL connection URI, postgresql://USER@HOST:PORT/DB?OPTIONS, for a database "
+          "that several replicas share (README \"Scaling out\"); give the password in "
+          "PGPASSWORD or a ~/.pgpass file rather than in the URI");
 ABSL_FLAG(int, drain_seconds, 20, "on SIGTERM/SIGINT, how long in-flight calls may finish");
 
 // Security (README "Security").
@@ -139,6 +145,7 @@ int main(int argc, char** argv) {
   o.limits.max_images_per_request = absl::GetFlag(FLAGS_max_images_per_request);
   o.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   o.data_dir = absl::GetFlag(FLAGS_data_dir);
+  o.database = absl::GetFlag(FLAGS_database);
   o.datasets.max_images = absl::GetFlag(FLAGS_max_dataset_images);
   o.datasets.max_classes = absl::GetFlag(FLAGS_max_dataset_classes);
   o.datasets.max_example_bytes = absl::GetFlag(FLAGS_max_example_bytes);
@@ -206,9 +213,11 @@ int main(int argc, char** argv) {
   }
   tlserve::LogInfo(
       "starting tlserve: backbone %s, device %s, precision %s, %d threads, "
-      "max batch %d (0: the device's default), data dir %s",
+      "max batch %d (0: the device's default), data dir %s, database %s",
       o.backbone.path, o.backbone.device, o.backbone.precision, o.backbone.threads,
-      o.engine.max_batch_size, o.data_dir);
+      o.engine.max_batch_size, o.data_dir,
+      o.database.empty() ? "SQLite in the data dir"
+                         : tlserve::PostgresDatabase::Redacted(o.database));
 
   auto server = tlserve::Server::Start(o);
   if (!server.ok()) {

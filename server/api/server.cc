@@ -11,6 +11,7 @@
 #include <openssl/x509.h>
 
 #include <filesystem>
+#include <limits>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -100,13 +101,21 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   if (!dir.ok()) return dir.status();
   s->data_dir_ = std::move(*dir);
   s->metrics_ = std::make_unique<Metrics>(options.metrics_model_labels);
-  auto db = Database::Open(options.data_dir + "/tlserve.db");
+  auto db = Database::Open(options.database.empty() ? options.data_dir + "/tlserve.db"
+                                                    : options.database);
   if (!db.ok()) return db.status();
   s->database_ = std::move(*db);
   Database* database = s->database_.get();
-  s->disk_ = std::make_unique<DiskBudget>(DiskBudget::FileSystemProbe(options.data_dir),
-                                          options.min_free_disk_bytes,
-                                          [database] { return database->ReusableBytes(); });
+  if (options.database.empty()) {
+    s->disk_ = std::make_unique<DiskBudget>(DiskBudget::FileSystemProbe(options.data_dir),
+                                            options.min_free_disk_bytes,
+                                            [database] { return database->ReusableBytes(); });
+  } else {
+    // The state is on the database server's disk, which it guards itself (a
+    // full disk fails the write with RESOURCE_EXHAUSTED, nothing half-written).
+    s->disk_ = std::make_unique<DiskBudget>(
+        []() -> absl::StatusOr<int64_t> { return std::numeric_limits<int64_t>::max() / 2; }, 0);
+  }
   s->pool_ = std::make_unique<ThreadPool>(options.embedder.preprocess_threads);
 
   auto backbone = Backbone::Load(options.backbone);
@@ -184,8 +193,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   }
   s->inference_ =
       std::make_unique<InferenceService>(s->embedder_.get(), s->security_.get(), options.limits);
-  auto models = ModelRegistry::Open(s->database_.get(), options.data_dir + "/models",
-                                    s->backbone_.get(), options.models, s->disk_.get());
+  auto models =
+      ModelRegistry::Open(s->database_.get(), s->backbone_.get(), options.models, s->disk_.get());
   if (!models.ok()) return models.status();
   s->models_ = std::move(*models);
   JobRunner::Options jobs;
@@ -196,7 +205,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   jobs.train_threads = options.train_threads;
   jobs.max_image_pixels = options.embedder.max_image_pixels;
   jobs.disk = s->disk_.get();
-  jobs.checkpoint_dir = options.data_dir + "/checkpoints";
+  jobs.checkpoints = true;
   jobs.before_step = options.before_training_step;
   s->jobs_ = std::make_unique<JobRunner>(s->database_.get(), s->datasets_.get(), s->models_.get(),
                                          s->engine_.get(), s->metrics_.get(), jobs);

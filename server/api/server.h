@@ -35,6 +35,9 @@ struct ServerOptions {
   DatasetLimits datasets;
   ModelLimits models;
   std::string data_dir = "./tlserve-data";
+  // Empty: SQLite and weight files in data_dir. A "postgresql://" URI: the
+  // state (datasets, models, weights, jobs, checkpoints) in that database.
+  std::string database;
   std::string grpc_address = "0.0.0.0:50051";    // port 0 picks a free one
   std::string metrics_address = "0.0.0.0:9090";  // empty: no exposer
   int max_message_bytes = 64 << 20;

@@ -5,7 +5,6 @@
 
 #include <cstdio>
 #include <ctime>
-#include <fstream>
 #include <iterator>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -20,7 +19,6 @@
 #include "server/core/log.h"
 #include "server/core/metrics.h"
 #include "server/core/preprocess.h"
-#include "server/store/data_dir.h"
 
 namespace tlserve {
 namespace {
@@ -205,7 +203,7 @@ JobRunner::JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* mode
       train_threads_(std::max(1, options.train_threads)),
       before_step_(options.before_step),
       disk_(options.disk),
-      checkpoint_dir_(options.checkpoint_dir),
+      checkpoints_(options.checkpoints),
       feature_cache_(options.feature_cache_bytes) {
   worker_ = std::thread([this] { WorkerLoop(); });
 }
@@ -297,13 +295,13 @@ std::string JobRunner::ExamplesDigest(const std::vector<StoredExample>& examples
   return absl::StrCat(examples.size(), ":", std::hash<std::string>()(ids));
 }
 
-std::string JobRunner::CheckpointPath(const std::string& id) const {
-  return absl::StrCat(checkpoint_dir_, "/", id, ".ckpt");
+std::string JobRunner::CheckpointBlob(const std::string& id) {
+  return absl::StrCat("checkpoints/", id, ".ckpt");
 }
 
 void JobRunner::SaveCheckpoint(const std::string& id, const std::string& kind,
                                const EpochStats& last, const std::string& state) {
-  if (checkpoint_dir_.empty()) return;
+  if (!checkpoints_) return;
   nlohmann::json epochs = nlohmann::json::array();
   {
     absl::MutexLock lock(&mu_);
@@ -317,18 +315,23 @@ void JobRunner::SaveCheckpoint(const std::string& id, const std::string& kind,
   absl::Status s = disk_ != nullptr ? disk_->Check(static_cast<int64_t>(state.size()) * 2,
                                                    "a job's checkpoint", DiskBudget::Into::kFile)
                                     : absl::OkStatus();
-  if (s.ok()) s = MakeDirectories(checkpoint_dir_);
-  if (s.ok()) s = WriteFileAtomically(CheckpointPath(id), absl::StrCat(header, "\n", state));
+  if (s.ok()) s = db_->PutBlob(CheckpointBlob(id), absl::StrCat(header, "\n", state));
   // The run goes on without it: a restart would resume from an earlier one.
   if (!s.ok()) LogWarning("job %s: cannot write its checkpoint: %s", id, s.ToString());
 }
 
 std::optional<JobRunner::Checkpoint> JobRunner::LoadCheckpoint(const std::string& id) const {
-  if (checkpoint_dir_.empty()) return std::nullopt;
-  std::ifstream in(CheckpointPath(id), std::ios::binary);
-  if (!in) return std::nullopt;
-  std::string header;
-  std::getline(in, header);
+  if (!checkpoints_) return std::nullopt;
+  auto bytes = db_->GetBlob(CheckpointBlob(id));
+  if (!bytes.ok()) {
+    if (bytes.status().code() != absl::StatusCode::kNotFound) {
+      LogWarning("job %s: cannot read its checkpoint (%s); it starts over", id,
+                 bytes.status().ToString());
+    }
+    return std::nullopt;
+  }
+  const size_t newline = bytes->find('\n');
+  const std::string header = bytes->substr(0, newline);
   const auto j = nlohmann::json::parse(header, nullptr, false);
   if (j.is_discarded() || !j.contains("kind") || !j.contains("epochs")) {
     LogWarning("job %s: its checkpoint is unreadable; it starts over", id);
@@ -338,12 +341,12 @@ std::optional<JobRunner::Checkpoint> JobRunner::LoadCheckpoint(const std::string
   c.kind = j.at("kind").get<std::string>();
   c.examples = j.value("examples", "");
   for (const auto& e : j.at("epochs")) c.epochs.push_back(EpochFromJson(e));
-  c.state.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  if (newline != std::string::npos) c.state = bytes->substr(newline + 1);
   return c;
 }
 
 void JobRunner::DeleteCheckpoint(const std::string& id) const {
-  if (!checkpoint_dir_.empty()) std::remove(CheckpointPath(id).c_str());
+  if (checkpoints_) (void)db_->DeleteBlob(CheckpointBlob(id));
 }
 
 absl::Status JobRunner::CheckSweepHeads(const TrainOptions& o, const ModelInfo& info) const {

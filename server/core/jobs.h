@@ -74,9 +74,10 @@ class JobRunner {
     int train_threads = 1;                  // LibTorch intra-op threads of the job thread
     int64_t max_image_pixels = 40'000'000;  // decoded and resized, per image
     const DiskBudget* disk = nullptr;       // checked before a job is accepted
-    // Where running jobs keep their last epoch's checkpoint (empty: none;
-    // jobs then start over after a restart).
-    std::string checkpoint_dir;
+    // Whether running jobs keep their last epoch's checkpoint (the
+    // database's blob "checkpoints/ID.ckpt"); without, jobs start over after
+    // a restart.
+    bool checkpoints = false;
     // Tests only: called before each training step of a fine-tune with the
     // model's name; what it throws fails that job.
     std::function<void(const std::string&)> before_step;
@@ -118,7 +119,7 @@ class JobRunner {
     std::vector<EpochStats> epochs;
     std::string state;
   };
-  std::string CheckpointPath(const std::string& id) const;
+  static std::string CheckpointBlob(const std::string& id);
   // Which examples a run trains on: their count and ids, hashed.
   static std::string ExamplesDigest(const std::vector<StoredExample>& examples);
   // `last` is the epoch the state ends (about to be reported). A failed
@@ -202,7 +203,7 @@ class JobRunner {
   const int train_threads_;
   const std::function<void(const std::string&)> before_step_;
   const DiskBudget* disk_;
-  const std::string checkpoint_dir_;
+  const bool checkpoints_;
   mutable absl::Mutex mu_;
   std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);

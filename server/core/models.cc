@@ -3,7 +3,6 @@
 #include <torch/script.h>
 
 #include <ctime>
-#include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -14,7 +13,6 @@
 #include "server/core/datasets.h"
 #include "server/core/log.h"
 #include "server/core/model_json.h"
-#include "server/store/data_dir.h"
 
 namespace tlserve {
 namespace {
@@ -33,11 +31,10 @@ absl::Status Damaged(const ModelInfo& info) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Open(Database* db,
-                                                                   const std::string& weights_dir,
                                                                    const Backbone* backbone,
                                                                    ModelLimits limits,
                                                                    const DiskBudget* disk) {
-  std::unique_ptr<ModelRegistry> r(new ModelRegistry(db, weights_dir, backbone, limits, disk));
+  std::unique_ptr<ModelRegistry> r(new ModelRegistry(db, backbone, limits, disk));
   const int64_t embedding_dim = r->dim_;
   auto records = db->ListRecords("model");
   if (!records.ok()) return records.status();
@@ -82,9 +79,9 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Open(Database* db,
   return r;
 }
 
-std::string ModelRegistry::WeightsPath(const std::string& model, int version,
-                                       const std::string& part) const {
-  return absl::StrCat(dir_, "/", model, "/v", version, ".", part, ".pt");
+std::string ModelRegistry::WeightsBlob(const std::string& model, int version,
+                                       const std::string& part) {
+  return absl::StrCat("models/", model, "/v", version, ".", part, ".pt");
 }
 
 absl::StatusOr<std::vector<int>> ModelRegistry::StageIndices(
@@ -149,13 +146,11 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::LoadVersio
     const ModelInfo& info, int version) const {
   const VersionInfo* vi = nullptr;
   for (const auto& v : info.versions) vi = v.version == version ? &v : vi;
-  std::ifstream in(WeightsPath(info.name, version), std::ios::binary);
-  if (!in) {
+  auto bytes = db_->GetBlob(WeightsBlob(info.name, version));
+  if (!bytes.ok()) {
     return absl::DataLossError(absl::StrCat("weights of ", info.name, " v", version,
-                                            " are missing: ", WeightsPath(info.name, version)));
+                                            " cannot be read: ", bytes.status().message()));
   }
-  std::stringstream bytes;
-  bytes << in.rdbuf();
   const HeadSpec& spec = VersionHead(info, version);
   if (absl::Status s = ValidateHeadSpec(spec); !s.ok()) {
     return absl::DataLossError(
@@ -167,7 +162,7 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::LoadVersio
                                             " in its record: ", layer.status().message()));
   }
   torch::nn::Sequential head = MakeHead(spec, layer->dim, info.classes.size());
-  if (absl::Status s = LoadHead(bytes.str(), head); !s.ok()) return s;
+  if (absl::Status s = LoadHead(*bytes, head); !s.ok()) return s;
   head->eval();
   StagePlan::Stages own;
   for (const std::string& stage : vi ? vi->private_stages : std::vector<std::string>{}) {
@@ -176,8 +171,15 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::LoadVersio
     try {
       // The host copy, in float32 whatever the file holds (a version trained
       // under another --precision loads too); the engine makes the device one.
-      auto m = std::make_shared<torch::jit::Module>(
-          torch::jit::load(WeightsPath(info.name, version, stage), torch::Device(torch::kCPU)));
+      auto stage_bytes = db_->GetBlob(WeightsBlob(info.name, version, stage));
+      if (!stage_bytes.ok()) {
+        return absl::DataLossError(
+            absl::StrCat("stage ", stage, " of ", info.name, " v", version,
+                         " cannot be read: ", stage_bytes.status().message()));
+      }
+      std::istringstream in(*stage_bytes);
+      auto m =
+          std::make_shared<torch::jit::Module>(torch::jit::load(in, torch::Device(torch::kCPU)));
       m->to(torch::kFloat);
       for (const auto& p : m->parameters()) p.set_requires_grad(false);
       m->eval();
@@ -286,10 +288,12 @@ absl::Status ModelRegistry::Delete(const std::string& name) {
     absl::MutexLock lock(&mu_);
     models_.erase(name);
   }
+  // The record is gone: weights left behind by a failure here are unreachable
+  // and harmless (a model made again under the name writes its own).
   for (const auto& v : versions) {
-    std::remove(WeightsPath(name, v.version).c_str());
+    (void)db_->DeleteBlob(WeightsBlob(name, v.version));
     for (const auto& stage : v.private_stages) {
-      std::remove(WeightsPath(name, v.version, stage).c_str());
+      (void)db_->DeleteBlob(WeightsBlob(name, v.version, stage));
     }
   }
   return absl::OkStatus();
@@ -568,8 +572,7 @@ absl::StatusOr<int> ModelRegistry::AddVersion(
   }
   // No lock that serving takes is held from here to the swap: weights
   // first, durably; then the record that points at them.
-  if (absl::Status s = MakeDirectories(absl::StrCat(dir_, "/", name)); !s.ok()) return s;
-  if (absl::Status s = WriteFileAtomically(WeightsPath(name, info.version), SaveHead(plan.head()));
+  if (absl::Status s = db_->PutBlob(WeightsBlob(name, info.version), SaveHead(plan.head()));
       !s.ok()) {
     return s;
   }
@@ -578,7 +581,7 @@ absl::StatusOr<int> ModelRegistry::AddVersion(
     const std::string& stage = backbone_->stage_names()[index];
     std::ostringstream bytes;
     module->save(bytes);
-    if (absl::Status s = WriteFileAtomically(WeightsPath(name, info.version, stage), bytes.str());
+    if (absl::Status s = db_->PutBlob(WeightsBlob(name, info.version, stage), bytes.str());
         !s.ok()) {
       return s;
     }

@@ -99,9 +99,8 @@ class ModelRegistry {
   // Loads every model and the weights of every served version. A model that
   // cannot be loaded does not stop the others: it is kept with its
   // `problem` (DATA_LOSS naming the record or file) for describe and delete.
-  static absl::StatusOr<std::unique_ptr<ModelRegistry>> Open(Database* db,
-                                                             const std::string& weights_dir,
-                                                             const Backbone* backbone,
+  // Weights are the database's blobs "models/NAME/vN.PART.pt".
+  static absl::StatusOr<std::unique_ptr<ModelRegistry>> Open(Database* db, const Backbone* backbone,
                                                              ModelLimits limits = {},
                                                              const DiskBudget* disk = nullptr);
 
@@ -188,11 +187,9 @@ class ModelRegistry {
     std::map<int, uint64_t> last_use;  // of loaded older versions
     uint64_t generation = 0;           // a model made again under the same name is another
   };
-  ModelRegistry(Database* db, std::string dir, const Backbone* backbone, ModelLimits limits,
-                const DiskBudget* disk)
+  ModelRegistry(Database* db, const Backbone* backbone, ModelLimits limits, const DiskBudget* disk)
       : db_(db),
         disk_(disk),
-        dir_(std::move(dir)),
         backbone_(backbone),
         dim_(backbone->embedding_dim()),
         limits_(limits) {}
@@ -220,12 +217,12 @@ class ModelRegistry {
   // Keeps a version read from disk (older versions: LRU, bounded).
   void Keep(const std::string& name, uint64_t generation,
             const std::shared_ptr<const ServableVersion>& version);
-  std::string WeightsPath(const std::string& model, int version,
-                          const std::string& part = "head") const;
+  // The name of a version's weights blob: its head ("head") or a private stage.
+  static std::string WeightsBlob(const std::string& model, int version,
+                                 const std::string& part = "head");
 
   Database* db_;
   const DiskBudget* disk_;  // may be null
-  const std::string dir_;
   const Backbone* backbone_;
   const int64_t dim_;
   const ModelLimits limits_;

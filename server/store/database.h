@@ -21,6 +21,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace tlserve {
 
@@ -104,6 +105,22 @@ class Database {
   // (key, json) of every record of `kind`, by key.
   virtual absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ListRecords(
       const std::string& kind) = 0;
+
+  // Named binary objects too big for a record: a version's weights
+  // ("models/NAME/vN.PART.pt") and a running job's checkpoint
+  // ("checkpoints/ID.ckpt"). Names are relative paths of letters, digits and
+  // "._-:" separated by "/" (INVALID_ARGUMENT otherwise). SQLite keeps each as
+  // a file of that name beside the database file (written to a temporary
+  // file, fsync'd and renamed into place); PostgreSQL as a row of its blobs
+  // table, so that every replica reads it. Durable when PutBlob returns OK.
+  // GetBlob is NOT_FOUND for a name never written or deleted; deleting a
+  // missing name is OK.
+  virtual absl::Status PutBlob(const std::string& name, absl::string_view bytes) = 0;
+  virtual absl::StatusOr<std::string> GetBlob(const std::string& name) = 0;
+  virtual absl::Status DeleteBlob(const std::string& name) = 0;
+
+  // INVALID_ARGUMENT unless `name` is a blob name as above.
+  static absl::Status ValidateBlobName(const std::string& name);
 };
 
 }  // namespace tlserve

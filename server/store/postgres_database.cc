@@ -101,6 +101,14 @@ CREATE TABLE records (
   PRIMARY KEY (kind, key)
 );
 )sql",
+    // 2: blobs (versions' weights, jobs' checkpoints).
+    R"sql(
+CREATE TABLE blobs (
+  name TEXT PRIMARY KEY,
+  bytes BYTEA NOT NULL
+);
+ALTER TABLE blobs ALTER COLUMN bytes SET STORAGE EXTERNAL;
+)sql",
 };
 
 // pg_advisory_lock key of the migrations ("tlserve" in ASCII, 0x746c7365727665).
@@ -142,7 +150,7 @@ absl::Status PgStatus(const std::string& what, const char* sqlstate, const std::
 
 PostgresDatabase::Param Text(std::string v) { return {std::move(v), false}; }
 PostgresDatabase::Param Text(int64_t v) { return {absl::StrCat(v), false}; }
-PostgresDatabase::Param Blob(const std::string& v) { return {v, true}; }
+PostgresDatabase::Param Blob(absl::string_view v) { return {std::string(v), true}; }
 
 // The first word of a statement, for messages ("INSERT", "SELECT", ...).
 std::string Verb(const std::string& sql) {
@@ -537,6 +545,30 @@ absl::StatusOr<std::vector<std::pair<std::string, std::string>>> PostgresDatabas
   out.reserve(static_cast<size_t>(r->rows()));
   for (int i = 0; i < r->rows(); ++i) out.emplace_back(r->Bytes(i, 0), r->Bytes(i, 1));
   return out;
+}
+
+absl::Status PostgresDatabase::PutBlob(const std::string& name, absl::string_view bytes) {
+  if (absl::Status s = ValidateBlobName(name); !s.ok()) return s;
+  absl::MutexLock lock(&mu_);
+  return Run("INSERT INTO blobs(name, bytes) VALUES ($1::text, $2::bytea) "
+             "ON CONFLICT (name) DO UPDATE SET bytes = EXCLUDED.bytes",
+             {Text(name), Blob(bytes)})
+      .status();
+}
+
+absl::StatusOr<std::string> PostgresDatabase::GetBlob(const std::string& name) {
+  if (absl::Status s = ValidateBlobName(name); !s.ok()) return s;
+  absl::MutexLock lock(&mu_);
+  auto r = Run("SELECT bytes FROM blobs WHERE name = $1::text", {Text(name)});
+  if (!r.ok()) return r.status();
+  if (r->rows() == 0) return absl::NotFoundError(absl::StrCat("blob ", name, " does not exist"));
+  return r->Bytes(0, 0);
+}
+
+absl::Status PostgresDatabase::DeleteBlob(const std::string& name) {
+  if (absl::Status s = ValidateBlobName(name); !s.ok()) return s;
+  absl::MutexLock lock(&mu_);
+  return Run("DELETE FROM blobs WHERE name = $1::text", {Text(name)}).status();
 }
 
 }  // namespace tlserve

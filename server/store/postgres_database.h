@@ -57,6 +57,9 @@ class PostgresDatabase final : public Database {
   absl::Status DeleteRecords(const std::string& kind, const std::string& key) override;
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ListRecords(
       const std::string& kind) override;
+  absl::Status PutBlob(const std::string& name, absl::string_view bytes) override;
+  absl::StatusOr<std::string> GetBlob(const std::string& name) override;
+  absl::Status DeleteBlob(const std::string& name) override;
 
   // A statement parameter: text, or raw bytes for a bytea column.
   struct Param {

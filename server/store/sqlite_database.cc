@@ -2,10 +2,16 @@
 
 #include <sqlite3.h>
 
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <ctime>
+#include <fstream>
+#include <iterator>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "server/store/data_dir.h"
 
 namespace tlserve {
 namespace {
@@ -113,7 +119,9 @@ absl::StatusOr<std::unique_ptr<Database>> SqliteDatabase::Open(const std::string
     sqlite3_close(db);
     return s;
   }
-  std::unique_ptr<SqliteDatabase> d(new SqliteDatabase(db));
+  const size_t slash = path.rfind('/');
+  std::unique_ptr<SqliteDatabase> d(
+      new SqliteDatabase(db, slash == std::string::npos ? "." : path.substr(0, slash)));
   absl::MutexLock lock(&d->mu_);
   // FULL: a commit is fsync'd before it returns, so an acknowledged write
   // survives a crash or power loss.
@@ -403,6 +411,35 @@ absl::StatusOr<std::vector<std::pair<std::string, std::string>>> SqliteDatabase:
   std::vector<std::pair<std::string, std::string>> out;
   while (sqlite3_step(q.get()) == SQLITE_ROW) out.emplace_back(q.Text(0), q.Text(1));
   return out;
+}
+
+absl::Status SqliteDatabase::PutBlob(const std::string& name, absl::string_view bytes) {
+  if (absl::Status s = ValidateBlobName(name); !s.ok()) return s;
+  const std::string path = absl::StrCat(blob_dir_, "/", name);
+  if (absl::Status s = MakeDirectories(path.substr(0, path.rfind('/'))); !s.ok()) return s;
+  return WriteFileAtomically(path, bytes);
+}
+
+absl::StatusOr<std::string> SqliteDatabase::GetBlob(const std::string& name) {
+  if (absl::Status s = ValidateBlobName(name); !s.ok()) return s;
+  const std::string path = absl::StrCat(blob_dir_, "/", name);
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, " does not exist"));
+    return absl::InternalError(absl::StrCat("cannot read ", path, ": ", std::strerror(errno)));
+  }
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) return absl::DataLossError(absl::StrCat("cannot read ", path));
+  return bytes;
+}
+
+absl::Status SqliteDatabase::DeleteBlob(const std::string& name) {
+  if (absl::Status s = ValidateBlobName(name); !s.ok()) return s;
+  const std::string path = absl::StrCat(blob_dir_, "/", name);
+  if (std::remove(path.c_str()) != 0 && errno != ENOENT) {
+    return absl::InternalError(absl::StrCat("cannot delete ", path, ": ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace tlserve

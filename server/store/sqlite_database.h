@@ -1,6 +1,6 @@
 // The Database in one SQLite file (WAL journal, synchronous=FULL): the
 // embedded default, for one server on one machine. Calls are serialised on
-// one connection.
+// one connection. Blobs are files beside the database file.
 #ifndef TLSERVE_SERVER_STORE_SQLITE_DATABASE_H_
 #define TLSERVE_SERVER_STORE_SQLITE_DATABASE_H_
 
@@ -43,15 +43,19 @@ class SqliteDatabase final : public Database {
   absl::Status DeleteRecords(const std::string& kind, const std::string& key) override;
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ListRecords(
       const std::string& kind) override;
+  absl::Status PutBlob(const std::string& name, absl::string_view bytes) override;
+  absl::StatusOr<std::string> GetBlob(const std::string& name) override;
+  absl::Status DeleteBlob(const std::string& name) override;
 
  private:
-  explicit SqliteDatabase(sqlite3* db) : db_(db) {}
+  SqliteDatabase(sqlite3* db, std::string blob_dir) : blob_dir_(std::move(blob_dir)), db_(db) {}
   absl::Status Exec(const std::string& sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Ends a failed transaction; returns `cause`.
   absl::Status Rollback(absl::Status cause) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<DatasetInfo> GetDatasetLocked(const std::string& name)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
+  const std::string blob_dir_;  // the database file's directory
   absl::Mutex mu_;
   sqlite3* db_ ABSL_GUARDED_BY(mu_);
   int64_t next_upload_ ABSL_GUARDED_BY(mu_) = 1;

@@ -62,14 +62,6 @@ class ResumeTest : public testing::TrainingTest {
     }
     FAIL() << "the job never reached epoch " << epoch;
   }
-  int Checkpoints() {
-    int n = 0;
-    std::error_code ignored;
-    for (const auto& e : std::filesystem::directory_iterator(dir_ + "/checkpoints", ignored)) {
-      n += e.path().extension() == ".ckpt";
-    }
-    return n;
-  }
 };
 
 TEST_F(ResumeTest, AJobInterruptedByARestartResumesFromItsLastEpoch) {
@@ -88,7 +80,7 @@ TEST_F(ResumeTest, AJobInterruptedByARestartResumesFromItsLastEpoch) {
   auto job = Start("resumed", "fmnist", FineTuning());
   ASSERT_TRUE(job.ok()) << job.status();
   WaitForEpoch(job->id(), 2);
-  EXPECT_EQ(Checkpoints(), 1);
+  EXPECT_EQ(StoredCheckpoints(), 1);
   const v1::Job before = GetJob(job->id());
   Restart();
   steps = 0;
@@ -124,7 +116,7 @@ TEST_F(ResumeTest, AJobInterruptedByARestartResumesFromItsLastEpoch) {
   v1::Model w;
   ASSERT_TRUE(stub_->GetModel(&ctx2, req, &w).ok());
   EXPECT_GE(m.versions(1).validation_accuracy(), w.versions(1).validation_accuracy() - 1e-9);
-  EXPECT_EQ(Checkpoints(), 0) << "a finished job's checkpoint is deleted";
+  EXPECT_EQ(StoredCheckpoints(), 0) << "a finished job's checkpoint is deleted";
 }
 
 TEST_F(ResumeTest, WithResumeOffAnInterruptedJobFails) {
@@ -135,7 +127,7 @@ TEST_F(ResumeTest, WithResumeOffAnInterruptedJobFails) {
   auto job = Start("m", "fmnist", o);
   ASSERT_TRUE(job.ok()) << job.status();
   WaitForEpoch(job->id(), 1);
-  EXPECT_EQ(Checkpoints(), 0) << "nothing to resume, nothing written";
+  EXPECT_EQ(StoredCheckpoints(), 0) << "nothing to resume, nothing written";
   Restart();
   const v1::Job after = GetJob(job->id());
   EXPECT_EQ(after.state(), v1::Job::FAILED);

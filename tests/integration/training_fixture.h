@@ -1,6 +1,12 @@
 // The fixture of the tests that train on a live in-process server: a server
 // on loopback over a temporary data directory, a client, and helpers for
 // datasets (Fashion-MNIST fixtures), models, jobs and Classify.
+//
+// With $TLSERVE_TEST_DATABASE=postgresql (CTest's *_postgresql entries) the
+// state lives in PostgreSQL instead: one throwaway server per test binary
+// (tests/postgres_util.h), a fresh database per test, and a fresh, empty
+// --data_dir at every (re)start, so that nothing kept in local files can
+// carry state across a restart unnoticed.
 #ifndef TLSERVE_TESTS_INTEGRATION_TRAINING_FIXTURE_H_
 #define TLSERVE_TESTS_INTEGRATION_TRAINING_FIXTURE_H_
 
@@ -8,6 +14,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <memory>
@@ -20,6 +27,7 @@
 #include "client/lib/image_files.h"
 #include "server/api/server.h"
 #include "tests/integration/loopback_options.h"
+#include "tests/postgres_util.h"
 #include "tests/test_util.h"
 #include "tlserve/v1/models.grpc.pb.h"
 
@@ -50,13 +58,57 @@ class TrainingTest : public ::testing::Test {
   void SetUp() override {
     char tmpl[] = "/tmp/tlserve-train-XXXXXX";
     dir_ = ::mkdtemp(tmpl);
+    if (OnPostgres()) {
+      static std::atomic<int> next{0};
+      ASSERT_NE(SharedPostgres(), nullptr) << "no PostgreSQL server for the test";
+      database_ = SharedPostgres()->NewDatabase(absl::StrCat("t", ::getpid(), "_", next++));
+      ASSERT_FALSE(database_.empty());
+    }
     Restart();
+  }
+  static bool OnPostgres() {
+    const char* d = std::getenv("TLSERVE_TEST_DATABASE");
+    return d != nullptr && std::string(d) == "postgresql";
+  }
+  // Started on first use, stopped when the test binary exits.
+  static TempPostgres* SharedPostgres() {
+    static const std::unique_ptr<TempPostgres> server = [] {
+      std::string error;
+      auto pg = TempPostgres::Start(&error);
+      if (pg == nullptr) std::fprintf(stderr, "%s\n", error.c_str());
+      return pg;
+    }();
+    return server.get();
+  }
+  // The job checkpoints the store holds now (files of the data directory,
+  // or rows of PostgreSQL's blobs table).
+  int StoredCheckpoints() {
+    if (OnPostgres()) {
+      PGconn* c = PQconnectdb(database_.c_str());
+      PGresult* r = PQexec(c, "SELECT count(*) FROM blobs WHERE name LIKE 'checkpoints/%'");
+      const int n = PQresultStatus(r) == PGRES_TUPLES_OK ? std::atoi(PQgetvalue(r, 0, 0)) : -1;
+      PQclear(r);
+      PQfinish(c);
+      return n;
+    }
+    int n = 0;
+    std::error_code ignored;
+    for (const auto& e : std::filesystem::directory_iterator(dir_ + "/checkpoints", ignored)) {
+      n += e.path().extension() == ".ckpt";
+    }
+    return n;
   }
   void Restart() {
     stub_.reset();
     client_.reset();
     server_.reset();
-    auto s = Server::Start(Options(dir_));
+    ServerOptions options = Options(dir_);
+    if (OnPostgres()) {
+      options.data_dir = absl::StrCat(dir_, "/start-", starts_);
+      options.database = database_;
+    }
+    ++starts_;
+    auto s = Server::Start(options);
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = std::move(*s);
     auto c = Client::Connect(absl::StrCat("127.0.0.1:", server_->grpc_port()));
@@ -157,6 +209,8 @@ class TrainingTest : public ::testing::Test {
   }
 
   std::string dir_;
+  std::string database_;  // the PostgreSQL database's URI, or empty (SQLite in dir_)
+  int starts_ = 0;
   std::unique_ptr<Server> server_;
   std::unique_ptr<Client> client_;
   std::unique_ptr<v1::Models::Stub> stub_;

@@ -238,6 +238,34 @@ TEST_P(DatabaseTest, RecordsReplaceListByKeyAndDeleteByPrefix) {
   EXPECT_EQ((*models)[0].second, json);
 }
 
+TEST_P(DatabaseTest, BlobsAreWrittenWholeReadBackAndDeleted) {
+  std::string big(3 << 20, '\0');  // 3 MiB, every byte value
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>(i * 7919 % 256);
+  ASSERT_TRUE(db_->PutBlob("models/t:m/v1.head.pt", big).ok());
+  ASSERT_TRUE(db_->PutBlob("checkpoints/7.ckpt", "first").ok());
+  ASSERT_TRUE(db_->PutBlob("checkpoints/7.ckpt", "second").ok());  // replaced whole
+  ASSERT_TRUE(db_->PutBlob("empty", "").ok());
+  ASSERT_NO_FATAL_FAILURE(Reopen());
+  auto read = db_->GetBlob("models/t:m/v1.head.pt");
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_TRUE(*read == big);
+  EXPECT_EQ(*db_->GetBlob("checkpoints/7.ckpt"), "second");
+  EXPECT_EQ(*db_->GetBlob("empty"), "");
+  if (GetParam() == "sqlite") {  // today's layout of the data directory
+    EXPECT_TRUE(std::filesystem::exists(dir_ + "/models/t:m/v1.head.pt"));
+    EXPECT_TRUE(std::filesystem::exists(dir_ + "/checkpoints/7.ckpt"));
+  }
+  ASSERT_TRUE(db_->DeleteBlob("checkpoints/7.ckpt").ok());
+  EXPECT_EQ(db_->GetBlob("checkpoints/7.ckpt").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(db_->DeleteBlob("checkpoints/7.ckpt").ok());  // already gone: fine
+  EXPECT_EQ(db_->GetBlob("never/written").status().code(), absl::StatusCode::kNotFound);
+  for (const char* bad : {"", "/etc/passwd", "../up", "a/../b", "a//b", "a/", "sp ace", "a/./b"}) {
+    EXPECT_EQ(db_->PutBlob(bad, "x").code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_EQ(db_->GetBlob(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_EQ(db_->DeleteBlob(bad).code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+}
+
 // --- PostgreSQL only --------------------------------------------------------
 
 TEST(PostgresDatabaseTest, ReplicasStartingAtOnceOnAnEmptyDatabaseAgreeOnOneSchema) {
