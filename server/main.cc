@@ -23,6 +23,10 @@ ABSL_FLAG(int, threads, 0,
 ABSL_FLAG(int, train_threads, 1,
           "LibTorch intra-op threads of training jobs (their backward passes), so that serving "
           "keeps its cores");
+ABSL_FLAG(int, max_concurrent_jobs, 1,
+          "training jobs this replica runs at once: 1 (they queue), or 0 for a serving-only "
+          "replica beside the one that runs the jobs of a shared PostgreSQL database "
+          "(--database); only one replica per database may run jobs for now");
 ABSL_FLAG(int, preprocess_threads, 0,
           "image decoding threads, one intra-op thread each (0: the machine's cores)");
 ABSL_FLAG(int, max_batch_size, 0,
@@ -138,6 +142,7 @@ int main(int argc, char** argv) {
   o.engine.device_memory_budget_bytes = absl::GetFlag(FLAGS_device_memory_budget_mb) << 20;
   o.engine.threads = o.backbone.threads;
   o.train_threads = absl::GetFlag(FLAGS_train_threads);
+  o.max_concurrent_jobs = absl::GetFlag(FLAGS_max_concurrent_jobs);
   o.embedder.max_image_pixels = absl::GetFlag(FLAGS_max_image_pixels);
   o.embedder.max_request_pixels = absl::GetFlag(FLAGS_max_request_pixels);
   o.embedder.preprocess_threads =
@@ -202,13 +207,14 @@ int main(int argc, char** argv) {
       o.models.max_classes < 2 || o.min_free_disk_bytes < 0 || o.max_concurrent_uploads < 1 ||
       o.max_concurrent_exports < 1 || o.max_concurrent_analyses < 1 ||
       o.max_analysis_bytes < (int64_t{1} << 20) || o.train_threads < 1 ||
+      o.max_concurrent_jobs < 0 || o.max_concurrent_jobs > 1 ||
       absl::GetFlag(FLAGS_device_memory_budget_mb) < 0) {
     tlserve::LogError(
         "--max_images_per_request must be >= 1, --max_message_bytes >= 1024, "
         "--feature_cache_mb >= 0, --max_head_params >= 1, --max_model_classes >= 2 and "
         "--min_free_disk_mb >= 0, --max_concurrent_uploads >= 1, --max_concurrent_exports >= 1, "
         "--max_concurrent_analyses >= 1, --max_analysis_mb >= 1, "
-        "--train_threads >= 1 and --device_memory_budget_mb >= 0");
+        "--train_threads >= 1, --max_concurrent_jobs 0 or 1 and --device_memory_budget_mb >= 0");
     return 2;
   }
   tlserve::LogInfo(

@@ -43,6 +43,9 @@ struct ServerOptions {
   int max_message_bytes = 64 << 20;
   int64_t feature_cache_bytes = int64_t{1} << 30;  // training jobs' feature cache
   int train_threads = 1;                           // LibTorch intra-op threads of training
+  // 1: this server runs training jobs; 0: it serves only (beside the replica
+  // that runs the jobs of a shared PostgreSQL database).
+  int max_concurrent_jobs = 1;
   // Tests only: called before each fine-tuning step (JobRunner::Options).
   std::function<void(const std::string&)> before_training_step;
   int64_t min_free_disk_bytes = int64_t{512} << 20;  // the data directory's reserve

@@ -204,11 +204,13 @@ JobRunner::JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* mode
       before_step_(options.before_step),
       disk_(options.disk),
       checkpoints_(options.checkpoints),
+      run_jobs_(options.run_jobs),
       feature_cache_(options.feature_cache_bytes) {
   worker_ = std::thread([this] { WorkerLoop(); });
 }
 
 JobRunner::~JobRunner() {
+  if (subscription_ != 0) db_->Unsubscribe(subscription_);
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
@@ -217,25 +219,67 @@ JobRunner::~JobRunner() {
   worker_.join();
 }
 
+absl::StatusOr<JobRecord> JobRunner::ParseRecord(const std::string& key, const std::string& json) {
+  const auto j = nlohmann::json::parse(json, nullptr, false);
+  if (j.is_discarded())
+    return absl::DataLossError(absl::StrCat("job record ", key, " is not JSON"));
+  try {
+    return FromJson(j);
+  } catch (const std::exception& e) {
+    return absl::DataLossError(absl::StrCat("job record ", key, " is corrupt: ", e.what()));
+  }
+}
+
+void JobRunner::Follow(const std::string& id) {
+  std::vector<std::pair<std::string, std::string>> records;
+  if (id.empty()) {
+    auto all = db_->ListRecords("job");
+    if (!all.ok()) {
+      LogWarning("cannot reread the jobs: %s", all.status().ToString());
+      return;
+    }
+    records = std::move(*all);
+  } else {
+    auto json = db_->GetRecord("job", id);
+    if (!json.ok()) return;  // deleted, or unreadable now: the next change rereads it
+    records.emplace_back(id, std::move(*json));
+  }
+  std::vector<std::string> changed;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [key, json] : records) {
+      auto record = ParseRecord(key, json);
+      if (!record.ok()) continue;
+      jobs_[key].record = std::move(*record);
+      changed.push_back(key);
+    }
+    UpdateStateMetrics();
+  }
+  for (const auto& key : changed) Publish(key, /*persist=*/false);
+}
+
 absl::Status JobRunner::Recover() {
+  if (!run_jobs_) {
+    // Serving only: the records are another replica's to change; follow them.
+    subscription_ = db_->Subscribe([this](const std::string& kind, const std::string& key) {
+      if (kind.empty() || kind == "job") Follow(key);
+    });
+    Follow("");
+    return absl::OkStatus();
+  }
   auto records = db_->ListRecords("job");
   if (!records.ok()) return records.status();
   std::vector<std::string> interrupted, resumed;
   {
     absl::MutexLock lock(&mu_);
     for (const auto& [key, json] : *records) {
-      const auto j = nlohmann::json::parse(json, nullptr, false);
-      if (j.is_discarded()) {
-        LogError("job record %s is not JSON; skipped", key);
-        continue;
-      }
       Job job;
-      try {
-        job.record = FromJson(j);
-      } catch (const std::exception& e) {
-        LogError("job record %s is corrupt (%s); skipped", key, e.what());
+      auto parsed = ParseRecord(key, json);
+      if (!parsed.ok()) {
+        LogError("%s; skipped", parsed.status().message());
         continue;
       }
+      job.record = std::move(*parsed);
       if (!job.record.final() && job.record.cancel_requested) {
         job.record.state = JobRecord::State::kCancelled;
         job.record.phase = "cancelled (the server stopped before the job noticed)";
@@ -386,6 +430,11 @@ absl::Status JobRunner::CheckSweepHeads(const TrainOptions& o, const ModelInfo& 
 
 absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::string& dataset,
                                            const TrainOptions& options) {
+  if (!run_jobs_) {
+    return absl::FailedPreconditionError(
+        "this replica serves only (--max_concurrent_jobs=0): start training through the replica "
+        "that runs jobs");
+  }
   if (absl::Status s = DatasetCatalog::ValidateName(dataset, "dataset"); !s.ok()) return s;
   auto info = models_->Get(model);
   if (!info.ok()) return info.status();
@@ -466,6 +515,12 @@ std::vector<JobRecord> JobRunner::List(const std::string& model) const {
 }
 
 absl::StatusOr<JobRecord> JobRunner::Cancel(const std::string& id) {
+  if (!run_jobs_) {
+    if (auto r = Get(id); !r.ok() || r->final()) return r;
+    return absl::FailedPreconditionError(
+        "this replica serves only (--max_concurrent_jobs=0): cancel the job through the replica "
+        "that runs it");
+  }
   bool was_queued = false;
   std::string model, dataset;
   {
@@ -502,6 +557,14 @@ absl::StatusOr<int> JobRunner::Watch(const std::string& id,
                                      std::function<void(const JobRecord&)> update) {
   JobRecord now;
   int token;
+  bool known;
+  {
+    absl::MutexLock lock(&mu_);
+    known = jobs_.count(id) > 0;
+  }
+  // Started on another replica a moment ago: its record may be here before
+  // its notification.
+  if (!known && !run_jobs_) Follow(id);
   {
     absl::MutexLock lock(&mu_);
     auto it = jobs_.find(id);
@@ -521,7 +584,7 @@ void JobRunner::Unwatch(const std::string& id, int token) {
   if (auto it = jobs_.find(id); it != jobs_.end()) it->second.watchers.erase(token);
 }
 
-void JobRunner::Publish(const std::string& id) {
+void JobRunner::Publish(const std::string& id, bool persist) {
   JobRecord r;
   std::vector<std::function<void(const JobRecord&)>> watchers;
   {
@@ -532,7 +595,8 @@ void JobRunner::Publish(const std::string& id) {
     for (const auto& [token, w] : it->second.watchers) watchers.push_back(w);
     if (r.final()) it->second.watchers.clear();
   }
-  if (absl::Status s = db_->PutRecord("job", id, ToJson(r).dump()); !s.ok()) {
+  if (absl::Status s = persist ? db_->PutRecord("job", id, ToJson(r).dump()) : absl::OkStatus();
+      !s.ok()) {
     LogError("job %s: cannot persist its state: %s", id, s.ToString());
   }
   for (const auto& w : watchers) w(r);

@@ -78,6 +78,11 @@ class JobRunner {
     // database's blob "checkpoints/ID.ckpt"); without, jobs start over after
     // a restart.
     bool checkpoints = false;
+    // Whether this replica runs jobs. Without (--max_concurrent_jobs=0, a
+    // serving-only replica on a shared PostgreSQL database), StartTraining
+    // and CancelJob are refused with FAILED_PRECONDITION, and GetJob, ListJobs
+    // and WatchJob follow the records the replica that runs them writes.
+    bool run_jobs = true;
     // Tests only: called before each training step of a fine-tune with the
     // model's name; what it throws fails that job.
     std::function<void(const std::string&)> before_step;
@@ -181,7 +186,13 @@ class JobRunner {
                                    const std::vector<int64_t>& val_labels, double accuracy,
                                    std::string* why);
   // Persists and tells the watchers; call without mu_ held.
-  void Publish(const std::string& id);
+  // Writes the job's record (unless `persist` is false: a record another
+  // replica wrote) and tells its watchers.
+  void Publish(const std::string& id, bool persist = true);
+  // A serving-only replica: the job records as the replica running them
+  // wrote them (all of them when `id` is empty), then their watchers told.
+  void Follow(const std::string& id);
+  static absl::StatusOr<JobRecord> ParseRecord(const std::string& key, const std::string& json);
   void Update(const std::string& id, const std::function<void(JobRecord&)>& change);
   bool Cancelled(const std::string& id);
   // Records an epoch in the job and the training metrics.
@@ -204,6 +215,8 @@ class JobRunner {
   const std::function<void(const std::string&)> before_step_;
   const DiskBudget* disk_;
   const bool checkpoints_;
+  const bool run_jobs_;
+  int subscription_ = 0;  // a serving-only replica's, to the records (Database::Subscribe)
   mutable absl::Mutex mu_;
   std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);

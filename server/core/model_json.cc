@@ -35,13 +35,15 @@ nlohmann::json ModelToJson(const ModelInfo& m) {
     }
     if (!v.feature_layer.empty()) versions.back()["feature_layer"] = v.feature_layer;
   }
-  return {{"name", m.name},
-          {"classes", m.classes},
-          {"hidden", m.head.hidden},
-          {"dropout", m.head.dropout},
-          {"versions", versions},
-          {"served_version", m.served_version},
-          {"private_stages", m.private_stages}};
+  nlohmann::json j = {{"name", m.name},
+                      {"classes", m.classes},
+                      {"hidden", m.head.hidden},
+                      {"dropout", m.head.dropout},
+                      {"versions", versions},
+                      {"served_version", m.served_version},
+                      {"private_stages", m.private_stages}};
+  if (!m.created.empty()) j["created"] = m.created;
+  return j;
 }
 
 ModelInfo ModelFromJson(const nlohmann::json& j) {
@@ -51,6 +53,7 @@ ModelInfo ModelFromJson(const nlohmann::json& j) {
   m.head.hidden = j.at("hidden").get<std::vector<int>>();
   m.head.dropout = j.at("dropout").get<float>();
   m.served_version = j.at("served_version").get<int>();
+  m.created = j.value("created", "");
   m.private_stages = j.value("private_stages", std::map<std::string, bool>{});
   for (const auto& v : j.at("versions")) {
     VersionInfo vi;

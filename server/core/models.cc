@@ -5,6 +5,7 @@
 #include <ctime>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <set>
 #include <sstream>
 
@@ -35,48 +36,127 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Open(Database* db,
                                                                    ModelLimits limits,
                                                                    const DiskBudget* disk) {
   std::unique_ptr<ModelRegistry> r(new ModelRegistry(db, backbone, limits, disk));
-  const int64_t embedding_dim = r->dim_;
   auto records = db->ListRecords("model");
   if (!records.ok()) return records.status();
-  absl::MutexLock lock(&r->mu_);
-  for (const auto& record : *records) {
-    // Named references, not structured bindings: the lambda below captures
-    // them, which C++17 (and clang before 16) does not allow for bindings.
-    const std::string& key = record.first;
-    const std::string& json = record.second;
-    Entry e;
-    e.info.name = key;
-    absl::Status loaded = Contain("cannot load model", [&]() -> absl::Status {
-      const auto j = nlohmann::json::parse(json, nullptr, false);
-      try {
-        if (j.is_discarded()) throw std::runtime_error("not JSON");
-        e.info = ModelFromJson(j);
-      } catch (const std::exception& ex) {
-        return absl::DataLossError(
-            absl::StrCat("model record \"", key, "\" is corrupt: ", Bounded(ex.what(), 200)));
-      }
-      if (absl::Status s = ValidateHeadSpec(e.info.head); !s.ok()) {
-        return absl::DataLossError(
-            absl::StrCat("model record \"", key, "\" has an invalid head: ", s.message()));
-      }
-      e.info.head_params = ParamCount(MakeHead(e.info.head, embedding_dim, e.info.classes.size()));
-      if (e.info.served_version > 0) {
-        auto v = r->LoadVersion(e.info, e.info.served_version);
-        if (!v.ok()) return v.status();
-        e.loaded[e.info.served_version] = *v;
-      }
-      return absl::OkStatus();
-    });
-    if (!loaded.ok()) {
-      LogError("model %s is unavailable (the others are served): %s", key, loaded.ToString());
-      e.info.name = key;
-      e.info.problem = loaded;
-      e.loaded.clear();
+  {
+    absl::MutexLock lock(&r->mu_);
+    for (const auto& [key, json] : *records) {
+      Entry e = r->LoadEntry(key, json);
+      e.generation = ++r->generations_;
+      r->models_[key] = std::move(e);
     }
-    r->Describe(e.info);
-    r->models_[key] = std::move(e);
   }
+  // Other replicas' changes (PostgreSQL): reread the model they touched.
+  ModelRegistry* registry = r.get();
+  r->subscription_ = db->Subscribe([registry](const std::string& kind, const std::string& key) {
+    if (kind.empty()) {
+      registry->RefreshAll();
+    } else if (kind == "model") {
+      registry->Refresh(key);
+    }
+  });
   return r;
+}
+
+ModelRegistry::~ModelRegistry() { db_->Unsubscribe(subscription_); }
+
+ModelRegistry::Entry ModelRegistry::LoadEntry(const std::string& key,
+                                              const std::string& json) const {
+  Entry e;
+  e.info.name = key;
+  e.record = json;
+  absl::Status loaded = Contain("cannot load model", [&]() -> absl::Status {
+    const auto j = nlohmann::json::parse(json, nullptr, false);
+    try {
+      if (j.is_discarded()) throw std::runtime_error("not JSON");
+      e.info = ModelFromJson(j);
+    } catch (const std::exception& ex) {
+      return absl::DataLossError(
+          absl::StrCat("model record \"", key, "\" is corrupt: ", Bounded(ex.what(), 200)));
+    }
+    if (absl::Status s = ValidateHeadSpec(e.info.head); !s.ok()) {
+      return absl::DataLossError(
+          absl::StrCat("model record \"", key, "\" has an invalid head: ", s.message()));
+    }
+    e.info.head_params = ParamCount(MakeHead(e.info.head, dim_, e.info.classes.size()));
+    if (e.info.served_version > 0) {
+      auto v = LoadVersion(e.info, e.info.served_version);
+      if (!v.ok()) return v.status();
+      e.loaded[e.info.served_version] = *v;
+    }
+    return absl::OkStatus();
+  });
+  if (!loaded.ok()) {
+    LogError("model %s is unavailable (the others are served): %s", key, loaded.ToString());
+    e.info = ModelInfo();
+    e.info.name = key;
+    e.info.problem = loaded;
+    e.loaded.clear();
+  }
+  Describe(e.info);
+  return e;
+}
+
+void ModelRegistry::Refresh(const std::string& name) {
+  // Serialised with this replica's own writes: what is installed is what the
+  // database holds after them, never an older read.
+  absl::MutexLock write(&write_mu_);
+  auto json = db_->GetRecord("model", name);
+  if (!json.ok() && json.status().code() != absl::StatusCode::kNotFound) {
+    LogWarning("cannot reread model %s after a change: %s", name, json.status().ToString());
+    return;
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = models_.find(name);
+    if (!json.ok()) {  // deleted
+      if (it != models_.end() && !it->second.info.training) models_.erase(it);
+      return;
+    }
+    if (it != models_.end() && (it->second.record == *json || it->second.info.training)) return;
+  }
+  // Read (weights too) outside the lock that serving takes.
+  Entry fresh = LoadEntry(name, *json);
+  absl::MutexLock lock(&mu_);
+  auto it = models_.find(name);
+  if (it != models_.end() && it->second.info.training) return;  // began here meanwhile
+  if (it != models_.end() && it->second.info.created == fresh.info.created) {
+    // The same model, changed: older versions already read stay when the
+    // record still has them (with the record's thresholds).
+    Entry& e = it->second;
+    for (auto& [version, servable] : e.loaded) {
+      if (fresh.loaded.count(version)) continue;
+      for (const auto& v : fresh.info.versions) {
+        if (v.version != version) continue;
+        fresh.loaded[version] = v.calibration.thresholds == servable->calibration.thresholds
+                                    ? servable
+                                    : std::make_shared<const ServableVersion>(
+                                          servable->model, servable->version, servable->classes,
+                                          servable->plan, v.calibration);
+        if (e.last_use.count(version)) fresh.last_use[version] = e.last_use[version];
+      }
+    }
+    fresh.generation = e.generation;
+  } else {
+    fresh.generation = ++generations_;  // new, or deleted and made again
+  }
+  models_[name] = std::move(fresh);
+  TrimOlder(models_[name]);
+}
+
+void ModelRegistry::RefreshAll() {
+  auto records = db_->ListRecords("model");
+  if (!records.ok()) {
+    LogWarning("cannot reread the models: %s", records.status().ToString());
+    return;
+  }
+  std::set<std::string> names;
+  for (const auto& record : *records) names.insert(record.first);
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [name, e] : models_) names.insert(name);  // deleted ones too
+  }
+  for (const auto& name : names) Refresh(name);
 }
 
 std::string ModelRegistry::WeightsBlob(const std::string& model, int version,
@@ -202,7 +282,10 @@ absl::Status ModelRegistry::Persist(const ModelInfo& info) {
       return s;
     }
   }
-  return db_->PutRecord("model", info.name, record);
+  if (absl::Status s = db_->PutRecord("model", info.name, record); !s.ok()) return s;
+  absl::MutexLock lock(&mu_);
+  if (auto it = models_.find(info.name); it != models_.end()) it->second.record = record;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<ModelInfo> ModelRegistry::Create(const std::string& name,
@@ -244,7 +327,17 @@ absl::StatusOr<ModelInfo> ModelRegistry::Create(const std::string& name,
   e.info.classes = std::move(classes);
   e.info.head = head;
   e.info.head_params = ParamCount(MakeHead(head, dim_, e.info.classes.size()));
-  if (absl::Status s = Persist(e.info); !s.ok()) return s;
+  e.info.created = absl::StrCat(std::time(nullptr), "-", std::random_device{}());
+  e.record = ModelToJson(e.info).dump();
+  if (disk_ != nullptr) {
+    if (absl::Status s =
+            disk_->Check(2 * static_cast<int64_t>(e.record.size()), "the model record");
+        !s.ok()) {
+      return s;
+    }
+  }
+  // Atomic: another replica creating the same name at once gets ALREADY_EXISTS.
+  if (absl::Status s = db_->CreateRecord("model", name, e.record); !s.ok()) return s;
   Describe(e.info);
   ModelInfo out = e.info;
   absl::MutexLock lock(&mu_);

@@ -78,6 +78,10 @@ struct ModelInfo {
   std::vector<VersionInfo> versions;
   int served_version = 0;
   bool training = false;
+  // Which creation of the name this is ("UNIXTIME-RANDOM"; empty for models
+  // made before it was recorded): a model deleted and made again elsewhere
+  // (another replica) is another model.
+  std::string created;
   // Set when the model could not be loaded at start (a corrupt record, a
   // missing or corrupt weight file): the status every use of it returns.
   // Such a model can be described and deleted, nothing else.
@@ -103,6 +107,17 @@ class ModelRegistry {
   static absl::StatusOr<std::unique_ptr<ModelRegistry>> Open(Database* db, const Backbone* backbone,
                                                              ModelLimits limits = {},
                                                              const DiskBudget* disk = nullptr);
+
+  ~ModelRegistry();
+  ModelRegistry(const ModelRegistry&) = delete;
+  ModelRegistry& operator=(const ModelRegistry&) = delete;
+
+  // Rereads a model's record after another replica changed it (PostgreSQL's
+  // notifications call these): a new or changed model is installed with its
+  // served version loaded, a deleted one goes. A model training here is left
+  // as it is (this replica writes it).
+  void Refresh(const std::string& name);
+  void RefreshAll();
 
   // ALREADY_EXISTS; INVALID_ARGUMENT for a bad name, < 2 classes, a
   // repeated class name or one over 128 bytes; RESOURCE_EXHAUSTED for more
@@ -183,6 +198,7 @@ class ModelRegistry {
  private:
   struct Entry {
     ModelInfo info;
+    std::string record;  // the JSON last read or written: what the database holds
     std::map<int, std::shared_ptr<const ServableVersion>> loaded;
     std::map<int, uint64_t> last_use;  // of loaded older versions
     uint64_t generation = 0;           // a model made again under the same name is another
@@ -193,6 +209,9 @@ class ModelRegistry {
         backbone_(backbone),
         dim_(backbone->embedding_dim()),
         limits_(limits) {}
+  // A model from its record: loaded with its served version, or kept with
+  // its `problem`.
+  Entry LoadEntry(const std::string& key, const std::string& json) const;
   absl::StatusOr<std::vector<int>> StageIndices(const std::vector<std::string>& names) const;
   // Unfreeze and Freeze: validates the stage names, applies `change` for
   // each to a copy of the idle model's info, persists it, then installs it.
@@ -223,6 +242,7 @@ class ModelRegistry {
 
   Database* db_;
   const DiskBudget* disk_;  // may be null
+  int subscription_ = 0;    // to other replicas' changes (Database::Subscribe)
   const Backbone* backbone_;
   const int64_t dim_;
   const ModelLimits limits_;

@@ -14,6 +14,7 @@
 #define TLSERVE_SERVER_STORE_DATABASE_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -100,6 +101,13 @@ class Database {
   // the catalogue of models, their versions and the job history.
   virtual absl::Status PutRecord(const std::string& kind, const std::string& key,
                                  const std::string& json) = 0;
+  // Writes a record that must not exist yet: ALREADY_EXISTS (nothing
+  // written) when it does — also when another replica wrote it first.
+  virtual absl::Status CreateRecord(const std::string& kind, const std::string& key,
+                                    const std::string& json) = 0;
+  // The record's JSON; NOT_FOUND when there is none.
+  virtual absl::StatusOr<std::string> GetRecord(const std::string& kind,
+                                                const std::string& key) = 0;
   // Deletes the records of `kind` whose key is `key` or starts with `key` + "/".
   virtual absl::Status DeleteRecords(const std::string& kind, const std::string& key) = 0;
   // (key, json) of every record of `kind`, by key.
@@ -118,6 +126,27 @@ class Database {
   virtual absl::Status PutBlob(const std::string& name, absl::string_view bytes) = 0;
   virtual absl::StatusOr<std::string> GetBlob(const std::string& name) = 0;
   virtual absl::Status DeleteBlob(const std::string& name) = 0;
+
+  // Calls `changed(kind, key)` after each committed change of a record by
+  // anyone (another replica included), on a thread of the database's own, in
+  // commit order; `changed("", "")` when changes may have been missed (the
+  // connection was lost and is back): re-read everything. SQLite has no other
+  // writer and never calls it. Subscribe returns a token for Unsubscribe,
+  // which stops the calls (and waits for one under way) before the
+  // subscriber goes; a callback must not (un)subscribe.
+  using RecordChanged = std::function<void(const std::string& kind, const std::string& key)>;
+  virtual int Subscribe(RecordChanged changed) {
+    (void)changed;
+    return 0;
+  }
+  virtual void Unsubscribe(int token) { (void)token; }
+
+  // Whether this process may run training jobs on this database. SQLite:
+  // always (one process owns the file). PostgreSQL: one replica at a time —
+  // the first to ask holds a lock on its own connection for as long as it
+  // lives (a replica that dies, kill -9 included, loses it once its server
+  // sees the connection closed); the others are told false.
+  virtual absl::StatusOr<bool> TryLeadJobs() { return true; }
 
   // INVALID_ARGUMENT unless `name` is a blob name as above.
   static absl::Status ValidateBlobName(const std::string& name);

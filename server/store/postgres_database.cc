@@ -2,7 +2,10 @@
 
 #include <endian.h>
 #include <libpq-fe.h>
+#include <poll.h>
 
+#include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
@@ -12,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "server/core/log.h"
 
 namespace tlserve {
 
@@ -108,6 +112,21 @@ CREATE TABLE blobs (
   bytes BYTEA NOT NULL
 );
 ALTER TABLE blobs ALTER COLUMN bytes SET STORAGE EXTERNAL;
+)sql",
+    // 3: every committed change of a record is announced to the replicas
+    // (LISTEN tlserve_records; payload "KIND/KEY").
+    R"sql(
+CREATE FUNCTION tlserve_record_changed() RETURNS trigger AS $$
+BEGIN
+  IF TG_OP = 'DELETE' THEN
+    PERFORM pg_notify('tlserve_records', OLD.kind || '/' || OLD.key);
+  ELSE
+    PERFORM pg_notify('tlserve_records', NEW.kind || '/' || NEW.key);
+  END IF;
+  RETURN NULL;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER records_changed AFTER INSERT OR UPDATE OR DELETE ON records
+  FOR EACH ROW EXECUTE FUNCTION tlserve_record_changed();
 )sql",
 };
 
@@ -209,8 +228,112 @@ absl::StatusOr<std::unique_ptr<Database>> PostgresDatabase::Open(const std::stri
 }
 
 PostgresDatabase::~PostgresDatabase() {
+  StopListening();
+  {
+    // Released now, not when the server notices the connection closed: a
+    // replica started right after this one (a restart) finds it free.
+    absl::MutexLock lock(&leader_mu_);
+    if (leader_conn_ != nullptr && PQstatus(leader_conn_) == CONNECTION_OK) {
+      PQclear(PQexec(leader_conn_, "SELECT pg_advisory_unlock_all()"));
+    }
+    PQfinish(leader_conn_);
+  }
   absl::MutexLock lock(&mu_);
   PQfinish(conn_);
+}
+
+int PostgresDatabase::Subscribe(RecordChanged changed) {
+  absl::MutexLock lock(&subscribers_mu_);
+  const int token = next_subscriber_++;
+  subscribers_[token] = std::move(changed);
+  if (!listener_.joinable()) listener_ = std::thread([this] { Listen(); });
+  return token;
+}
+
+void PostgresDatabase::Unsubscribe(int token) {
+  absl::MutexLock lock(&subscribers_mu_);
+  subscribers_.erase(token);
+}
+
+void PostgresDatabase::StopListening() {
+  std::thread listener;
+  {
+    absl::MutexLock lock(&subscribers_mu_);
+    stop_listening_ = true;
+    listener = std::move(listener_);
+  }
+  if (listener.joinable()) listener.join();
+}
+
+absl::StatusOr<bool> PostgresDatabase::TryLeadJobs() {
+  absl::MutexLock lock(&leader_mu_);
+  if (leader_conn_ == nullptr || PQstatus(leader_conn_) != CONNECTION_OK) {
+    PQfinish(leader_conn_);
+    leader_conn_ = PQconnectdb(uri_.c_str());
+    if (PQstatus(leader_conn_) != CONNECTION_OK) {
+      return absl::UnavailableError(absl::StrCat("cannot connect to PostgreSQL at ", Redacted(uri_),
+                                                 ": ", PQerrorMessage(leader_conn_)));
+    }
+  }
+  // "tlsjobs" in ASCII: one lock per database for the replica that runs jobs.
+  PgResult r(PQexec(leader_conn_, "SELECT pg_try_advisory_lock(32770340261159539)"));
+  if (PQresultStatus(r.get()) != PGRES_TUPLES_OK || PQntuples(r.get()) != 1) {
+    return PgStatus("SELECT", PQresultErrorField(r.get(), PG_DIAG_SQLSTATE),
+                    PQresultErrorMessage(r.get()));
+  }
+  return std::string(PQgetvalue(r.get(), 0, 0)) == "t";
+}
+
+void PostgresDatabase::Listen() {
+  PGconn* c = nullptr;
+  int failures = 0;
+  while (!stop_listening_) {
+    if (c == nullptr || PQstatus(c) != CONNECTION_OK) {
+      PQfinish(c);
+      c = PQconnectdb(uri_.c_str());
+      PGresult* r = PQstatus(c) == CONNECTION_OK ? PQexec(c, "LISTEN tlserve_records") : nullptr;
+      const bool listening = r != nullptr && PQresultStatus(r) == PGRES_COMMAND_OK;
+      PQclear(r);
+      if (!listening) {
+        if (failures++ % 30 == 0) {
+          LogWarning("cannot listen for changes at %s (retrying every second): %s", Redacted(uri_),
+                     PQerrorMessage(c));
+        }
+        for (int i = 0; i < 10 && !stop_listening_; ++i) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        }
+        continue;
+      }
+      if (failures > 0) LogInfo("listening for changes at %s again", Redacted(uri_));
+      failures = 0;
+      // Whatever changed before LISTEN took effect (at start: since the
+      // subscriber read its state; after a lost connection: meanwhile).
+      absl::MutexLock lock(&subscribers_mu_);
+      for (auto& [token, changed] : subscribers_) changed("", "");
+    }
+    pollfd fd{PQsocket(c), POLLIN, 0};
+    if (::poll(&fd, 1, 200) < 0 && errno != EINTR) {
+      PQfinish(c);
+      c = nullptr;
+      continue;
+    }
+    if (PQconsumeInput(c) == 0) {  // the connection is gone: reconnect
+      PQfinish(c);
+      c = nullptr;
+      continue;
+    }
+    while (PGnotify* n = PQnotifies(c)) {
+      const std::string payload = n->extra;
+      PQfreemem(n);
+      const size_t slash = payload.find('/');
+      if (slash == std::string::npos) continue;
+      absl::MutexLock lock(&subscribers_mu_);
+      for (auto& [token, changed] : subscribers_) {
+        changed(payload.substr(0, slash), payload.substr(slash + 1));
+      }
+    }
+  }
+  PQfinish(c);
 }
 
 absl::Status PostgresDatabase::Migrate() {
@@ -525,6 +648,33 @@ absl::Status PostgresDatabase::PutRecord(const std::string& kind, const std::str
              "ON CONFLICT (kind, key) DO UPDATE SET json = EXCLUDED.json",
              {Text(kind), Text(key), Text(json)})
       .status();
+}
+
+absl::Status PostgresDatabase::CreateRecord(const std::string& kind, const std::string& key,
+                                            const std::string& json) {
+  absl::MutexLock lock(&mu_);
+  auto r =
+      Run("INSERT INTO records(kind, key, json) VALUES ($1::text, $2::text, $3::text) "
+          "ON CONFLICT (kind, key) DO NOTHING",
+          {Text(kind), Text(key), Text(json)});
+  if (!r.ok()) return r.status();
+  const char* affected = PQcmdTuples(r->get());
+  if (affected == nullptr || std::strcmp(affected, "0") == 0) {
+    return absl::AlreadyExistsError(absl::StrCat(kind, " \"", key, "\" already exists"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> PostgresDatabase::GetRecord(const std::string& kind,
+                                                        const std::string& key) {
+  absl::MutexLock lock(&mu_);
+  auto r = Run("SELECT json FROM records WHERE kind = $1::text AND key = $2::text",
+               {Text(kind), Text(key)});
+  if (!r.ok()) return r.status();
+  if (r->rows() == 0) {
+    return absl::NotFoundError(absl::StrCat(kind, " \"", key, "\" does not exist"));
+  }
+  return r->Bytes(0, 0);
 }
 
 absl::Status PostgresDatabase::DeleteRecords(const std::string& kind, const std::string& key) {

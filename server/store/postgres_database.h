@@ -8,9 +8,12 @@
 #ifndef TLSERVE_SERVER_STORE_POSTGRES_DATABASE_H_
 #define TLSERVE_SERVER_STORE_POSTGRES_DATABASE_H_
 
+#include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -54,9 +57,18 @@ class PostgresDatabase final : public Database {
   int64_t ReusableBytes() override { return 0; }
   absl::Status PutRecord(const std::string& kind, const std::string& key,
                          const std::string& json) override;
+  absl::Status CreateRecord(const std::string& kind, const std::string& key,
+                            const std::string& json) override;
+  absl::StatusOr<std::string> GetRecord(const std::string& kind, const std::string& key) override;
   absl::Status DeleteRecords(const std::string& kind, const std::string& key) override;
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ListRecords(
       const std::string& kind) override;
+  // LISTENs on its own connection (re-established when lost) to the
+  // notifications the records table's trigger sends at each commit.
+  int Subscribe(RecordChanged changed) override;
+  void Unsubscribe(int token) override;
+  // pg_try_advisory_lock on a connection of its own, kept open.
+  absl::StatusOr<bool> TryLeadJobs() override;
   absl::Status PutBlob(const std::string& name, absl::string_view bytes) override;
   absl::StatusOr<std::string> GetBlob(const std::string& name) override;
   absl::Status DeleteBlob(const std::string& name) override;
@@ -84,8 +96,19 @@ class PostgresDatabase final : public Database {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<std::vector<StoredExample>> Examples(const std::string& dataset, bool bytes);
 
+  void Listen();
+  void StopListening();
+
   absl::Mutex mu_;
   PGconn* conn_ ABSL_GUARDED_BY(mu_);
+  std::atomic<bool> stop_listening_{false};
+  std::thread listener_ ABSL_GUARDED_BY(subscribers_mu_);
+  // Held while callbacks run: Unsubscribe waits for one under way.
+  absl::Mutex subscribers_mu_;
+  std::map<int, RecordChanged> subscribers_ ABSL_GUARDED_BY(subscribers_mu_);
+  int next_subscriber_ ABSL_GUARDED_BY(subscribers_mu_) = 1;
+  absl::Mutex leader_mu_;
+  PGconn* leader_conn_ ABSL_GUARDED_BY(leader_mu_) = nullptr;
   bool in_transaction_ ABSL_GUARDED_BY(mu_) = false;
   const std::string uri_;
 };

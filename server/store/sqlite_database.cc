@@ -390,6 +390,36 @@ absl::Status SqliteDatabase::PutRecord(const std::string& kind, const std::strin
   return absl::OkStatus();
 }
 
+absl::Status SqliteDatabase::CreateRecord(const std::string& kind, const std::string& key,
+                                          const std::string& json) {
+  absl::MutexLock lock(&mu_);
+  Statement q(db_, "INSERT OR IGNORE INTO records(kind, key, json) VALUES (?, ?, ?)");
+  if (!q.status().ok()) return q.status();
+  q.Bind(1, kind);
+  q.Bind(2, key);
+  q.Bind(3, json);
+  if (sqlite3_step(q.get()) != SQLITE_DONE) return SqliteError(db_, "put");
+  if (sqlite3_changes(db_) == 0) {
+    return absl::AlreadyExistsError(absl::StrCat(kind, " \"", key, "\" already exists"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> SqliteDatabase::GetRecord(const std::string& kind,
+                                                      const std::string& key) {
+  absl::MutexLock lock(&mu_);
+  Statement q(db_, "SELECT json FROM records WHERE kind = ? AND key = ?");
+  if (!q.status().ok()) return q.status();
+  q.Bind(1, kind);
+  q.Bind(2, key);
+  const int rc = sqlite3_step(q.get());
+  if (rc == SQLITE_ROW) return q.Text(0);
+  if (rc == SQLITE_DONE) {
+    return absl::NotFoundError(absl::StrCat(kind, " \"", key, "\" does not exist"));
+  }
+  return SqliteError(db_, "get");
+}
+
 absl::Status SqliteDatabase::DeleteRecords(const std::string& kind, const std::string& key) {
   absl::MutexLock lock(&mu_);
   Statement q(db_, "DELETE FROM records WHERE kind = ? AND (key = ? OR substr(key, 1, ?) = ?)");

@@ -40,6 +40,9 @@ class SqliteDatabase final : public Database {
   int64_t ReusableBytes() override;
   absl::Status PutRecord(const std::string& kind, const std::string& key,
                          const std::string& json) override;
+  absl::Status CreateRecord(const std::string& kind, const std::string& key,
+                            const std::string& json) override;
+  absl::StatusOr<std::string> GetRecord(const std::string& kind, const std::string& key) override;
   absl::Status DeleteRecords(const std::string& kind, const std::string& key) override;
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ListRecords(
       const std::string& kind) override;

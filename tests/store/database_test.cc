@@ -18,6 +18,8 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
 #include "server/store/postgres_database.h"
 #include "tests/postgres_util.h"
 
@@ -238,6 +240,19 @@ TEST_P(DatabaseTest, RecordsReplaceListByKeyAndDeleteByPrefix) {
   EXPECT_EQ((*models)[0].second, json);
 }
 
+TEST_P(DatabaseTest, ARecordIsCreatedOnceAndReadByKey) {
+  ASSERT_TRUE(db_->CreateRecord("model", "m", "{\"n\":1}").ok());
+  const absl::Status again = db_->CreateRecord("model", "m", "{\"n\":2}");
+  EXPECT_EQ(again.code(), absl::StatusCode::kAlreadyExists) << again;
+  auto json = db_->GetRecord("model", "m");
+  ASSERT_TRUE(json.ok()) << json.status();
+  EXPECT_EQ(*json, "{\"n\":1}");  // the first one stays
+  EXPECT_EQ(db_->GetRecord("model", "other").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(db_->GetRecord("job", "m").status().code(), absl::StatusCode::kNotFound);
+  ASSERT_TRUE(db_->DeleteRecords("model", "m").ok());
+  EXPECT_TRUE(db_->CreateRecord("model", "m", "{}").ok());  // free again once deleted
+}
+
 TEST_P(DatabaseTest, BlobsAreWrittenWholeReadBackAndDeleted) {
   std::string big(3 << 20, '\0');  // 3 MiB, every byte value
   for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>(i * 7919 % 256);
@@ -327,6 +342,73 @@ TEST(PostgresDatabaseTest, CommitsToOneDatasetFromTwoReplicasTakeTurnsUnderTheQu
     ASSERT_TRUE(info.ok());
     EXPECT_EQ(info->images, 3);
   }
+}
+
+TEST(PostgresDatabaseTest, EveryReplicaHearsOfEachCommittedRecordChange) {
+  ASSERT_NE(postgres, nullptr);
+  const std::string uri = postgres->NewDatabase("notifications");
+  auto writer = Database::Open(uri);
+  auto reader = Database::Open(uri);
+  ASSERT_TRUE(writer.ok() && reader.ok());
+  absl::Mutex mu;
+  std::vector<std::string> heard;
+  const int token = (*reader)->Subscribe([&](const std::string& kind, const std::string& key) {
+    absl::MutexLock lock(&mu);
+    heard.push_back(kind + "|" + key);
+  });
+  // Each subscription starts with a "reread everything" ("|").
+  auto wait_for = [&](size_t n) {
+    for (absl::Time end = absl::Now() + absl::Seconds(10); absl::Now() < end;) {
+      {
+        absl::MutexLock lock(&mu);
+        if (heard.size() >= n) return true;
+      }
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    return false;
+  };
+  ASSERT_TRUE(wait_for(1));
+  ASSERT_TRUE((*writer)->CreateRecord("model", "t:m", "{}").ok());
+  ASSERT_TRUE((*writer)->PutRecord("model", "t:m", "{\"v\":2}").ok());
+  ASSERT_TRUE((*writer)->PutRecord("job", "j1", "{}").ok());
+  ASSERT_TRUE((*writer)->DeleteRecords("model", "t:m").ok());
+  ASSERT_TRUE(wait_for(5));
+  // A connection lost and back: "reread everything" again.
+  ASSERT_TRUE(postgres->Exec(
+      "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'notifications' "
+      "AND query LIKE 'LISTEN%'"));
+  ASSERT_TRUE(wait_for(6));
+  (*reader)->Unsubscribe(token);
+  absl::MutexLock lock(&mu);
+  EXPECT_EQ(std::vector<std::string>(heard.begin(), heard.begin() + 6),
+            (std::vector<std::string>{"|", "model|t:m", "model|t:m", "job|j1", "model|t:m", "|"}));
+}
+
+TEST(PostgresDatabaseTest, OneReplicaAtATimeLeadsTheJobsAndADeadOnesTurnPasses) {
+  ASSERT_NE(postgres, nullptr);
+  const std::string uri = postgres->NewDatabase("leaders");
+  auto a = Database::Open(uri);
+  auto b = Database::Open(uri);
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto first = (*a)->TryLeadJobs();
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_TRUE(*first);
+  EXPECT_TRUE(*(*a)->TryLeadJobs());  // asking again keeps it
+  EXPECT_FALSE(*(*b)->TryLeadJobs());
+  a->reset();  // the leader goes (its connections close)
+  bool led = false;
+  for (int i = 0; i < 100 && !led; ++i) {
+    auto r = (*b)->TryLeadJobs();
+    ASSERT_TRUE(r.ok()) << r.status();
+    led = *r;
+    if (!led) absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_TRUE(led);
+  auto sqlite_dir = std::filesystem::temp_directory_path() / "tlserve-lead-sqlite.db";
+  auto lite = Database::Open(sqlite_dir.string());
+  ASSERT_TRUE(lite.ok());
+  EXPECT_TRUE(*(*lite)->TryLeadJobs());
+  std::filesystem::remove(sqlite_dir);
 }
 
 TEST(PostgresDatabaseTest, AnUnreachableServerIsUnavailableAndThePasswordStaysSecret) {

@@ -1,0 +1,209 @@
+// Two replicas on one PostgreSQL database (the scale-out mode): each is an
+// in-process server with its own, empty data directory; what one is told,
+// the other serves — through the database and its notifications, never
+// through a shared file. Run with $TLSERVE_TEST_DATABASE=postgresql (CTest
+// sets it): replica A is the fixture's server, replica B is started here.
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/time/clock.h"
+#include "tests/integration/training_fixture.h"
+#include "tlserve/v1/datasets.grpc.pb.h"
+#include "tlserve/v1/evaluation.pb.h"
+
+namespace tlserve {
+namespace {
+
+using ::tlserve::testing::Fixture;
+
+class ReplicasTest : public testing::TrainingTest {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(OnPostgres()) << "run with TLSERVE_TEST_DATABASE=postgresql (as CTest does)";
+    ASSERT_NO_FATAL_FAILURE(TrainingTest::SetUp());
+    ServerOptions o = Options(dir_ + "/replica-b");
+    o.data_dir = dir_ + "/replica-b";
+    o.database = database_;
+    o.max_concurrent_jobs = 0;  // A runs the jobs; B serves (one runner per database, for now)
+    auto b = Server::Start(o);
+    ASSERT_TRUE(b.ok()) << b.status();
+    server_b_ = std::move(*b);
+    auto c = Client::Connect(absl::StrCat("127.0.0.1:", server_b_->grpc_port()));
+    ASSERT_TRUE(c.ok());
+    client_b_ = std::move(*c);
+    stub_b_ = v1::Models::NewStub(client_b_->channel());
+  }
+  void TearDown() override {
+    stub_b_.reset();
+    client_b_.reset();
+    server_b_.reset();
+  }
+  // Runs `f` with the fixture's helpers talking to replica B.
+  template <typename F>
+  auto OnB(F f) {
+    std::swap(stub_, stub_b_);
+    std::swap(client_, client_b_);
+    auto result = f();
+    std::swap(stub_, stub_b_);
+    std::swap(client_, client_b_);
+    return result;
+  }
+  // Polls `f` (on replica A) until it returns true, for at most `bound`.
+  template <typename F>
+  bool Within(absl::Duration bound, F f) {
+    for (absl::Time end = absl::Now() + bound; absl::Now() < end;) {
+      if (f()) return true;
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    return f();
+  }
+  absl::Status Serve(const std::string& model, int version) {
+    grpc::ClientContext ctx;
+    v1::SetServedVersionRequest req;
+    req.set_model(model);
+    req.set_version(version);
+    v1::Model m;
+    return FromGrpc(stub_->SetServedVersion(&ctx, req, &m));
+  }
+  absl::Status Delete(const std::string& model) {
+    grpc::ClientContext ctx;
+    v1::DeleteModelRequest req;
+    req.set_name(model);
+    v1::DeleteModelResponse r;
+    return FromGrpc(stub_->DeleteModel(&ctx, req, &r));
+  }
+  int TrainOnce(const std::string& model) {
+    auto job = Start(model, "fmnist");
+    EXPECT_TRUE(job.ok()) << job.status();
+    if (!job.ok()) return 0;
+    const v1::Job end = Watch(job->id()).back();
+    EXPECT_EQ(end.state(), v1::Job::SUCCEEDED) << end.error();
+    return end.version();
+  }
+
+  std::unique_ptr<Server> server_b_;
+  std::unique_ptr<Client> client_b_;
+  std::unique_ptr<v1::Models::Stub> stub_b_;
+};
+
+TEST_F(ReplicasTest, WhatOneReplicaIsToldTheOtherServesWithinASecond) {
+  // Upload and create through B (a serving-only replica); train through A.
+  ASSERT_NO_FATAL_FAILURE(OnB([&] {
+    UploadTrainingSet();
+    return 0;
+  }));
+  const auto folder = testing::Folder(Fixture("fmnist/train"));
+  ASSERT_GE(folder.size(), 2u);
+  const std::vector<std::string> files = {folder.front().first, folder.back().first};
+  ASSERT_TRUE(OnB([&] { return CreateModel("clothes", "fmnist"); }).ok());
+  // B does not run jobs: it says where to go.
+  auto refused = OnB([&] { return Start("clothes", "fmnist"); });
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), "--max_concurrent_jobs=0"));
+  auto job = Start("clothes", "fmnist");
+  ASSERT_TRUE(job.ok()) << job.status();
+  // B's WatchJob follows A's job to its end.
+  const std::vector<v1::Job> seen = OnB([&] { return Watch(job->id()); });
+  ASSERT_FALSE(seen.empty());
+  EXPECT_EQ(seen.back().state(), v1::Job::SUCCEEDED) << seen.back().error();
+  EXPECT_EQ(seen.back().version(), 1);
+  auto on_a = Classify("clothes", files);
+  ASSERT_TRUE(on_a.ok()) << on_a.status();
+  // B serves the version A published, with A's probabilities, within a
+  // second of the job's end (it never read a file of A's).
+  absl::StatusOr<v1::ClassifyResponse> on_b;
+  EXPECT_TRUE(Within(absl::Seconds(1), [&] {
+    on_b = OnB([&] { return Classify("clothes", files); });
+    return on_b.ok() && on_b->version() == 1;
+  })) << on_b.status();
+  ASSERT_TRUE(on_b.ok());
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_EQ(on_a->results(i).top_size(), on_b->results(i).top_size());
+    for (int k = 0; k < on_a->results(i).top_size(); ++k) {
+      EXPECT_EQ(on_a->results(i).top(k).label(), on_b->results(i).top(k).label());
+      EXPECT_NEAR(on_a->results(i).top(k).probability(), on_b->results(i).top(k).probability(),
+                  1e-6);
+    }
+  }
+
+  // A second version, served; then a roll back to v1 through B: A follows
+  // B's choice.
+  ASSERT_EQ(TrainOnce("clothes"), 2);
+  EXPECT_TRUE(Within(absl::Seconds(1), [&] {
+    auto r = OnB([&] { return Classify("clothes", files); });
+    return r.ok() && r->version() == 2;
+  }));
+  ASSERT_TRUE(OnB([&] { return Serve("clothes", 1); }).ok());
+  EXPECT_TRUE(Within(absl::Seconds(1), [&] {
+    auto r = Classify("clothes", files);
+    return r.ok() && r->version() == 1;
+  }));
+
+  // Deleted through A: gone from B too.
+  ASSERT_TRUE(Delete("clothes").ok());
+  EXPECT_TRUE(Within(absl::Seconds(1), [&] {
+    auto r = OnB([&] { return Classify("clothes", files); });
+    return r.status().code() == absl::StatusCode::kNotFound;
+  }));
+  // The dataset A stored is B's as well.
+  auto datasets = client_b_->ListDatasets();
+  ASSERT_TRUE(datasets.ok()) << datasets.status();
+  ASSERT_EQ(datasets->datasets_size(), 1);
+  EXPECT_EQ(datasets->datasets(0).name(), "fmnist");
+}
+
+TEST_F(ReplicasTest, ASecondReplicaThatWouldRunJobsIsRefusedAtStart) {
+  ServerOptions o = Options(dir_ + "/replica-c");
+  o.data_dir = dir_ + "/replica-c";
+  o.database = database_;
+  o.max_concurrent_jobs = 1;
+  auto c = Server::Start(o);
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kFailedPrecondition) << c.status();
+  EXPECT_TRUE(absl::StrContains(c.status().message(), "--max_concurrent_jobs=0")) << c.status();
+}
+
+TEST_F(ReplicasTest, TwoClientsRacingForOneNameOnTwoReplicasGetOneModel) {
+  ASSERT_NO_FATAL_FAILURE(UploadTrainingSet());
+  for (int round = 0; round < 10; ++round) {
+    const std::string name = absl::StrCat("race", round);
+    absl::Status on_a, on_b;
+    std::thread a([&] { on_a = CreateModel(name, "fmnist"); });
+    // B's stub, used from this thread only while A's runs on the other.
+    grpc::ClientContext ctx;
+    v1::CreateModelRequest req;
+    req.set_name(name);
+    req.set_dataset("fmnist");
+    v1::Model m;
+    on_b = FromGrpc(stub_b_->CreateModel(&ctx, req, &m));
+    a.join();
+    EXPECT_NE(on_a.ok(), on_b.ok()) << on_a << " / " << on_b;
+    const absl::Status& loser = on_a.ok() ? on_b : on_a;
+    EXPECT_EQ(loser.code(), absl::StatusCode::kAlreadyExists) << loser;
+  }
+}
+
+TEST_F(ReplicasTest, AReplicaStartedLaterWithAnEmptyDataDirServesEverything) {
+  ASSERT_NO_FATAL_FAILURE(UploadTrainingSet());
+  ASSERT_TRUE(CreateModel("clothes", "fmnist").ok());
+  ASSERT_EQ(TrainOnce("clothes"), 1);
+  const std::vector<std::string> files = {testing::Folder(Fixture("fmnist/train"))[5].first};
+  auto before = Classify("clothes", files);
+  ASSERT_TRUE(before.ok()) << before.status();
+  // A restarts on a new, empty data directory (the fixture's PostgreSQL mode).
+  ASSERT_NO_FATAL_FAILURE(Restart());
+  auto after = Classify("clothes", files);
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->results(0).label(), before->results(0).label());
+  EXPECT_NEAR(after->results(0).top(0).probability(), before->results(0).top(0).probability(),
+              1e-6);
+}
+
+}  // namespace
+}  // namespace tlserve
