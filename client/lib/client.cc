@@ -27,10 +27,22 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& targe
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& target,
                                                         const ChannelSecurity& security,
                                                         absl::Duration timeout) {
+  return Connect(target, security, timeout, "");
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& target,
+                                                        const ChannelSecurity& security,
+                                                        absl::Duration timeout,
+                                                        const std::string& lb_policy) {
   if (auto s = security.Validate(); !s.ok()) return s;
+  if (!lb_policy.empty() && lb_policy != "pick_first" && lb_policy != "round_robin") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("load-balancing policy \"", lb_policy, "\": use pick_first or round_robin"));
+  }
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(256 << 20);
   args.SetMaxSendMessageSize(256 << 20);
+  if (!lb_policy.empty()) args.SetLoadBalancingPolicyName(lb_policy);
   auto channel = CreateChannel(target, security, args);
   if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() + timeout))) {
     // gRPC does not say why a channel failed to connect; a failed TLS

@@ -37,6 +37,16 @@ class Client {
   static absl::StatusOr<std::unique_ptr<Client>> Connect(
       const std::string& target, const ChannelSecurity& security,
       absl::Duration timeout = absl::Seconds(10));
+  // The same with a load-balancing policy over the addresses `target`
+  // resolves to: "" or "pick_first" (one connection: gRPC's default) or
+  // "round_robin" (a connection to every address, calls spread over them:
+  // for several replicas behind a headless Service,
+  // dns:///tlserve-headless.NAMESPACE.svc:50051, or a list,
+  // ipv4:10.0.0.1:50051,10.0.0.2:50051). INVALID_ARGUMENT for another policy.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(const std::string& target,
+                                                         const ChannelSecurity& security,
+                                                         absl::Duration timeout,
+                                                         const std::string& lb_policy);
   // Plaintext, no token.
   static absl::StatusOr<std::unique_ptr<Client>> Connect(
       const std::string& target, absl::Duration timeout = absl::Seconds(10));

@@ -21,8 +21,8 @@ bool TakesValue(const std::string& key) {
       "duplicate-cosine", "l2", "folds", "heads", "layers", "warmup", "layer-decay"};
   // How to reach the server; tlctl's other flags use hyphens, the server's
   // flags underscores, so these are taken in both spellings.
-  static const std::set<std::string> kConnection = {"token",    "tls_ca",  "tls-ca", "tls_cert",
-                                                    "tls-cert", "tls_key", "tls-key"};
+  static const std::set<std::string> kConnection = {"token",    "tls_ca",  "tls-ca",  "tls_cert",
+                                                    "tls-cert", "tls_key", "tls-key", "lb"};
   return kValued.count(key) > 0 || kConnection.count(key) > 0;
 }
 

@@ -22,7 +22,7 @@ namespace tlserve {
 namespace {
 
 constexpr char kUsage[] = R"(usage: tlctl [--server=HOST:PORT] [--token=KEY] [--tls | --tls_ca=PEM]
-             [--tls_cert=PEM --tls_key=PEM] [--json] COMMAND [ARGS]
+             [--tls_cert=PEM --tls_key=PEM] [--lb=round_robin] [--json] COMMAND [ARGS]
 
 commands:
   health                         the server's health (SERVING, NOT_SERVING)
@@ -84,10 +84,13 @@ options:
   --tls_cert=PEM --tls_key=PEM
                        a client certificate and its key, for servers that require one (mTLS)
                        (any --tls_* flag turns TLS on; without them tlctl speaks plaintext)
+  --lb=round_robin     spread calls over every address --server resolves to (several
+                       replicas: dns:///HEADLESS-SERVICE:50051, or ipv4:ADDR:PORT,ADDR:PORT);
+                       default pick_first, one connection (or $TLSERVE_LB)
   --json               machine-readable output on stdout
 
 exit status: 0 done, 1 a failure (the server's or the command's), 2 no or an unknown command,
-or a --token or --tls_* file that cannot be used
+or a --token, --tls_* file or --lb that cannot be used
 )";
 
 int Health(Client& c, const Args& a) {
@@ -373,7 +376,14 @@ int Main(int argc, char** argv) {
     Fail(security.status());
     return 2;
   }
-  auto client = Client::Connect(server, *security, absl::Seconds(10));
+  std::string lb;
+  if (const char* env = std::getenv("TLSERVE_LB")) lb = env;
+  if (args->Has("lb")) lb = args->Get("lb");
+  auto client = Client::Connect(server, *security, absl::Seconds(10), lb);
+  if (!client.ok() && client.status().code() == absl::StatusCode::kInvalidArgument) {
+    Fail(client.status());
+    return 2;
+  }
   if (!client.ok()) return Fail(client.status());
   return command->second(**client, *args);
 }

@@ -53,6 +53,23 @@ def main():
                  % os.path.join(HERE, "..", "..", "client", "python")],
                 capture_output=True, text=True, timeout=60)
             assert r.returncode != 0 and "no tlserve server answers at 127.0.0.1:1" in r.stderr, r.stderr
+            # Client-side balancing: round_robin over a list of addresses (here the same
+            # server twice; replicas_test spreads calls over two replicas); another policy
+            # is refused before any connection.
+            code = ("import sys; sys.path.insert(0, %r); from tlserve_client import Client; "
+                    "c = Client('ipv4:%s,%s', lb_policy='round_robin'); "
+                    "print(len(c.embed([open(%r, 'rb').read()] * 3)))" % (
+                        os.path.join(HERE, "..", "..", "client", "python"), s.target, s.target,
+                        os.path.join(FIX, "rgb_png.png")))
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0 and r.stdout.strip() == "3", (r.stdout, r.stderr)
+            r = subprocess.run(
+                [sys.executable, "-c",
+                 "import sys; sys.path.insert(0, %r); from tlserve_client import Client; "
+                 "Client('127.0.0.1:1', lb_policy='random')"
+                 % os.path.join(HERE, "..", "..", "client", "python")],
+                capture_output=True, text=True, timeout=60)
+            assert r.returncode != 0 and "lb_policy 'random'" in r.stderr, r.stderr
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -67,6 +67,16 @@ class TlctlTest(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(r.stdout.strip(), "SERVING")
 
+    def test_lb_round_robin_over_a_list_of_addresses_and_unknown_policies_refused(self):
+        addr = "127.0.0.1:%d" % self.port
+        r = subprocess.run([os.path.join(BIN, "tlctl"), "--server=ipv4:%s,%s" % (addr, addr),
+                            "--lb=round_robin", "health"], capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout.strip(), "SERVING")
+        r = self.run_tlctl("--lb=random", "health")
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("round_robin", r.stderr)
+
     def test_layers_lists_modules_in_order(self):
         r = self.run_tlctl("layers")
         self.assertEqual(r.stdout.split(), ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2",

@@ -12,7 +12,10 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "tests/integration/http_get.h"
 #include "tests/integration/training_fixture.h"
 #include "tlserve/v1/datasets.grpc.pb.h"
 #include "tlserve/v1/evaluation.pb.h"
@@ -167,6 +170,39 @@ TEST_F(ReplicasTest, ASecondReplicaThatWouldRunJobsIsRefusedAtStart) {
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), absl::StatusCode::kFailedPrecondition) << c.status();
   EXPECT_TRUE(absl::StrContains(c.status().message(), "--max_concurrent_jobs=0")) << c.status();
+}
+
+// A client with round_robin over both replicas' addresses spreads its calls
+// over both (what --lb=round_robin does with a headless Service's name).
+TEST_F(ReplicasTest, RoundRobinSpreadsOneClientsCallsOverTheReplicas) {
+  auto bad = Client::Connect("127.0.0.1:1", ChannelSecurity(), absl::Seconds(1), "random");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument) << bad.status();
+  auto c = Client::Connect(
+      absl::StrCat("ipv4:127.0.0.1:", server_->grpc_port(), ",127.0.0.1:", server_b_->grpc_port()),
+      ChannelSecurity(), absl::Seconds(10), "round_robin");
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto embeds = [](const Server& s) {
+    const std::string text = testing::HttpGet(s.metrics_port(), "/metrics");
+    int n = 0;
+    for (absl::string_view line : absl::StrSplit(text, '\n')) {
+      if (absl::StartsWith(line, "tlserve_requests_total{") &&
+          absl::StrContains(line, "method=\"Embed\"") && absl::StrContains(line, "code=\"OK\"")) {
+        double v = 0;
+        if (absl::SimpleAtod(line.substr(line.rfind(' ') + 1), &v)) n += static_cast<int>(v);
+      }
+    }
+    return n;
+  };
+  const std::string file = testing::Folder(Fixture("fmnist/train"))[0].first;
+  for (int i = 0; i < 10; ++i) {
+    v1::EmbedRequest req;
+    req.add_images()->set_encoded(testing::ReadBytes(file));
+    ASSERT_TRUE((*c)->Embed(req).ok());
+  }
+  const int a = embeds(*server_), b = embeds(*server_b_);
+  EXPECT_EQ(a + b, 10);
+  EXPECT_GE(a, 3) << "replica A served " << a << " of 10";
+  EXPECT_GE(b, 3) << "replica B served " << b << " of 10";
 }
 
 TEST_F(ReplicasTest, TwoClientsRacingForOneNameOnTwoReplicasGetOneModel) {

@@ -103,10 +103,16 @@ class Client:
       certificate must chain to, and the client's certificate and key for
       servers that require one (mTLS; both or neither). Any of them turns
       TLS on; tls=True alone uses TLS with the system's roots.
+    lb_policy: how calls spread over the addresses `target` resolves to:
+      None or "pick_first" (one connection, gRPC's default) or "round_robin"
+      (every address: several replicas behind a headless Service,
+      "dns:///tlserve-headless.NAMESPACE.svc:50051", or a list,
+      "ipv4:10.0.0.1:50051,10.0.0.2:50051").
     """
 
     def __init__(self, target="localhost:50051", timeout=10.0, token=None,
-                 root_certificates=None, private_key=None, certificate_chain=None, tls=False):
+                 root_certificates=None, private_key=None, certificate_chain=None, tls=False,
+                 lb_policy=None):
         roots = _pem(root_certificates, "root_certificates")
         key = _pem(private_key, "private_key")
         chain = _pem(certificate_chain, "certificate_chain")
@@ -117,8 +123,12 @@ class Client:
             raise ValueError("the API key has a character other than printable ASCII "
                              "(a stray newline?)")
         tls = tls or roots is not None or chain is not None
+        if lb_policy not in (None, "", "pick_first", "round_robin"):
+            raise ValueError("lb_policy %r: use pick_first or round_robin" % (lb_policy,))
         options = [("grpc.max_send_message_length", _MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", _MESSAGE_BYTES)]
+        if lb_policy:
+            options.append(("grpc.lb_policy_name", lb_policy))
         if tls:
             self._raw_channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(
                 root_certificates=roots, private_key=key, certificate_chain=chain), options)
