@@ -25,8 +25,8 @@ ABSL_FLAG(int, train_threads, 1,
           "keeps its cores");
 ABSL_FLAG(int, max_concurrent_jobs, 1,
           "training jobs this replica runs at once: 1 (they queue), or 0 for a serving-only "
-          "replica beside the one that runs the jobs of a shared PostgreSQL database "
-          "(--database); only one replica per database may run jobs for now");
+          "replica. On a shared PostgreSQL database (--database) one replica runs the jobs; "
+          "others with 1 stand by and take over (resuming the jobs) when it goes");
 ABSL_FLAG(int, preprocess_threads, 0,
           "image decoding threads, one intra-op thread each (0: the machine's cores)");
 ABSL_FLAG(int, max_batch_size, 0,

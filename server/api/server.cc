@@ -208,24 +208,6 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   jobs.checkpoints = true;
   jobs.before_step = options.before_training_step;
   jobs.run_jobs = options.max_concurrent_jobs > 0;
-  if (jobs.run_jobs) {
-    // One replica per database runs the jobs (for now): it holds the
-    // database's job lock while it lives.
-    // A replica that just died (a restart after kill -9) holds it until its
-    // database server sees the connection closed: a few seconds' grace.
-    auto lead = s->database_->TryLeadJobs();
-    for (absl::Time end = absl::Now() + absl::Seconds(5);
-         lead.ok() && !*lead && absl::Now() < end;) {
-      absl::SleepFor(absl::Milliseconds(100));
-      lead = s->database_->TryLeadJobs();
-    }
-    if (!lead.ok()) return lead.status();
-    if (!*lead) {
-      return absl::FailedPreconditionError(
-          "another replica runs the training jobs of this database (one may, for now): start "
-          "this one with --max_concurrent_jobs=0 to serve only, or stop the other");
-    }
-  }
   s->jobs_ = std::make_unique<JobRunner>(s->database_.get(), s->datasets_.get(), s->models_.get(),
                                          s->engine_.get(), s->metrics_.get(), jobs);
   if (absl::Status st = s->jobs_->Recover(); !st.ok()) return st;

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
 #include "server/core/catalog/tenant_key.h"
 #include "server/core/contain.h"
 #include "server/core/fine_tuner.h"
@@ -210,12 +211,13 @@ JobRunner::JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* mode
 }
 
 JobRunner::~JobRunner() {
-  if (subscription_ != 0) db_->Unsubscribe(subscription_);
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
     for (auto& [id, job] : jobs_) job.cancel = true;
   }
+  if (standby_.joinable()) standby_.join();
+  if (int token = subscription_.exchange(0); token != 0) db_->Unsubscribe(token);
   worker_.join();
 }
 
@@ -259,14 +261,50 @@ void JobRunner::Follow(const std::string& id) {
 }
 
 absl::Status JobRunner::Recover() {
-  if (!run_jobs_) {
-    // Serving only: the records are another replica's to change; follow them.
-    subscription_ = db_->Subscribe([this](const std::string& kind, const std::string& key) {
-      if (kind.empty() || kind == "job") Follow(key);
-    });
-    Follow("");
-    return absl::OkStatus();
+  if (run_jobs_) {
+    auto lead = db_->TryLeadJobs();
+    // A runner that just died (a restart after kill -9) holds the lock until
+    // its database server sees its connection closed: a few seconds' grace.
+    for (absl::Time end = absl::Now() + absl::Seconds(5);
+         lead.ok() && !*lead && absl::Now() < end;) {
+      absl::SleepFor(absl::Milliseconds(100));
+      lead = db_->TryLeadJobs();
+    }
+    if (!lead.ok()) return lead.status();
+    if (*lead) {
+      leading_ = true;
+      return RecoverAsRunner();
+    }
+    LogInfo("another replica runs the jobs of this database: this one stands by to take over");
   }
+  // Not the runner: the records are another replica's to change; follow them.
+  subscription_ = db_->Subscribe([this](const std::string& kind, const std::string& key) {
+    if (kind.empty() || kind == "job") Follow(key);
+  });
+  Follow("");
+  if (run_jobs_) standby_ = std::thread([this] { StandBy(); });
+  return absl::OkStatus();
+}
+
+void JobRunner::StandBy() {
+  for (;;) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Milliseconds(500))) return;
+    }
+    auto lead = db_->TryLeadJobs();
+    if (!lead.ok() || !*lead) continue;
+    if (int token = subscription_.exchange(0); token != 0) db_->Unsubscribe(token);
+    leading_ = true;
+    LogInfo("this replica now runs the jobs of this database: resuming what was left");
+    if (absl::Status s = RecoverAsRunner(); !s.ok()) {
+      LogError("cannot take over the jobs: %s", s.ToString());
+    }
+    return;
+  }
+}
+
+absl::Status JobRunner::RecoverAsRunner() {
   auto records = db_->ListRecords("job");
   if (!records.ok()) return records.status();
   std::vector<std::string> interrupted, resumed;
@@ -280,6 +318,10 @@ absl::Status JobRunner::Recover() {
         continue;
       }
       job.record = std::move(*parsed);
+      // Watchers of a job this replica followed until now keep watching it.
+      if (auto known = jobs_.find(key); known != jobs_.end()) {
+        job.watchers = std::move(known->second.watchers);
+      }
       if (!job.record.final() && job.record.cancel_requested) {
         job.record.state = JobRecord::State::kCancelled;
         job.record.phase = "cancelled (the server stopped before the job noticed)";
@@ -430,10 +472,11 @@ absl::Status JobRunner::CheckSweepHeads(const TrainOptions& o, const ModelInfo& 
 
 absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::string& dataset,
                                            const TrainOptions& options) {
-  if (!run_jobs_) {
+  if (!leading_) {
     return absl::FailedPreconditionError(
-        "this replica serves only (--max_concurrent_jobs=0): start training through the replica "
-        "that runs jobs");
+        absl::StrCat(run_jobs_ ? "this replica stands by while another one runs the jobs"
+                               : "this replica serves only (--max_concurrent_jobs=0)",
+                     ": start training through the replica that runs the jobs"));
   }
   if (absl::Status s = DatasetCatalog::ValidateName(dataset, "dataset"); !s.ok()) return s;
   auto info = models_->Get(model);
@@ -515,11 +558,12 @@ std::vector<JobRecord> JobRunner::List(const std::string& model) const {
 }
 
 absl::StatusOr<JobRecord> JobRunner::Cancel(const std::string& id) {
-  if (!run_jobs_) {
+  if (!leading_) {
     if (auto r = Get(id); !r.ok() || r->final()) return r;
     return absl::FailedPreconditionError(
-        "this replica serves only (--max_concurrent_jobs=0): cancel the job through the replica "
-        "that runs it");
+        absl::StrCat(run_jobs_ ? "this replica stands by while another one runs the jobs"
+                               : "this replica serves only (--max_concurrent_jobs=0)",
+                     ": cancel the job through the replica that runs it"));
   }
   bool was_queued = false;
   std::string model, dataset;
@@ -564,7 +608,7 @@ absl::StatusOr<int> JobRunner::Watch(const std::string& id,
   }
   // Started on another replica a moment ago: its record may be here before
   // its notification.
-  if (!known && !run_jobs_) Follow(id);
+  if (!known && !leading_) Follow(id);
   {
     absl::MutexLock lock(&mu_);
     auto it = jobs_.find(id);

@@ -18,6 +18,7 @@
 #ifndef TLSERVE_SERVER_CORE_JOBS_H_
 #define TLSERVE_SERVER_CORE_JOBS_H_
 
+#include <atomic>
 #include <deque>
 #include <functional>
 #include <map>
@@ -78,10 +79,14 @@ class JobRunner {
     // database's blob "checkpoints/ID.ckpt"); without, jobs start over after
     // a restart.
     bool checkpoints = false;
-    // Whether this replica runs jobs. Without (--max_concurrent_jobs=0, a
-    // serving-only replica on a shared PostgreSQL database), StartTraining
-    // and CancelJob are refused with FAILED_PRECONDITION, and GetJob, ListJobs
-    // and WatchJob follow the records the replica that runs them writes.
+    // Whether this replica may run jobs (--max_concurrent_jobs=1). One
+    // replica per database runs them (Database::TryLeadJobs); a replica that
+    // may but does not lead now stands by, and takes over — resuming the
+    // jobs the runner left — when the lock is free (the runner died or
+    // stopped). Until it leads, and always without run_jobs (a serving-only
+    // replica), StartTraining and CancelJob are refused with
+    // FAILED_PRECONDITION, and GetJob, ListJobs and WatchJob follow the
+    // records the runner writes.
     bool run_jobs = true;
     // Tests only: called before each training step of a fine-tune with the
     // model's name; what it throws fails that job.
@@ -94,6 +99,8 @@ class JobRunner {
   // Jobs a previous process left unfinished: queued again, to resume from
   // their last checkpoint (options.resume), or marked failed.
   absl::Status Recover();
+  // Whether this replica runs the jobs now.
+  bool leading() const { return leading_; }
 
   // NOT_FOUND (model, dataset), FAILED_PRECONDITION (already training; a
   // dataset class unknown to the model; a class with no training example),
@@ -192,6 +199,10 @@ class JobRunner {
   // A serving-only replica: the job records as the replica running them
   // wrote them (all of them when `id` is empty), then their watchers told.
   void Follow(const std::string& id);
+  // The runner's side of Recover: the jobs left unfinished resume or fail.
+  absl::Status RecoverAsRunner();
+  // A standby's: tries the job lock every half second; takes over with it.
+  void StandBy();
   static absl::StatusOr<JobRecord> ParseRecord(const std::string& key, const std::string& json);
   void Update(const std::string& id, const std::function<void(JobRecord&)>& change);
   bool Cancelled(const std::string& id);
@@ -216,7 +227,9 @@ class JobRunner {
   const DiskBudget* disk_;
   const bool checkpoints_;
   const bool run_jobs_;
-  int subscription_ = 0;  // a serving-only replica's, to the records (Database::Subscribe)
+  std::atomic<bool> leading_{false};
+  std::atomic<int> subscription_{0};  // while following the records (Database::Subscribe)
+  std::thread standby_;
   mutable absl::Mutex mu_;
   std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);

@@ -5,6 +5,7 @@
 // sets it): replica A is the fixture's server, replica B is started here.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <thread>
@@ -27,6 +28,14 @@ using ::tlserve::testing::Fixture;
 
 class ReplicasTest : public testing::TrainingTest {
  protected:
+  // Fine-tuning steps slowed down, so that a replica can go mid-job.
+  ServerOptions Options(const std::string& data_dir) override {
+    ServerOptions o = TrainingTest::Options(data_dir);
+    o.before_training_step = [](const std::string&) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    };
+    return o;
+  }
   void SetUp() override {
     ASSERT_TRUE(OnPostgres()) << "run with TLSERVE_TEST_DATABASE=postgresql (as CTest does)";
     ASSERT_NO_FATAL_FAILURE(TrainingTest::SetUp());
@@ -161,15 +170,79 @@ TEST_F(ReplicasTest, WhatOneReplicaIsToldTheOtherServesWithinASecond) {
   EXPECT_EQ(datasets->datasets(0).name(), "fmnist");
 }
 
-TEST_F(ReplicasTest, ASecondReplicaThatWouldRunJobsIsRefusedAtStart) {
+// C may run jobs too (--max_concurrent_jobs=1) but A holds the job lock: C
+// stands by, refusing StartTraining; when A goes mid fine-tune, C takes the
+// lock, resumes the job from its checkpoint and finishes it, and B's WatchJob
+// follows it to the end. (A stops cleanly here, which releases the lock at
+// once; a replica killed with -9 releases it when PostgreSQL sees its
+// connection closed.)
+TEST_F(ReplicasTest, AStandbyTakesOverTheJobsWhenTheRunnerGoes) {
+  ASSERT_NO_FATAL_FAILURE(UploadTrainingSet());
+  ASSERT_TRUE(CreateModel("clothes", "fmnist").ok());
+  ASSERT_EQ(TrainOnce("clothes"), 1);
+  ASSERT_TRUE(Unfreeze("clothes", {"layer4"}).ok());
+
   ServerOptions o = Options(dir_ + "/replica-c");
   o.data_dir = dir_ + "/replica-c";
   o.database = database_;
   o.max_concurrent_jobs = 1;
   auto c = Server::Start(o);
-  ASSERT_FALSE(c.ok());
-  EXPECT_EQ(c.status().code(), absl::StatusCode::kFailedPrecondition) << c.status();
-  EXPECT_TRUE(absl::StrContains(c.status().message(), "--max_concurrent_jobs=0")) << c.status();
+  ASSERT_TRUE(c.ok()) << c.status();
+  std::unique_ptr<Server> server_c = std::move(*c);
+  auto client_c = Client::Connect(absl::StrCat("127.0.0.1:", server_c->grpc_port()));
+  ASSERT_TRUE(client_c.ok());
+  auto stub_c = v1::Models::NewStub((*client_c)->channel());
+  {
+    grpc::ClientContext ctx;
+    v1::StartTrainingRequest req;
+    req.set_model("clothes");
+    req.set_dataset("fmnist");
+    v1::Job job;
+    const absl::Status s = FromGrpc(stub_c->StartTraining(&ctx, req, &job));
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+    EXPECT_TRUE(absl::StrContains(s.message(), "stands by")) << s;
+  }
+
+  v1::TrainingOptions fine;
+  fine.set_epochs(4);
+  fine.set_batch_size(32);
+  fine.set_seed(11);
+  auto job = Start("clothes", "fmnist", fine);
+  ASSERT_TRUE(job.ok()) << job.status();
+  // B watches from the start.
+  std::vector<v1::Job> seen;
+  std::thread watcher([&] { seen = OnB([&] { return Watch(job->id()); }); });
+  ASSERT_TRUE(Within(absl::Seconds(120), [&] {
+    const v1::Job j = GetJob(job->id());
+    return j.epochs_size() > 0 && j.epochs().rbegin()->epoch() >= 1;
+  }));
+  const v1::Job before = GetJob(job->id());
+  EXPECT_EQ(StoredCheckpoints(), 1);
+  // A goes (and with it the job lock).
+  stub_.reset();
+  client_.reset();
+  server_.reset();
+  watcher.join();
+  ASSERT_FALSE(seen.empty());
+  const v1::Job& end = seen.back();
+  EXPECT_EQ(end.state(), v1::Job::SUCCEEDED) << end.error() << " / " << end.phase();
+  EXPECT_EQ(end.version(), 2);
+  // Resumed, not started over: the epochs before A went are there as they were.
+  ASSERT_GE(end.epochs_size(), before.epochs_size());
+  for (int i = 0; i < before.epochs_size(); ++i) {
+    EXPECT_EQ(end.epochs(i).train_loss(), before.epochs(i).train_loss()) << i;
+  }
+  EXPECT_EQ(end.epochs().rbegin()->epoch(), 4);
+  EXPECT_EQ(StoredCheckpoints(), 0);
+  // C runs the jobs now.
+  {
+    grpc::ClientContext ctx;
+    v1::GetModelRequest req;
+    req.set_name("clothes");
+    v1::Model m;
+    ASSERT_TRUE(stub_c->GetModel(&ctx, req, &m).ok());
+    EXPECT_EQ(m.served_version() >= 1, true);
+  }
 }
 
 // A client with round_robin over both replicas' addresses spreads its calls
