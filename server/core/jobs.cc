@@ -233,6 +233,9 @@ absl::StatusOr<JobRecord> JobRunner::ParseRecord(const std::string& key, const s
 }
 
 void JobRunner::Follow(const std::string& id) {
+  // One follow at a time (the listener's, a WatchJob's, the start's): a
+  // record read earlier never lands on top of one read later.
+  absl::MutexLock follow(&follow_mu_);
   std::vector<std::pair<std::string, std::string>> records;
   if (id.empty()) {
     auto all = db_->ListRecords("job");
@@ -295,11 +298,18 @@ void JobRunner::StandBy() {
     auto lead = db_->TryLeadJobs();
     if (!lead.ok() || !*lead) continue;
     if (int token = subscription_.exchange(0); token != 0) db_->Unsubscribe(token);
-    leading_ = true;
     LogInfo("this replica now runs the jobs of this database: resuming what was left");
-    if (absl::Status s = RecoverAsRunner(); !s.ok()) {
-      LogError("cannot take over the jobs: %s", s.ToString());
+    // Recovered before it takes new jobs (a StartTraining meanwhile would
+    // take a model whose job is about to resume); retried while the
+    // database is out of reach, holding the lock.
+    for (;;) {
+      absl::Status s = RecoverAsRunner();
+      if (s.ok()) break;
+      LogError("cannot take over the jobs yet (retrying every second): %s", s.ToString());
+      absl::MutexLock lock(&mu_);
+      if (mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Seconds(1))) return;
     }
+    leading_ = true;
     return;
   }
 }
@@ -539,6 +549,15 @@ absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::
 }
 
 absl::StatusOr<JobRecord> JobRunner::Get(const std::string& id) const {
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = jobs_.find(id);
+    if (it != jobs_.end()) return it->second.record;
+  }
+  // Started on the replica that runs the jobs a moment ago: its record may
+  // be in the database before its notification is here. (Filling the cache
+  // of records followed is not a change of this runner's state.)
+  if (!leading_) const_cast<JobRunner*>(this)->Follow(id);
   absl::MutexLock lock(&mu_);
   auto it = jobs_.find(id);
   if (it == jobs_.end())

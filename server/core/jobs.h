@@ -228,6 +228,7 @@ class JobRunner {
   const bool checkpoints_;
   const bool run_jobs_;
   std::atomic<bool> leading_{false};
+  absl::Mutex follow_mu_;             // serialises Follow
   std::atomic<int> subscription_{0};  // while following the records (Database::Subscribe)
   std::thread standby_;
   mutable absl::Mutex mu_;

@@ -22,6 +22,14 @@ absl::Status NoSuchModel(const std::string& name) {
   return absl::NotFoundError(absl::StrCat("model \"", Bounded(name), "\" does not exist"));
 }
 
+// A weights blob that cannot be read: missing is lost data (DATA_LOSS);
+// anything else (a database out of reach) keeps its code.
+absl::Status ReadError(const absl::Status& read, const std::string& what) {
+  return absl::Status(
+      read.code() == absl::StatusCode::kNotFound ? absl::StatusCode::kDataLoss : read.code(),
+      absl::StrCat(what, read.message()));
+}
+
 absl::Status Damaged(const ModelInfo& info) {
   if (info.problem.ok()) return absl::OkStatus();
   return absl::FailedPreconditionError(
@@ -117,6 +125,12 @@ void ModelRegistry::Refresh(const std::string& name) {
   }
   // Read (weights too) outside the lock that serving takes.
   Entry fresh = LoadEntry(name, *json);
+  if (!fresh.info.problem.ok() && fresh.info.problem.code() != absl::StatusCode::kDataLoss) {
+    // Out of reach for a moment (not damaged): keep what serves now; the
+    // next change of the model, or the next reconnection, reads it again.
+    LogWarning("cannot reread model %s now: %s", name, fresh.info.problem.ToString());
+    return;
+  }
   absl::MutexLock lock(&mu_);
   auto it = models_.find(name);
   if (it != models_.end() && it->second.info.training) return;  // began here meanwhile
@@ -228,9 +242,10 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::LoadVersio
   for (const auto& v : info.versions) vi = v.version == version ? &v : vi;
   auto bytes = db_->GetBlob(WeightsBlob(info.name, version));
   if (!bytes.ok()) {
-    return absl::DataLossError(absl::StrCat("weights of ", info.name, " v", version,
-                                            " cannot be read: ", bytes.status().message()));
+    return ReadError(bytes.status(),
+                     absl::StrCat("weights of ", info.name, " v", version, " cannot be read: "));
   }
+
   const HeadSpec& spec = VersionHead(info, version);
   if (absl::Status s = ValidateHeadSpec(spec); !s.ok()) {
     return absl::DataLossError(
@@ -253,9 +268,8 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::LoadVersio
       // under another --precision loads too); the engine makes the device one.
       auto stage_bytes = db_->GetBlob(WeightsBlob(info.name, version, stage));
       if (!stage_bytes.ok()) {
-        return absl::DataLossError(
-            absl::StrCat("stage ", stage, " of ", info.name, " v", version,
-                         " cannot be read: ", stage_bytes.status().message()));
+        return ReadError(stage_bytes.status(), absl::StrCat("stage ", stage, " of ", info.name,
+                                                            " v", version, " cannot be read: "));
       }
       std::istringstream in(*stage_bytes);
       auto m =

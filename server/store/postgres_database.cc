@@ -277,6 +277,12 @@ absl::StatusOr<bool> PostgresDatabase::TryLeadJobs() {
   }
   // "tlsjobs" in ASCII: one lock per database for the replica that runs jobs.
   PgResult r(PQexec(leader_conn_, "SELECT pg_try_advisory_lock(32770340261159539)"));
+  if (PQresultStatus(r.get()) != PGRES_TUPLES_OK && PQstatus(leader_conn_) != CONNECTION_OK) {
+    // The connection was lost (and the lock with it, if this replica held it):
+    // once more on a new one.
+    PQreset(leader_conn_);
+    r = PgResult(PQexec(leader_conn_, "SELECT pg_try_advisory_lock(32770340261159539)"));
+  }
   if (PQresultStatus(r.get()) != PGRES_TUPLES_OK || PQntuples(r.get()) != 1) {
     return PgStatus("SELECT", PQresultErrorField(r.get(), PG_DIAG_SQLSTATE),
                     PQresultErrorMessage(r.get()));
@@ -386,7 +392,7 @@ absl::StatusOr<int> PostgresDatabase::StoredSchemaVersion() {
 }
 
 absl::StatusOr<PgResult> PostgresDatabase::Run(const std::string& sql,
-                                               const std::vector<Param>& params) {
+                                               const std::vector<Param>& params, bool retry) {
   std::vector<const char*> values;
   std::vector<int> lengths, formats;
   for (const Param& p : params) {
@@ -415,7 +421,7 @@ absl::StatusOr<PgResult> PostgresDatabase::Run(const std::string& sql,
     const ExecStatusType st = PQresultStatus(raw);
     if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) return r;
     const bool lost = PQstatus(conn_) != CONNECTION_OK;
-    if (lost && !in_transaction_ && attempt == 0) continue;  // reconnect and try once more
+    if (lost && retry && !in_transaction_ && attempt == 0) continue;  // reconnect, once more
     return PgStatus(Verb(sql), raw ? PQresultErrorField(raw, PG_DIAG_SQLSTATE) : nullptr,
                     raw ? PQresultErrorMessage(raw) : PQerrorMessage(conn_));
   }
@@ -653,10 +659,12 @@ absl::Status PostgresDatabase::PutRecord(const std::string& kind, const std::str
 absl::Status PostgresDatabase::CreateRecord(const std::string& kind, const std::string& key,
                                             const std::string& json) {
   absl::MutexLock lock(&mu_);
+  // Not retried on a lost connection: a first attempt that committed would
+  // make the retry report ALREADY_EXISTS for this very create.
   auto r =
       Run("INSERT INTO records(kind, key, json) VALUES ($1::text, $2::text, $3::text) "
           "ON CONFLICT (kind, key) DO NOTHING",
-          {Text(kind), Text(key), Text(json)});
+          {Text(kind), Text(key), Text(json)}, /*retry=*/false);
   if (!r.ok()) return r.status();
   const char* affected = PQcmdTuples(r->get());
   if (affected == nullptr || std::strcmp(affected, "0") == 0) {

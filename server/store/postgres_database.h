@@ -84,9 +84,10 @@ class PostgresDatabase final : public Database {
   // Runs one statement; with parameters, results come back in binary
   // format (PgResult::Int reads them); without, as text, and `sql` may hold
   // several statements. Outside a transaction a lost connection is
-  // re-established and the statement tried once more.
-  absl::StatusOr<PgResult> Run(const std::string& sql, const std::vector<Param>& params = {})
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // re-established and the statement tried once more (unless `retry` is
+  // false: a statement that must not run twice).
+  absl::StatusOr<PgResult> Run(const std::string& sql, const std::vector<Param>& params = {},
+                               bool retry = true) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Begin() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Commit() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Ends a failed transaction; returns `cause`.
