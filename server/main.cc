@@ -1,6 +1,9 @@
 // tlserve: the flags become ServerOptions; nothing else reads flags.
 #include <signal.h>
 
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <thread>
 
 #include "absl/flags/flag.h"
@@ -9,6 +12,8 @@
 #include "absl/strings/str_cat.h"
 #include "server/api/server.h"
 #include "server/core/log.h"
+#include "server/store/data_dir.h"
+#include "server/store/migrate.h"
 #include "server/store/postgres_database.h"
 
 ABSL_FLAG(std::string, backbone, "", "TorchScript backbone file (required)");
@@ -73,7 +78,8 @@ ABSL_FLAG(std::string, database, "",
           "where the durable state lives: empty for SQLite and files in --data_dir (one server), "
           "or a PostgreSQL connection URI, postgresql://USER@HOST:PORT/DB?OPTIONS, for a database "
           "that several replicas share (README \"Scaling out\"); give the password in "
-          "PGPASSWORD or a ~/.pgpass file rather than in the URI");
+          "PGPASSWORD or a ~/.pgpass file rather than in the URI. Unset: $TLSERVE_DATABASE, "
+          "if set (keeps the URI out of the command line)");
 ABSL_FLAG(int, drain_seconds, 20, "on SIGTERM/SIGINT, how long in-flight calls may finish");
 
 // Security (README "Security").
@@ -114,9 +120,82 @@ ABSL_FLAG(bool, metrics_model_labels, false,
           "label per-model series with the model's name (tenants' names leak into metrics; "
           "default: the tenant only)");
 
+// tlserve migrate (README "Scaling out").
+ABSL_FLAG(std::string, from, "",
+          "tlserve migrate: the data directory (--data_dir) of a single-node server, stopped");
+ABSL_FLAG(
+    std::string, to, "",
+    "tlserve migrate: the PostgreSQL connection URI of a new, empty database to copy it into");
+
+namespace {
+
+// tlserve migrate --from=DATA_DIR --to=postgresql://...: copies a single-node
+// deployment's state into PostgreSQL and verifies the copy.
+int Migrate() {
+  const std::string from = absl::GetFlag(FLAGS_from), to = absl::GetFlag(FLAGS_to);
+  if (from.empty() || !tlserve::Database::IsPostgresUri(to)) {
+    tlserve::LogError(
+        "usage: tlserve migrate --from=DATA_DIR --to=postgresql://USER@HOST:PORT/DB "
+        "(the data directory of a stopped single-node server, and an empty database)");
+    return 2;
+  }
+  const std::string source_file = from + "/tlserve.db";
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(source_file, ec)) {
+    tlserve::LogError("%s has no tlserve.db: it is not a tlserve data directory", from);
+    return 1;
+  }
+  // Held to the end: no server may write the source meanwhile.
+  auto lock = tlserve::DataDir::Open(from);
+  if (!lock.ok()) {
+    tlserve::LogError("cannot lock %s (stop the server that uses it first): %s", from,
+                      lock.status().ToString());
+    return 1;
+  }
+  auto source = tlserve::Database::Open(source_file);
+  if (!source.ok()) {
+    tlserve::LogError("cannot open %s: %s", source_file, source.status().ToString());
+    return 1;
+  }
+  const std::string shown = tlserve::PostgresDatabase::Redacted(to);
+  auto destination = tlserve::Database::Open(to);
+  if (!destination.ok()) {
+    tlserve::LogError("cannot open %s: %s", shown, destination.status().ToString());
+    return 1;
+  }
+  tlserve::LogInfo("migrate: copying %s into %s", from, shown);
+  auto report = tlserve::CopyStore(**source, **destination, [](const std::string& line) {
+    tlserve::LogInfo("migrate: %s", line);
+  });
+  if (!report.ok()) {
+    tlserve::LogError("migrate failed: %s", report.status().ToString());
+    return 1;
+  }
+  std::printf(
+      "migrated %s into %s: %lld datasets (%lld images, %lld bytes), %lld records, %lld blobs "
+      "(%lld bytes); verified: counts, names, labels and the SHA-256 of every image and blob, "
+      "every record byte for byte\n",
+      from.c_str(), shown.c_str(), static_cast<long long>(report->datasets),
+      static_cast<long long>(report->examples), static_cast<long long>(report->example_bytes),
+      static_cast<long long>(report->records), static_cast<long long>(report->blobs),
+      static_cast<long long>(report->blob_bytes));
+  return 0;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("tlserve --backbone=FILE.pt [flags]: the transfer-learning server");
-  absl::ParseCommandLine(argc, argv);
+  absl::SetProgramUsageMessage(
+      "tlserve --backbone=FILE.pt [flags]: the transfer-learning server\n"
+      "tlserve migrate --from=DATA_DIR --to=postgresql://...: copy a single-node server's state "
+      "into PostgreSQL");
+  const std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  if (positional.size() == 2 && std::string(positional[1]) == "migrate") return Migrate();
+  if (positional.size() > 1) {
+    tlserve::LogError("unknown command \"%s\" (the one command is \"migrate\"; see --help)",
+                      positional[1]);
+    return 2;
+  }
 
   // Block the stop signals in every thread; main waits for them below.
   sigset_t stop_signals;
@@ -151,6 +230,9 @@ int main(int argc, char** argv) {
   o.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   o.data_dir = absl::GetFlag(FLAGS_data_dir);
   o.database = absl::GetFlag(FLAGS_database);
+  if (const char* env = std::getenv("TLSERVE_DATABASE"); o.database.empty() && env != nullptr) {
+    o.database = env;
+  }
   o.datasets.max_images = absl::GetFlag(FLAGS_max_dataset_images);
   o.datasets.max_classes = absl::GetFlag(FLAGS_max_dataset_classes);
   o.datasets.max_example_bytes = absl::GetFlag(FLAGS_max_example_bytes);

@@ -113,6 +113,8 @@ class Database {
   // (key, json) of every record of `kind`, by key.
   virtual absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ListRecords(
       const std::string& kind) = 0;
+  // Every kind that has at least one record, sorted (to copy a whole store).
+  virtual absl::StatusOr<std::vector<std::string>> ListRecordKinds() = 0;
 
   // Named binary objects too big for a record: a version's weights
   // ("models/NAME/vN.PART.pt") and a running job's checkpoint
@@ -126,6 +128,10 @@ class Database {
   virtual absl::Status PutBlob(const std::string& name, absl::string_view bytes) = 0;
   virtual absl::StatusOr<std::string> GetBlob(const std::string& name) = 0;
   virtual absl::Status DeleteBlob(const std::string& name) = 0;
+  // The names of the blobs under the folder `prefix` (a valid blob name such
+  // as "models"; INVALID_ARGUMENT otherwise), sorted bytewise. SQLite skips
+  // what is not a blob: temporary files that a crash left ("*.tmp").
+  virtual absl::StatusOr<std::vector<std::string>> ListBlobs(const std::string& prefix) = 0;
 
   // Calls `changed(kind, key)` after each committed change of a record by
   // anyone (another replica included), on a thread of the database's own, in

@@ -203,12 +203,37 @@ std::string PostgresDatabase::Redacted(const std::string& uri) {
   return out;
 }
 
+namespace {
+
+// A connection to `uri` with defaults the URI may override: a bounded
+// connect, and TCP keepalives that notice a database server gone silent (a
+// lost node, a cut network) in about 25 s instead of the system's 2 hours.
+PGconn* ConnectTo(const std::string& uri) {
+  // Defaults first: the URI's own values, expanded from dbname, come later
+  // and win.
+  const char* const keys[] = {
+      "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+      "dbname",          nullptr};
+  const char* const values[] = {"10", "1", "10", "5", "3", uri.c_str(), nullptr};
+  return PQconnectdbParams(keys, values, /*expand_dbname=*/1);
+}
+
+// The job lock's connection: the database server too drops it within about
+// 25 s of the replica's node going silent (not only when the replica's
+// process dies and its kernel closes the socket), so that a standby takes
+// over. Session settings: set again after every reconnect.
+constexpr char kLeaderKeepalives[] =
+    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; "
+    "SET tcp_keepalives_count = 3";
+
+}  // namespace
+
 int PostgresDatabase::SchemaVersion() {
   return static_cast<int>(sizeof(kMigrations) / sizeof(kMigrations[0]));
 }
 
 absl::StatusOr<std::unique_ptr<Database>> PostgresDatabase::Open(const std::string& uri) {
-  PGconn* conn = PQconnectdb(uri.c_str());
+  PGconn* conn = ConnectTo(uri);
   if (conn == nullptr || PQstatus(conn) != CONNECTION_OK) {
     absl::Status s =
         absl::UnavailableError(absl::StrCat("cannot connect to PostgreSQL at ", Redacted(uri), ": ",
@@ -269,11 +294,12 @@ absl::StatusOr<bool> PostgresDatabase::TryLeadJobs() {
   absl::MutexLock lock(&leader_mu_);
   if (leader_conn_ == nullptr || PQstatus(leader_conn_) != CONNECTION_OK) {
     PQfinish(leader_conn_);
-    leader_conn_ = PQconnectdb(uri_.c_str());
+    leader_conn_ = ConnectTo(uri_);
     if (PQstatus(leader_conn_) != CONNECTION_OK) {
       return absl::UnavailableError(absl::StrCat("cannot connect to PostgreSQL at ", Redacted(uri_),
                                                  ": ", PQerrorMessage(leader_conn_)));
     }
+    PQclear(PQexec(leader_conn_, kLeaderKeepalives));
   }
   // "tlsjobs" in ASCII: one lock per database for the replica that runs jobs.
   PgResult r(PQexec(leader_conn_, "SELECT pg_try_advisory_lock(32770340261159539)"));
@@ -281,6 +307,7 @@ absl::StatusOr<bool> PostgresDatabase::TryLeadJobs() {
     // The connection was lost (and the lock with it, if this replica held it):
     // once more on a new one.
     PQreset(leader_conn_);
+    PQclear(PQexec(leader_conn_, kLeaderKeepalives));
     r = PgResult(PQexec(leader_conn_, "SELECT pg_try_advisory_lock(32770340261159539)"));
   }
   if (PQresultStatus(r.get()) != PGRES_TUPLES_OK || PQntuples(r.get()) != 1) {
@@ -296,7 +323,7 @@ void PostgresDatabase::Listen() {
   while (!stop_listening_) {
     if (c == nullptr || PQstatus(c) != CONNECTION_OK) {
       PQfinish(c);
-      c = PQconnectdb(uri_.c_str());
+      c = ConnectTo(uri_);
       PGresult* r = PQstatus(c) == CONNECTION_OK ? PQexec(c, "LISTEN tlserve_records") : nullptr;
       const bool listening = r != nullptr && PQresultStatus(r) == PGRES_COMMAND_OK;
       PQclear(r);
@@ -705,6 +732,15 @@ absl::StatusOr<std::vector<std::pair<std::string, std::string>>> PostgresDatabas
   return out;
 }
 
+absl::StatusOr<std::vector<std::string>> PostgresDatabase::ListRecordKinds() {
+  absl::MutexLock lock(&mu_);
+  auto r = Run("SELECT DISTINCT kind COLLATE \"C\" AS k FROM records ORDER BY k", {});
+  if (!r.ok()) return r.status();
+  std::vector<std::string> out;
+  for (int i = 0; i < r->rows(); ++i) out.push_back(r->Bytes(i, 0));
+  return out;
+}
+
 absl::Status PostgresDatabase::PutBlob(const std::string& name, absl::string_view bytes) {
   if (absl::Status s = ValidateBlobName(name); !s.ok()) return s;
   absl::MutexLock lock(&mu_);
@@ -727,6 +763,19 @@ absl::Status PostgresDatabase::DeleteBlob(const std::string& name) {
   if (absl::Status s = ValidateBlobName(name); !s.ok()) return s;
   absl::MutexLock lock(&mu_);
   return Run("DELETE FROM blobs WHERE name = $1::text", {Text(name)}).status();
+}
+
+absl::StatusOr<std::vector<std::string>> PostgresDatabase::ListBlobs(const std::string& prefix) {
+  if (absl::Status s = ValidateBlobName(prefix); !s.ok()) return s;
+  absl::MutexLock lock(&mu_);
+  auto r =
+      Run("SELECT name FROM blobs WHERE starts_with(name, $1::text) ORDER BY name COLLATE \"C\"",
+          {Text(prefix + "/")});
+  if (!r.ok()) return r.status();
+  std::vector<std::string> out;
+  out.reserve(static_cast<size_t>(r->rows()));
+  for (int i = 0; i < r->rows(); ++i) out.push_back(r->Bytes(i, 0));
+  return out;
 }
 
 }  // namespace tlserve

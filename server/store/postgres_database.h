@@ -63,6 +63,7 @@ class PostgresDatabase final : public Database {
   absl::Status DeleteRecords(const std::string& kind, const std::string& key) override;
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ListRecords(
       const std::string& kind) override;
+  absl::StatusOr<std::vector<std::string>> ListRecordKinds() override;
   // LISTENs on its own connection (re-established when lost) to the
   // notifications the records table's trigger sends at each commit.
   int Subscribe(RecordChanged changed) override;
@@ -72,6 +73,7 @@ class PostgresDatabase final : public Database {
   absl::Status PutBlob(const std::string& name, absl::string_view bytes) override;
   absl::StatusOr<std::string> GetBlob(const std::string& name) override;
   absl::Status DeleteBlob(const std::string& name) override;
+  absl::StatusOr<std::vector<std::string>> ListBlobs(const std::string& prefix) override;
 
   // A statement parameter: text, or raw bytes for a bytea column.
   struct Param {

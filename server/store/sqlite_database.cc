@@ -2,14 +2,17 @@
 
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "server/store/data_dir.h"
 
@@ -443,6 +446,17 @@ absl::StatusOr<std::vector<std::pair<std::string, std::string>>> SqliteDatabase:
   return out;
 }
 
+absl::StatusOr<std::vector<std::string>> SqliteDatabase::ListRecordKinds() {
+  absl::MutexLock lock(&mu_);
+  Statement q(db_, "SELECT DISTINCT kind FROM records ORDER BY kind");
+  if (!q.status().ok()) return q.status();
+  std::vector<std::string> out;
+  int rc;
+  while ((rc = sqlite3_step(q.get())) == SQLITE_ROW) out.push_back(q.Text(0));
+  if (rc != SQLITE_DONE) return SqliteError(db_, "list record kinds");
+  return out;
+}
+
 absl::Status SqliteDatabase::PutBlob(const std::string& name, absl::string_view bytes) {
   if (absl::Status s = ValidateBlobName(name); !s.ok()) return s;
   const std::string path = absl::StrCat(blob_dir_, "/", name);
@@ -470,6 +484,28 @@ absl::Status SqliteDatabase::DeleteBlob(const std::string& name) {
     return absl::InternalError(absl::StrCat("cannot delete ", path, ": ", std::strerror(errno)));
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::string>> SqliteDatabase::ListBlobs(const std::string& prefix) {
+  if (absl::Status s = ValidateBlobName(prefix); !s.ok()) return s;
+  namespace fs = std::filesystem;
+  const fs::path root(blob_dir_);
+  std::vector<std::string> out;
+  std::error_code ec;
+  fs::recursive_directory_iterator it(root / prefix, ec), end;
+  if (ec == std::errc::no_such_file_or_directory) return out;
+  for (; !ec && it != end; it.increment(ec)) {
+    if (!it->is_regular_file(ec)) continue;
+    std::string name = it->path().lexically_relative(root).generic_string();
+    if (absl::EndsWith(name, ".tmp") || !ValidateBlobName(name).ok()) continue;
+    out.push_back(std::move(name));
+  }
+  if (ec) {
+    return absl::InternalError(
+        absl::StrCat("cannot list ", (root / prefix).string(), ": ", ec.message()));
+  }
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 }  // namespace tlserve

@@ -46,9 +46,11 @@ class SqliteDatabase final : public Database {
   absl::Status DeleteRecords(const std::string& kind, const std::string& key) override;
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ListRecords(
       const std::string& kind) override;
+  absl::StatusOr<std::vector<std::string>> ListRecordKinds() override;
   absl::Status PutBlob(const std::string& name, absl::string_view bytes) override;
   absl::StatusOr<std::string> GetBlob(const std::string& name) override;
   absl::Status DeleteBlob(const std::string& name) override;
+  absl::StatusOr<std::vector<std::string>> ListBlobs(const std::string& prefix) override;
 
  private:
   SqliteDatabase(sqlite3* db, std::string blob_dir) : blob_dir_(std::move(blob_dir)), db_(db) {}

@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -20,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "server/store/migrate.h"
 #include "server/store/postgres_database.h"
 #include "tests/postgres_util.h"
 
@@ -279,6 +281,102 @@ TEST_P(DatabaseTest, BlobsAreWrittenWholeReadBackAndDeleted) {
     EXPECT_EQ(db_->GetBlob(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
     EXPECT_EQ(db_->DeleteBlob(bad).code(), absl::StatusCode::kInvalidArgument) << bad;
   }
+}
+
+TEST_P(DatabaseTest, BlobsAndRecordKindsAreListedForACopy) {
+  for (const char* name : {"models/b/v1.head.pt", "models/a:x/v2.layer4.pt", "models/a:x/v10.pt",
+                           "checkpoints/3.ckpt", "modelsX/not-under-models", "other/x"}) {
+    ASSERT_TRUE(db_->PutBlob(name, name).ok()) << name;
+  }
+  if (GetParam() == "sqlite") {  // what a crash in WriteFileAtomically leaves is not a blob
+    std::ofstream(dir_ + "/models/b/v2.head.pt.tmp") << "half";
+  }
+  auto models = db_->ListBlobs("models");
+  ASSERT_TRUE(models.ok()) << models.status();
+  EXPECT_EQ(*models, (std::vector<std::string>{"models/a:x/v10.pt", "models/a:x/v2.layer4.pt",
+                                               "models/b/v1.head.pt"}));
+  auto sub = db_->ListBlobs("models/b");
+  ASSERT_TRUE(sub.ok());
+  EXPECT_EQ(*sub, (std::vector<std::string>{"models/b/v1.head.pt"}));
+  auto none = db_->ListBlobs("never");
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_TRUE(none->empty());
+  for (const char* bad : {"", "../x", "/models"}) {
+    EXPECT_EQ(db_->ListBlobs(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+  auto kinds = db_->ListRecordKinds();
+  ASSERT_TRUE(kinds.ok());
+  EXPECT_TRUE(kinds->empty());
+  ASSERT_TRUE(db_->PutRecord("model", "m", "{}").ok());
+  ASSERT_TRUE(db_->PutRecord("job", "1", "{}").ok());
+  ASSERT_TRUE(db_->PutRecord("job", "2", "{}").ok());
+  kinds = db_->ListRecordKinds();
+  ASSERT_TRUE(kinds.ok());
+  EXPECT_EQ(*kinds, (std::vector<std::string>{"job", "model"}));
+}
+
+// CopyStore from this store into one of the other kind: everything
+// arrives, verified; a destination that is not empty is refused.
+TEST_P(DatabaseTest, AStoreIsCopiedWholeIntoAnEmptyOne) {
+  std::vector<StoredExample> examples;
+  for (int i = 0; i < 300; ++i) {  // more than one chunk of the copy
+    StoredExample e;
+    e.name = absl::StrCat("img", i, ".png");
+    e.label = i % 7 == 0 ? "" : absl::StrCat("c", i % 3);
+    e.bytes = std::string(100 + i, static_cast<char>(i));
+    e.hash = 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(i + 1);
+    examples.push_back(e);
+  }
+  ASSERT_TRUE(Upload("t:photos", examples).ok());
+  ASSERT_TRUE(Upload("empty-labels", {examples[0]}).ok());
+  ASSERT_TRUE(db_->PutRecord("model", "t:m", "{\"versions\":[1]}").ok());
+  ASSERT_TRUE(db_->PutRecord("job", "00000001", "{\"state\":\"RUNNING\"}").ok());
+  ASSERT_TRUE(db_->PutBlob("models/t:m/v1.head.pt", std::string(1 << 20, 'w')).ok());
+  ASSERT_TRUE(db_->PutBlob("checkpoints/00000001.ckpt", "ck").ok());
+
+  // The other kind of store, empty.
+  std::string other_dir, other;
+  if (GetParam() == "postgresql") {
+    char dir[] = "/tmp/tlserve-db-XXXXXX";
+    ASSERT_NE(mkdtemp(dir), nullptr);
+    other_dir = dir;
+    other = other_dir + "/tlserve.db";
+  } else {
+    ASSERT_NE(postgres, nullptr);
+    other = postgres->NewDatabase(absl::StrCat("copy", ::getpid()));
+    ASSERT_FALSE(other.empty());
+  }
+  auto to = Database::Open(other);
+  ASSERT_TRUE(to.ok()) << to.status();
+  std::vector<std::string> lines;
+  auto report = CopyStore(*db_, **to, [&](const std::string& l) { lines.push_back(l); });
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->datasets, 2);
+  EXPECT_EQ(report->examples, 301);
+  EXPECT_EQ(report->records, 2);
+  EXPECT_EQ(report->blobs, 2);
+  EXPECT_EQ(report->blob_bytes, (1 << 20) + 2);
+  EXPECT_FALSE(lines.empty());
+  auto info = (*to)->GetDataset("t:photos");
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->images, 300);
+  EXPECT_EQ(info->unlabelled, 43);
+  auto copied = (*to)->ListExamples("t:photos");
+  ASSERT_TRUE(copied.ok());
+  ASSERT_EQ(copied->size(), 300u);
+  EXPECT_EQ((*copied)[299].hash, examples[299].hash);
+  auto bytes = (*to)->ReadExampleBytes({(*copied)[299].id});
+  ASSERT_TRUE(bytes.ok());
+  EXPECT_EQ((*bytes)[0], examples[299].bytes);
+  EXPECT_EQ(*(*to)->GetRecord("job", "00000001"), "{\"state\":\"RUNNING\"}");
+  EXPECT_EQ(*(*to)->GetBlob("checkpoints/00000001.ckpt"), "ck");
+
+  // Twice: refused, and nothing changes in the source or the copy.
+  auto twice = CopyStore(*db_, **to, [](const std::string&) {});
+  EXPECT_EQ(twice.status().code(), absl::StatusCode::kFailedPrecondition) << twice.status();
+  EXPECT_TRUE(absl::StrContains(twice.status().message(), "not empty")) << twice.status();
+  to->reset();
+  if (!other_dir.empty()) std::filesystem::remove_all(other_dir);
 }
 
 // --- PostgreSQL only --------------------------------------------------------

@@ -1,0 +1,221 @@
+#!/usr/bin/env /usr/bin/python3
+"""Scale-out benchmark (issue 13): Classify and Embed throughput with 1, 2
+and 3 tlserve replicas sharing one PostgreSQL database, and the database's
+own load per request. Not a test: it measures and prints a table; it
+asserts nothing about timings.
+
+It starts a throwaway PostgreSQL (scripts/pg-temp.sh) and replica 1
+(build/bin/tlserve --database=...), which runs the jobs; uploads a small
+labelled Fashion-MNIST dataset through it, creates a head-only model and
+trains it once. Then for N = 1, 2, 3 replicas (replicas 2 and 3 are
+serving-only, --max_concurrent_jobs=0, started when first needed) and for
+each mode (Classify, Embed), --clients client threads send --batch-image
+requests, client i to replica i mod N, each on its own connection; a warm-up
+call each, then a window of --seconds. Reported: images/s, p50 latency, and
+the database's transactions in the window (pg_stat_database's xact_commit
++ xact_rollback of the database, read before and after the window with 2 s
+for the servers' statistics to be flushed, minus the probe's own) per
+request. Every replica of this machine shares its 2 cores: more replicas
+cannot serve more here; the table shows what it costs and that the hot
+path does not touch the database.
+
+  /usr/bin/python3 bench/replicas.py
+  /usr/bin/python3 bench/replicas.py --seconds=20 --clients=6 --threads=1
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tlbench  # noqa: E402
+from tlbench import Client, inference_pb2, models_pb2  # noqa: E402
+from tlserve_client.local_server import LocalServer  # noqa: E402
+
+from tlserve.v1 import inference_pb2_grpc, models_pb2_grpc  # noqa: E402
+
+
+def sql(uri, query):
+    r = subprocess.run(["psql", uri, "-Atc", query], capture_output=True, text=True, check=True)
+    return r.stdout.strip()
+
+
+def transactions(uri):
+    """Transactions the database has seen (committed or rolled back), after
+    2 s for the servers' statistics to be flushed; minus this probe's own."""
+    time.sleep(2)
+    return int(sql(uri, "SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                        "WHERE datname = current_database()")) - 1
+
+
+def blob_bytes(uri, like):
+    return int(sql(uri, "SELECT coalesce(sum(octet_length(bytes)), 0) FROM blobs WHERE name LIKE '%s'" % like))
+
+
+def checkpoint_watch(uri, stop, out):
+    """The checkpoint bytes seen every 0.2 s while `stop` is unset (one
+    transaction each: None when the query failed)."""
+    while not stop.is_set():
+        try:
+            out.append(blob_bytes(uri, "checkpoints/%"))
+        except subprocess.CalledProcessError:
+            out.append(None)
+        time.sleep(0.2)
+
+
+class BenchClient:
+    def __init__(self, i, target, model, images, batch, timeout):
+        self.ch = tlbench.channel(target, "rep-%d" % i)
+        self.inf = inference_pb2_grpc.InferenceStub(self.ch)
+        self.mod = models_pb2_grpc.ModelsStub(self.ch)
+        self.timeout = timeout
+        self.classify, self.embed = [], []
+        for r in range(4):
+            pick = [images[(i * 31 + r * batch + k) % len(images)] for k in range(batch)]
+            imgs = [inference_pb2.Image(name="c%d-%d" % (i, k), encoded=b) for k, b in enumerate(pick)]
+            self.classify.append(models_pb2.ClassifyRequest(model=model, images=imgs, top_k=1))
+            self.embed.append(inference_pb2.EmbedRequest(images=imgs))
+        self.n = 0
+
+    def call_classify(self):
+        self.n += 1
+        return len(self.mod.Classify(self.classify[self.n % 4], timeout=self.timeout).results)
+
+    def call_embed(self):
+        self.n += 1
+        return len(self.inf.Embed(self.embed[self.n % 4], timeout=self.timeout).embeddings)
+
+    def close(self):
+        self.ch.close()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--replicas", default="1,2,3", help="replica counts to measure (default 1,2,3)")
+    p.add_argument("--clients", type=int, default=6, help="client threads (default 6)")
+    p.add_argument("--batch", type=int, default=8, help="images a request (default 8)")
+    p.add_argument("--seconds", type=float, default=15, help="measured window of each phase (default 15)")
+    p.add_argument("--timeout", type=float, default=120, help="deadline of each call, s (default 120)")
+    tlbench.add_server_args(p)
+    a = p.parse_args()
+    counts = [int(n) for n in a.replicas.split(",")]
+
+    work = tempfile.mkdtemp(prefix="tlserve-replicas-", dir="/tmp")
+    os.chmod(work, 0o755)
+    pg_dir = os.path.join(work, "pg")
+    pg = os.path.join(tlbench.ROOT, "scripts", "pg-temp.sh")
+    uri = subprocess.run(["bash", pg, "start", pg_dir], capture_output=True, text=True, check=True).stdout.strip()
+    servers = []
+    t_all = time.monotonic()
+    try:
+        def start(i):
+            flags = tlbench.server_flags(a) + ["--database=" + uri]
+            if i > 0:
+                flags.append("--max_concurrent_jobs=0")
+            s = LocalServer(a.bin_dir, a.backbone, os.path.join(work, "data%d" % i),
+                            log_path=os.path.join(work, "tlserve%d.log" % i), extra_flags=flags)
+            s.start()
+            servers.append(s)
+            print("replica %d at %s: %s" % (i + 1, s.target, tlbench.server_log_line(s)), flush=True)
+
+        start(0)
+        c = Client(servers[0].target, timeout=60)
+        desc = c.describe_backbone()
+        # The write path's load on the database: an upload, a head-only job,
+        # a fine-tune of a private layer4 (each measured alone).
+        writes = []
+        before = transactions(uri)
+        r = c.upload("rep-data", tlbench.fmnist("train", range(5), 12), batch=64)
+        after = transactions(uri)
+        image_bytes = int(sql(uri, "SELECT sum(octet_length(bytes)) FROM examples"))
+        writes.append(("upload of %d images (%d a message)" % (r.accepted, 64), after - before,
+                       "%d bytes of images" % image_bytes))
+        c.create_model("rep-model", dataset="rep-data")
+        before = transactions(uri)
+        job = c.train("rep-model", "rep-data", epochs=5)
+        after = transactions(uri)
+        if job.state != models_pb2.Job.SUCCEEDED:
+            raise SystemExit("training ended %s: %s" % (tlbench.state_name(job), job.error))
+        writes.append(("head-only job, 5 epochs (v%d)" % job.version, after - before,
+                       "version weights %d bytes" % blob_bytes(uri, "models/rep-model/v1.%")))
+        c.create_model("rep-tuned", dataset="rep-data")
+        job = c.train("rep-tuned", "rep-data", epochs=5)
+        c.unfreeze("rep-tuned", ["layer4"])
+        stop, sizes = threading.Event(), []
+        watcher = threading.Thread(target=checkpoint_watch, args=(uri, stop, sizes))
+        before = transactions(uri)
+        watcher.start()
+        job = c.train("rep-tuned", "rep-data", epochs=2, batch_size=32)
+        stop.set()
+        watcher.join()
+        after = transactions(uri)
+        if job.state != models_pb2.Job.SUCCEEDED:
+            raise SystemExit("fine-tuning ended %s: %s" % (tlbench.state_name(job), job.error))
+        # The watcher's own queries are not the server's.
+        writes.append(("fine-tune of layer4, 2 epochs (v%d)" % job.version, after - before - len(sizes),
+                       "version weights %d bytes; largest checkpoint seen %d bytes" % (
+                           blob_bytes(uri, "models/rep-tuned/v%d.%%" % job.version), max(sizes or [0]))))
+        print("setup: %d images, models trained" % r.accepted, flush=True)
+        images = [b for _, _, b in tlbench.fmnist("test", range(10), 10)]
+
+        rows, connections = [], {}
+        for n in counts:
+            while len(servers) < n:
+                start(len(servers))
+            connections[n] = int(sql(uri, "SELECT count(*) FROM pg_stat_activity "
+                                          "WHERE datname = current_database()")) - 1
+            for mode in ("classify", "embed"):
+                clients = [BenchClient(i, servers[i % n].target, "rep-model", images, a.batch, a.timeout)
+                           for i in range(a.clients)]
+                callers = [cl.call_classify if mode == "classify" else cl.call_embed for cl in clients]
+                # Warm-up (every replica loads the model on its first Classify).
+                tlbench.measure(callers, 2, None, a.timeout)
+                before = transactions(uri)
+                ph = tlbench.measure(callers, a.seconds, None, a.timeout)
+                after = transactions(uri)
+                for cl in clients:
+                    cl.close()
+                tx = after - before
+                errors = {k: v for k, v in ph["codes"].items() if k != "OK"}
+                rows.append((n, mode, ph["calls"], ph["images"], tlbench.rate(ph),
+                             1000 * tlbench.pct(ph["lat"], 50), tx, tx / max(1, ph["calls"]), errors))
+                print("%d replica(s) %-8s %6.1f images/s, p50 %.0f ms, %d database transactions in %d calls%s"
+                      % (n, mode, tlbench.rate(ph), 1000 * tlbench.pct(ph["lat"], 50), tx, ph["calls"],
+                         (", errors %s" % errors) if errors else ""), flush=True)
+
+        print()
+        print(tlbench.backbone_line(a, desc, servers[0]))
+        print("clients %d, %d images a request, %.0f s windows; %s; run took %.0f s" % (
+            a.clients, a.batch, a.seconds, tlbench.machine_line(), time.monotonic() - t_all))
+        base = {mode: rate for n, mode, _, _, rate, *_ in rows if n == counts[0]}
+        print()
+        print("| write | database transactions | size |")
+        print("| --- | ---: | --- |")
+        for what, tx, size in writes:
+            print("| %s | %d | %s |" % (what, tx, size))
+        print()
+        print("database connections (pg_stat_activity, the probe's own excluded): %s" % ", ".join(
+            "%d with %d replica(s)" % (v, k) for k, v in sorted(connections.items())))
+        print()
+        print("| replicas | mode | calls | images/s | vs %d replica(s) | p50 ms | db transactions | per call |" % counts[0])
+        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for n, mode, calls, _, rate, p50, tx, per, errors in rows:
+            print("| %d | %s | %d | %.1f | %.2f | %.0f | %d | %.3f |%s" % (
+                n, mode, calls, rate, rate / base[mode] if base[mode] else float("nan"), p50, tx, per,
+                (" errors %s" % errors) if errors else ""))
+    finally:
+        for s in reversed(servers):
+            s.stop()
+        subprocess.run(["bash", pg, "stop", pg_dir])
+        if a.keep:
+            print("kept %s" % work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
