@@ -218,6 +218,7 @@ JobRunner::~JobRunner() {
   }
   if (standby_.joinable()) standby_.join();
   if (int token = subscription_.exchange(0); token != 0) db_->Unsubscribe(token);
+  if (int token = cancel_subscription_.exchange(0); token != 0) db_->Unsubscribe(token);
   worker_.join();
 }
 
@@ -276,7 +277,9 @@ absl::Status JobRunner::Recover() {
     if (!lead.ok()) return lead.status();
     if (*lead) {
       leading_ = true;
-      return RecoverAsRunner();
+      if (absl::Status s = RecoverAsRunner(); !s.ok()) return s;
+      ListenForCancels();
+      return absl::OkStatus();
     }
     LogInfo("another replica runs the jobs of this database: this one stands by to take over");
   }
@@ -310,7 +313,36 @@ void JobRunner::StandBy() {
       if (mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Seconds(1))) return;
     }
     leading_ = true;
+    ListenForCancels();
     return;
+  }
+}
+
+void JobRunner::ListenForCancels() {
+  // SQLite has no other replica: nothing to hear, and Subscribe is a no-op.
+  cancel_subscription_ = db_->Subscribe([this](const std::string& kind, const std::string&) {
+    if (kind.empty() || kind == "cancel") TakeCancelRequests();
+  });
+  TakeCancelRequests();  // left before this replica listened
+}
+
+void JobRunner::TakeCancelRequests() {
+  auto requests = db_->ListRecords("cancel");
+  if (!requests.ok()) {
+    LogError("cannot read the cancel requests (taken at the next change): %s",
+             requests.status().ToString());
+    return;
+  }
+  for (const auto& [id, json] : *requests) {
+    auto r = Cancel(id);
+    if (!r.ok() && r.status().code() != absl::StatusCode::kNotFound) {
+      LogError("cannot cancel job %s as another replica asked: %s", id, r.status().ToString());
+      continue;  // kept: tried again at the next change
+    }
+    LogInfo("job %s: cancelled as another replica asked", id);
+    if (absl::Status s = db_->DeleteRecords("cancel", id); !s.ok()) {
+      LogError("cannot delete the cancel request of job %s: %s", id, s.ToString());
+    }
   }
 }
 
@@ -578,11 +610,13 @@ std::vector<JobRecord> JobRunner::List(const std::string& model) const {
 
 absl::StatusOr<JobRecord> JobRunner::Cancel(const std::string& id) {
   if (!leading_) {
-    if (auto r = Get(id); !r.ok() || r->final()) return r;
-    return absl::FailedPreconditionError(
-        absl::StrCat(run_jobs_ ? "this replica stands by while another one runs the jobs"
-                               : "this replica serves only (--max_concurrent_jobs=0)",
-                     ": cancel the job through the replica that runs it"));
+    // Another replica runs it: a request, durable before it is
+    // acknowledged, that the runner hears (now, or when one takes over).
+    auto r = Get(id);
+    if (!r.ok() || r->final()) return r;
+    if (absl::Status s = db_->PutRecord("cancel", id, "{}"); !s.ok()) return s;
+    r->cancel_requested = true;
+    return r;
   }
   bool was_queued = false;
   std::string model, dataset;

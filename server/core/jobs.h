@@ -84,8 +84,9 @@ class JobRunner {
     // may but does not lead now stands by, and takes over — resuming the
     // jobs the runner left — when the lock is free (the runner died or
     // stopped). Until it leads, and always without run_jobs (a serving-only
-    // replica), StartTraining and CancelJob are refused with
-    // FAILED_PRECONDITION, and GetJob, ListJobs and WatchJob follow the
+    // replica), StartTraining is refused with FAILED_PRECONDITION, CancelJob
+    // leaves a request in the database (a "cancel" record) that the runner
+    // hears and carries out, and GetJob, ListJobs and WatchJob follow the
     // records the runner writes.
     bool run_jobs = true;
     // Tests only: called before each training step of a fine-tune with the
@@ -203,6 +204,10 @@ class JobRunner {
   absl::Status RecoverAsRunner();
   // A standby's: tries the job lock every half second; takes over with it.
   void StandBy();
+  // The runner's: carries out the cancel requests that other replicas left
+  // ("cancel" records), now and whenever one arrives.
+  void ListenForCancels();
+  void TakeCancelRequests();
   static absl::StatusOr<JobRecord> ParseRecord(const std::string& key, const std::string& json);
   void Update(const std::string& id, const std::function<void(JobRecord&)>& change);
   bool Cancelled(const std::string& id);
@@ -228,8 +233,9 @@ class JobRunner {
   const bool checkpoints_;
   const bool run_jobs_;
   std::atomic<bool> leading_{false};
-  absl::Mutex follow_mu_;             // serialises Follow
-  std::atomic<int> subscription_{0};  // while following the records (Database::Subscribe)
+  absl::Mutex follow_mu_;                    // serialises Follow
+  std::atomic<int> subscription_{0};         // while following the records (Database::Subscribe)
+  std::atomic<int> cancel_subscription_{0};  // while leading: other replicas' cancel requests
   std::thread standby_;
   mutable absl::Mutex mu_;
   std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);

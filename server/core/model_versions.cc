@@ -11,6 +11,7 @@
 namespace tlserve {
 
 absl::StatusOr<ModelInfo> ModelRegistry::Serve(const std::string& name, int version) {
+  CatchUp(name);
   absl::MutexLock write(&write_mu_);
   ModelInfo next;
   std::shared_ptr<const ServableVersion> loaded;
@@ -52,6 +53,7 @@ absl::StatusOr<ModelInfo> ModelRegistry::Serve(const std::string& name, int vers
 
 absl::StatusOr<ModelInfo> ModelRegistry::SetThresholds(const std::string& name, int version,
                                                        std::vector<float> thresholds) {
+  CatchUp(name);
   absl::MutexLock write(&write_mu_);
   ModelInfo next;
   {

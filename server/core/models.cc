@@ -158,6 +158,17 @@ void ModelRegistry::Refresh(const std::string& name) {
   TrimOlder(models_[name]);
 }
 
+void ModelRegistry::CatchUp(const std::string& name) const {
+  if (subscription_ == 0) return;
+  {
+    absl::MutexLock lock(&mu_);
+    if (models_.count(name) > 0) return;
+  }
+  // The cache of what the database holds; reading it again changes no state
+  // that a caller could tell from the database's.
+  const_cast<ModelRegistry*>(this)->Refresh(name);
+}
+
 void ModelRegistry::RefreshAll() {
   auto records = db_->ListRecords("model");
   if (!records.ok()) {
@@ -361,6 +372,7 @@ absl::StatusOr<ModelInfo> ModelRegistry::Create(const std::string& name,
 }
 
 absl::StatusOr<ModelInfo> ModelRegistry::Get(const std::string& name) const {
+  CatchUp(name);
   absl::MutexLock lock(&mu_);
   auto it = models_.find(name);
   if (it == models_.end()) {
@@ -382,6 +394,7 @@ int ModelRegistry::size() const {
 }
 
 absl::Status ModelRegistry::Delete(const std::string& name) {
+  CatchUp(name);
   absl::MutexLock write(&write_mu_);
   std::vector<VersionInfo> versions;
   {
@@ -408,6 +421,9 @@ absl::Status ModelRegistry::Delete(const std::string& name) {
 
 absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::Lookup(
     const std::string& name, int version, ModelInfo* info, int* resolved, uint64_t* generation) {
+  // No CatchUp: serving (often on a gRPC thread) never waits on the
+  // database; a model made elsewhere serves here once its notification
+  // arrives (within a second).
   absl::MutexLock lock(&mu_);
   auto it = models_.find(name);
   if (it == models_.end()) return NoSuchModel(name);
@@ -536,6 +552,7 @@ absl::StatusOr<std::shared_ptr<const ServableVersion>> ModelRegistry::ServableNo
 }
 
 absl::Status ModelRegistry::BeginTraining(const std::string& name) {
+  CatchUp(name);
   absl::MutexLock write(&write_mu_);  // not while a Delete or a stage change is writing
   absl::MutexLock lock(&mu_);
   auto it = models_.find(name);
@@ -570,6 +587,7 @@ absl::StatusOr<ModelRegistry::Entry*> ModelRegistry::Idle(const std::string& nam
 absl::StatusOr<ModelInfo> ModelRegistry::ChangeStages(
     const std::string& name, const std::vector<std::string>& stages,
     const std::function<void(ModelInfo&, const std::string&)>& change) {
+  CatchUp(name);
   auto indices = StageIndices(stages);
   if (!indices.ok()) return indices.status();
   absl::MutexLock write(&write_mu_);
@@ -609,6 +627,7 @@ absl::StatusOr<ModelInfo> ModelRegistry::Freeze(const std::string& name,
 }
 
 absl::StatusOr<ModelRegistry::StartingPoint> ModelRegistry::Start(const std::string& name) const {
+  CatchUp(name);
   ModelInfo info;
   StartingPoint start;
   {

@@ -118,6 +118,12 @@ class ModelRegistry {
   // as it is (this replica writes it).
   void Refresh(const std::string& name);
   void RefreshAll();
+  // On a shared database, a model another replica made (or changed) a
+  // moment ago may be committed before its notification arrives: a name
+  // this replica does not know is read from the database before it is
+  // called missing (read-your-writes across replicas). Nothing on SQLite.
+  // Call without locks held.
+  void CatchUp(const std::string& name) const;
 
   // ALREADY_EXISTS; INVALID_ARGUMENT for a bad name, < 2 classes, a
   // repeated class name or one over 128 bytes; RESOURCE_EXHAUSTED for more

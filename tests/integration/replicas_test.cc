@@ -4,8 +4,10 @@
 // through a shared file. Run with $TLSERVE_TEST_DATABASE=postgresql (CTest
 // sets it): replica A is the fixture's server, replica B is started here.
 #include <gtest/gtest.h>
+#include <signal.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -18,6 +20,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "tests/integration/http_get.h"
+#include "tests/integration/server_process.h"
 #include "tests/integration/training_fixture.h"
 #include "tlserve/v1/datasets.grpc.pb.h"
 #include "tlserve/v1/evaluation.pb.h"
@@ -217,6 +220,7 @@ TEST_F(ReplicasTest, AStandbyTakesOverTheJobsWhenTheRunnerGoes) {
   std::vector<v1::Job> seen;
   std::thread watcher([&, stub = v1::Models::NewStub(client_b_->channel())] {
     grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(5));
     v1::WatchJobRequest req;
     req.set_id(job->id());
     auto reader = stub->WatchJob(&ctx, req);
@@ -256,6 +260,140 @@ TEST_F(ReplicasTest, AStandbyTakesOverTheJobsWhenTheRunnerGoes) {
     ASSERT_TRUE(stub_c->GetModel(&ctx, req, &m).ok());
     EXPECT_EQ(m.served_version() >= 1, true);
   }
+}
+
+// kill -9 of the replica that runs a fine-tune — R, the real binary in a
+// process of its own: C, standing by, takes the job lock once PostgreSQL sees
+// R's connection closed, resumes the job from R's last checkpoint and
+// finishes it; B's WatchJob follows it to the end; nothing R acknowledged
+// is lost (the dataset, the model, the epochs it reported).
+TEST_F(ReplicasTest, AReplicaKilledMidFineTuneIsResumedByAnother) {
+  // A (in this process) goes, and with it the job lock: R takes it.
+  stub_.reset();
+  client_.reset();
+  server_.reset();
+  const std::string log = dir_ + "/replica-r.log";
+  testing::ServerProcess r(Fixture("r18small.pt"), dir_ + "/replica-r", log,
+                           {"--database=" + database_, "--max_concurrent_jobs=1"});
+  auto on_r = r.Connect();
+  ASSERT_TRUE(on_r.ok()) << on_r.status() << testing::ReadBytes(log);
+  client_ = std::move(*on_r);
+  stub_ = v1::Models::NewStub(client_->channel());
+  ASSERT_NO_FATAL_FAILURE(UploadTrainingSet());
+  ASSERT_TRUE(CreateModel("clothes", "fmnist").ok());
+  ASSERT_EQ(TrainOnce("clothes"), 1);
+  ASSERT_TRUE(Unfreeze("clothes", {"layer4"}).ok());
+
+  ServerOptions o = Options(dir_ + "/replica-c");
+  o.data_dir = dir_ + "/replica-c";
+  o.database = database_;
+  o.max_concurrent_jobs = 1;  // stands by: R holds the lock
+  auto c = Server::Start(o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  std::unique_ptr<Server> server_c = std::move(*c);
+
+  v1::TrainingOptions fine;
+  fine.set_epochs(4);
+  fine.set_batch_size(32);
+  fine.set_seed(5);
+  auto job = Start("clothes", "fmnist", fine);
+  ASSERT_TRUE(job.ok()) << job.status();
+  std::vector<v1::Job> seen;
+  std::thread watcher([&, stub = v1::Models::NewStub(client_b_->channel())] {
+    grpc::ClientContext ctx;
+    // Bounded: a job that no replica resumes fails the test instead of hanging it.
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(5));
+    v1::WatchJobRequest req;
+    req.set_id(job->id());
+    auto reader = stub->WatchJob(&ctx, req);
+    v1::Job j;
+    while (reader->Read(&j)) seen.push_back(j);
+    const absl::Status s = FromGrpc(reader->Finish());
+    EXPECT_TRUE(s.ok()) << s;
+  });
+  v1::Job before;
+  ASSERT_TRUE(Within(absl::Seconds(120), [&] {
+    before = GetJob(job->id());
+    return before.epochs_size() > 0 && before.epochs().rbegin()->epoch() >= 1;
+  })) << testing::ReadBytes(log);
+  r.Signal(SIGKILL);
+  const absl::Time killed = absl::Now();
+  EXPECT_EQ(r.Wait(), 128 + SIGKILL);
+  ASSERT_EQ(before.state(), v1::Job::RUNNING)
+      << "the job ended before the kill; the test proves nothing";
+  stub_.reset();
+  client_.reset();
+  watcher.join();
+  std::printf("killed after epoch %d of 4; the job ended on the standby %.1f s later\n",
+              before.epochs().rbegin()->epoch(), absl::ToDoubleSeconds(absl::Now() - killed));
+  ASSERT_FALSE(seen.empty());
+  const v1::Job& end = seen.back();
+  EXPECT_EQ(end.state(), v1::Job::SUCCEEDED) << end.error() << " / " << end.phase();
+  EXPECT_EQ(end.version(), 2);
+  ASSERT_GE(end.epochs_size(), before.epochs_size());
+  for (int i = 0; i < before.epochs_size(); ++i) {
+    EXPECT_EQ(end.epochs(i).train_loss(), before.epochs(i).train_loss()) << i;
+  }
+  EXPECT_EQ(end.epochs().rbegin()->epoch(), 4);
+  EXPECT_EQ(StoredCheckpoints(), 0);
+  // C serves what it finished; B too.
+  auto on_c = Client::Connect(absl::StrCat("127.0.0.1:", server_c->grpc_port()));
+  ASSERT_TRUE(on_c.ok());
+  client_ = std::move(*on_c);
+  stub_ = v1::Models::NewStub(client_->channel());
+  const std::vector<std::string> files = {testing::Folder(Fixture("fmnist/train"))[3].first};
+  absl::StatusOr<v1::ClassifyResponse> served;
+  EXPECT_TRUE(Within(absl::Seconds(1), [&] {
+    served = OnB([&] { return Classify("clothes", files); });
+    return served.ok() && served->version() == 2;
+  })) << served.status();
+  auto on_c_served = Classify("clothes", files);
+  ASSERT_TRUE(on_c_served.ok()) << on_c_served.status();
+  EXPECT_EQ(on_c_served->version(), 2);
+  auto datasets = client_->ListDatasets();
+  ASSERT_TRUE(datasets.ok());
+  EXPECT_EQ(datasets->datasets_size(), 1);
+}
+
+// CancelJob through a replica that does not run the job: acknowledged once
+// the request is in the database; the runner hears it and cancels the job.
+TEST_F(ReplicasTest, ACancelThroughAnyReplicaReachesTheRunner) {
+  ASSERT_NO_FATAL_FAILURE(UploadTrainingSet());
+  ASSERT_TRUE(CreateModel("clothes", "fmnist").ok());
+  ASSERT_EQ(TrainOnce("clothes"), 1);
+  ASSERT_TRUE(Unfreeze("clothes", {"layer4"}).ok());
+  v1::TrainingOptions fine;
+  fine.set_epochs(50);  // steps slowed down: minutes, unless cancelled
+  fine.set_batch_size(32);
+  auto job = Start("clothes", "fmnist", fine);
+  ASSERT_TRUE(job.ok()) << job.status();
+  ASSERT_TRUE(
+      Within(absl::Seconds(60), [&] { return GetJob(job->id()).state() == v1::Job::RUNNING; }));
+  {
+    grpc::ClientContext ctx;
+    v1::CancelJobRequest req;
+    req.set_id(job->id());
+    v1::Job j;
+    const absl::Status s = FromGrpc(stub_b_->CancelJob(&ctx, req, &j));
+    ASSERT_TRUE(s.ok()) << s;
+    EXPECT_EQ(j.id(), job->id());
+  }
+  const v1::Job end = Watch(job->id()).back();
+  EXPECT_EQ(end.state(), v1::Job::CANCELLED) << end.error() << " / " << end.phase();
+  EXPECT_LT(end.epochs_size(), 50);
+  // The request is gone once carried out; B sees the job cancelled too.
+  PGconn* c = PQconnectdb(database_.c_str());
+  EXPECT_TRUE(Within(absl::Seconds(1), [&] {
+    PGresult* r = PQexec(c, "SELECT count(*) FROM records WHERE kind = 'cancel'");
+    const bool none =
+        PQresultStatus(r) == PGRES_TUPLES_OK && std::string(PQgetvalue(r, 0, 0)) == "0";
+    PQclear(r);
+    return none;
+  }));
+  PQfinish(c);
+  EXPECT_TRUE(Within(absl::Seconds(1), [&] {
+    return OnB([&] { return GetJob(job->id()); }).state() == v1::Job::CANCELLED;
+  }));
 }
 
 // A client with round_robin over both replicas' addresses spreads its calls
@@ -298,6 +436,33 @@ TEST_F(ReplicasTest, RoundRobinSpreadsOneClientsCallsOverTheReplicas) {
   EXPECT_EQ(a + b, 10);
   EXPECT_GE(a, 4) << "replica A served " << a << " of 10";
   EXPECT_GE(b, 4) << "replica B served " << b << " of 10";
+}
+
+// Read-your-writes across replicas: a model made through B is known to A's
+// next call at once, before B's notification may have reached A (CI once
+// saw StartTraining on A get NOT_FOUND 2 ms after CreateModel on B).
+TEST_F(ReplicasTest, AModelMadeOnOneReplicaIsKnownAtOnceOnTheOther) {
+  ASSERT_NO_FATAL_FAILURE(UploadTrainingSet());
+  for (int i = 0; i < 20; ++i) {
+    const std::string name = absl::StrCat("made-on-b-", i);
+    ASSERT_TRUE(OnB([&] { return CreateModel(name, "fmnist"); }).ok());
+    grpc::ClientContext ctx;
+    v1::GetModelRequest req;
+    req.set_name(name);
+    v1::Model m;
+    const absl::Status s = FromGrpc(stub_->GetModel(&ctx, req, &m));
+    EXPECT_TRUE(s.ok()) << s;
+  }
+  ASSERT_TRUE(OnB([&] { return CreateModel("train-me", "fmnist"); }).ok());
+  auto job = Start("train-me", "fmnist");
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(Watch(job->id()).back().state(), v1::Job::SUCCEEDED);
+  // And a name that exists nowhere is still NOT_FOUND.
+  grpc::ClientContext ctx;
+  v1::GetModelRequest req;
+  req.set_name("nowhere");
+  v1::Model m;
+  EXPECT_EQ(FromGrpc(stub_->GetModel(&ctx, req, &m)).code(), absl::StatusCode::kNotFound);
 }
 
 TEST_F(ReplicasTest, TwoClientsRacingForOneNameOnTwoReplicasGetOneModel) {
