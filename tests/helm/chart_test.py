@@ -3,9 +3,9 @@
 
 - templates are rendered by tests/helm/render (Go's text/template + sprig,
   Helm's engine, with values' numbers as float64 as Helm reads them) for the
-  default values and for GPU, ServiceMonitor + dashboard +
-  PodDisruptionBudget, autoscaling (stateless, with the prometheus-adapter
-  metric), a mounted backbone, TLS + API keys + quotas + audit, mTLS with a
+  default values and for GPU, ServiceMonitor + dashboard, autoscaling
+  (stateless, with the prometheus-adapter metric), PostgreSQL mode (replicas,
+  HPA, PodDisruptionBudget, headless Service), a mounted backbone, TLS + API keys + quotas + audit, mTLS with a
   cert-manager Certificate, mTLS with a separate client CA, metrics over
   HTTPS with a token (and the ServiceMonitor that scrapes them), and
   NetworkPolicy variants;
@@ -23,8 +23,10 @@
   right Secret or ConfigMap, mounted as a whole directory (so updates reach
   tlserve); the NetworkPolicy's rules; the ServiceMonitor's https, CA and
   bearer token;
-- more than one replica with persistence, or autoscaling with persistence,
-  fails rendering with a message that says why; so do settings that would
+- more than one replica with persistence, autoscaling with persistence, or
+  a PodDisruptionBudget for SQLite's one replica, fails rendering with a
+  message that says why (PostgreSQL mode allows all three, keeps the URI in
+  a Secret and out of the pod spec, and has no claim); so do settings that would
   leave TLS or keys half set up or the probes unable to reach tlserve.
 
 usage: chart_test.py BIN_DIR FIXTURES_DIR   (BIN_DIR for tlserve --helpfull)
@@ -235,11 +237,10 @@ def main():
         check("--device=cuda" in objs["ConfigMap"]["data"]["tlserve.flags"], "--device=cuda on GPU")
 
         r = render(tool, tmp, {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
-                               "grafana": {"dashboard": {"enabled": True}},
-                               "podDisruptionBudget": {"enabled": True}})
+                               "grafana": {"dashboard": {"enabled": True}}})
         check(r.returncode == 0, "monitoring values render: " + r.stderr)
         objs = validate("monitoring", r.stdout)
-        check("ServiceMonitor" in objs and "PodDisruptionBudget" in objs, "ServiceMonitor and PDB rendered")
+        check("ServiceMonitor" in objs, "ServiceMonitor rendered")
         sm = objs["ServiceMonitor"]["spec"]["endpoints"][0]
         check(sm["port"] == "metrics" and sm["path"] == "/metrics", "ServiceMonitor scrapes /metrics")
         dash = [d for d in yaml.safe_load_all(r.stdout) if d and d["metadata"]["name"].endswith("-dashboard")]
@@ -266,8 +267,12 @@ def main():
         vols = {v["name"]: v for v in objs["Deployment"]["spec"]["template"]["spec"]["volumes"]}
         check(vols["backbone"]["persistentVolumeClaim"]["claimName"] == "backbones", "backbone volume")
 
+        postgres_mode(tool, tmp, known_flags)
+
         for values, words in (({"replicaCount": 2}, "replicaCount > 1 with persistence.enabled"),
-                              ({"autoscaling": {"enabled": True}}, "autoscaling.enabled with persistence.enabled")):
+                              ({"autoscaling": {"enabled": True}}, "autoscaling.enabled with persistence.enabled"),
+                              ({"podDisruptionBudget": {"enabled": True}},
+                               "podDisruptionBudget.enabled with persistence.enabled")):
             r = render(tool, tmp, values)
             print("refused %s: %s" % (values, r.stderr.strip()))
             check(r.returncode != 0 and words in r.stderr and "SQLite" in r.stderr,
@@ -283,6 +288,40 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
     print("%d failures" % len(failures))
     return 1 if failures else 0
+
+
+def postgres_mode(tool, tmp, known_flags):
+    """database.url: several replicas (or an HPA) and a PDB on one shared
+    PostgreSQL, the URI from a Secret through the environment, no claim."""
+    db = {"url": {"secretName": "tlserve-db", "key": "uri"}, "password": {"secretName": "tlserve-db-pass"}}
+    objs, pod, args = rendered(tool, tmp, "postgresql", {
+        "database": db, "replicaCount": 3, "podDisruptionBudget": {"enabled": True, "minAvailable": 2},
+        "service": {"headless": True}}, known_flags)
+    if objs is None:
+        return
+    dep = objs["Deployment"]["spec"]
+    check(dep["replicas"] == 3, "three replicas on one database")
+    check("strategy" not in dep, "a rolling update: no replica owns a volume")
+    check("PersistentVolumeClaim" not in objs, "no claim in PostgreSQL mode")
+    check("emptyDir" in {v["name"]: v for v in pod["volumes"]}["data"], "the data directory is scratch space")
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pod["containers"][0].get("env", [])}
+    check(env.get("TLSERVE_DATABASE") == {"name": "tlserve-db", "key": "uri"}, "the URI from its Secret: %s" % env)
+    check(env.get("PGPASSWORD") == {"name": "tlserve-db-pass", "key": "password"}, "the password from its Secret")
+    flags = objs["ConfigMap"]["data"]["tlserve.flags"]
+    check("database" not in args and "--database" not in flags, "the URI is not in the pod spec or the ConfigMap")
+    check(objs["PodDisruptionBudget"]["spec"]["minAvailable"] == 2, "a PodDisruptionBudget")
+    services = {d["metadata"]["name"]: d["spec"] for d in objs.docs if d["kind"] == "Service"}
+    check(services.get("tlserve-headless", {}).get("clusterIP") == "None"
+          and [p["name"] for p in services["tlserve-headless"]["ports"]] == ["grpc"],
+          "a headless Service for client-side balancing: %s" % sorted(services))
+    check(services["tlserve"].get("clusterIP") is None, "the main Service keeps its cluster IP")
+    r = render(tool, tmp, {"database": db}, notes=True)
+    check(r.returncode == 0 and "PostgreSQL database of Secret tlserve-db" in r.stdout, "NOTES.txt in PostgreSQL mode")
+    objs, pod, args = rendered(tool, tmp, "postgresql-hpa", {
+        "database": db, "autoscaling": {"enabled": True, "maxReplicas": 8}}, known_flags)
+    if objs is not None:
+        check(objs["HorizontalPodAutoscaler"]["spec"]["maxReplicas"] == 8, "an autoscaler in PostgreSQL mode")
+        check("replicas" not in objs["Deployment"]["spec"], "the HPA owns the replica count")
 
 
 def rendered(tool, tmp, name, values, known_flags):

@@ -34,15 +34,38 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
 {{/*
-State lives in one SQLite file on one volume: more than one replica, or an
-autoscaler that makes more, would split it. Refuse instead of doing so.
+"true" in PostgreSQL mode (database.url.secretName): the state is in a
+database that replicas share, not on the data volume.
+*/}}
+{{- define "tlserve.sharedDatabase" -}}
+{{- if .Values.database.url.secretName -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+Whether the data volume is a claim: persistence in SQLite mode.
+*/}}
+{{- define "tlserve.persistentData" -}}
+{{- if and .Values.persistence.enabled (not (include "tlserve.sharedDatabase" .)) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+In SQLite mode the state lives in one file on one volume: more than one
+replica, or an autoscaler that makes more, would split it, and a
+PodDisruptionBudget would keep its one pod's node from ever being drained.
+Refuse instead of doing so.
 */}}
 {{- define "tlserve.checkReplicas" -}}
-{{- if and .Values.persistence.enabled (gt (int .Values.replicaCount) 1) -}}
-{{- fail "replicaCount > 1 with persistence.enabled: tlserve keeps its datasets, models and jobs in one SQLite file that replicas cannot share; run one replica, or set persistence.enabled=false for stateless Embed-only replicas (README: Replicas and state)" -}}
+{{- if and (include "tlserve.persistentData" .) (gt (int .Values.replicaCount) 1) -}}
+{{- fail "replicaCount > 1 with persistence.enabled: tlserve keeps its datasets, models and jobs in one SQLite file that replicas cannot share; put the state in PostgreSQL (database.url.secretName), run one replica, or set persistence.enabled=false for stateless Embed-only replicas (README: Replicas and state)" -}}
 {{- end -}}
-{{- if and .Values.persistence.enabled .Values.autoscaling.enabled -}}
-{{- fail "autoscaling.enabled with persistence.enabled: autoscaled replicas would each need the one SQLite state file; autoscale only stateless Embed-only replicas (persistence.enabled=false), see README: Replicas and state" -}}
+{{- if and (include "tlserve.persistentData" .) .Values.autoscaling.enabled -}}
+{{- fail "autoscaling.enabled with persistence.enabled: autoscaled replicas would each need the one SQLite state file; put the state in PostgreSQL (database.url.secretName) or autoscale only stateless Embed-only replicas (persistence.enabled=false), see README: Replicas and state" -}}
+{{- end -}}
+{{- if and (include "tlserve.persistentData" .) .Values.podDisruptionBudget.enabled -}}
+{{- fail "podDisruptionBudget.enabled with persistence.enabled: the one replica of SQLite mode could never be evicted, so its node could never be drained; use it with several replicas (PostgreSQL mode: database.url.secretName), see README: Replicas and state" -}}
+{{- end -}}
+{{- if and (include "tlserve.sharedDatabase" .) (not .Values.database.url.key) -}}
+{{- fail "database.url.secretName needs database.url.key (the Secret's key that holds the URI)" -}}
 {{- end -}}
 {{- end -}}
 
