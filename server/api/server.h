@@ -48,6 +48,11 @@ struct ServerOptions {
   int max_concurrent_jobs = 1;
   // Tests only: called before each fine-tuning step (JobRunner::Options).
   std::function<void(const std::string&)> before_training_step;
+  // When the replica that runs a shared database's jobs loses its job lock
+  // (JobRunner::Options::on_lost_lead). Unset: the process logs it and
+  // exits with status 3 at once, so that no two replicas run the same jobs
+  // (a supervisor restarts it; it then stands by, or leads again).
+  std::function<void(const absl::Status&)> on_lost_job_lock;
   int64_t min_free_disk_bytes = int64_t{512} << 20;  // the data directory's reserve
   int max_concurrent_uploads = 16;
   int max_concurrent_exports = 4;

@@ -462,7 +462,8 @@ absl::StatusOr<int> JobRunner::Train(const std::string& id) {
   if (r.options.resume) checkpoint = LoadCheckpoint(id);
   // Uploads may append to the dataset while a job waits to resume: its
   // checkpoint is of other examples then, and it starts over.
-  if (checkpoint && checkpoint->examples != ExamplesDigest(examples)) {
+  if (checkpoint && checkpoint->examples != ExamplesDigest(examples) &&
+      checkpoint->examples != ExamplesDigestById(examples)) {
     LogWarning("job %s: its dataset changed since its checkpoint; it starts over", id);
     checkpoint.reset();
   }

@@ -9,6 +9,7 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -20,6 +21,7 @@
 #include "server/core/log.h"
 #include "server/core/metrics.h"
 #include "server/core/preprocess.h"
+#include "server/core/sha256.h"
 
 namespace tlserve {
 namespace {
@@ -206,6 +208,7 @@ JobRunner::JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* mode
       disk_(options.disk),
       checkpoints_(options.checkpoints),
       run_jobs_(options.run_jobs),
+      on_lost_lead_(options.on_lost_lead),
       feature_cache_(options.feature_cache_bytes) {
   worker_ = std::thread([this] { WorkerLoop(); });
 }
@@ -279,6 +282,7 @@ absl::Status JobRunner::Recover() {
       leading_ = true;
       if (absl::Status s = RecoverAsRunner(); !s.ok()) return s;
       ListenForCancels();
+      standby_ = std::thread([this] { WatchLead(); });
       return absl::OkStatus();
     }
     LogInfo("another replica runs the jobs of this database: this one stands by to take over");
@@ -314,6 +318,25 @@ void JobRunner::StandBy() {
     }
     leading_ = true;
     ListenForCancels();
+    WatchLead();
+    return;
+  }
+}
+
+void JobRunner::WatchLead() {
+  if (std::string(db_->kind()) == "sqlite") return;  // one process owns the file
+  for (;;) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Seconds(2))) return;
+    }
+    absl::Status s = db_->CheckLeadJobs();
+    if (s.ok()) continue;
+    LogError(
+        "this replica no longer holds the job lock (%s): another replica may be running "
+        "its jobs now, so it must stop running them",
+        s.ToString());
+    if (on_lost_lead_) on_lost_lead_(s);
     return;
   }
 }
@@ -349,6 +372,12 @@ void JobRunner::TakeCancelRequests() {
 absl::Status JobRunner::RecoverAsRunner() {
   auto records = db_->ListRecords("job");
   if (!records.ok()) return records.status();
+  // Cancel requests other replicas left (TakeCancelRequests deletes them
+  // later): those jobs end here instead of resuming first.
+  auto cancels = db_->ListRecords("cancel");
+  if (!cancels.ok()) return cancels.status();
+  std::set<std::string> cancel_requested;
+  for (const auto& [id, json] : *cancels) cancel_requested.insert(id);
   std::vector<std::string> interrupted, resumed;
   {
     absl::MutexLock lock(&mu_);
@@ -360,6 +389,7 @@ absl::Status JobRunner::RecoverAsRunner() {
         continue;
       }
       job.record = std::move(*parsed);
+      if (cancel_requested.count(key) > 0) job.record.cancel_requested = true;
       // Watchers of a job this replica followed until now keep watching it.
       if (auto known = jobs_.find(key); known != jobs_.end()) {
         job.watchers = std::move(known->second.watchers);
@@ -418,6 +448,12 @@ absl::Status JobRunner::RecoverAsRunner() {
 }
 
 std::string JobRunner::ExamplesDigest(const std::vector<StoredExample>& examples) {
+  std::string key;
+  for (const StoredExample& e : examples) absl::StrAppend(&key, e.name, "\n", e.hash, "\n");
+  return absl::StrCat("names:", examples.size(), ":", Sha256Hex(key));
+}
+
+std::string JobRunner::ExamplesDigestById(const std::vector<StoredExample>& examples) {
   std::string ids;
   for (const StoredExample& e : examples) absl::StrAppend(&ids, e.id, ",");
   return absl::StrCat(examples.size(), ":", std::hash<std::string>()(ids));
@@ -610,10 +646,15 @@ std::vector<JobRecord> JobRunner::List(const std::string& model) const {
 
 absl::StatusOr<JobRecord> JobRunner::Cancel(const std::string& id) {
   if (!leading_) {
-    // Another replica runs it: a request, durable before it is
-    // acknowledged, that the runner hears (now, or when one takes over).
     auto r = Get(id);
     if (!r.ok() || r->final()) return r;
+    if (std::string(db_->kind()) == "sqlite") {  // no other replica to hear it
+      return absl::FailedPreconditionError(
+          "this server does not run jobs (--max_concurrent_jobs=0): cancel the job through the "
+          "server that runs it");
+    }
+    // Another replica runs it: a request, durable before it is
+    // acknowledged, that the runner hears (now, or when one takes over).
     if (absl::Status s = db_->PutRecord("cancel", id, "{}"); !s.ok()) return s;
     r->cancel_requested = true;
     return r;

@@ -92,6 +92,12 @@ class JobRunner {
     // Tests only: called before each training step of a fine-tune with the
     // model's name; what it throws fails that job.
     std::function<void(const std::string&)> before_step;
+    // Called (once, on a thread of the runner's) when the runner of a shared
+    // database finds its job lock gone (Database::CheckLeadJobs, every 2 s):
+    // another replica may be running the same jobs now, so this one must
+    // stop at once — the server exits (a supervisor restarts it, and it then
+    // stands by). Unset: only logged.
+    std::function<void(const absl::Status&)> on_lost_lead;
   };
   JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* models, Engine* engine,
             Metrics* metrics, const Options& options);
@@ -133,8 +139,12 @@ class JobRunner {
     std::string state;
   };
   static std::string CheckpointBlob(const std::string& id);
-  // Which examples a run trains on: their count and ids, hashed.
+  // Which examples a run trains on, in order, by what identifies them in
+  // any copy of the store (tlserve migrate renumbers ids): their names and
+  // split hashes, hashed.
   static std::string ExamplesDigest(const std::vector<StoredExample>& examples);
+  // The digest of checkpoints written before: their ids (still accepted).
+  static std::string ExamplesDigestById(const std::vector<StoredExample>& examples);
   // `last` is the epoch the state ends (about to be reported). A failed
   // write is logged; the job goes on.
   void SaveCheckpoint(const std::string& id, const std::string& kind, const EpochStats& last,
@@ -204,6 +214,9 @@ class JobRunner {
   absl::Status RecoverAsRunner();
   // A standby's: tries the job lock every half second; takes over with it.
   void StandBy();
+  // The runner's of a shared database: checks its job lock every 2 s and
+  // calls on_lost_lead_ when it is gone. Returns at stop or after the call.
+  void WatchLead();
   // The runner's: carries out the cancel requests that other replicas left
   // ("cancel" records), now and whenever one arrives.
   void ListenForCancels();
@@ -236,7 +249,8 @@ class JobRunner {
   absl::Mutex follow_mu_;                    // serialises Follow
   std::atomic<int> subscription_{0};         // while following the records (Database::Subscribe)
   std::atomic<int> cancel_subscription_{0};  // while leading: other replicas' cancel requests
-  std::thread standby_;
+  const std::function<void(const absl::Status&)> on_lost_lead_;
+  std::thread standby_;  // StandBy, then WatchLead (or WatchLead alone)
   mutable absl::Mutex mu_;
   std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);

@@ -164,6 +164,11 @@ void ModelRegistry::CatchUp(const std::string& name) const {
     absl::MutexLock lock(&mu_);
     if (models_.count(name) > 0) return;
   }
+  // A name that exists nowhere costs one read, and no lock a writer holds.
+  if (auto json = db_->GetRecord("model", name);
+      !json.ok() && json.status().code() == absl::StatusCode::kNotFound) {
+    return;
+  }
   // The cache of what the database holds; reading it again changes no state
   // that a caller could tell from the database's.
   const_cast<ModelRegistry*>(this)->Refresh(name);

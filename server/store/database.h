@@ -153,6 +153,12 @@ class Database {
   // lives (a replica that dies, kill -9 included, loses it once its server
   // sees the connection closed); the others are told false.
   virtual absl::StatusOr<bool> TryLeadJobs() { return true; }
+  // OK while the job lock that TryLeadJobs gave stays this process's: its
+  // session is alive. UNAVAILABLE once that session is gone (the database
+  // restarted, the network was cut for longer than the keepalives allow, an
+  // administrator ended it): the lock went with it, and another replica may
+  // hold it now. Never reconnects. SQLite: always OK.
+  virtual absl::Status CheckLeadJobs() { return absl::OkStatus(); }
 
   // INVALID_ARGUMENT unless `name` is a blob name as above.
   static absl::Status ValidateBlobName(const std::string& name);

@@ -13,8 +13,8 @@ namespace tlserve {
 namespace {
 
 // Images are read and staged this many at a time (bounded memory: at most
-// the store's largest images × this).
-constexpr size_t kChunk = 128;
+// --max_example_bytes × this, twice over).
+constexpr size_t kChunk = 32;
 
 absl::Status Differs(const std::string& what) {
   return absl::DataLossError(
@@ -138,18 +138,28 @@ absl::Status VerifyDataset(Database& from, Database& to, const DatasetInfo& info
 
 absl::StatusOr<MigrationReport> CopyStore(Database& from, Database& to,
                                           const std::function<void(const std::string&)>& progress) {
+  // No replica may run jobs on the copy while it is made (a replica started
+  // on it early would resume half-copied jobs): the job lock is held until
+  // the copy goes.
+  auto lead = to.TryLeadJobs();
+  if (!lead.ok()) return lead.status();
+  if (!*lead) {
+    return absl::FailedPreconditionError(
+        "a tlserve replica is running on the destination (it holds the job lock): migrate into "
+        "a new, empty database that no replica uses yet");
+  }
   if (absl::Status s = CheckEmpty(to); !s.ok()) return s;
   MigrationReport report;
 
   // Datasets, each in one upload (invisible until it commits).
   auto datasets = from.ListDatasets();
   if (!datasets.ok()) return datasets.status();
-  std::map<std::string, std::vector<std::string>> image_hashes;
   for (const DatasetInfo& d : *datasets) {
     progress(absl::StrCat("dataset \"", d.name, "\": ", d.images, " images, ", d.bytes, " bytes"));
-    if (absl::Status s = CopyDataset(from, to, d, &image_hashes[d.name], &report); !s.ok()) {
-      return s;
-    }
+    // Verified at once (the images' hashes are not kept for the whole copy).
+    std::vector<std::string> hashes;
+    if (absl::Status s = CopyDataset(from, to, d, &hashes, &report); !s.ok()) return s;
+    if (absl::Status s = VerifyDataset(from, to, d, hashes); !s.ok()) return s;
   }
 
   // Blobs before the records that point at them.
@@ -187,9 +197,6 @@ absl::StatusOr<MigrationReport> CopyStore(Database& from, Database& to,
   auto copied = to.ListDatasets();
   if (!copied.ok()) return copied.status();
   if (copied->size() != datasets->size()) return Differs("the number of datasets");
-  for (const DatasetInfo& d : *datasets) {
-    if (absl::Status s = VerifyDataset(from, to, d, image_hashes[d.name]); !s.ok()) return s;
-  }
   int64_t blobs = 0;
   for (const char* folder : kBlobFolders) {
     auto names = to.ListBlobs(folder);

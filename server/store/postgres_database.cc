@@ -211,10 +211,14 @@ namespace {
 PGconn* ConnectTo(const std::string& uri) {
   // Defaults first: the URI's own values, expanded from dbname, come later
   // and win.
+  // $PGCONNECT_TIMEOUT, when set, keeps its say. tcp_user_timeout bounds a
+  // write the server never acknowledges (keepalives do not).
+  const char* timeout = std::getenv("PGCONNECT_TIMEOUT");
   const char* const keys[] = {
-      "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
-      "dbname",          nullptr};
-  const char* const values[] = {"10", "1", "10", "5", "3", uri.c_str(), nullptr};
+      "connect_timeout",  "keepalives",       "keepalives_idle", "keepalives_interval",
+      "keepalives_count", "tcp_user_timeout", "dbname",          nullptr};
+  const char* const values[] = {
+      timeout != nullptr ? timeout : "10", "1", "10", "5", "3", "30000", uri.c_str(), nullptr};
   return PQconnectdbParams(keys, values, /*expand_dbname=*/1);
 }
 
@@ -315,6 +319,17 @@ absl::StatusOr<bool> PostgresDatabase::TryLeadJobs() {
                     PQresultErrorMessage(r.get()));
   }
   return std::string(PQgetvalue(r.get(), 0, 0)) == "t";
+}
+
+absl::Status PostgresDatabase::CheckLeadJobs() {
+  absl::MutexLock lock(&leader_mu_);
+  if (leader_conn_ == nullptr) return absl::FailedPreconditionError("the job lock was never taken");
+  PgResult r(PQexec(leader_conn_, "SELECT 1"));
+  if (PQresultStatus(r.get()) == PGRES_TUPLES_OK && PQstatus(leader_conn_) == CONNECTION_OK) {
+    return absl::OkStatus();
+  }
+  return absl::UnavailableError(absl::StrCat("the job lock's session at ", Redacted(uri_),
+                                             " is gone: ", PQerrorMessage(leader_conn_)));
 }
 
 void PostgresDatabase::Listen() {

@@ -70,6 +70,7 @@ class PostgresDatabase final : public Database {
   void Unsubscribe(int token) override;
   // pg_try_advisory_lock on a connection of its own, kept open.
   absl::StatusOr<bool> TryLeadJobs() override;
+  absl::Status CheckLeadJobs() override;
   absl::Status PutBlob(const std::string& name, absl::string_view bytes) override;
   absl::StatusOr<std::string> GetBlob(const std::string& name) override;
   absl::Status DeleteBlob(const std::string& name) override;

@@ -492,10 +492,22 @@ absl::StatusOr<std::vector<std::string>> SqliteDatabase::ListBlobs(const std::st
   const fs::path root(blob_dir_);
   std::vector<std::string> out;
   std::error_code ec;
-  fs::recursive_directory_iterator it(root / prefix, ec), end;
+  fs::recursive_directory_iterator it(root / prefix,
+                                      fs::directory_options::follow_directory_symlink, ec),
+      end;
   if (ec == std::errc::no_such_file_or_directory) return out;
   for (; !ec && it != end; it.increment(ec)) {
-    if (!it->is_regular_file(ec)) continue;
+    // Directories are walked; anything else but a file (through symlinks)
+    // is no blob the server wrote, and is an error rather than a silent gap
+    // in a copy.
+    if (it->is_directory(ec)) continue;
+    if (!it->is_regular_file(ec)) {
+      if (!ec) {
+        return absl::FailedPreconditionError(
+            absl::StrCat(it->path().string(), " is neither a file nor a directory: not a blob"));
+      }
+      break;
+    }
     std::string name = it->path().lexically_relative(root).generic_string();
     if (absl::EndsWith(name, ".tmp") || !ValidateBlobName(name).ok()) continue;
     out.push_back(std::move(name));

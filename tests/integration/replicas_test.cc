@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -38,6 +39,8 @@ class ReplicasTest : public testing::TrainingTest {
     o.before_training_step = [](const std::string&) {
       std::this_thread::sleep_for(std::chrono::milliseconds(250));
     };
+    // Not the process's exit (the default): the test checks the call.
+    o.on_lost_job_lock = [this](const absl::Status&) { ++lost_job_lock_; };
     return o;
   }
   void SetUp() override {
@@ -108,6 +111,7 @@ class ReplicasTest : public testing::TrainingTest {
   std::unique_ptr<Server> server_b_;
   std::unique_ptr<Client> client_b_;
   std::unique_ptr<v1::Models::Stub> stub_b_;
+  std::atomic<int> lost_job_lock_{0};
 };
 
 TEST_F(ReplicasTest, WhatOneReplicaIsToldTheOtherServesWithinASecond) {
@@ -394,6 +398,24 @@ TEST_F(ReplicasTest, ACancelThroughAnyReplicaReachesTheRunner) {
   EXPECT_TRUE(Within(absl::Seconds(1), [&] {
     return OnB([&] { return GetJob(job->id()); }).state() == v1::Job::CANCELLED;
   }));
+}
+
+// The runner's job-lock session ends under it (as when the database
+// restarts, or the network is cut for longer than the keepalives allow):
+// another replica may take the lock and run the same jobs, so the runner is
+// told at once (by default the process exits) — within the 2 s of its check.
+TEST_F(ReplicasTest, ARunnerThatLosesTheJobLockStops) {
+  EXPECT_EQ(lost_job_lock_, 0);
+  PGconn* c = PQconnectdb(database_.c_str());
+  PGresult* r = PQexec(c,
+                       "SELECT count(pg_terminate_backend(pid)) FROM pg_locks "
+                       "WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()");
+  ASSERT_EQ(PQresultStatus(r), PGRES_TUPLES_OK) << PQresultErrorMessage(r);
+  EXPECT_EQ(std::string(PQgetvalue(r, 0, 0)), "1");  // A's job lock, the one advisory lock held
+  PQclear(r);
+  PQfinish(c);
+  EXPECT_TRUE(Within(absl::Seconds(5), [&] { return lost_job_lock_ > 0; }));
+  EXPECT_EQ(lost_job_lock_, 1);  // once
 }
 
 // A client with round_robin over both replicas' addresses spreads its calls

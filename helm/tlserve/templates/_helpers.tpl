@@ -67,6 +67,9 @@ Refuse instead of doing so.
 {{- if and (include "tlserve.sharedDatabase" .) (not .Values.database.url.key) -}}
 {{- fail "database.url.secretName needs database.url.key (the Secret's key that holds the URI)" -}}
 {{- end -}}
+{{- if and .Values.database.password.secretName (not .Values.database.password.key) -}}
+{{- fail "database.password.secretName needs database.password.key (the Secret's key that holds the password)" -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
