@@ -12,18 +12,23 @@ serving-only, --max_concurrent_jobs=0, started when first needed) and for
 each mode (Classify, Embed), --clients client threads send --batch-image
 requests, client i to replica i mod N, each on its own connection; a warm-up
 call each, then a window of --seconds. Reported: images/s, p50 latency, and
-the database's transactions in the window (pg_stat_database's xact_commit
-+ xact_rollback of the database, read before and after the window with 2 s
-for the servers' statistics to be flushed, minus the probe's own) per
-request. Every replica of this machine shares its 2 cores: more replicas
-cannot serve more here; the table shows what it costs and that the hot
-path does not touch the database.
+the statements the database ran from the phase's start to its end (the
+throwaway cluster logs every statement; marks bound the phases), per
+second, beside an idle window's after the phases (no calls: what the
+replicas do by themselves). The runner's check of its job lock (a SELECT 1
+every 2 s) is not counted.
+Before that, the write path: the statements of an upload, a head-only job
+and a fine-tune, the bytes of each version and the largest checkpoint seen,
+and the connections per replica. Every replica of this machine shares its
+2 cores: more replicas cannot serve much more here; the table shows what
+they cost and that the hot path does not touch the database.
 
   /usr/bin/python3 bench/replicas.py
   /usr/bin/python3 bench/replicas.py --seconds=20 --clients=6 --threads=1
 """
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,12 +49,32 @@ def sql(uri, query):
     return r.stdout.strip()
 
 
-def transactions(uri):
-    """Transactions the database has seen (committed or rolled back), after
-    2 s for the servers' statistics to be flushed; minus this probe's own."""
-    time.sleep(2)
-    return int(sql(uri, "SELECT xact_commit + xact_rollback FROM pg_stat_database "
-                        "WHERE datname = current_database()")) - 1
+class Statements:
+    """Counts the statements the database runs, exactly: the throwaway
+    cluster logs every one (log_statement = all), and marks written through
+    it bound each window. (pg_stat_database's transaction counts lag: idle
+    backends flush their statistics up to 10 s late.)"""
+
+    def __init__(self, uri, log_path):
+        self.uri, self.log_path, self.n = uri, log_path, 0
+        sql(uri, "ALTER SYSTEM SET log_statement = 'all'")
+        sql(uri, "SELECT pg_reload_conf()")
+
+    def mark(self):
+        self.n += 1
+        sql(self.uri, "SELECT 'tlbench-mark-%d'" % self.n)
+        return self.n
+
+    def between(self, first, last):
+        with open(self.log_path, errors="replace") as f:
+            text = f.read()
+        a = text.index("tlbench-mark-%d'" % first)
+        b = text.rindex("\n", 0, text.index("tlbench-mark-%d'" % last))  # the mark's line is out
+        lines = text[a:b].splitlines()[1:]
+        # Not the runner's job-lock check ("SELECT 1" every 2 s): counted apart.
+        self.lock_checks = sum(1 for l in lines if re.search(r"LOG:  statement: SELECT 1$", l))
+        return sum(1 for l in lines if re.search(r"LOG:  (statement|execute [^:]*):", l)) - self.lock_checks
+
 
 
 def blob_bytes(uri, like):
@@ -109,6 +134,7 @@ def main():
     pg_dir = os.path.join(work, "pg")
     pg = os.path.join(tlbench.ROOT, "scripts", "pg-temp.sh")
     uri = subprocess.run(["bash", pg, "start", pg_dir], capture_output=True, text=True, check=True).stdout.strip()
+    log = Statements(uri, os.path.join(pg_dir, "server.log"))
     servers = []
     t_all = time.monotonic()
     try:
@@ -128,35 +154,38 @@ def main():
         # The write path's load on the database: an upload, a head-only job,
         # a fine-tune of a private layer4 (each measured alone).
         writes = []
-        before = transactions(uri)
+        before = log.mark()
         r = c.upload("rep-data", tlbench.fmnist("train", range(5), 12), batch=64)
-        after = transactions(uri)
+        time.sleep(1)  # the last writes of what just ended
+        after = log.mark()
         image_bytes = int(sql(uri, "SELECT sum(octet_length(bytes)) FROM examples"))
-        writes.append(("upload of %d images (%d a message)" % (r.accepted, 64), after - before,
+        writes.append(("upload of %d images (%d a message)" % (r.accepted, 64), log.between(before, after),
                        "%d bytes of images" % image_bytes))
         c.create_model("rep-model", dataset="rep-data")
-        before = transactions(uri)
+        before = log.mark()
         job = c.train("rep-model", "rep-data", epochs=5)
-        after = transactions(uri)
+        time.sleep(1)  # the last writes of what just ended
+        after = log.mark()
         if job.state != models_pb2.Job.SUCCEEDED:
             raise SystemExit("training ended %s: %s" % (tlbench.state_name(job), job.error))
-        writes.append(("head-only job, 5 epochs (v%d)" % job.version, after - before,
+        writes.append(("head-only job, 5 epochs (v%d)" % job.version, log.between(before, after),
                        "version weights %d bytes" % blob_bytes(uri, "models/rep-model/v1.%")))
         c.create_model("rep-tuned", dataset="rep-data")
         job = c.train("rep-tuned", "rep-data", epochs=5)
         c.unfreeze("rep-tuned", ["layer4"])
         stop, sizes = threading.Event(), []
         watcher = threading.Thread(target=checkpoint_watch, args=(uri, stop, sizes))
-        before = transactions(uri)
+        before = log.mark()
         watcher.start()
         job = c.train("rep-tuned", "rep-data", epochs=2, batch_size=32)
         stop.set()
         watcher.join()
-        after = transactions(uri)
+        time.sleep(1)  # the last writes of what just ended
+        after = log.mark()
         if job.state != models_pb2.Job.SUCCEEDED:
             raise SystemExit("fine-tuning ended %s: %s" % (tlbench.state_name(job), job.error))
         # The watcher's own queries are not the server's.
-        writes.append(("fine-tune of layer4, 2 epochs (v%d)" % job.version, after - before - len(sizes),
+        writes.append(("fine-tune of layer4, 2 epochs (v%d)" % job.version, log.between(before, after) - len(sizes),
                        "version weights %d bytes; largest checkpoint seen %d bytes" % (
                            blob_bytes(uri, "models/rep-tuned/v%d.%%" % job.version), max(sizes or [0]))))
         print("setup: %d images, models trained" % r.accepted, flush=True)
@@ -174,26 +203,36 @@ def main():
                 callers = [cl.call_classify if mode == "classify" else cl.call_embed for cl in clients]
                 # Warm-up (every replica loads the model on its first Classify).
                 tlbench.measure(callers, 2, None, a.timeout)
-                before = transactions(uri)
+                before, t0 = log.mark(), time.monotonic()
                 ph = tlbench.measure(callers, a.seconds, None, a.timeout)
-                after = transactions(uri)
+                after, t1 = log.mark(), time.monotonic()
                 for cl in clients:
                     cl.close()
-                tx = after - before
+                tx = log.between(before, after)
                 errors = {k: v for k, v in ph["codes"].items() if k != "OK"}
                 rows.append((n, mode, ph["calls"], ph["images"], tlbench.rate(ph),
-                             1000 * tlbench.pct(ph["lat"], 50), tx, tx / max(1, ph["calls"]), errors))
-                print("%d replica(s) %-8s %6.1f images/s, p50 %.0f ms, %d database transactions in %d calls%s"
-                      % (n, mode, tlbench.rate(ph), 1000 * tlbench.pct(ph["lat"], 50), tx, ph["calls"],
+                             1000 * tlbench.pct(ph["lat"], 50), tx, tx / (t1 - t0), errors))
+                print("%d replica(s) %-8s %6.1f images/s, p50 %.0f ms, %d database statements in %.1f s%s"
+                      % (n, mode, tlbench.rate(ph), 1000 * tlbench.pct(ph["lat"], 50), tx, t1 - t0,
                          (", errors %s" % errors) if errors else ""), flush=True)
+            # The idle baseline, after the calls (a replica just started is
+            # still busy with its own start): a window without calls.
+            before, t0 = log.mark(), time.monotonic()
+            time.sleep(a.seconds)
+            idle = log.between(before, log.mark())
+            t1 = time.monotonic()
+            rows.append((n, "idle", 0, 0, float("nan"), float("nan"), idle, idle / (t1 - t0), {}))
+            print("%d replica(s) idle: %d database statements in %.1f s" % (n, idle, t1 - t0), flush=True)
 
         print()
         print(tlbench.backbone_line(a, desc, servers[0]))
         print("clients %d, %d images a request, %.0f s windows; %s; run took %.0f s" % (
             a.clients, a.batch, a.seconds, tlbench.machine_line(), time.monotonic() - t_all))
         base = {mode: rate for n, mode, _, _, rate, *_ in rows if n == counts[0]}
+        idle = {n: per_s for n, mode, _, _, _, _, _, per_s, _ in rows if mode == "idle"}
         print()
-        print("| write | database transactions | size |")
+        print("write path (statements; the runner's job-lock check, a SELECT 1 every 2 s, not counted):")
+        print("| write | database statements | size |")
         print("| --- | ---: | --- |")
         for what, tx, size in writes:
             print("| %s | %d | %s |" % (what, tx, size))
@@ -201,12 +240,15 @@ def main():
         print("database connections (pg_stat_activity, the probe's own excluded): %s" % ", ".join(
             "%d with %d replica(s)" % (v, k) for k, v in sorted(connections.items())))
         print()
-        print("| replicas | mode | calls | images/s | vs %d replica(s) | p50 ms | db transactions | per call |" % counts[0])
+        print("| replicas | mode | calls | images/s | vs %d replica(s) | p50 ms | db statements | per s "
+              "(idle: per s) |" % counts[0])
         print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for n, mode, calls, _, rate, p50, tx, per, errors in rows:
-            print("| %d | %s | %d | %.1f | %.2f | %.0f | %d | %.3f |%s" % (
-                n, mode, calls, rate, rate / base[mode] if base[mode] else float("nan"), p50, tx, per,
-                (" errors %s" % errors) if errors else ""))
+        for n, mode, calls, _, rate, p50, tx, per_s, errors in rows:
+            if mode == "idle":
+                continue
+            print("| %d | %s | %d | %.1f | %.2f | %.0f | %d | %.2f (%.2f) |%s" % (
+                n, mode, calls, rate, rate / base[mode] if base[mode] else float("nan"), p50, tx, per_s,
+                idle[n], (" errors %s" % errors) if errors else ""))
     finally:
         for s in reversed(servers):
             s.stop()
