@@ -203,6 +203,8 @@ def main():
         check([p["name"] for p in objs["Service"]["spec"]["ports"]] == ["grpc", "metrics"], "named service ports")
         check("nvidia.com/gpu" not in json.dumps(c["resources"]), "no GPU by default")
         check(dep["spec"]["strategy"]["type"] == "Recreate", "one pod owns the data volume")
+        check("rollingUpdate" in dep["spec"]["strategy"] and dep["spec"]["strategy"]["rollingUpdate"] is None,
+              "rollingUpdate: null, so that an upgrade from PostgreSQL mode's rolling update is accepted")
         flags = objs["ConfigMap"]["data"]["tlserve.flags"].split()
         names = [f[2:].split("=")[0] for f in flags] + list(parse_args(c["args"]))
         check(all(n in known_flags for n in names), "every flag is tlserve's: %s" % (set(names) - known_flags))
