@@ -99,6 +99,22 @@ class ReplicasTest : public testing::TrainingTest {
     v1::DeleteModelResponse r;
     return FromGrpc(stub_->DeleteModel(&ctx, req, &r));
   }
+  // B's WatchJob of `id` on a thread (and a stub) of its own, every update
+  // into `seen`; bounded: a job that no replica resumes fails the test
+  // instead of hanging it.
+  std::thread WatchOnB(const std::string& id, std::vector<v1::Job>* seen) {
+    return std::thread([id, seen, stub = v1::Models::NewStub(client_b_->channel())] {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(5));
+      v1::WatchJobRequest req;
+      req.set_id(id);
+      auto reader = stub->WatchJob(&ctx, req);
+      v1::Job j;
+      while (reader->Read(&j)) seen->push_back(j);
+      const absl::Status s = FromGrpc(reader->Finish());
+      EXPECT_TRUE(s.ok()) << s;
+    });
+  }
   int TrainOnce(const std::string& model) {
     auto job = Start(model, "fmnist");
     EXPECT_TRUE(job.ok()) << job.status();
@@ -222,17 +238,7 @@ TEST_F(ReplicasTest, AStandbyTakesOverTheJobsWhenTheRunnerGoes) {
   // B watches from the start, on a stub of its own (the fixture's helpers
   // stay A's on this thread).
   std::vector<v1::Job> seen;
-  std::thread watcher([&, stub = v1::Models::NewStub(client_b_->channel())] {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(5));
-    v1::WatchJobRequest req;
-    req.set_id(job->id());
-    auto reader = stub->WatchJob(&ctx, req);
-    v1::Job j;
-    while (reader->Read(&j)) seen.push_back(j);
-    const absl::Status s = FromGrpc(reader->Finish());
-    EXPECT_TRUE(s.ok()) << s;
-  });
+  std::thread watcher = WatchOnB(job->id(), &seen);
   ASSERT_TRUE(Within(absl::Seconds(120), [&] {
     const v1::Job j = GetJob(job->id());
     return j.epochs_size() > 0 && j.epochs().rbegin()->epoch() >= 1;
@@ -303,18 +309,7 @@ TEST_F(ReplicasTest, AReplicaKilledMidFineTuneIsResumedByAnother) {
   auto job = Start("clothes", "fmnist", fine);
   ASSERT_TRUE(job.ok()) << job.status();
   std::vector<v1::Job> seen;
-  std::thread watcher([&, stub = v1::Models::NewStub(client_b_->channel())] {
-    grpc::ClientContext ctx;
-    // Bounded: a job that no replica resumes fails the test instead of hanging it.
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(5));
-    v1::WatchJobRequest req;
-    req.set_id(job->id());
-    auto reader = stub->WatchJob(&ctx, req);
-    v1::Job j;
-    while (reader->Read(&j)) seen.push_back(j);
-    const absl::Status s = FromGrpc(reader->Finish());
-    EXPECT_TRUE(s.ok()) << s;
-  });
+  std::thread watcher = WatchOnB(job->id(), &seen);
   v1::Job before;
   ASSERT_TRUE(Within(absl::Seconds(120), [&] {
     before = GetJob(job->id());
