@@ -77,10 +77,12 @@ TEST_F(TrainingTest, TrainsAHeadClassifiesAndSurvivesARestart) {
   EXPECT_TRUE(results[1].has_error());
   EXPECT_NE(results[1].error().message().find("images[1]"), std::string::npos);
   EXPECT_EQ(results[0].classification().top(0).label(), before->results(0).top(0).label());
-  // Identical on the CPU; on a GPU, cuDNN picks kernels by batch size.
+  // Nearly identical: the stream batches the image with other ones than the unary call did, and
+  // BLAS blocks a matrix product by its size (on a GPU, cuDNN picks kernels by batch size). CI
+  // measured 1.19e-7 here (2 ulps at 0.9985) on a CPU whose kernels differ from this machine's.
   EXPECT_NEAR(results[2].classification().top(0).probability(),
               before->results(1).top(0).probability(),
-              testing::TestDevice() == "cpu" ? 1e-7 : 1e-5);
+              testing::TestDevice() == "cpu" ? 1e-6 : 1e-5);
   EXPECT_EQ(
       client_
           ->StreamClassify(
