@@ -29,9 +29,13 @@ ABSL_FLAG(int, train_threads, 1,
           "LibTorch intra-op threads of training jobs (their backward passes), so that serving "
           "keeps its cores");
 ABSL_FLAG(int, max_concurrent_jobs, 1,
-          "training jobs this replica runs at once: 1 (they queue), or 0 for a serving-only "
-          "replica. On a shared PostgreSQL database (--database) one replica runs the jobs; "
-          "others with 1 stand by and take over (resuming the jobs) when it goes");
+          "training jobs this replica runs at once (up to 16; more queue), or 0 for a "
+          "serving-only replica. On a shared PostgreSQL database (--database) every replica "
+          "claims queued jobs from the database's queue, and resumes those of a replica that "
+          "died");
+ABSL_FLAG(int, job_lease_seconds, 10,
+          "how long a replica's claim on a running job lasts unrenewed (it renews it every "
+          "third of that): a replica that dies leaves its jobs to others this long after");
 ABSL_FLAG(int, preprocess_threads, 0,
           "image decoding threads, one intra-op thread each (0: the machine's cores)");
 ABSL_FLAG(int, max_batch_size, 0,
@@ -173,12 +177,12 @@ int Migrate() {
   }
   std::printf(
       "migrated %s into %s: %lld datasets (%lld images, %lld bytes), %lld records, %lld blobs "
-      "(%lld bytes); verified: counts, names, labels and the SHA-256 of every image and blob, "
-      "every record byte for byte\n",
+      "(%lld bytes), %lld unfinished jobs queued to resume; verified: counts, names, labels and "
+      "the SHA-256 of every image and blob, every record byte for byte\n",
       from.c_str(), shown.c_str(), static_cast<long long>(report->datasets),
       static_cast<long long>(report->examples), static_cast<long long>(report->example_bytes),
       static_cast<long long>(report->records), static_cast<long long>(report->blobs),
-      static_cast<long long>(report->blob_bytes));
+      static_cast<long long>(report->blob_bytes), static_cast<long long>(report->queued_jobs));
   return 0;
 }
 
@@ -222,6 +226,7 @@ int main(int argc, char** argv) {
   o.engine.threads = o.backbone.threads;
   o.train_threads = absl::GetFlag(FLAGS_train_threads);
   o.max_concurrent_jobs = absl::GetFlag(FLAGS_max_concurrent_jobs);
+  o.job_lease = absl::Seconds(absl::GetFlag(FLAGS_job_lease_seconds));
   o.embedder.max_image_pixels = absl::GetFlag(FLAGS_max_image_pixels);
   o.embedder.max_request_pixels = absl::GetFlag(FLAGS_max_request_pixels);
   o.embedder.preprocess_threads =
@@ -289,14 +294,16 @@ int main(int argc, char** argv) {
       o.models.max_classes < 2 || o.min_free_disk_bytes < 0 || o.max_concurrent_uploads < 1 ||
       o.max_concurrent_exports < 1 || o.max_concurrent_analyses < 1 ||
       o.max_analysis_bytes < (int64_t{1} << 20) || o.train_threads < 1 ||
-      o.max_concurrent_jobs < 0 || o.max_concurrent_jobs > 1 ||
+      o.max_concurrent_jobs < 0 || o.max_concurrent_jobs > 16 ||
+      absl::GetFlag(FLAGS_job_lease_seconds) < 1 ||
       absl::GetFlag(FLAGS_device_memory_budget_mb) < 0) {
     tlserve::LogError(
         "--max_images_per_request must be >= 1, --max_message_bytes >= 1024, "
         "--feature_cache_mb >= 0, --max_head_params >= 1, --max_model_classes >= 2 and "
         "--min_free_disk_mb >= 0, --max_concurrent_uploads >= 1, --max_concurrent_exports >= 1, "
         "--max_concurrent_analyses >= 1, --max_analysis_mb >= 1, "
-        "--train_threads >= 1, --max_concurrent_jobs 0 or 1 and --device_memory_budget_mb >= 0");
+        "--train_threads >= 1, --max_concurrent_jobs 0 to 16, --job_lease_seconds >= 1 and "
+        "--device_memory_budget_mb >= 0");
     return 2;
   }
   tlserve::LogInfo(

@@ -208,12 +208,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   jobs.disk = s->disk_.get();
   jobs.checkpoints = true;
   jobs.before_step = options.before_training_step;
-  jobs.on_lost_lead =
-      options.on_lost_job_lock ? options.on_lost_job_lock : [](const absl::Status&) {
-        LogError("exiting (status 3): the job lock is lost");
-        std::_Exit(3);
-      };
-  jobs.run_jobs = options.max_concurrent_jobs > 0;
+  jobs.max_concurrent_jobs = options.max_concurrent_jobs;
+  jobs.lease = options.job_lease;
   s->jobs_ = std::make_unique<JobRunner>(s->database_.get(), s->datasets_.get(), s->models_.get(),
                                          s->engine_.get(), s->metrics_.get(), jobs);
   if (absl::Status st = s->jobs_->Recover(); !st.ok()) return st;

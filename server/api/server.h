@@ -43,16 +43,14 @@ struct ServerOptions {
   int max_message_bytes = 64 << 20;
   int64_t feature_cache_bytes = int64_t{1} << 30;  // training jobs' feature cache
   int train_threads = 1;                           // LibTorch intra-op threads of training
-  // 1: this server runs training jobs; 0: it serves only (beside the replica
-  // that runs the jobs of a shared PostgreSQL database).
+  // Training jobs this server runs at once; 0: it serves only (beside
+  // replicas of a shared PostgreSQL database that run them).
   int max_concurrent_jobs = 1;
+  // How long a replica's claim on a job lasts unrenewed (renewed every third
+  // of it): how soon another replica resumes the jobs of one that died.
+  absl::Duration job_lease = absl::Seconds(10);
   // Tests only: called before each fine-tuning step (JobRunner::Options).
   std::function<void(const std::string&)> before_training_step;
-  // When the replica that runs a shared database's jobs loses its job lock
-  // (JobRunner::Options::on_lost_lead). Unset: the process logs it and
-  // exits with status 3 at once, so that no two replicas run the same jobs
-  // (a supervisor restarts it; it then stands by, or leads again).
-  std::function<void(const absl::Status&)> on_lost_job_lock;
   int64_t min_free_disk_bytes = int64_t{512} << 20;  // the data directory's reserve
   int max_concurrent_uploads = 16;
   int max_concurrent_exports = 4;

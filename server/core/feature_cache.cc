@@ -6,6 +6,7 @@ int64_t Bytes(const at::Tensor& t) { return static_cast<int64_t>(t.numel() * t.e
 }  // namespace
 
 at::Tensor FeatureCache::Get(const std::string& key) {
+  absl::MutexLock lock(&mu_);
   auto it = index_.find(key);
   if (it == index_.end()) return {};
   lru_.splice(lru_.begin(), lru_, it->second);
@@ -13,6 +14,7 @@ at::Tensor FeatureCache::Get(const std::string& key) {
 }
 
 void FeatureCache::Put(const std::string& key, at::Tensor value) {
+  absl::MutexLock lock(&mu_);
   if (auto it = index_.find(key); it != index_.end()) Erase(it->second);
   const int64_t size = Bytes(value);
   if (size > max_bytes_) return;

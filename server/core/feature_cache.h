@@ -1,8 +1,8 @@
 // The training jobs' cache of frozen-backbone features, keyed by backbone
 // and example: a head-only job on a dataset it has seen before skips the
 // forward passes. Bounded by bytes; the least recently used entries go
-// first. In memory only (a restart starts empty). Not thread-safe: the job
-// worker thread owns it.
+// first. In memory only (a restart starts empty). Thread-safe: the job
+// workers share it.
 #ifndef TLSERVE_SERVER_CORE_FEATURE_CACHE_H_
 #define TLSERVE_SERVER_CORE_FEATURE_CACHE_H_
 
@@ -13,6 +13,9 @@
 #include <string>
 #include <unordered_map>
 #include <utility>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 
 namespace tlserve {
 
@@ -28,17 +31,24 @@ class FeatureCache {
   // not stored.
   void Put(const std::string& key, at::Tensor value);
 
-  int64_t bytes() const { return bytes_; }
-  size_t size() const { return index_.size(); }
+  int64_t bytes() const {
+    absl::MutexLock lock(&mu_);
+    return bytes_;
+  }
+  size_t size() const {
+    absl::MutexLock lock(&mu_);
+    return index_.size();
+  }
 
  private:
   using Entry = std::pair<std::string, at::Tensor>;
-  void Erase(std::list<Entry>::iterator it);
+  void Erase(std::list<Entry>::iterator it) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const int64_t max_bytes_;
-  int64_t bytes_ = 0;
-  std::list<Entry> lru_;  // most recently used first
-  std::unordered_map<std::string, std::list<Entry>::iterator> index_;
+  mutable absl::Mutex mu_;
+  int64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::list<Entry> lru_ ABSL_GUARDED_BY(mu_);  // most recently used first
+  std::unordered_map<std::string, std::list<Entry>::iterator> index_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace tlserve

@@ -481,7 +481,10 @@ absl::StatusOr<int> JobRunner::Train(const std::string& id) {
                        "\", which the model does not have (appended while the job waited)"));
     }
   }
-  current_examples_digest_ = ExamplesDigest(examples);
+  {
+    absl::MutexLock lock(&mu_);
+    jobs_.at(id).examples_digest = ExamplesDigest(examples);
+  }
   if (!info->private_stages.empty()) return FineTuneJob(id, r, *info, examples, checkpoint);
   Update(id, [](JobRecord& rec) { rec.phase = "computing features"; });
   if (r.options.sweep) {

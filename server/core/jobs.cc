@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <torch/torch.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <ctime>
@@ -22,6 +23,7 @@
 #include "server/core/metrics.h"
 #include "server/core/preprocess.h"
 #include "server/core/sha256.h"
+#include "server/store/job_queue.h"
 
 namespace tlserve {
 namespace {
@@ -192,6 +194,19 @@ const char* StateName(JobRecord::State s) {
   return "unknown";
 }
 
+namespace {
+
+// Who this process is in the job queue: host, process and a random part (a
+// restarted process is another owner).
+std::string NewOwner() {
+  char host[256] = {0};
+  if (gethostname(host, sizeof(host) - 1) != 0) std::snprintf(host, sizeof(host), "unknown");
+  std::random_device rd;
+  return absl::StrFormat("%s/%d/%08x", host, static_cast<int>(getpid()), rd());
+}
+
+}  // namespace
+
 JobRunner::JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* models, Engine* engine,
                      Metrics* metrics, const Options& options)
     : db_(db),
@@ -207,22 +222,24 @@ JobRunner::JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* mode
       before_step_(options.before_step),
       disk_(options.disk),
       checkpoints_(options.checkpoints),
-      run_jobs_(options.run_jobs),
-      on_lost_lead_(options.on_lost_lead),
-      feature_cache_(options.feature_cache_bytes) {
-  worker_ = std::thread([this] { WorkerLoop(); });
-}
+      max_concurrent_jobs_(std::max(0, options.max_concurrent_jobs)),
+      lease_(std::max(options.lease, absl::Milliseconds(300))),
+      owner_(NewOwner()),
+      feature_cache_(options.feature_cache_bytes) {}
 
 JobRunner::~JobRunner() {
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
-    for (auto& [id, job] : jobs_) job.cancel = true;
+    for (auto& [id, job] : jobs_) {
+      if (job.owned) job.cancel = true;
+    }
   }
-  if (standby_.joinable()) standby_.join();
   if (int token = subscription_.exchange(0); token != 0) db_->Unsubscribe(token);
-  if (int token = cancel_subscription_.exchange(0); token != 0) db_->Unsubscribe(token);
-  worker_.join();
+  // The workers end their jobs (paused to resume, or interrupted) while
+  // their leases are still renewed.
+  for (std::thread& w : workers_) w.join();
+  if (renewer_.joinable()) renewer_.join();
 }
 
 absl::StatusOr<JobRecord> JobRunner::ParseRecord(const std::string& key, const std::string& json) {
@@ -254,99 +271,105 @@ void JobRunner::Follow(const std::string& id) {
     records.emplace_back(id, std::move(*json));
   }
   std::vector<std::string> changed;
+  bool queued = false;
   {
     absl::MutexLock lock(&mu_);
     for (const auto& [key, json] : records) {
       auto record = ParseRecord(key, json);
       if (!record.ok()) continue;
-      jobs_[key].record = std::move(*record);
+      Job& job = jobs_[key];
+      if (job.owned) continue;  // this replica writes it
+      job.record = std::move(*record);
       changed.push_back(key);
+      queued = queued || job.record.state == JobRecord::State::kQueued;
     }
     UpdateStateMetrics();
   }
-  for (const auto& key : changed) Publish(key, /*persist=*/false);
+  if (queued) Wake();  // one for this replica's workers to claim
+  for (const auto& key : changed) Publish(key);
 }
 
-absl::Status JobRunner::Recover() {
-  if (run_jobs_) {
-    auto lead = db_->TryLeadJobs();
-    // A runner that just died (a restart after kill -9) holds the lock until
-    // its database server sees its connection closed: a few seconds' grace.
-    for (absl::Time end = absl::Now() + absl::Seconds(5);
-         lead.ok() && !*lead && absl::Now() < end;) {
-      absl::SleepFor(absl::Milliseconds(100));
-      lead = db_->TryLeadJobs();
-    }
-    if (!lead.ok()) return lead.status();
-    if (*lead) {
-      leading_ = true;
-      if (absl::Status s = RecoverAsRunner(); !s.ok()) return s;
-      ListenForCancels();
-      standby_ = std::thread([this] { WatchLead(); });
-      return absl::OkStatus();
-    }
-    LogInfo("another replica runs the jobs of this database: this one stands by to take over");
+absl::Status JobRunner::Hold(const std::string& id) {
+  std::string model, dataset;
+  {
+    absl::MutexLock lock(&mu_);
+    if (held_.count(id) > 0) return absl::OkStatus();
+    model = jobs_.at(id).record.model;
+    dataset = jobs_.at(id).record.dataset;
+    held_[id] = {model, dataset};  // first: a Hold of the same job at once holds nothing twice
   }
-  // Not the runner: the records are another replica's to change; follow them.
-  subscription_ = db_->Subscribe([this](const std::string& kind, const std::string& key) {
-    if (kind.empty() || kind == "job") Follow(key);
-  });
-  Follow("");
-  if (run_jobs_) standby_ = std::thread([this] { StandBy(); });
+  if (absl::Status s = models_->BeginTraining(model); !s.ok()) {
+    absl::MutexLock lock(&mu_);
+    held_.erase(id);
+    return s;
+  }
+  datasets_->Acquire(dataset);
   return absl::OkStatus();
 }
 
-void JobRunner::StandBy() {
-  for (;;) {
-    {
-      absl::MutexLock lock(&mu_);
-      if (mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Milliseconds(500))) return;
-    }
-    auto lead = db_->TryLeadJobs();
-    if (!lead.ok() || !*lead) continue;
-    if (int token = subscription_.exchange(0); token != 0) db_->Unsubscribe(token);
-    LogInfo("this replica now runs the jobs of this database: resuming what was left");
-    // Recovered before it takes new jobs (a StartTraining meanwhile would
-    // take a model whose job is about to resume); retried while the
-    // database is out of reach, holding the lock.
-    for (;;) {
-      absl::Status s = RecoverAsRunner();
-      if (s.ok()) break;
-      LogError("cannot take over the jobs yet (retrying every second): %s", s.ToString());
-      absl::MutexLock lock(&mu_);
-      if (mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Seconds(1))) return;
-    }
-    leading_ = true;
-    ListenForCancels();
-    WatchLead();
-    return;
+void JobRunner::Release(const std::string& id) {
+  std::pair<std::string, std::string> what;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = held_.find(id);
+    if (it == held_.end()) return;
+    what = it->second;
+    held_.erase(it);
   }
+  models_->EndTraining(what.first);
+  datasets_->Release(what.second);
 }
 
-void JobRunner::WatchLead() {
-  if (std::string(db_->kind()) == "sqlite") return;  // one process owns the file
-  for (;;) {
-    {
-      absl::MutexLock lock(&mu_);
-      if (mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Seconds(2))) return;
-    }
-    absl::Status s = db_->CheckLeadJobs();
-    if (s.ok()) continue;
-    LogError(
-        "this replica no longer holds the job lock (%s): another replica may be running "
-        "its jobs now, so it must stop running them",
-        s.ToString());
-    if (on_lost_lead_) on_lost_lead_(s);
-    return;
-  }
+void JobRunner::Wake() {
+  absl::MutexLock lock(&mu_);
+  ++wakes_;
 }
 
-void JobRunner::ListenForCancels() {
-  // SQLite has no other replica: nothing to hear, and Subscribe is a no-op.
-  cancel_subscription_ = db_->Subscribe([this](const std::string& kind, const std::string&) {
+absl::Status JobRunner::Recover() {
+  if (absl::Status s = db_->AttachReplica(); !s.ok()) return s;
+  // SQLite: one process owns the store, so its jobs may be queued from
+  // their records (a store written before the queue existed).
+  if (std::string(db_->kind()) == "sqlite") {
+    auto queued = QueueUnfinishedJobs(*db_);
+    if (!queued.ok()) return queued.status();
+    if (absl::Status s = EndInheritedJobs(); !s.ok()) return s;
+  }
+  subscription_ = db_->Subscribe([this](const std::string& kind, const std::string& key) {
+    if (kind.empty() || kind == "job") Follow(key);
     if (kind.empty() || kind == "cancel") TakeCancelRequests();
   });
-  TakeCancelRequests();  // left before this replica listened
+  Follow("");
+  TakeCancelRequests();
+  for (int i = 0; i < max_concurrent_jobs_; ++i) {
+    workers_.emplace_back([this] { WorkerLoop(); });
+  }
+  if (max_concurrent_jobs_ > 0) renewer_ = std::thread([this] { RenewLoop(); });
+  return absl::OkStatus();
+}
+
+absl::Status JobRunner::EndInheritedJobs() {
+  auto queued = db_->ListQueuedJobs();
+  if (!queued.ok()) return queued.status();
+  for (const Database::QueuedJob& q : *queued) {
+    auto json = db_->GetRecord("job", q.id);
+    if (!json.ok()) continue;  // dropped when claimed
+    auto r = ParseRecord(q.id, *json);
+    if (!r.ok() || r->final() || (r->options.resume && !r->cancel_requested)) continue;
+    if (r->cancel_requested) {
+      r->state = JobRecord::State::kCancelled;
+      r->phase = "cancelled (the server stopped before the job noticed)";
+    } else {
+      r->state = JobRecord::State::kFailed;
+      r->error =
+          "interrupted: the server stopped while the job was unfinished (resume_after_restart "
+          "was off)";
+      r->phase = "failed";
+    }
+    auto ended = db_->EndUnclaimedJob(q.id, owner_, ToJson(*r).dump());
+    if (!ended.ok()) return ended.status();
+    DeleteCheckpoint(q.id);
+  }
+  return absl::OkStatus();
 }
 
 void JobRunner::TakeCancelRequests() {
@@ -357,94 +380,208 @@ void JobRunner::TakeCancelRequests() {
     return;
   }
   for (const auto& [id, json] : *requests) {
-    auto r = Cancel(id);
-    if (!r.ok() && r.status().code() != absl::StatusCode::kNotFound) {
-      LogError("cannot cancel job %s as another replica asked: %s", id, r.status().ToString());
-      continue;  // kept: tried again at the next change
+    bool owned = false, ended = false;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = jobs_.find(id);
+      owned = it != jobs_.end() && it->second.owned;
+      ended = it == jobs_.end() || it->second.record.final();
     }
-    LogInfo("job %s: cancelled as another replica asked", id);
+    if (!owned && !ended) continue;  // another replica's to carry out (or its claimer's)
+    if (owned) {
+      auto r = Cancel(id);
+      if (!r.ok() && r.status().code() != absl::StatusCode::kNotFound) {
+        LogError("cannot cancel job %s as another replica asked: %s", id, r.status().ToString());
+        continue;  // kept: tried again at the next change
+      }
+      LogInfo("job %s: cancelled as another replica asked", id);
+    }
     if (absl::Status s = db_->DeleteRecords("cancel", id); !s.ok()) {
       LogError("cannot delete the cancel request of job %s: %s", id, s.ToString());
     }
   }
 }
 
-absl::Status JobRunner::RecoverAsRunner() {
-  auto records = db_->ListRecords("job");
-  if (!records.ok()) return records.status();
-  // Cancel requests other replicas left (TakeCancelRequests deletes them
-  // later): those jobs end here instead of resuming first.
-  auto cancels = db_->ListRecords("cancel");
-  if (!cancels.ok()) return cancels.status();
-  std::set<std::string> cancel_requested;
-  for (const auto& [id, json] : *cancels) cancel_requested.insert(id);
-  std::vector<std::string> interrupted, resumed;
-  {
-    absl::MutexLock lock(&mu_);
-    for (const auto& [key, json] : *records) {
-      Job job;
-      auto parsed = ParseRecord(key, json);
-      if (!parsed.ok()) {
-        LogError("%s; skipped", parsed.status().message());
-        continue;
-      }
-      job.record = std::move(*parsed);
-      if (cancel_requested.count(key) > 0) job.record.cancel_requested = true;
-      // Watchers of a job this replica followed until now keep watching it.
-      if (auto known = jobs_.find(key); known != jobs_.end()) {
-        job.watchers = std::move(known->second.watchers);
-      }
-      if (!job.record.final() && job.record.cancel_requested) {
-        job.record.state = JobRecord::State::kCancelled;
-        job.record.phase = "cancelled (the server stopped before the job noticed)";
-        interrupted.push_back(key);
-      } else if (!job.record.final() && job.record.options.resume) {
-        resumed.push_back(key);
-      } else if (!job.record.final()) {
-        job.record.state = JobRecord::State::kFailed;
-        job.record.error =
-            "interrupted: the server stopped while the job was unfinished (resume_after_restart "
-            "was off)";
-        interrupted.push_back(key);
-      }
-      jobs_[key] = std::move(job);
+void JobRunner::WorkerLoop() {
+  // Training's own threads and (on CUDA) its own low-priority stream, so
+  // that serving keeps its cores and its stream.
+  at::set_num_threads(train_threads_);
+  engine_->streams().BindTraining();
+  int64_t seen = -1;
+  int failures = 0;
+  for (;;) {
+    {
+      absl::MutexLock lock(&mu_);
+      // A job queued here or heard of wakes the workers; the leases of
+      // replicas that died run out unheard, so they also look every lease/2.
+      auto woken = [this, &seen]()
+                       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_ || wakes_ != seen; };
+      mu_.AwaitWithTimeout(absl::Condition(&woken), lease_ / 2);
+      if (stopping_) return;
+      seen = wakes_;
     }
-    // Back in the queue in the order they were made.
-    std::sort(resumed.begin(), resumed.end(),
-              [this](const std::string& a, const std::string& b) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-                return jobs_.at(a).record.created_unix < jobs_.at(b).record.created_unix;
-              });
-    UpdateStateMetrics();
-  }
-  for (const auto& id : interrupted) {
-    DeleteCheckpoint(id);
-    Publish(id);
-  }
-  for (const auto& id : resumed) {
-    JobRecord r = *Get(id);
-    // The model is busy and the dataset held again, as when it was started.
-    if (absl::Status s = models_->BeginTraining(r.model); !s.ok()) {
-      Update(id, [&](JobRecord& rec) {
-        rec.state = JobRecord::State::kFailed;
-        rec.error = absl::StrCat("interrupted, and cannot resume: ", s.message());
-        rec.phase = "failed";
-      });
-      DeleteCheckpoint(id);
+    auto claim =
+        db_->ClaimJob(owner_, lease_, [this](const std::vector<Database::QueuedJob>& free) {
+          // Tenants take turns: the job of the tenant
+          // whose last job started here longest ago (or
+          // never), oldest first within a tenant.
+          absl::MutexLock lock(&mu_);
+          size_t next = 0;
+          int64_t best = INT64_MAX;
+          for (size_t i = 0; i < free.size(); ++i) {
+            auto last = last_start_.find(free[i].tenant);
+            const int64_t when = last == last_start_.end() ? -1 : last->second;
+            if (when < best) {
+              best = when;
+              next = i;
+            }
+          }
+          last_start_[free[next].tenant] = ++starts_;
+          return next;
+        });
+    if (!claim.ok()) {
+      if (failures++ % 30 == 0) {
+        LogError("cannot claim jobs (retrying): %s", claim.status().ToString());
+      }
       continue;
     }
-    datasets_->Acquire(r.dataset);
+    failures = 0;
+    if (!claim->has_value()) continue;
+    Wake();  // more may be waiting: the other workers look too
+    Take(**claim);
+    Wake();  // a worker is free again
+  }
+}
+
+void JobRunner::Take(const Database::QueuedJob& claim) {
+  const std::string& id = claim.id;
+  auto json = db_->GetRecord("job", id);
+  absl::StatusOr<JobRecord> parsed =
+      json.ok() ? ParseRecord(id, *json) : absl::StatusOr<JobRecord>(json.status());
+  if (!parsed.ok() || parsed->final()) {
+    if (!parsed.ok()) LogError("job %s: dropped from the queue: %s", id, parsed.status().message());
+    if (absl::Status s = db_->PutClaimedJob(id, owner_, "", Database::JobEnd::kFinish); !s.ok()) {
+      LogError("job %s: cannot drop it from the queue: %s", id, s.ToString());
+    }
+    return;
+  }
+  JobRecord r = std::move(*parsed);
+  const bool cancel_requested = r.cancel_requested || db_->GetRecord("cancel", id).ok();
+  const bool interrupted = claim.claims > 0;
+  {
+    absl::MutexLock lock(&mu_);
+    Job& job = jobs_[id];  // watchers of the job followed until now keep watching it
+    job.record = r;
+    job.owned = true;
+    job.cancel = false;
+    job.lease_lost = false;
+    UpdateStateMetrics();
+  }
+  absl::Status held = absl::OkStatus();
+  if (cancel_requested) {
+    held = absl::CancelledError("");
+  } else if (interrupted && !r.options.resume) {
+    held = absl::AbortedError("");
+  } else {
+    held = Hold(id);  // the model busy and the dataset held while it runs here
+  }
+  if (!held.ok()) {
     {
       absl::MutexLock lock(&mu_);
       JobRecord& rec = jobs_.at(id).record;
-      rec.state = JobRecord::State::kQueued;
-      rec.phase = "queued again after a restart: it resumes from its last checkpoint";
-      queue_.push_back(id);
+      if (held.code() == absl::StatusCode::kCancelled) {
+        rec.state = JobRecord::State::kCancelled;
+        rec.cancel_requested = true;
+        rec.phase = "cancelled before it resumed";
+      } else if (held.code() == absl::StatusCode::kAborted) {
+        rec.state = JobRecord::State::kFailed;
+        rec.error =
+            "interrupted: the server running it stopped while the job was unfinished "
+            "(resume_after_restart was off)";
+        rec.phase = "failed";
+      } else {
+        rec.state = JobRecord::State::kFailed;
+        rec.error = absl::StrCat("cannot run: ", held.message());
+        rec.phase = "failed";
+      }
       UpdateStateMetrics();
     }
-    LogInfo("job %s: interrupted by a restart, queued to resume", id);
+    DeleteCheckpoint(id);
+    Release(id);
     Publish(id);
+    std::string phase;
+    {
+      absl::MutexLock lock(&mu_);
+      jobs_.at(id).owned = false;
+      phase = jobs_.at(id).record.phase;
+    }
+    if (cancel_requested) (void)db_->DeleteRecords("cancel", id);
+    LogInfo("job %s: %s", id, phase);
+    return;
   }
-  return absl::OkStatus();
+  if (interrupted) {
+    LogInfo("job %s: left unfinished where it ran before (claims so far: %d); resuming it here",
+            id, claim.claims);
+  }
+  Run(id);
+}
+
+void JobRunner::RenewLoop() {
+  absl::Time last_ok = absl::Now();
+  for (;;) {
+    std::vector<std::string> owned;
+    {
+      absl::MutexLock lock(&mu_);
+      // Until the workers are gone: they end their jobs under a lease.
+      auto done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        if (!stopping_) return false;
+        for (const auto& [id, job] : jobs_) {
+          if (job.owned) return false;
+        }
+        return true;
+      };
+      if (mu_.AwaitWithTimeout(absl::Condition(&done), lease_ / 3)) return;
+      for (const auto& [id, job] : jobs_) {
+        if (job.owned && !job.lease_lost && !job.record.final()) owned.push_back(id);
+      }
+    }
+    if (owned.empty()) {
+      last_ok = absl::Now();
+      continue;
+    }
+    auto held = db_->RenewJobLeases(owner_, lease_, owned);
+    if (!held.ok()) {
+      LogError("cannot renew the leases of this replica's jobs: %s", held.status().ToString());
+      // Out of reach for longer than a lease: another replica may hold them now.
+      if (absl::Now() - last_ok > lease_) {
+        for (const auto& id : owned) LoseLease(id, "the database was out of reach for too long");
+      }
+      continue;
+    }
+    last_ok = absl::Now();
+    std::set<std::string> kept(held->begin(), held->end());
+    for (const auto& id : owned) {
+      if (kept.count(id) == 0) LoseLease(id, "another replica claimed it");
+    }
+  }
+}
+
+void JobRunner::LoseLease(const std::string& id, const std::string& why) {
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end() || !it->second.owned || it->second.lease_lost) return;
+    // Ended (out of the queue) or paused by the stop (its lease given up).
+    if (it->second.record.final() ||
+        (stopping_ && it->second.record.state == JobRecord::State::kQueued)) {
+      return;
+    }
+    it->second.lease_lost = true;
+    it->second.cancel = true;
+  }
+  LogError(
+      "job %s: this replica lost its lease (%s); it stops the job and writes nothing more of it",
+      id, why);
 }
 
 std::string JobRunner::ExamplesDigest(const std::vector<StoredExample>& examples) {
@@ -467,15 +604,15 @@ void JobRunner::SaveCheckpoint(const std::string& id, const std::string& kind,
                                const EpochStats& last, const std::string& state) {
   if (!checkpoints_) return;
   nlohmann::json epochs = nlohmann::json::array();
+  std::string examples_digest;
   {
     absl::MutexLock lock(&mu_);
     for (const auto& e : jobs_.at(id).record.epochs) epochs.push_back(EpochToJson(e));
+    examples_digest = jobs_.at(id).examples_digest;
   }
   epochs.push_back(EpochToJson(last));  // reported right after this save
-  const std::string header = nlohmann::json{
-      {"kind", kind},
-      {"examples", current_examples_digest_},
-      {"epochs", epochs}}.dump();
+  const std::string header =
+      nlohmann::json{{"kind", kind}, {"examples", examples_digest}, {"epochs", epochs}}.dump();
   absl::Status s = disk_ != nullptr ? disk_->Check(static_cast<int64_t>(state.size()) * 2,
                                                    "a job's checkpoint", DiskBudget::Into::kFile)
                                     : absl::OkStatus();
@@ -550,11 +687,10 @@ absl::Status JobRunner::CheckSweepHeads(const TrainOptions& o, const ModelInfo& 
 
 absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::string& dataset,
                                            const TrainOptions& options) {
-  if (!leading_) {
+  if (max_concurrent_jobs_ == 0 && std::string(db_->kind()) == "sqlite") {
     return absl::FailedPreconditionError(
-        absl::StrCat(run_jobs_ ? "this replica stands by while another one runs the jobs"
-                               : "this replica serves only (--max_concurrent_jobs=0)",
-                     ": start training through the replica that runs the jobs"));
+        "this server runs no jobs (--max_concurrent_jobs=0) and no other replica shares its "
+        "database: start it with --max_concurrent_jobs=1 to train");
   }
   if (absl::Status s = DatasetCatalog::ValidateName(dataset, "dataset"); !s.ok()) return s;
   auto info = models_->Get(model);
@@ -593,8 +729,6 @@ absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::
                        "\" after the validation split; upload more images of it"));
     }
   }
-  if (absl::Status s = models_->BeginTraining(model); !s.ok()) return s;
-  datasets_->Acquire(dataset);
   JobRecord r;
   std::random_device rd;
   r.id = absl::StrFormat("job-%08x%08x", rd(), rd());
@@ -603,15 +737,27 @@ absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::
   r.options = *resolved;
   r.created_unix = static_cast<int64_t>(std::time(nullptr));
   r.phase = "queued";
+  // One unfinished job per model, here (a clear message at once) and across
+  // replicas (the queue's own rule, in the same transaction as the record).
+  if (absl::Status s = models_->BeginTraining(model); !s.ok()) return s;
+  models_->EndTraining(model);
+  Database::QueuedJob queued;
+  queued.id = r.id;
+  queued.model = model;
+  queued.tenant = TenantOf(model);
+  if (absl::Status s = db_->QueueJob(queued, ToJson(r).dump()); !s.ok()) {
+    if (s.code() != absl::StatusCode::kAlreadyExists) return s;
+    return absl::FailedPreconditionError(absl::StrCat("model \"", model, "\" is already training (",
+                                                      s.message(),
+                                                      "); wait for or cancel that job"));
+  }
   {
     absl::MutexLock lock(&mu_);
-    Job job;
-    job.record = r;
-    jobs_[r.id] = std::move(job);
-    queue_.push_back(r.id);
+    Job& job = jobs_[r.id];
+    if (!job.owned) job.record = r;  // a worker may have claimed it already
     UpdateStateMetrics();
   }
-  Publish(r.id);
+  Wake();
   LogInfo("job %s: train model %s on dataset %s queued", r.id, model, dataset);
   return r;
 }
@@ -622,10 +768,10 @@ absl::StatusOr<JobRecord> JobRunner::Get(const std::string& id) const {
     auto it = jobs_.find(id);
     if (it != jobs_.end()) return it->second.record;
   }
-  // Started on the replica that runs the jobs a moment ago: its record may
-  // be in the database before its notification is here. (Filling the cache
-  // of records followed is not a change of this runner's state.)
-  if (!leading_) const_cast<JobRunner*>(this)->Follow(id);
+  // Started on another replica a moment ago: its record may be in the
+  // database before its notification is here. (Filling the cache of records
+  // followed is not a change of this runner's state.)
+  const_cast<JobRunner*>(this)->Follow(id);
   absl::MutexLock lock(&mu_);
   auto it = jobs_.find(id);
   if (it == jobs_.end())
@@ -645,50 +791,48 @@ std::vector<JobRecord> JobRunner::List(const std::string& model) const {
 }
 
 absl::StatusOr<JobRecord> JobRunner::Cancel(const std::string& id) {
-  if (!leading_) {
-    auto r = Get(id);
-    if (!r.ok() || r->final()) return r;
-    if (std::string(db_->kind()) == "sqlite") {  // no other replica to hear it
-      return absl::FailedPreconditionError(
-          "this server does not run jobs (--max_concurrent_jobs=0): cancel the job through the "
-          "server that runs it");
-    }
-    // Another replica runs it: a request, durable before it is
-    // acknowledged, that the runner hears (now, or when one takes over).
-    if (absl::Status s = db_->PutRecord("cancel", id, "{}"); !s.ok()) return s;
-    r->cancel_requested = true;
-    return r;
-  }
-  bool was_queued = false;
-  std::string model, dataset;
-  {
+  // When this replica runs it: flagged, and the flag written before it is
+  // acknowledged (a stop or a crash before the job notices must not resume
+  // it); the job ends at its next check, asynchronously.
+  enum { kNotHere, kFlagged, kEnded };
+  auto cancel_here = [this, &id]() {
     absl::MutexLock lock(&mu_);
     auto it = jobs_.find(id);
-    if (it == jobs_.end()) {
-      return absl::NotFoundError(absl::StrCat("job \"", Bounded(id), "\" does not exist"));
-    }
-    if (it->second.record.final()) return it->second.record;
+    if (it == jobs_.end() || !it->second.owned) return kNotHere;
+    if (it->second.record.final()) return kEnded;
     it->second.cancel = true;
-    // Durable before it is acknowledged: a stop or a crash before the job
-    // notices must not resume it.
     it->second.record.cancel_requested = true;
-    if (it->second.record.state == JobRecord::State::kQueued) {
-      was_queued = true;
-      queue_.erase(std::remove(queue_.begin(), queue_.end(), id), queue_.end());
-      it->second.record.state = JobRecord::State::kCancelled;
-      it->second.record.phase = "cancelled before it started";
-      model = it->second.record.model;
-      dataset = it->second.record.dataset;
-      UpdateStateMetrics();
-    }
+    return kFlagged;
+  };
+  auto here = cancel_here();
+  if (here != kNotHere) {
+    if (here == kFlagged) Publish(id);
+    return Get(id);
   }
-  if (was_queued) {
-    models_->EndTraining(model);
-    datasets_->Release(dataset);
-    DeleteCheckpoint(id);  // a job paused by a restart has one
+  auto r = Get(id);
+  if (!r.ok() || r->final()) return r;
+  // Nobody holds it (queued, paused, or its replica died): it ends here, now.
+  JobRecord cancelled = *r;
+  cancelled.state = JobRecord::State::kCancelled;
+  cancelled.cancel_requested = true;
+  cancelled.phase = r->epochs.empty() ? "cancelled before it started" : "cancelled while paused";
+  auto ended = db_->EndUnclaimedJob(id, owner_, ToJson(cancelled).dump());
+  if (!ended.ok()) return ended.status();
+  if (*ended) {
+    DeleteCheckpoint(id);  // a job paused by a stop has one
+    Follow(id);
+    return Get(id);
   }
-  Publish(id);
-  return Get(id);  // a running job ends at its next check, asynchronously
+  here = cancel_here();  // claimed by a worker of this replica meanwhile
+  if (here != kNotHere) {
+    if (here == kFlagged) Publish(id);
+    return Get(id);
+  }
+  // Another replica runs it: a request, durable before it is acknowledged,
+  // that the replica hears (now, or whichever claims the job next).
+  if (absl::Status s = db_->PutRecord("cancel", id, "{}"); !s.ok()) return s;
+  r->cancel_requested = true;
+  return r;
 }
 
 absl::StatusOr<int> JobRunner::Watch(const std::string& id,
@@ -702,7 +846,7 @@ absl::StatusOr<int> JobRunner::Watch(const std::string& id,
   }
   // Started on another replica a moment ago: its record may be here before
   // its notification.
-  if (!known && !leading_) Follow(id);
+  if (!known) Follow(id);
   {
     absl::MutexLock lock(&mu_);
     auto it = jobs_.find(id);
@@ -722,20 +866,32 @@ void JobRunner::Unwatch(const std::string& id, int token) {
   if (auto it = jobs_.find(id); it != jobs_.end()) it->second.watchers.erase(token);
 }
 
-void JobRunner::Publish(const std::string& id, bool persist) {
+void JobRunner::Publish(const std::string& id) {
   JobRecord r;
+  bool owned, paused;
   std::vector<std::function<void(const JobRecord&)>> watchers;
   {
     absl::MutexLock lock(&mu_);
     auto it = jobs_.find(id);
     if (it == jobs_.end()) return;
-    r = it->second.record;
-    for (const auto& [token, w] : it->second.watchers) watchers.push_back(w);
-    if (r.final()) it->second.watchers.clear();
+    Job& job = it->second;
+    if (job.lease_lost) return;  // the replica that holds it now writes and tells
+    r = job.record;
+    owned = job.owned;
+    paused = owned && stopping_ && r.state == JobRecord::State::kQueued;
+    for (const auto& [token, w] : job.watchers) watchers.push_back(w);
+    if (r.final()) job.watchers.clear();
   }
-  if (absl::Status s = persist ? db_->PutRecord("job", id, ToJson(r).dump()) : absl::OkStatus();
-      !s.ok()) {
-    LogError("job %s: cannot persist its state: %s", id, s.ToString());
+  if (owned) {
+    const auto end = r.final() ? Database::JobEnd::kFinish
+                     : paused  ? Database::JobEnd::kRelease
+                               : Database::JobEnd::kKeep;
+    absl::Status s = db_->PutClaimedJob(id, owner_, ToJson(r).dump(), end);
+    if (s.code() == absl::StatusCode::kAborted) {
+      LoseLease(id, std::string(s.message()));
+      return;
+    }
+    if (!s.ok()) LogError("job %s: cannot persist its state: %s", id, s.ToString());
   }
   for (const auto& w : watchers) w(r);
 }
@@ -779,43 +935,6 @@ void JobRunner::UpdateStateMetrics() {
   }
 }
 
-void JobRunner::WorkerLoop() {
-  // Training's own threads and (on CUDA) its own low-priority stream, so
-  // that serving keeps its cores and its stream.
-  at::set_num_threads(train_threads_);
-  engine_->streams().BindTraining();
-  for (;;) {
-    std::string id;
-    {
-      absl::MutexLock lock(&mu_);
-      mu_.Await(absl::Condition(
-          +[](JobRunner* r)
-               ABSL_NO_THREAD_SAFETY_ANALYSIS { return r->stopping_ || !r->queue_.empty(); },
-          this));
-      if (stopping_) return;
-      // Tenants take turns: the queued job of the tenant whose last job
-      // started longest ago (or never), first come first within a tenant.
-      auto next = queue_.begin();
-      int64_t best = INT64_MAX;
-      for (auto it = queue_.begin(); it != queue_.end(); ++it) {
-        auto job = jobs_.find(*it);
-        const std::string tenant = job == jobs_.end() ? "" : TenantOf(job->second.record.model);
-        auto last = last_start_.find(tenant);
-        const int64_t when = last == last_start_.end() ? -1 : last->second;
-        if (when < best) {
-          best = when;
-          next = it;
-        }
-      }
-      id = *next;
-      queue_.erase(next);
-      auto job = jobs_.find(id);
-      if (job != jobs_.end()) last_start_[TenantOf(job->second.record.model)] = ++starts_;
-    }
-    Run(id);
-  }
-}
-
 absl::StatusOr<int> JobRunner::TrainContained(const std::string& id) {
   return Contain("training failed", [&] { return Train(id); });
 }
@@ -826,19 +945,35 @@ void JobRunner::Run(const std::string& id) {
     r.phase = "starting";
   });
   auto version = TrainContained(id);
-  bool stopping;
+  bool stopping, resumable, lost;
   {
     absl::MutexLock lock(&mu_);
     stopping = stopping_;
-  }
-  std::string model, dataset;
-  bool resumable = false;
-  {
-    absl::MutexLock lock(&mu_);
     Job& job = jobs_.at(id);
-    model = job.record.model;
-    dataset = job.record.dataset;
     resumable = job.record.options.resume && !job.record.cancel_requested;
+    lost = job.lease_lost;
+    if (lost) {
+      // Another replica holds it now: what it writes is the job's record
+      // (this replica's model and dataset stay held until the job ends).
+      job.owned = false;
+      job.lease_lost = false;
+    }
+  }
+  if (lost) {
+    LogError("job %s: stopped here (%s); it goes on where its lease is", id,
+             version.ok() ? absl::StrCat("its version ", *version, " was stored first")
+                          : version.status().ToString());
+    std::string model;
+    {
+      absl::MutexLock lock(&mu_);
+      model = jobs_.at(id).record.model;
+    }
+    Release(id);
+    // The versions the replica that holds the job now publishes: read, as
+    // the model's changes were not while it trained here.
+    models_->Refresh(model);
+    Follow(id);
+    return;
   }
   // A job that ends for good loses its checkpoint before anyone hears it
   // ended; one paused by the stop keeps it.
@@ -847,8 +982,7 @@ void JobRunner::Run(const std::string& id) {
   if (!paused) DeleteCheckpoint(id);
   // Released before the final state is published: a client that sees the
   // job end may start the model's next job at once.
-  models_->EndTraining(model);
-  datasets_->Release(dataset);
+  Release(id);
   Update(id, [&](JobRecord& r) {
     if (version.ok()) {
       r.state = JobRecord::State::kSucceeded;
@@ -857,7 +991,9 @@ void JobRunner::Run(const std::string& id) {
     } else if (paused) {
       // Not final: the next start resumes it from its last checkpoint.
       r.state = JobRecord::State::kQueued;
-      r.phase = "paused: the server stopped; it resumes from its last checkpoint after a restart";
+      r.phase =
+          "paused: the server stopped; it resumes from its last checkpoint after a restart (or on "
+          "another replica of its database)";
     } else if (version.status().code() == absl::StatusCode::kCancelled && stopping) {
       r.state = JobRecord::State::kFailed;
       r.error = "interrupted: the server stopped while the job ran";
@@ -871,6 +1007,10 @@ void JobRunner::Run(const std::string& id) {
       r.phase = "failed";
     }
   });
+  {
+    absl::MutexLock lock(&mu_);
+    jobs_.at(id).owned = false;  // ended here, or paused for anyone to resume
+  }
   LogInfo(
       "job %s: %s", id,
       version.ok() ? absl::StrCat("succeeded, version ", *version) : version.status().ToString());

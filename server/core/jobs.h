@@ -1,25 +1,26 @@
-// Training jobs: queued -> running -> succeeded / failed / cancelled, run one
-// at a time on one worker thread, a client of the device engine at training
-// priority (its forwards queue behind serving's), with its own LibTorch
-// intra-op threads (--train_threads) and, on CUDA, its own low-priority
-// stream. A run is contained: any exception (a CUDA out-of-memory included),
-// error or non-finite loss fails that job with a message, and its model keeps
-// its last good version. A job reads its dataset itself when it runs. A
-// head-only job computes the frozen backbone's features of every example
-// once, through the engine in large batches (cached in memory by backbone
-// and example, up to a bound in bytes), fits the head on the device, and
-// stores the best version. Every
-// state change is written to the Database before watchers hear of it; at
-// start, jobs left queued or running by a previous process are marked failed
-// ("interrupted"). Records carry the job's options and every epoch, NaN
-// losses included.
+// Training jobs: queued -> running -> succeeded / failed / cancelled. The
+// database's job queue is shared by every replica of a database; each runs
+// up to --max_concurrent_jobs of them at once, on worker threads of its own,
+// a client of the device engine at training priority (its forwards queue
+// behind serving's), with its own LibTorch intra-op threads (--train_threads)
+// and, on CUDA, its own low-priority stream. A run is contained: any
+// exception (a CUDA out-of-memory included), error or non-finite loss fails
+// that job with a message, and its model keeps its last good version. A job
+// reads its dataset itself when it runs. A head-only job computes the frozen
+// backbone's features of every example once, through the engine in large
+// batches (cached in memory by backbone and example, up to a bound in
+// bytes), fits the head on the device, and stores the best version. Every
+// state change is written to the Database before watchers hear of it; a job
+// left unfinished by a process that stopped or died resumes from its last
+// checkpoint (options.resume) on whichever replica claims it, or fails as
+// "interrupted". Records carry the job's options and every epoch, NaN losses
+// included.
 //
 // Thread-safe.
 #ifndef TLSERVE_SERVER_CORE_JOBS_H_
 #define TLSERVE_SERVER_CORE_JOBS_H_
 
 #include <atomic>
-#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -31,6 +32,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "server/core/backbone.h"
 #include "server/core/datasets.h"
 #include "server/core/engine/engine.h"
@@ -79,35 +81,37 @@ class JobRunner {
     // database's blob "checkpoints/ID.ckpt"); without, jobs start over after
     // a restart.
     bool checkpoints = false;
-    // Whether this replica may run jobs (--max_concurrent_jobs=1). One
-    // replica per database runs them (Database::TryLeadJobs); a replica that
-    // may but does not lead now stands by, and takes over — resuming the
-    // jobs the runner left — when the lock is free (the runner died or
-    // stopped). Until it leads, and always without run_jobs (a serving-only
-    // replica), StartTraining is refused with FAILED_PRECONDITION, CancelJob
-    // leaves a request in the database (a "cancel" record) that the runner
-    // hears and carries out, and GetJob, ListJobs and WatchJob follow the
-    // records the runner writes.
-    bool run_jobs = true;
+    // How many jobs this replica runs at once (--max_concurrent_jobs), each
+    // on a worker thread of its own; 0: a serving-only replica, which runs
+    // none. The database's job queue (Database::ClaimJob) is shared by every
+    // replica of a database: StartTraining through any of them queues the
+    // job (durably, with its record), and a replica with a free worker
+    // claims it and holds it by a lease it renews every lease/3. A replica
+    // that dies (kill -9) or loses the database for longer than the lease
+    // leaves its jobs to others, which resume them from their last
+    // checkpoint; one that finds its lease lost stops the job at once and
+    // writes nothing more of it. GetJob, ListJobs and WatchJob follow the
+    // records of jobs other replicas run (LISTEN/NOTIFY); CancelJob ends a
+    // job nobody holds at once, or leaves a request (a "cancel" record) that
+    // the replica holding it hears and carries out.
+    int max_concurrent_jobs = 1;
+    absl::Duration lease = absl::Seconds(10);
     // Tests only: called before each training step of a fine-tune with the
     // model's name; what it throws fails that job.
     std::function<void(const std::string&)> before_step;
-    // Called (once, on a thread of the runner's) when the runner of a shared
-    // database finds its job lock gone (Database::CheckLeadJobs, every 2 s):
-    // another replica may be running the same jobs now, so this one must
-    // stop at once — the server exits (a supervisor restarts it, and it then
-    // stands by). Unset: only logged.
-    std::function<void(const absl::Status&)> on_lost_lead;
   };
   JobRunner(Database* db, DatasetCatalog* datasets, ModelRegistry* models, Engine* engine,
             Metrics* metrics, const Options& options);
   ~JobRunner();  // cancels what runs, then joins
 
-  // Jobs a previous process left unfinished: queued again, to resume from
-  // their last checkpoint (options.resume), or marked failed.
+  // Reads the jobs' records and starts the workers, which claim the jobs
+  // left unfinished (by a previous process, or a replica that died) as they
+  // claim new ones: those resume from their last checkpoint
+  // (options.resume), or fail as interrupted. PostgreSQL: first attaches
+  // this replica to the database (Database::AttachReplica).
   absl::Status Recover();
-  // Whether this replica runs the jobs now.
-  bool leading() const { return leading_; }
+  // Who this replica is in the job queue (its leases' owner).
+  const std::string& owner() const { return owner_; }
 
   // NOT_FOUND (model, dataset), FAILED_PRECONDITION (already training; a
   // dataset class unknown to the model; a class with no training example),
@@ -128,6 +132,13 @@ class JobRunner {
   struct Job {
     JobRecord record;
     bool cancel = false;
+    // This replica holds the job's lease and runs it; otherwise its record
+    // is another replica's (followed) or ended.
+    bool owned = false;
+    // The lease was lost while this replica ran it: it stops, writing
+    // nothing more.
+    bool lease_lost = false;
+    std::string examples_digest;  // ExamplesDigest of the run's examples
     std::map<int, std::function<void(const JobRecord&)>> watchers;
   };
   // A running job's last epoch, durably: which trainer ("head",
@@ -155,7 +166,22 @@ class JobRunner {
   // the state is the checkpoint's when it is of this kind.
   Resume ResumeFor(const std::string& id, const std::string& kind,
                    const std::optional<Checkpoint>& from);
+  // A worker: claims a job whenever one may be free (a job queued here or
+  // heard of, or every lease/2 for the leases of replicas that died) and
+  // runs it.
   void WorkerLoop();
+  // A job just claimed: runs it, or ends it (cancelled meanwhile, or
+  // interrupted and not resumable, or already ended).
+  void Take(const Database::QueuedJob& claim);
+  // Renews the leases of the jobs this replica runs; the jobs whose lease
+  // is lost stop.
+  void RenewLoop();
+  void LoseLease(const std::string& id, const std::string& why);
+  // While this replica runs the job: its model is training (its other
+  // changes refused here) and its dataset held (Release ends both).
+  absl::Status Hold(const std::string& id);
+  void Release(const std::string& id);
+  void Wake();
   void Run(const std::string& id);
   absl::StatusOr<int> Train(const std::string& id);
   // Any exception of a run becomes its FAILED state (Contain).
@@ -203,23 +229,19 @@ class JobRunner {
                                    const std::vector<StoredExample>& val,
                                    const std::vector<int64_t>& val_labels, double accuracy,
                                    std::string* why);
-  // Persists and tells the watchers; call without mu_ held.
-  // Writes the job's record (unless `persist` is false: a record another
-  // replica wrote) and tells its watchers.
-  void Publish(const std::string& id, bool persist = true);
-  // A serving-only replica: the job records as the replica running them
-  // wrote them (all of them when `id` is empty), then their watchers told.
+  // Tells the job's watchers, after writing its record when this replica
+  // runs it (fenced by its lease; a final state takes it out of the queue,
+  // a paused one gives up its lease). Call without mu_ held.
+  void Publish(const std::string& id);
+  // The records of jobs other replicas run or ended (all of them when `id`
+  // is empty), as they wrote them, then their watchers told.
   void Follow(const std::string& id);
-  // The runner's side of Recover: the jobs left unfinished resume or fail.
-  absl::Status RecoverAsRunner();
-  // A standby's: tries the job lock every half second; takes over with it.
-  void StandBy();
-  // The runner's of a shared database: checks its job lock every 2 s and
-  // calls on_lost_lead_ when it is gone. Returns at stop or after the call.
-  void WatchLead();
-  // The runner's: carries out the cancel requests that other replicas left
-  // ("cancel" records), now and whenever one arrives.
-  void ListenForCancels();
+  // SQLite, at start: the jobs a previous process left unfinished that may
+  // not resume (resume_after_restart off, or cancelled) end now, failed as
+  // interrupted or cancelled, before any new job runs.
+  absl::Status EndInheritedJobs();
+  // Carries out the cancel requests that other replicas left ("cancel"
+  // records) for jobs this replica runs; drops those of ended jobs.
   void TakeCancelRequests();
   static absl::StatusOr<JobRecord> ParseRecord(const std::string& key, const std::string& json);
   void Update(const std::string& id, const std::function<void(JobRecord&)>& change);
@@ -244,25 +266,25 @@ class JobRunner {
   const std::function<void(const std::string&)> before_step_;
   const DiskBudget* disk_;
   const bool checkpoints_;
-  const bool run_jobs_;
-  std::atomic<bool> leading_{false};
-  absl::Mutex follow_mu_;                    // serialises Follow
-  std::atomic<int> subscription_{0};         // while following the records (Database::Subscribe)
-  std::atomic<int> cancel_subscription_{0};  // while leading: other replicas' cancel requests
-  const std::function<void(const absl::Status&)> on_lost_lead_;
-  std::thread standby_;  // StandBy, then WatchLead (or WatchLead alone)
+  const int max_concurrent_jobs_;
+  const absl::Duration lease_;
+  const std::string owner_;
+  absl::Mutex follow_mu_;             // serialises Follow
+  std::atomic<int> subscription_{0};  // Database::Subscribe
+  std::thread renewer_;               // RenewLoop
   mutable absl::Mutex mu_;
   std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);
-  std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
   // When each tenant's last job started (a sequence number): the worker
   // takes queued jobs by tenant in turns.
   std::map<std::string, int64_t> last_start_ ABSL_GUARDED_BY(mu_);
   int64_t starts_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   int next_token_ ABSL_GUARDED_BY(mu_) = 1;
-  FeatureCache feature_cache_;           // worker thread only
-  std::string current_examples_digest_;  // worker thread only: the running job's
-  std::thread worker_;
+  int64_t wakes_ ABSL_GUARDED_BY(mu_) = 0;  // the workers look for a job when it changes
+  // The jobs whose model and dataset this replica holds (Hold).
+  std::map<std::string, std::pair<std::string, std::string>> held_ ABSL_GUARDED_BY(mu_);
+  FeatureCache feature_cache_;  // thread-safe
+  std::vector<std::thread> workers_;
 };
 
 }  // namespace tlserve

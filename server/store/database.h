@@ -3,7 +3,7 @@
 // default, server/store/sqlite_database.h) and PostgreSQL (a database shared
 // by several replicas, server/store/postgres_database.h). It holds datasets
 // and their examples (the encoded image bytes themselves), and small JSON
-// records: models, versions, jobs. Every mutating method is one transaction,
+// records: models, versions, jobs, and the job queue. Every mutating method is one transaction,
 // committed — on disk — before it returns OK; on an error nothing of it is
 // written. Errors keep the engine's cause: RESOURCE_EXHAUSTED for a full
 // disk, UNAVAILABLE for busy or an unreachable server, DATA_LOSS for a
@@ -17,12 +17,14 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 
 namespace tlserve {
 
@@ -147,18 +149,61 @@ class Database {
   }
   virtual void Unsubscribe(int token) { (void)token; }
 
-  // Whether this process may run training jobs on this database. SQLite:
-  // always (one process owns the file). PostgreSQL: one replica at a time —
-  // the first to ask holds a lock on its own connection for as long as it
-  // lives (a replica that dies, kill -9 included, loses it once its server
-  // sees the connection closed); the others are told false.
-  virtual absl::StatusOr<bool> TryLeadJobs() { return true; }
-  // OK while the job lock that TryLeadJobs gave stays this process's: its
-  // session is alive. UNAVAILABLE once that session is gone (the database
-  // restarted, the network was cut for longer than the keepalives allow, an
-  // administrator ended it): the lock went with it, and another replica may
-  // hold it now. Never reconnects. SQLite: always OK.
-  virtual absl::Status CheckLeadJobs() { return absl::OkStatus(); }
+  // The job queue: a row per unfinished job, beside its record ("job"). A
+  // replica that runs jobs claims one (ClaimJob) and holds it by a lease it
+  // renews (RenewJobLeases); a job whose lease ran out — its replica died or
+  // lost the database — is claimed again by another, which resumes it. Every
+  // write of a claimed job's record is fenced by its lease: only the replica
+  // holding it writes (ABORTED otherwise).
+  struct QueuedJob {
+    std::string id, model, tenant;
+    std::string owner;  // the replica that holds its lease (empty: none)
+    int claims = 0;     // how many times it was claimed before
+  };
+  // Writes the job's record and queues it, in one transaction.
+  // ALREADY_EXISTS (nothing written) when the model has an unfinished job,
+  // the message naming it.
+  virtual absl::Status QueueJob(const QueuedJob& job, const std::string& record) = 0;
+  // Every queued job, oldest first.
+  virtual absl::StatusOr<std::vector<QueuedJob>> ListQueuedJobs() = 0;
+  // Claims one job for `owner` with a lease of `lease`: among those nobody
+  // holds (never claimed, released, or their lease ran out; in SQLite also
+  // those of any other owner, a process that died: one process owns the
+  // file), oldest first, the one `pick` chooses (an index into what it is
+  // given). nullopt when there is none. Replicas claiming at once never get
+  // the same job (PostgreSQL: SELECT ... FOR UPDATE SKIP LOCKED). The job
+  // comes back with `claims` as it was before this claim.
+  using PickJob = std::function<size_t(const std::vector<QueuedJob>&)>;
+  virtual absl::StatusOr<std::optional<QueuedJob>> ClaimJob(const std::string& owner,
+                                                            absl::Duration lease,
+                                                            const PickJob& pick) = 0;
+  // Extends the leases of `ids` that `owner` still holds; returns those
+  // (the others were lost: claimed again by another replica, or ended).
+  virtual absl::StatusOr<std::vector<std::string>> RenewJobLeases(
+      const std::string& owner, absl::Duration lease, const std::vector<std::string>& ids) = 0;
+  // Writes a claimed job's record while `owner` holds its lease; ABORTED
+  // (nothing written) when it does not. `end`: kKeep (the job goes on),
+  // kRelease (it stops unfinished: the lease is given up so that any
+  // replica resumes it at once), kFinish (it ended: out of the queue, the
+  // model free for its next job). An empty `record` only changes the queue.
+  enum class JobEnd { kKeep, kRelease, kFinish };
+  virtual absl::Status PutClaimedJob(const std::string& id, const std::string& owner,
+                                     const std::string& record, JobEnd end) = 0;
+  // Ends a job nobody holds (as ClaimJob would find it, `owner` being the
+  // caller) with `record`, out of the queue: true; false (nothing written)
+  // when a replica holds it or it is not queued.
+  virtual absl::StatusOr<bool> EndUnclaimedJob(const std::string& id, const std::string& owner,
+                                               const std::string& record) = 0;
+
+  // PostgreSQL: every replica holds a shared lock on the database for as
+  // long as it runs (on a connection of its own, kept open; a replica that
+  // dies, kill -9 included, loses it once its server sees the connection
+  // closed), and `tlserve migrate` takes it exclusively while it copies.
+  // AttachReplica: FAILED_PRECONDITION while a copy holds it. LockForCopy:
+  // false while a replica holds it. SQLite: the data directory's own lock
+  // does this; both succeed.
+  virtual absl::Status AttachReplica() { return absl::OkStatus(); }
+  virtual absl::StatusOr<bool> LockForCopy() { return true; }
 
   // INVALID_ARGUMENT unless `name` is a blob name as above.
   static absl::Status ValidateBlobName(const std::string& name);

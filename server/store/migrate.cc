@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/core/sha256.h"
+#include "server/store/job_queue.h"
 
 namespace tlserve {
 namespace {
@@ -138,15 +139,14 @@ absl::Status VerifyDataset(Database& from, Database& to, const DatasetInfo& info
 
 absl::StatusOr<MigrationReport> CopyStore(Database& from, Database& to,
                                           const std::function<void(const std::string&)>& progress) {
-  // No replica may run jobs on the copy while it is made (a replica started
-  // on it early would resume half-copied jobs): the job lock is held until
-  // the copy goes.
-  auto lead = to.TryLeadJobs();
-  if (!lead.ok()) return lead.status();
-  if (!*lead) {
+  // No replica may start on the copy while it is made (it would resume
+  // half-copied jobs): the lock is held until the copy goes.
+  auto locked = to.LockForCopy();
+  if (!locked.ok()) return locked.status();
+  if (!*locked) {
     return absl::FailedPreconditionError(
-        "a tlserve replica is running on the destination (it holds the job lock): migrate into "
-        "a new, empty database that no replica uses yet");
+        "a tlserve replica is running on the destination: migrate into a new, empty database "
+        "that no replica uses yet");
   }
   if (absl::Status s = CheckEmpty(to); !s.ok()) return s;
   MigrationReport report;
@@ -191,6 +191,13 @@ absl::StatusOr<MigrationReport> CopyStore(Database& from, Database& to,
     }
     records[kind] = std::move(*all);
   }
+  // The jobs left unfinished (paused by the source's last stop, or cut off
+  // by its crash): in the copy's queue, so that a replica claims and resumes
+  // them.
+  auto queued = QueueUnfinishedJobs(to);
+  if (!queued.ok()) return queued.status();
+  report.queued_jobs = *queued;
+  if (*queued > 0) progress(absl::StrCat(*queued, " unfinished jobs queued to resume"));
 
   // Read back from the copy.
   progress("verifying the copy");

@@ -25,6 +25,7 @@ struct MigrationReport {
   int64_t records = 0;        // models (with their versions), jobs, ...
   int64_t blobs = 0;
   int64_t blob_bytes = 0;
+  int64_t queued_jobs = 0;  // unfinished jobs, queued in the copy to resume
 };
 
 // Copies every dataset (each image with its name, label and split hash, in
@@ -35,8 +36,11 @@ struct MigrationReport {
 // (FAILED_PRECONDITION otherwise: a failed copy leaves a partial one, so a
 // new try needs a new, empty database). DATA_LOSS when the read-back
 // differs. `progress` is told what is being copied, a line at a time.
-// Datasets get the copy's time as their creation time. Nothing else may
-// write `from` meanwhile (`tlserve migrate` holds the data directory's lock).
+// Datasets get the copy's time as their creation time. Unfinished jobs are
+// queued in `to` (QueueUnfinishedJobs). Nothing else may write `from`
+// meanwhile (`tlserve migrate` holds the data directory's lock), and no
+// replica may start on `to` (it holds Database::LockForCopy until the copy
+// goes: a replica started early would resume half-copied jobs).
 absl::StatusOr<MigrationReport> CopyStore(Database& from, Database& to,
                                           const std::function<void(const std::string&)>& progress);
 

@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 #include "server/core/log.h"
 
 namespace tlserve {
@@ -127,6 +128,19 @@ BEGIN
 END $$ LANGUAGE plpgsql;
 CREATE TRIGGER records_changed AFTER INSERT OR UPDATE OR DELETE ON records
   FOR EACH ROW EXECUTE FUNCTION tlserve_record_changed();
+)sql",
+    // 4: the job queue: claimed with SKIP LOCKED, held by leases. Unfinished
+    // jobs from before it are queued by the replicas at start (JobRunner).
+    R"sql(
+CREATE TABLE job_queue (
+  seq BIGSERIAL PRIMARY KEY,
+  id TEXT NOT NULL UNIQUE,
+  model TEXT NOT NULL UNIQUE,
+  tenant TEXT NOT NULL,
+  owner TEXT NOT NULL DEFAULT '',
+  lease_until TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
+  claims INTEGER NOT NULL DEFAULT 0
+);
 )sql",
 };
 
@@ -294,10 +308,11 @@ void PostgresDatabase::StopListening() {
   if (listener.joinable()) listener.join();
 }
 
-absl::StatusOr<bool> PostgresDatabase::TryLeadJobs() {
+absl::StatusOr<bool> PostgresDatabase::TryReplicaLock(bool shared) {
   absl::MutexLock lock(&leader_mu_);
   if (leader_conn_ == nullptr || PQstatus(leader_conn_) != CONNECTION_OK) {
     PQfinish(leader_conn_);
+    attached_ = false;  // the lock went with the session
     leader_conn_ = ConnectTo(uri_);
     if (PQstatus(leader_conn_) != CONNECTION_OK) {
       return absl::UnavailableError(absl::StrCat("cannot connect to PostgreSQL at ", Redacted(uri_),
@@ -305,15 +320,10 @@ absl::StatusOr<bool> PostgresDatabase::TryLeadJobs() {
     }
     PQclear(PQexec(leader_conn_, kLeaderKeepalives));
   }
-  // "tlsjobs" in ASCII: one lock per database for the replica that runs jobs.
-  PgResult r(PQexec(leader_conn_, "SELECT pg_try_advisory_lock(32770340261159539)"));
-  if (PQresultStatus(r.get()) != PGRES_TUPLES_OK && PQstatus(leader_conn_) != CONNECTION_OK) {
-    // The connection was lost (and the lock with it, if this replica held it):
-    // once more on a new one.
-    PQreset(leader_conn_);
-    PQclear(PQexec(leader_conn_, kLeaderKeepalives));
-    r = PgResult(PQexec(leader_conn_, "SELECT pg_try_advisory_lock(32770340261159539)"));
-  }
+  // "tlsjobs" in ASCII: one lock per database, shared by the replicas,
+  // exclusive for a copy.
+  PgResult r(PQexec(leader_conn_, shared ? "SELECT pg_try_advisory_lock_shared(32770340261159539)"
+                                         : "SELECT pg_try_advisory_lock(32770340261159539)"));
   if (PQresultStatus(r.get()) != PGRES_TUPLES_OK || PQntuples(r.get()) != 1) {
     return PgStatus("SELECT", PQresultErrorField(r.get(), PG_DIAG_SQLSTATE),
                     PQresultErrorMessage(r.get()));
@@ -321,15 +331,195 @@ absl::StatusOr<bool> PostgresDatabase::TryLeadJobs() {
   return std::string(PQgetvalue(r.get(), 0, 0)) == "t";
 }
 
-absl::Status PostgresDatabase::CheckLeadJobs() {
-  absl::MutexLock lock(&leader_mu_);
-  if (leader_conn_ == nullptr) return absl::FailedPreconditionError("the job lock was never taken");
-  PgResult r(PQexec(leader_conn_, "SELECT 1"));
-  if (PQresultStatus(r.get()) == PGRES_TUPLES_OK && PQstatus(leader_conn_) == CONNECTION_OK) {
-    return absl::OkStatus();
+absl::Status PostgresDatabase::AttachReplica() {
+  {
+    absl::MutexLock lock(&leader_mu_);
+    if (attached_ && leader_conn_ != nullptr && PQstatus(leader_conn_) == CONNECTION_OK) {
+      return absl::OkStatus();
+    }
   }
-  return absl::UnavailableError(absl::StrCat("the job lock's session at ", Redacted(uri_),
-                                             " is gone: ", PQerrorMessage(leader_conn_)));
+  // A copy that just ended (or a replica's restart after kill -9) may hold
+  // it for a moment longer: a few seconds' grace.
+  auto held = TryReplicaLock(/*shared=*/true);
+  for (absl::Time end = absl::Now() + absl::Seconds(5); held.ok() && !*held && absl::Now() < end;) {
+    absl::SleepFor(absl::Milliseconds(100));
+    held = TryReplicaLock(/*shared=*/true);
+  }
+  if (!held.ok()) return held.status();
+  if (!*held) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("tlserve migrate is copying into the database at ", Redacted(uri_),
+                     ": start the replicas when it has finished"));
+  }
+  absl::MutexLock lock(&leader_mu_);
+  attached_ = true;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> PostgresDatabase::LockForCopy() { return TryReplicaLock(/*shared=*/false); }
+
+namespace {
+
+std::string Millis(absl::Duration d) { return absl::StrCat(absl::ToInt64Milliseconds(d)); }
+
+// Jobs nobody holds: never claimed, released, or their lease ran out.
+constexpr char kUnclaimed[] = "(owner = '' OR lease_until < now())";
+
+}  // namespace
+
+absl::Status PostgresDatabase::QueueJob(const QueuedJob& job, const std::string& record) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = Begin(); !s.ok()) return s;
+  auto q =
+      Run("INSERT INTO job_queue(id, model, tenant, claims) VALUES ($1::text, $2::text, $3::text, "
+          "$4::integer) ON CONFLICT DO NOTHING",
+          {Text(job.id), Text(job.model), Text(job.tenant), Text(int64_t{job.claims})});
+  if (!q.ok()) return Rollback(q.status());
+  const char* affected = PQcmdTuples(q->get());
+  if (affected == nullptr || std::strcmp(affected, "0") == 0) {
+    auto other = Run("SELECT id FROM job_queue WHERE model = $1::text", {Text(job.model)});
+    const std::string which = other.ok() && other->rows() > 0 ? other->Bytes(0, 0) : "?";
+    return Rollback(absl::AlreadyExistsError(
+        absl::StrCat("model \"", job.model, "\" already has an unfinished job (", which, ")")));
+  }
+  auto r =
+      Run("INSERT INTO records(kind, key, json) VALUES ('job', $1::text, $2::text) "
+          "ON CONFLICT (kind, key) DO UPDATE SET json = EXCLUDED.json",
+          {Text(job.id), Text(record)});
+  if (!r.ok()) return Rollback(r.status());
+  return Commit();
+}
+
+absl::StatusOr<std::vector<Database::QueuedJob>> PostgresDatabase::ListQueuedJobs() {
+  absl::MutexLock lock(&mu_);
+  auto r =
+      Run("SELECT id, model, tenant, CASE WHEN " + std::string(kUnclaimed) +
+              " THEN '' ELSE owner END, claims FROM job_queue WHERE $1::integer = 1 ORDER BY seq",
+          {Text(int64_t{1})});
+  if (!r.ok()) return r.status();
+  std::vector<QueuedJob> out;
+  for (int i = 0; i < r->rows(); ++i) {
+    out.push_back({r->Bytes(i, 0), r->Bytes(i, 1), r->Bytes(i, 2), r->Bytes(i, 3),
+                   static_cast<int>(r->Int(i, 4))});
+  }
+  return out;
+}
+
+absl::StatusOr<std::optional<Database::QueuedJob>> PostgresDatabase::ClaimJob(
+    const std::string& owner, absl::Duration lease, const PickJob& pick) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = Begin(); !s.ok()) return s;
+  // Rows another replica is claiming at this moment are skipped, not waited
+  // for: each claim takes a different job.
+  auto free =
+      Run(absl::StrCat("SELECT id, model, tenant, owner, claims FROM job_queue WHERE ", kUnclaimed,
+                       " AND $1::integer = 1 ORDER BY seq LIMIT 100 FOR UPDATE SKIP LOCKED"),
+          {Text(int64_t{1})});
+  if (!free.ok()) return Rollback(free.status());
+  if (free->rows() == 0) {
+    (void)Rollback(absl::OkStatus());
+    return std::nullopt;
+  }
+  std::vector<QueuedJob> jobs;
+  for (int i = 0; i < free->rows(); ++i) {
+    jobs.push_back({free->Bytes(i, 0), free->Bytes(i, 1), free->Bytes(i, 2), free->Bytes(i, 3),
+                    static_cast<int>(free->Int(i, 4))});
+  }
+  QueuedJob job = jobs[std::min(pick(jobs), jobs.size() - 1)];
+  auto r =
+      Run("UPDATE job_queue SET owner = $1::text, lease_until = now() + $2::bigint * interval '1 "
+          "millisecond', claims = claims + 1 WHERE id = $3::text",
+          {Text(owner), Text(Millis(lease)), Text(job.id)});
+  if (!r.ok()) return Rollback(r.status());
+  if (absl::Status s = Commit(); !s.ok()) return s;
+  return job;
+}
+
+absl::StatusOr<std::vector<std::string>> PostgresDatabase::RenewJobLeases(
+    const std::string& owner, absl::Duration lease, const std::vector<std::string>& ids) {
+  std::vector<std::string> held;
+  if (ids.empty()) return held;
+  // ids as a text array literal: quoted, with \ and " escaped.
+  std::string array = "{";
+  for (const std::string& id : ids) {
+    std::string quoted;
+    for (char c : id) {
+      if (c == '"' || c == '\\') quoted += '\\';
+      quoted += c;
+    }
+    absl::StrAppend(&array, array.size() > 1 ? "," : "", "\"", quoted, "\"");
+  }
+  array += "}";
+  // On the replica lock's own connection: never behind a long write on the
+  // main one (a job's checkpoint of a hundred megabytes), which would let
+  // the lease run out while the job is alive.
+  if (absl::Status s = AttachReplica(); !s.ok()) return s;  // (again, if its session was lost)
+  absl::MutexLock lock(&leader_mu_);
+  const std::string millis = Millis(lease);
+  const char* values[] = {millis.c_str(), owner.c_str(), array.c_str()};
+  PgResult r(PQexecParams(
+      leader_conn_,
+      "UPDATE job_queue SET lease_until = now() + $1::bigint * interval '1 millisecond' "
+      "WHERE owner = $2::text AND id = ANY($3::text[]) RETURNING id",
+      3, nullptr, values, nullptr, nullptr, 0));
+  if (PQresultStatus(r.get()) != PGRES_TUPLES_OK) {
+    return PgStatus("UPDATE", PQresultErrorField(r.get(), PG_DIAG_SQLSTATE),
+                    PQresultErrorMessage(r.get()));
+  }
+  for (int i = 0; i < r.rows(); ++i) held.push_back(r.Bytes(i, 0));
+  return held;
+}
+
+absl::Status PostgresDatabase::PutClaimedJob(const std::string& id, const std::string& owner,
+                                             const std::string& record, JobEnd end) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = Begin(); !s.ok()) return s;
+  // The row stays locked until the commit: a claim by another replica waits
+  // for this write, then finds the lease (or the row) as it left it.
+  const char* sql =
+      end == JobEnd::kFinish ? "DELETE FROM job_queue WHERE id = $1::text AND owner = $2::text"
+      : end == JobEnd::kRelease
+          ? "UPDATE job_queue SET owner = '', lease_until = '-infinity' WHERE id = $1::text AND "
+            "owner = $2::text"
+          : "SELECT 1 FROM job_queue WHERE id = $1::text AND owner = $2::text FOR UPDATE";
+  auto q = Run(sql, {Text(id), Text(owner)});
+  if (!q.ok()) return Rollback(q.status());
+  const char* affected = PQcmdTuples(q->get());
+  if (affected == nullptr || std::strcmp(affected, "0") == 0) {
+    return Rollback(
+        absl::AbortedError(absl::StrCat("job ", id, ": this replica no longer holds its lease")));
+  }
+  if (!record.empty()) {
+    auto r =
+        Run("INSERT INTO records(kind, key, json) VALUES ('job', $1::text, $2::text) "
+            "ON CONFLICT (kind, key) DO UPDATE SET json = EXCLUDED.json",
+            {Text(id), Text(record)});
+    if (!r.ok()) return Rollback(r.status());
+  }
+  return Commit();
+}
+
+absl::StatusOr<bool> PostgresDatabase::EndUnclaimedJob(const std::string& id,
+                                                       const std::string& owner,
+                                                       const std::string& record) {
+  (void)owner;  // another replica's lease is its own until it runs out
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = Begin(); !s.ok()) return s;
+  auto q =
+      Run(absl::StrCat("DELETE FROM job_queue WHERE id = $1::text AND ", kUnclaimed), {Text(id)});
+  if (!q.ok()) return Rollback(q.status());
+  const char* affected = PQcmdTuples(q->get());
+  if (affected == nullptr || std::strcmp(affected, "0") == 0) {
+    (void)Rollback(absl::OkStatus());
+    return false;
+  }
+  auto r =
+      Run("INSERT INTO records(kind, key, json) VALUES ('job', $1::text, $2::text) "
+          "ON CONFLICT (kind, key) DO UPDATE SET json = EXCLUDED.json",
+          {Text(id), Text(record)});
+  if (!r.ok()) return Rollback(r.status());
+  if (absl::Status s = Commit(); !s.ok()) return s;
+  return true;
 }
 
 void PostgresDatabase::Listen() {

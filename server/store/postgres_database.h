@@ -68,9 +68,20 @@ class PostgresDatabase final : public Database {
   // notifications the records table's trigger sends at each commit.
   int Subscribe(RecordChanged changed) override;
   void Unsubscribe(int token) override;
-  // pg_try_advisory_lock on a connection of its own, kept open.
-  absl::StatusOr<bool> TryLeadJobs() override;
-  absl::Status CheckLeadJobs() override;
+  // pg_try_advisory_lock_shared / pg_try_advisory_lock on a connection of
+  // its own, kept open.
+  absl::Status AttachReplica() override;
+  absl::StatusOr<bool> LockForCopy() override;
+  absl::Status QueueJob(const QueuedJob& job, const std::string& record) override;
+  absl::StatusOr<std::vector<QueuedJob>> ListQueuedJobs() override;
+  absl::StatusOr<std::optional<QueuedJob>> ClaimJob(const std::string& owner, absl::Duration lease,
+                                                    const PickJob& pick) override;
+  absl::StatusOr<std::vector<std::string>> RenewJobLeases(
+      const std::string& owner, absl::Duration lease, const std::vector<std::string>& ids) override;
+  absl::Status PutClaimedJob(const std::string& id, const std::string& owner,
+                             const std::string& record, JobEnd end) override;
+  absl::StatusOr<bool> EndUnclaimedJob(const std::string& id, const std::string& owner,
+                                       const std::string& record) override;
   absl::Status PutBlob(const std::string& name, absl::string_view bytes) override;
   absl::StatusOr<std::string> GetBlob(const std::string& name) override;
   absl::Status DeleteBlob(const std::string& name) override;
@@ -99,6 +110,8 @@ class PostgresDatabase final : public Database {
   absl::StatusOr<DatasetInfo> GetDatasetLocked(const std::string& name)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<std::vector<StoredExample>> Examples(const std::string& dataset, bool bytes);
+  // The lock of AttachReplica (`shared`) or LockForCopy.
+  absl::StatusOr<bool> TryReplicaLock(bool shared);
 
   void Listen();
   void StopListening();
@@ -112,7 +125,9 @@ class PostgresDatabase final : public Database {
   std::map<int, RecordChanged> subscribers_ ABSL_GUARDED_BY(subscribers_mu_);
   int next_subscriber_ ABSL_GUARDED_BY(subscribers_mu_) = 1;
   absl::Mutex leader_mu_;
+  // The replica lock's connection; also renews the job leases.
   PGconn* leader_conn_ ABSL_GUARDED_BY(leader_mu_) = nullptr;
+  bool attached_ ABSL_GUARDED_BY(leader_mu_) = false;  // holds the shared lock on it
   bool in_transaction_ ABSL_GUARDED_BY(mu_) = false;
   const std::string uri_;
 };

@@ -14,6 +14,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "server/store/data_dir.h"
 
 namespace tlserve {
@@ -48,7 +49,20 @@ CREATE TABLE IF NOT EXISTS records (
   json TEXT NOT NULL,
   PRIMARY KEY (kind, key)
 );
+CREATE TABLE IF NOT EXISTS job_queue (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  model TEXT NOT NULL UNIQUE,
+  tenant TEXT NOT NULL,
+  owner TEXT NOT NULL DEFAULT '',
+  lease_until_ms INTEGER NOT NULL DEFAULT 0,
+  claims INTEGER NOT NULL DEFAULT 0
+);
 )sql";
+
+// Jobs nobody holds: in SQLite one process owns the file, so a claim of
+// any other owner is a dead process's.
+constexpr char kUnclaimed[] = "(owner = '' OR owner <> ?1 OR lease_until_ms < ?2)";
 
 // A prepared statement finalised on scope exit.
 class Statement {
@@ -384,6 +398,11 @@ absl::Status SqliteDatabase::DeleteDataset(const std::string& name) {
 absl::Status SqliteDatabase::PutRecord(const std::string& kind, const std::string& key,
                                        const std::string& json) {
   absl::MutexLock lock(&mu_);
+  return PutRecordLocked(kind, key, json);
+}
+
+absl::Status SqliteDatabase::PutRecordLocked(const std::string& kind, const std::string& key,
+                                             const std::string& json) {
   Statement q(db_, "INSERT OR REPLACE INTO records(kind, key, json) VALUES (?, ?, ?)");
   if (!q.status().ok()) return q.status();
   q.Bind(1, kind);
@@ -518,6 +537,149 @@ absl::StatusOr<std::vector<std::string>> SqliteDatabase::ListBlobs(const std::st
   }
   std::sort(out.begin(), out.end());
   return out;
+}
+
+namespace {
+
+int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
+
+}  // namespace
+
+absl::Status SqliteDatabase::QueueJob(const QueuedJob& job, const std::string& record) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = Exec("BEGIN IMMEDIATE"); !s.ok()) return s;
+  {
+    Statement busy(db_, "SELECT id FROM job_queue WHERE model = ?");
+    if (!busy.status().ok()) return Rollback(busy.status());
+    busy.Bind(1, job.model);
+    if (sqlite3_step(busy.get()) == SQLITE_ROW) {
+      return Rollback(absl::AlreadyExistsError(absl::StrCat(
+          "model \"", job.model, "\" already has an unfinished job (", busy.Text(0), ")")));
+    }
+    Statement q(db_, "INSERT INTO job_queue(id, model, tenant, claims) VALUES (?, ?, ?, ?)");
+    if (!q.status().ok()) return Rollback(q.status());
+    q.Bind(1, job.id);
+    q.Bind(2, job.model);
+    q.Bind(3, job.tenant);
+    q.Bind(4, static_cast<int64_t>(job.claims));
+    if (sqlite3_step(q.get()) != SQLITE_DONE) return Rollback(SqliteError(db_, "queue job"));
+  }
+  if (absl::Status s = PutRecordLocked("job", job.id, record); !s.ok()) return Rollback(s);
+  if (absl::Status s = Exec("COMMIT"); !s.ok()) return Rollback(s);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<Database::QueuedJob>> SqliteDatabase::QueuedJobsLocked(
+    const std::string& where, const std::string& owner) {
+  Statement q(db_, absl::StrCat("SELECT id, model, tenant, owner, claims FROM job_queue WHERE ",
+                                where, " ORDER BY seq")
+                       .c_str());
+  if (!q.status().ok()) return q.status();
+  if (!owner.empty()) {
+    q.Bind(1, owner);
+    q.Bind(2, NowMs());
+  }
+  std::vector<QueuedJob> out;
+  int rc;
+  while ((rc = sqlite3_step(q.get())) == SQLITE_ROW) {
+    out.push_back({q.Text(0), q.Text(1), q.Text(2), q.Text(3), static_cast<int>(q.Int(4))});
+  }
+  if (rc != SQLITE_DONE) return SqliteError(db_, "list queued jobs");
+  return out;
+}
+
+absl::StatusOr<std::vector<Database::QueuedJob>> SqliteDatabase::ListQueuedJobs() {
+  absl::MutexLock lock(&mu_);
+  return QueuedJobsLocked("1", "");
+}
+
+absl::StatusOr<std::optional<Database::QueuedJob>> SqliteDatabase::ClaimJob(
+    const std::string& owner, absl::Duration lease, const PickJob& pick) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = Exec("BEGIN IMMEDIATE"); !s.ok()) return s;
+  auto free = QueuedJobsLocked(kUnclaimed, owner);
+  if (!free.ok()) return Rollback(free.status());
+  if (free->empty()) {
+    (void)Rollback(absl::OkStatus());
+    return std::nullopt;
+  }
+  const size_t chosen = std::min(pick(*free), free->size() - 1);
+  QueuedJob job = (*free)[chosen];
+  Statement q(db_,
+              "UPDATE job_queue SET owner = ?, lease_until_ms = ?, claims = claims + 1 "
+              "WHERE id = ?");
+  if (!q.status().ok()) return Rollback(q.status());
+  q.Bind(1, owner);
+  q.Bind(2, NowMs() + absl::ToInt64Milliseconds(lease));
+  q.Bind(3, job.id);
+  if (sqlite3_step(q.get()) != SQLITE_DONE) return Rollback(SqliteError(db_, "claim job"));
+  if (absl::Status s = Exec("COMMIT"); !s.ok()) return Rollback(s);
+  return job;
+}
+
+absl::StatusOr<std::vector<std::string>> SqliteDatabase::RenewJobLeases(
+    const std::string& owner, absl::Duration lease, const std::vector<std::string>& ids) {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::string> held;
+  for (const std::string& id : ids) {
+    Statement q(db_, "UPDATE job_queue SET lease_until_ms = ? WHERE id = ? AND owner = ?");
+    if (!q.status().ok()) return q.status();
+    q.Bind(1, NowMs() + absl::ToInt64Milliseconds(lease));
+    q.Bind(2, id);
+    q.Bind(3, owner);
+    if (sqlite3_step(q.get()) != SQLITE_DONE) return SqliteError(db_, "renew job lease");
+    if (sqlite3_changes(db_) > 0) held.push_back(id);
+  }
+  return held;
+}
+
+absl::Status SqliteDatabase::PutClaimedJob(const std::string& id, const std::string& owner,
+                                           const std::string& record, JobEnd end) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = Exec("BEGIN IMMEDIATE"); !s.ok()) return s;
+  {
+    const char* sql = end == JobEnd::kFinish ? "DELETE FROM job_queue WHERE id = ?1 AND owner = ?2"
+                      : end == JobEnd::kRelease
+                          ? "UPDATE job_queue SET owner = '', lease_until_ms = 0 "
+                            "WHERE id = ?1 AND owner = ?2"
+                          : "UPDATE job_queue SET id = id WHERE id = ?1 AND owner = ?2";
+    Statement q(db_, sql);
+    if (!q.status().ok()) return Rollback(q.status());
+    q.Bind(1, id);
+    q.Bind(2, owner);
+    if (sqlite3_step(q.get()) != SQLITE_DONE) return Rollback(SqliteError(db_, "job queue"));
+    if (sqlite3_changes(db_) == 0) {
+      return Rollback(
+          absl::AbortedError(absl::StrCat("job ", id, ": this replica no longer holds its lease")));
+    }
+  }
+  if (!record.empty()) {
+    if (absl::Status s = PutRecordLocked("job", id, record); !s.ok()) return Rollback(s);
+  }
+  if (absl::Status s = Exec("COMMIT"); !s.ok()) return Rollback(s);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> SqliteDatabase::EndUnclaimedJob(const std::string& id,
+                                                     const std::string& owner,
+                                                     const std::string& record) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = Exec("BEGIN IMMEDIATE"); !s.ok()) return s;
+  {
+    Statement q(db_, absl::StrCat("DELETE FROM job_queue WHERE id = ?3 AND ", kUnclaimed).c_str());
+    if (!q.status().ok()) return Rollback(q.status());
+    q.Bind(1, owner);
+    q.Bind(2, NowMs());
+    q.Bind(3, id);
+    if (sqlite3_step(q.get()) != SQLITE_DONE) return Rollback(SqliteError(db_, "end job"));
+    if (sqlite3_changes(db_) == 0) {
+      (void)Rollback(absl::OkStatus());
+      return false;
+    }
+  }
+  if (absl::Status s = PutRecordLocked("job", id, record); !s.ok()) return Rollback(s);
+  if (absl::Status s = Exec("COMMIT"); !s.ok()) return Rollback(s);
+  return true;
 }
 
 }  // namespace tlserve

@@ -51,6 +51,16 @@ class SqliteDatabase final : public Database {
   absl::StatusOr<std::string> GetBlob(const std::string& name) override;
   absl::Status DeleteBlob(const std::string& name) override;
   absl::StatusOr<std::vector<std::string>> ListBlobs(const std::string& prefix) override;
+  absl::Status QueueJob(const QueuedJob& job, const std::string& record) override;
+  absl::StatusOr<std::vector<QueuedJob>> ListQueuedJobs() override;
+  absl::StatusOr<std::optional<QueuedJob>> ClaimJob(const std::string& owner, absl::Duration lease,
+                                                    const PickJob& pick) override;
+  absl::StatusOr<std::vector<std::string>> RenewJobLeases(
+      const std::string& owner, absl::Duration lease, const std::vector<std::string>& ids) override;
+  absl::Status PutClaimedJob(const std::string& id, const std::string& owner,
+                             const std::string& record, JobEnd end) override;
+  absl::StatusOr<bool> EndUnclaimedJob(const std::string& id, const std::string& owner,
+                                       const std::string& record) override;
 
  private:
   SqliteDatabase(sqlite3* db, std::string blob_dir) : blob_dir_(std::move(blob_dir)), db_(db) {}
@@ -58,6 +68,11 @@ class SqliteDatabase final : public Database {
   // Ends a failed transaction; returns `cause`.
   absl::Status Rollback(absl::Status cause) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<DatasetInfo> GetDatasetLocked(const std::string& name)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status PutRecordLocked(const std::string& kind, const std::string& key,
+                               const std::string& json) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<std::vector<QueuedJob>> QueuedJobsLocked(const std::string& where,
+                                                          const std::string& owner)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string blob_dir_;  // the database file's directory

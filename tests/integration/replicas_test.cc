@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -39,8 +40,8 @@ class ReplicasTest : public testing::TrainingTest {
     o.before_training_step = [](const std::string&) {
       std::this_thread::sleep_for(std::chrono::milliseconds(250));
     };
-    // Not the process's exit (the default): the test checks the call.
-    o.on_lost_job_lock = [this](const absl::Status&) { ++lost_job_lock_; };
+    // A replica's jobs pass to another 2 s after it died (10 s by default).
+    o.job_lease = absl::Seconds(2);
     return o;
   }
   void SetUp() override {
@@ -49,7 +50,7 @@ class ReplicasTest : public testing::TrainingTest {
     ServerOptions o = Options(dir_ + "/replica-b");
     o.data_dir = dir_ + "/replica-b";
     o.database = database_;
-    o.max_concurrent_jobs = 0;  // A runs the jobs; B serves (one runner per database, for now)
+    o.max_concurrent_jobs = 0;  // A runs the jobs; B serves
     auto b = Server::Start(o);
     ASSERT_TRUE(b.ok()) << b.status();
     server_b_ = std::move(*b);
@@ -127,7 +128,37 @@ class ReplicasTest : public testing::TrainingTest {
   std::unique_ptr<Server> server_b_;
   std::unique_ptr<Client> client_b_;
   std::unique_ptr<v1::Models::Stub> stub_b_;
-  std::atomic<int> lost_job_lock_{0};
+  // Starts a replica that runs jobs (as A does) on the same database.
+  std::unique_ptr<Server> StartReplica(const std::string& name) {
+    ServerOptions o = Options(dir_ + "/" + name);
+    o.data_dir = dir_ + "/" + name;
+    o.database = database_;
+    o.max_concurrent_jobs = 1;
+    auto s = Server::Start(o);
+    EXPECT_TRUE(s.ok()) << s.status();
+    return s.ok() ? std::move(*s) : nullptr;
+  }
+  // The job queue's owners, by job (SQL on the shared database).
+  std::map<std::string, std::string> QueueOwners() {
+    std::map<std::string, std::string> out;
+    PGconn* c = PQconnectdb(database_.c_str());
+    PGresult* r = PQexec(c, "SELECT id, owner FROM job_queue WHERE lease_until > now()");
+    for (int i = 0; PQresultStatus(r) == PGRES_TUPLES_OK && i < PQntuples(r); ++i) {
+      out[PQgetvalue(r, i, 0)] = PQgetvalue(r, i, 1);
+    }
+    PQclear(r);
+    PQfinish(c);
+    return out;
+  }
+  bool Sql(const std::string& statement) {
+    PGconn* c = PQconnectdb(database_.c_str());
+    PGresult* r = PQexec(c, statement.c_str());
+    const bool ok = PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK;
+    EXPECT_TRUE(ok) << PQresultErrorMessage(r);
+    PQclear(r);
+    PQfinish(c);
+    return ok;
+  }
 };
 
 TEST_F(ReplicasTest, WhatOneReplicaIsToldTheOtherServesWithinASecond) {
@@ -140,12 +171,14 @@ TEST_F(ReplicasTest, WhatOneReplicaIsToldTheOtherServesWithinASecond) {
   ASSERT_GE(folder.size(), 2u);
   const std::vector<std::string> files = {folder.front().first, folder.back().first};
   ASSERT_TRUE(OnB([&] { return CreateModel("clothes", "fmnist"); }).ok());
-  // B does not run jobs: it says where to go.
-  auto refused = OnB([&] { return Start("clothes", "fmnist"); });
-  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
-  EXPECT_TRUE(absl::StrContains(refused.status().message(), "--max_concurrent_jobs=0"));
-  auto job = Start("clothes", "fmnist");
+  // B runs no jobs, but queues one: A claims and runs it.
+  auto job = OnB([&] { return Start("clothes", "fmnist"); });
   ASSERT_TRUE(job.ok()) << job.status();
+  // One unfinished job per model, whichever replica is asked.
+  auto twice = Start("clothes", "fmnist");
+  if (GetJob(job->id()).state() != v1::Job::SUCCEEDED) {
+    EXPECT_EQ(twice.status().code(), absl::StatusCode::kFailedPrecondition) << twice.status();
+  }
   // B's WatchJob follows A's job to its end.
   const std::vector<v1::Job> seen = OnB([&] { return Watch(job->id()); });
   ASSERT_FALSE(seen.empty());
@@ -196,38 +229,14 @@ TEST_F(ReplicasTest, WhatOneReplicaIsToldTheOtherServesWithinASecond) {
   EXPECT_EQ(datasets->datasets(0).name(), "fmnist");
 }
 
-// C may run jobs too (--max_concurrent_jobs=1) but A holds the job lock: C
-// stands by, refusing StartTraining; when A goes mid fine-tune, C takes the
-// lock, resumes the job from its checkpoint and finishes it, and B's WatchJob
-// follows it to the end. (A stops cleanly here, which releases the lock at
-// once; a replica killed with -9 releases it when PostgreSQL sees its
-// connection closed.)
-TEST_F(ReplicasTest, AStandbyTakesOverTheJobsWhenTheRunnerGoes) {
+// A runs a fine-tune when C, which runs jobs too, starts; when A stops mid
+// job, it gives the job's lease up, C claims the job at once, resumes it from
+// its checkpoint and finishes it, and B's WatchJob follows it to the end.
+TEST_F(ReplicasTest, AJobOfAReplicaThatStopsIsResumedByAnother) {
   ASSERT_NO_FATAL_FAILURE(UploadTrainingSet());
   ASSERT_TRUE(CreateModel("clothes", "fmnist").ok());
   ASSERT_EQ(TrainOnce("clothes"), 1);
   ASSERT_TRUE(Unfreeze("clothes", {"layer4"}).ok());
-
-  ServerOptions o = Options(dir_ + "/replica-c");
-  o.data_dir = dir_ + "/replica-c";
-  o.database = database_;
-  o.max_concurrent_jobs = 1;
-  auto c = Server::Start(o);
-  ASSERT_TRUE(c.ok()) << c.status();
-  std::unique_ptr<Server> server_c = std::move(*c);
-  auto client_c = Client::Connect(absl::StrCat("127.0.0.1:", server_c->grpc_port()));
-  ASSERT_TRUE(client_c.ok());
-  auto stub_c = v1::Models::NewStub((*client_c)->channel());
-  {
-    grpc::ClientContext ctx;
-    v1::StartTrainingRequest req;
-    req.set_model("clothes");
-    req.set_dataset("fmnist");
-    v1::Job job;
-    const absl::Status s = FromGrpc(stub_c->StartTraining(&ctx, req, &job));
-    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
-    EXPECT_TRUE(absl::StrContains(s.message(), "stands by")) << s;
-  }
 
   v1::TrainingOptions fine;
   fine.set_epochs(4);
@@ -243,9 +252,12 @@ TEST_F(ReplicasTest, AStandbyTakesOverTheJobsWhenTheRunnerGoes) {
     const v1::Job j = GetJob(job->id());
     return j.epochs_size() > 0 && j.epochs().rbegin()->epoch() >= 1;
   }));
+  // C starts while A runs the job.
+  std::unique_ptr<Server> server_c = StartReplica("replica-c");
+  ASSERT_NE(server_c, nullptr);
   const v1::Job before = GetJob(job->id());
   EXPECT_EQ(StoredCheckpoints(), 1);
-  // A goes (and with it the job lock).
+  // A stops (and gives the job's lease up).
   stub_.reset();
   client_.reset();
   server_.reset();
@@ -261,30 +273,23 @@ TEST_F(ReplicasTest, AStandbyTakesOverTheJobsWhenTheRunnerGoes) {
   }
   EXPECT_EQ(end.epochs().rbegin()->epoch(), 4);
   EXPECT_EQ(StoredCheckpoints(), 0);
-  // C runs the jobs now.
-  {
-    grpc::ClientContext ctx;
-    v1::GetModelRequest req;
-    req.set_name("clothes");
-    v1::Model m;
-    ASSERT_TRUE(stub_c->GetModel(&ctx, req, &m).ok());
-    EXPECT_EQ(m.served_version() >= 1, true);
-  }
+  EXPECT_TRUE(QueueOwners().empty());
 }
 
 // kill -9 of the replica that runs a fine-tune — R, the real binary in a
-// process of its own: C, standing by, takes the job lock once PostgreSQL sees
-// R's connection closed, resumes the job from R's last checkpoint and
-// finishes it; B's WatchJob follows it to the end; nothing R acknowledged
-// is lost (the dataset, the model, the epochs it reported).
+// process of its own: its lease runs out (2 s here), C claims the job,
+// resumes it from R's last checkpoint and finishes it; B's WatchJob follows
+// it to the end; nothing R acknowledged is lost (the dataset, the model, the
+// epochs it reported).
 TEST_F(ReplicasTest, AReplicaKilledMidFineTuneIsResumedByAnother) {
-  // A (in this process) goes, and with it the job lock: R takes it.
+  // A (in this process) goes: R runs the job.
   stub_.reset();
   client_.reset();
   server_.reset();
   const std::string log = dir_ + "/replica-r.log";
-  testing::ServerProcess r(Fixture("r18small.pt"), dir_ + "/replica-r", log,
-                           {"--database=" + database_, "--max_concurrent_jobs=1"});
+  testing::ServerProcess r(
+      Fixture("r18small.pt"), dir_ + "/replica-r", log,
+      {"--database=" + database_, "--max_concurrent_jobs=1", "--job_lease_seconds=2"});
   auto on_r = r.Connect();
   ASSERT_TRUE(on_r.ok()) << on_r.status() << testing::ReadBytes(log);
   client_ = std::move(*on_r);
@@ -294,14 +299,6 @@ TEST_F(ReplicasTest, AReplicaKilledMidFineTuneIsResumedByAnother) {
   ASSERT_EQ(TrainOnce("clothes"), 1);
   ASSERT_TRUE(Unfreeze("clothes", {"layer4"}).ok());
 
-  ServerOptions o = Options(dir_ + "/replica-c");
-  o.data_dir = dir_ + "/replica-c";
-  o.database = database_;
-  o.max_concurrent_jobs = 1;  // stands by: R holds the lock
-  auto c = Server::Start(o);
-  ASSERT_TRUE(c.ok()) << c.status();
-  std::unique_ptr<Server> server_c = std::move(*c);
-
   v1::TrainingOptions fine;
   fine.set_epochs(4);
   fine.set_batch_size(32);
@@ -310,6 +307,12 @@ TEST_F(ReplicasTest, AReplicaKilledMidFineTuneIsResumedByAnother) {
   ASSERT_TRUE(job.ok()) << job.status();
   std::vector<v1::Job> seen;
   std::thread watcher = WatchOnB(job->id(), &seen);
+  ASSERT_TRUE(Within(absl::Seconds(60), [&] {
+    return GetJob(job->id()).state() == v1::Job::RUNNING;
+  })) << testing::ReadBytes(log);
+  // C starts once R runs the job (or it could have claimed it first).
+  std::unique_ptr<Server> server_c = StartReplica("replica-c");
+  ASSERT_NE(server_c, nullptr);
   v1::Job before;
   ASSERT_TRUE(Within(absl::Seconds(120), [&] {
     before = GetJob(job->id());
@@ -323,7 +326,7 @@ TEST_F(ReplicasTest, AReplicaKilledMidFineTuneIsResumedByAnother) {
   stub_.reset();
   client_.reset();
   watcher.join();
-  std::printf("killed after epoch %d of 4; the job ended on the standby %.1f s later\n",
+  std::printf("killed after epoch %d of 4; the job ended on another replica %.1f s later\n",
               before.epochs().rbegin()->epoch(), absl::ToDoubleSeconds(absl::Now() - killed));
   ASSERT_FALSE(seen.empty());
   const v1::Job& end = seen.back();
@@ -395,22 +398,92 @@ TEST_F(ReplicasTest, ACancelThroughAnyReplicaReachesTheRunner) {
   }));
 }
 
-// The runner's job-lock session ends under it (as when the database
-// restarts, or the network is cut for longer than the keepalives allow):
-// another replica may take the lock and run the same jobs, so the runner is
-// told at once (by default the process exits) — within the 2 s of its check.
-TEST_F(ReplicasTest, ARunnerThatLosesTheJobLockStops) {
-  EXPECT_EQ(lost_job_lock_, 0);
-  PGconn* c = PQconnectdb(database_.c_str());
-  PGresult* r = PQexec(c,
-                       "SELECT count(pg_terminate_backend(pid)) FROM pg_locks "
-                       "WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()");
-  ASSERT_EQ(PQresultStatus(r), PGRES_TUPLES_OK) << PQresultErrorMessage(r);
-  EXPECT_EQ(std::string(PQgetvalue(r, 0, 0)), "1");  // A's job lock, the one advisory lock held
-  PQclear(r);
-  PQfinish(c);
-  EXPECT_TRUE(Within(absl::Seconds(5), [&] { return lost_job_lock_ > 0; }));
-  EXPECT_EQ(lost_job_lock_, 1);  // once
+// A replica whose lease was lost while it still ran the job (as when it lost
+// the database, or stalled, for longer than the lease, and another replica
+// claimed the job): A finds its lease gone at its next renewal or write,
+// stops the job and writes nothing more of it; the job is claimed again and
+// resumed from its checkpoint. It ends once, with one version.
+TEST_F(ReplicasTest, AReplicaThatLostItsLeaseStopsAndAnotherFinishesTheJob) {
+  ASSERT_NO_FATAL_FAILURE(UploadTrainingSet());
+  ASSERT_TRUE(CreateModel("clothes", "fmnist").ok());
+  ASSERT_EQ(TrainOnce("clothes"), 1);
+  ASSERT_TRUE(Unfreeze("clothes", {"layer4"}).ok());
+  v1::TrainingOptions fine;
+  fine.set_epochs(3);
+  fine.set_batch_size(32);
+  fine.set_seed(3);
+  auto job = Start("clothes", "fmnist", fine);
+  ASSERT_TRUE(job.ok()) << job.status();
+  std::vector<v1::Job> seen;
+  std::thread watcher = WatchOnB(job->id(), &seen);
+  ASSERT_TRUE(Within(absl::Seconds(120), [&] {
+    const v1::Job j = GetJob(job->id());
+    return j.epochs_size() > 0 && j.epochs().rbegin()->epoch() >= 1;
+  }));
+  std::unique_ptr<Server> server_c = StartReplica("replica-c");
+  ASSERT_NE(server_c, nullptr);
+  ASSERT_EQ(QueueOwners().size(), 1u);
+  // A's lease is lost under it: claimed by a replica that died at once (as
+  // when A stalled, or lost the database, for longer than the lease). A or
+  // C claims it again, and resumes it from its checkpoint.
+  ASSERT_TRUE(Sql("UPDATE job_queue SET owner = 'gone', lease_until = now() - interval '1 s'"));
+  EXPECT_TRUE(Within(absl::Seconds(5), [&] {
+    const auto now = QueueOwners();
+    return now.size() == 1 && now.begin()->second != "gone";
+  }));
+  watcher.join();
+  ASSERT_FALSE(seen.empty());
+  const v1::Job& end = seen.back();
+  EXPECT_EQ(end.state(), v1::Job::SUCCEEDED) << end.error() << " / " << end.phase();
+  EXPECT_EQ(end.version(), 2);
+  EXPECT_EQ(end.epochs().rbegin()->epoch(), 3);
+  for (int i = 1; i < end.epochs_size(); ++i) {
+    EXPECT_EQ(end.epochs(i).epoch(), end.epochs(i - 1).epoch() + 1) << "epochs written twice";
+  }
+  // One version made: A stored none after it lost the lease.
+  absl::SleepFor(absl::Seconds(1));
+  grpc::ClientContext ctx;
+  v1::GetModelRequest req;
+  req.set_name("clothes");
+  v1::Model m;
+  ASSERT_TRUE(FromGrpc(stub_->GetModel(&ctx, req, &m)).ok());
+  EXPECT_EQ(m.versions_size(), 2);
+  EXPECT_EQ(GetJob(job->id()).state(), v1::Job::SUCCEEDED);  // on A too
+  EXPECT_TRUE(QueueOwners().empty());
+}
+
+// Every replica that runs jobs trains: two jobs at once run on two replicas
+// (one each, --max_concurrent_jobs=1), claimed from the one queue.
+TEST_F(ReplicasTest, TwoReplicasRunTwoJobsAtOnce) {
+  ASSERT_NO_FATAL_FAILURE(UploadTrainingSet());
+  std::unique_ptr<Server> server_c = StartReplica("replica-c");
+  ASSERT_NE(server_c, nullptr);
+  std::vector<std::string> ids;
+  for (const char* name : {"one", "two"}) {
+    ASSERT_TRUE(CreateModel(name, "fmnist").ok());
+    ASSERT_EQ(TrainOnce(name), 1);
+    ASSERT_TRUE(Unfreeze(name, {"layer4"}).ok());
+  }
+  v1::TrainingOptions fine;
+  fine.set_epochs(2);
+  fine.set_batch_size(32);
+  for (const char* name : {"one", "two"}) {
+    auto job = Start(name, "fmnist", fine);
+    ASSERT_TRUE(job.ok()) << job.status();
+    ids.push_back(job->id());
+  }
+  // Both running at once, under two owners.
+  std::map<std::string, std::string> owners;
+  EXPECT_TRUE(Within(absl::Seconds(30), [&] {
+    owners = QueueOwners();
+    return owners.size() == 2 && GetJob(ids[0]).state() == v1::Job::RUNNING &&
+           GetJob(ids[1]).state() == v1::Job::RUNNING;
+  }));
+  ASSERT_EQ(owners.size(), 2u);
+  EXPECT_NE(owners[ids[0]], owners[ids[1]]);
+  for (const auto& id : ids) {
+    EXPECT_EQ(Watch(id).back().state(), v1::Job::SUCCEEDED) << id;
+  }
 }
 
 // A client with round_robin over both replicas' addresses spreads its calls

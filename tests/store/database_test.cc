@@ -12,7 +12,9 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -331,6 +333,10 @@ TEST_P(DatabaseTest, AStoreIsCopiedWholeIntoAnEmptyOne) {
   ASSERT_TRUE(Upload("empty-labels", {examples[0]}).ok());
   ASSERT_TRUE(db_->PutRecord("model", "t:m", "{\"versions\":[1]}").ok());
   ASSERT_TRUE(db_->PutRecord("job", "00000001", "{\"state\":\"RUNNING\"}").ok());
+  // An unfinished job (as server/core/jobs.cc writes it: state 1 is running)
+  // with no row in the queue: queued in the copy, as interrupted.
+  const std::string running = R"({"id":"j2","model":"t:m","state":1})";
+  ASSERT_TRUE(db_->PutRecord("job", "j2", running).ok());
   ASSERT_TRUE(db_->PutBlob("models/t:m/v1.head.pt", std::string(1 << 20, 'w')).ok());
   ASSERT_TRUE(db_->PutBlob("checkpoints/00000001.ckpt", "ck").ok());
 
@@ -353,7 +359,16 @@ TEST_P(DatabaseTest, AStoreIsCopiedWholeIntoAnEmptyOne) {
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_EQ(report->datasets, 2);
   EXPECT_EQ(report->examples, 301);
-  EXPECT_EQ(report->records, 2);
+  EXPECT_EQ(report->records, 3);
+  EXPECT_EQ(report->queued_jobs, 1);
+  auto queue = (*to)->ListQueuedJobs();
+  ASSERT_TRUE(queue.ok()) << queue.status();
+  ASSERT_EQ(queue->size(), 1u);
+  EXPECT_EQ((*queue)[0].id, "j2");
+  EXPECT_EQ((*queue)[0].model, "t:m");
+  EXPECT_EQ((*queue)[0].tenant, "t");
+  EXPECT_EQ((*queue)[0].claims, 1);
+  EXPECT_EQ(*(*to)->GetRecord("job", "j2"), running);
   EXPECT_EQ(report->blobs, 2);
   EXPECT_EQ(report->blob_bytes, (1 << 20) + 2);
   EXPECT_FALSE(lines.empty());
@@ -377,6 +392,106 @@ TEST_P(DatabaseTest, AStoreIsCopiedWholeIntoAnEmptyOne) {
   EXPECT_TRUE(absl::StrContains(twice.status().message(), "not empty")) << twice.status();
   to->reset();
   if (!other_dir.empty()) std::filesystem::remove_all(other_dir);
+}
+
+TEST_P(DatabaseTest, TheJobQueueHandsEachJobToOneClaimerUnderALease) {
+  const auto first = [](const std::vector<Database::QueuedJob>&) { return size_t{0}; };
+  Database::QueuedJob a{"ja", "t:m1", "t", "", 0}, b{"jb", "t:m2", "t", "", 0};
+  ASSERT_TRUE(db_->QueueJob(a, R"({"n":1})").ok());
+  ASSERT_TRUE(db_->QueueJob(b, R"({"n":2})").ok());
+  EXPECT_EQ(*db_->GetRecord("job", "ja"), R"({"n":1})");
+  // One unfinished job per model: refused whole, naming the job.
+  absl::Status again = db_->QueueJob({"jc", "t:m1", "t", "", 0}, "{}");
+  EXPECT_EQ(again.code(), absl::StatusCode::kAlreadyExists) << again;
+  EXPECT_TRUE(absl::StrContains(again.message(), "ja")) << again;
+  EXPECT_EQ(db_->GetRecord("job", "jc").status().code(), absl::StatusCode::kNotFound);
+
+  // Oldest first; `pick` chooses among the free ones.
+  auto got = db_->ClaimJob("X", absl::Seconds(60), [](const std::vector<Database::QueuedJob>& f) {
+    EXPECT_EQ(f.size(), 2u);
+    return size_t{1};
+  });
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_TRUE(got->has_value());
+  EXPECT_EQ((*got)->id, "jb");
+  EXPECT_EQ((*got)->claims, 0);
+  got = db_->ClaimJob("X", absl::Seconds(60), first);
+  ASSERT_TRUE(got.ok() && got->has_value());
+  EXPECT_EQ((*got)->id, "ja");
+  got = db_->ClaimJob("X", absl::Seconds(60), first);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_FALSE(got->has_value());
+  auto held = db_->RenewJobLeases("X", absl::Seconds(60), {"ja", "jb", "nope"});
+  ASSERT_TRUE(held.ok()) << held.status();
+  EXPECT_EQ(std::set<std::string>(held->begin(), held->end()), (std::set<std::string>{"ja", "jb"}));
+
+  // Writes are fenced by the lease.
+  EXPECT_EQ(db_->PutClaimedJob("ja", "Y", "{}", Database::JobEnd::kKeep).code(),
+            absl::StatusCode::kAborted);
+  EXPECT_EQ(*db_->GetRecord("job", "ja"), R"({"n":1})");
+  ASSERT_TRUE(db_->PutClaimedJob("ja", "X", R"({"n":3})", Database::JobEnd::kKeep).ok());
+  EXPECT_EQ(*db_->GetRecord("job", "ja"), R"({"n":3})");
+
+  // Released (a stop that pauses it): claimed again at once, as claimed before.
+  // (SQLite offers X's other job to Z too: one process owns the file, so
+  // another owner's claim is a dead process's.)
+  ASSERT_TRUE(db_->PutClaimedJob("jb", "X", R"({"n":4})", Database::JobEnd::kRelease).ok());
+  got = db_->ClaimJob("Z", absl::Seconds(60), [](const std::vector<Database::QueuedJob>& f) {
+    EXPECT_EQ(f.back().id, "jb");
+    return f.size() - 1;
+  });
+  ASSERT_TRUE(got.ok() && got->has_value());
+  EXPECT_EQ((*got)->id, "jb");
+  EXPECT_EQ((*got)->claims, 1);
+  held = db_->RenewJobLeases("X", absl::Seconds(60), {"ja", "jb"});
+  ASSERT_TRUE(held.ok());
+  EXPECT_EQ(*held, std::vector<std::string>{"ja"});
+
+  // Finished: out of the queue, and the model may queue its next job.
+  ASSERT_TRUE(db_->PutClaimedJob("ja", "X", R"({"n":5})", Database::JobEnd::kFinish).ok());
+  EXPECT_EQ(*db_->GetRecord("job", "ja"), R"({"n":5})");
+  EXPECT_EQ(db_->PutClaimedJob("ja", "X", "{}", Database::JobEnd::kKeep).code(),
+            absl::StatusCode::kAborted);
+  ASSERT_TRUE(db_->QueueJob({"jd", "t:m1", "t", "", 0}, "{}").ok());
+
+  // A job nobody holds ends at once; one a live replica holds does not.
+  auto ended = db_->EndUnclaimedJob("jd", "X", R"({"cancelled":1})");
+  ASSERT_TRUE(ended.ok()) << ended.status();
+  EXPECT_TRUE(*ended);
+  EXPECT_EQ(*db_->GetRecord("job", "jd"), R"({"cancelled":1})");
+  ended = db_->EndUnclaimedJob("jb", "Z", "{}");
+  ASSERT_TRUE(ended.ok());
+  EXPECT_FALSE(*ended);  // Z itself holds it
+  ended = db_->EndUnclaimedJob("jb", "X", R"({"cancelled":2})");
+  ASSERT_TRUE(ended.ok());
+  // PostgreSQL: Z's lease runs for a minute. SQLite: Z counts as dead.
+  EXPECT_EQ(*ended, GetParam() == "sqlite");
+  auto queue = db_->ListQueuedJobs();
+  ASSERT_TRUE(queue.ok());
+  EXPECT_EQ(queue->size(), GetParam() == "sqlite" ? 0u : 1u);
+}
+
+TEST_P(DatabaseTest, AJobWhoseLeaseRanOutIsClaimedAgain) {
+  ASSERT_TRUE(db_->QueueJob({"j", "t:m", "t", "", 0}, "{}").ok());
+  const auto first = [](const std::vector<Database::QueuedJob>&) { return size_t{0}; };
+  auto got = db_->ClaimJob("dead", absl::Milliseconds(300), first);
+  ASSERT_TRUE(got.ok() && got->has_value());
+  if (GetParam() == "postgresql") {
+    got = db_->ClaimJob("other", absl::Seconds(60), first);
+    ASSERT_TRUE(got.ok());
+    EXPECT_FALSE(got->has_value());  // still leased
+    absl::SleepFor(absl::Milliseconds(600));
+  }
+  got = db_->ClaimJob("other", absl::Seconds(60), first);
+  ASSERT_TRUE(got.ok() && got->has_value()) << got.status();
+  EXPECT_EQ((*got)->id, "j");
+  EXPECT_EQ((*got)->claims, 1);
+  // The dead owner's writes and renewals fail from now on.
+  EXPECT_EQ(db_->PutClaimedJob("j", "dead", "{}", Database::JobEnd::kFinish).code(),
+            absl::StatusCode::kAborted);
+  auto held = db_->RenewJobLeases("dead", absl::Seconds(60), {"j"});
+  ASSERT_TRUE(held.ok());
+  EXPECT_TRUE(held->empty());
 }
 
 // --- PostgreSQL only --------------------------------------------------------
@@ -482,46 +597,75 @@ TEST(PostgresDatabaseTest, EveryReplicaHearsOfEachCommittedRecordChange) {
             (std::vector<std::string>{"|", "model|t:m", "model|t:m", "job|j1", "model|t:m", "|"}));
 }
 
-TEST(PostgresDatabaseTest, OneReplicaAtATimeLeadsTheJobsAndADeadOnesTurnPasses) {
+TEST(PostgresDatabaseTest, ClaimersAtOnceNeverShareAJob) {
   ASSERT_NE(postgres, nullptr);
-  const std::string uri = postgres->NewDatabase("leaders");
+  const std::string uri = postgres->NewDatabase("claimers");
+  auto setup = Database::Open(uri);
+  ASSERT_TRUE(setup.ok()) << setup.status();
+  constexpr int kJobs = 40;
+  for (int i = 0; i < kJobs; ++i) {
+    const std::string id = absl::StrCat("j", i);
+    ASSERT_TRUE((*setup)->QueueJob({id, absl::StrCat("t:m", i), "t", "", 0}, "{}").ok());
+  }
+  // Four replicas, each on its own connections, claim until none is left.
+  absl::Mutex mu;
+  std::map<std::string, int> claimed;
+  std::vector<std::thread> replicas;
+  for (int r = 0; r < 4; ++r) {
+    replicas.emplace_back([&, r] {
+      auto db = Database::Open(uri);
+      ASSERT_TRUE(db.ok()) << db.status();
+      for (;;) {
+        auto got = (*db)->ClaimJob(absl::StrCat("replica", r), absl::Seconds(60),
+                                   [](const std::vector<Database::QueuedJob>&) { return 0; });
+        ASSERT_TRUE(got.ok()) << got.status();
+        if (!got->has_value()) return;
+        absl::MutexLock lock(&mu);
+        ++claimed[(*got)->id];
+      }
+    });
+  }
+  for (auto& t : replicas) t.join();
+  EXPECT_EQ(claimed.size(), static_cast<size_t>(kJobs));
+  for (const auto& [id, n] : claimed) EXPECT_EQ(n, 1) << id;
+}
+
+TEST(PostgresDatabaseTest, ReplicasShareTheDatabaseAndACopyHasItAlone) {
+  ASSERT_NE(postgres, nullptr);
+  const std::string uri = postgres->NewDatabase("attached");
   auto a = Database::Open(uri);
   auto b = Database::Open(uri);
-  ASSERT_TRUE(a.ok() && b.ok());
-  auto first = (*a)->TryLeadJobs();
-  ASSERT_TRUE(first.ok()) << first.status();
-  EXPECT_TRUE(*first);
-  EXPECT_TRUE(*(*a)->TryLeadJobs());  // asking again keeps it
-  EXPECT_FALSE(*(*b)->TryLeadJobs());
-  a->reset();  // the leader goes (its connections close)
-  bool led = false;
-  for (int i = 0; i < 100 && !led; ++i) {
-    auto r = (*b)->TryLeadJobs();
-    ASSERT_TRUE(r.ok()) << r.status();
-    led = *r;
-    if (!led) absl::SleepFor(absl::Milliseconds(20));
-  }
-  EXPECT_TRUE(led);
-  // A leader that dies without unlocking (kill -9: PostgreSQL ends its
-  // session when the connection goes): the lock passes too.
-  auto c = Database::Open(uri);
-  ASSERT_TRUE(c.ok());
-  EXPECT_FALSE(*(*c)->TryLeadJobs());
+  auto copy = Database::Open(uri);
+  ASSERT_TRUE(a.ok() && b.ok() && copy.ok());
+  ASSERT_TRUE((*a)->AttachReplica().ok());
+  ASSERT_TRUE((*b)->AttachReplica().ok());  // shared
+  auto locked = (*copy)->LockForCopy();
+  ASSERT_TRUE(locked.ok()) << locked.status();
+  EXPECT_FALSE(*locked);
+  a->reset();  // the replicas go (one as kill -9 would: its session ended)
   ASSERT_TRUE(postgres->Exec(
       "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted"));
-  led = false;
-  for (int i = 0; i < 100 && !led; ++i) {
-    auto r = (*c)->TryLeadJobs();
+  b->reset();
+  bool alone = false;
+  for (int i = 0; i < 100 && !alone; ++i) {
+    auto r = (*copy)->LockForCopy();
     ASSERT_TRUE(r.ok()) << r.status();
-    led = *r;
-    if (!led) absl::SleepFor(absl::Milliseconds(20));
+    alone = *r;
+    if (!alone) absl::SleepFor(absl::Milliseconds(20));
   }
-  EXPECT_TRUE(led);
+  EXPECT_TRUE(alone);
+  // A replica that starts during the copy is refused (after a few seconds' grace).
+  auto late = Database::Open(uri);
+  ASSERT_TRUE(late.ok());
+  absl::Status s = (*late)->AttachReplica();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "migrate")) << s;
   char dir[] = "/tmp/tlserve-lead-XXXXXX";
   ASSERT_NE(mkdtemp(dir), nullptr);
   auto lite = Database::Open(std::string(dir) + "/tlserve.db");
   ASSERT_TRUE(lite.ok());
-  EXPECT_TRUE(*(*lite)->TryLeadJobs());  // one process owns the file: always
+  EXPECT_TRUE((*lite)->AttachReplica().ok());  // the data directory's lock does this
+  EXPECT_TRUE(*(*lite)->LockForCopy());
   lite->reset();
   std::filesystem::remove_all(dir);
 }
