@@ -15,8 +15,9 @@ call each, then a window of --seconds. Reported: images/s, p50 latency, and
 the statements the database ran from the phase's start to its end (the
 throwaway cluster logs every statement; marks bound the phases), per
 second, beside an idle window's after the phases (no calls: what the
-replicas do by themselves). The runner's check of its job lock (a SELECT 1
-every 2 s) is not counted.
+replicas do by themselves). The job queue's upkeep (a replica that runs jobs
+looks for a claimable one every lease/2, and renews its running jobs' leases)
+is not counted.
 Before that, the write path: the statements of an upload, a head-only job
 and a fine-tune, the bytes of each version and the largest checkpoint seen,
 and the connections per replica. Every replica of this machine shares its
@@ -71,9 +72,13 @@ class Statements:
         a = text.index("tlbench-mark-%d'" % first)
         b = text.rindex("\n", 0, text.index("tlbench-mark-%d'" % last))  # the mark's line is out
         lines = text[a:b].splitlines()[1:]
-        # Not the runner's job-lock check ("SELECT 1" every 2 s): counted apart.
-        self.lock_checks = sum(1 for l in lines if re.search(r"LOG:  statement: SELECT 1$", l))
-        return sum(1 for l in lines if re.search(r"LOG:  (statement|execute [^:]*):", l)) - self.lock_checks
+        # Not the job queue's upkeep: the workers' look for a claimable job
+        # (one SELECT every lease/2, 5 s by default) and the renewals of the
+        # leases of running jobs: counted apart.
+        self.upkeep = sum(1 for l in lines if re.search(
+            r"LOG:  (statement|execute [^:]*): (SELECT 1 FROM job_queue WHERE|"
+            r"UPDATE job_queue SET lease_until)", l))
+        return sum(1 for l in lines if re.search(r"LOG:  (statement|execute [^:]*):", l)) - self.upkeep
 
 
 
@@ -231,7 +236,8 @@ def main():
         base = {mode: rate for n, mode, _, _, rate, *_ in rows if n == counts[0]}
         idle = {n: per_s for n, mode, _, _, _, _, _, per_s, _ in rows if mode == "idle"}
         print()
-        print("write path (statements; the runner's job-lock check, a SELECT 1 every 2 s, not counted):")
+        print("write path (statements; the job queue's upkeep — a look for a claimable job every 5 s, "
+              "lease renewals — not counted):")
         print("| write | database statements | size |")
         print("| --- | ---: | --- |")
         for what, tx, size in writes:

@@ -408,6 +408,13 @@ absl::StatusOr<std::vector<Database::QueuedJob>> PostgresDatabase::ListQueuedJob
 absl::StatusOr<std::optional<Database::QueuedJob>> PostgresDatabase::ClaimJob(
     const std::string& owner, absl::Duration lease, const PickJob& pick) {
   absl::MutexLock lock(&mu_);
+  // Idle replicas look often: one plain statement when there is nothing to
+  // claim, a transaction only when there may be.
+  auto any = Run(absl::StrCat("SELECT 1 FROM job_queue WHERE ", kUnclaimed,
+                              " AND $1::integer = 1 LIMIT 1"),
+                 {Text(int64_t{1})});
+  if (!any.ok()) return any.status();
+  if (any->rows() == 0) return std::nullopt;
   if (absl::Status s = Begin(); !s.ok()) return s;
   // Rows another replica is claiming at this moment are skipped, not waited
   // for: each claim takes a different job.
