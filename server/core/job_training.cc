@@ -367,6 +367,10 @@ absl::StatusOr<int> JobRunner::StoreVersion(const std::string& id, const JobReco
   auto decided = ShouldServe(id, r, val, val_labels, v.validation.accuracy, &outcome);
   if (!decided.ok()) return decided.status();  // cancelled or stopping
   const bool serve = *decided;
+  // Only while this replica still holds the job (checked with the database
+  // now): a replica that lost it stores no version beside the one its new
+  // holder will.
+  if (absl::Status s = CheckLease(id); !s.ok()) return s;
   auto added = models_->AddVersion(r.model, head, stages, v, serve);
   if (added.ok()) {
     Update(id, [&](JobRecord& rec) {

@@ -384,8 +384,8 @@ void JobRunner::TakeCancelRequests() {
     {
       absl::MutexLock lock(&mu_);
       auto it = jobs_.find(id);
-      owned = it != jobs_.end() && it->second.owned;
-      ended = it == jobs_.end() || it->second.record.final();
+      owned = it != jobs_.end() && it->second.owned && !it->second.lease_lost;
+      ended = it != jobs_.end() && !it->second.owned && it->second.record.final();
     }
     if (!owned && !ended) continue;  // another replica's to carry out (or its claimer's)
     if (owned) {
@@ -455,9 +455,40 @@ void JobRunner::WorkerLoop() {
 
 void JobRunner::Take(const Database::QueuedJob& claim) {
   const std::string& id = claim.id;
+  auto give_back = [&] {
+    if (absl::Status s = db_->PutClaimedJob(id, owner_, "", Database::JobEnd::kRelease); !s.ok()) {
+      LogError(
+          "job %s: cannot give its lease back (another replica takes it when the lease runs "
+          "out): %s",
+          id, s.ToString());
+    }
+  };
+  bool stopping;
+  {
+    absl::MutexLock lock(&mu_);
+    // This replica's own job, claimed again while its earlier run, which
+    // lost the lease, still winds down: that run ends first.
+    auto ended = [this, &id]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      auto it = jobs_.find(id);
+      return stopping_ || it == jobs_.end() || !it->second.owned;
+    };
+    mu_.Await(absl::Condition(&ended));
+    stopping = stopping_;
+  }
+  if (stopping) {
+    give_back();  // claimed as the server stops: for whoever runs next
+    return;
+  }
   auto json = db_->GetRecord("job", id);
   absl::StatusOr<JobRecord> parsed =
       json.ok() ? ParseRecord(id, *json) : absl::StatusOr<JobRecord>(json.status());
+  if (!parsed.ok() && parsed.status().code() != absl::StatusCode::kNotFound &&
+      parsed.status().code() != absl::StatusCode::kDataLoss) {
+    LogError("job %s: cannot read it now (%s); left for the next claim", id,
+             parsed.status().ToString());
+    give_back();
+    return;
+  }
   if (!parsed.ok() || parsed->final()) {
     if (!parsed.ok()) LogError("job %s: dropped from the queue: %s", id, parsed.status().message());
     if (absl::Status s = db_->PutClaimedJob(id, owner_, "", Database::JobEnd::kFinish); !s.ok()) {
@@ -520,8 +551,8 @@ void JobRunner::Take(const Database::QueuedJob& claim) {
     return;
   }
   if (interrupted) {
-    LogInfo("job %s: left unfinished where it ran before (claims so far: %d); resuming it here",
-            id, claim.claims);
+    LogInfo("job %s: left unfinished where it ran before (claims so far: %d); resuming it here", id,
+            claim.claims);
   }
   Run(id);
 }
@@ -549,6 +580,7 @@ void JobRunner::RenewLoop() {
       last_ok = absl::Now();
       continue;
     }
+    const absl::Time asked = absl::Now();  // the lease counts from about now, not from the reply
     auto held = db_->RenewJobLeases(owner_, lease_, owned);
     if (!held.ok()) {
       LogError("cannot renew the leases of this replica's jobs: %s", held.status().ToString());
@@ -558,12 +590,21 @@ void JobRunner::RenewLoop() {
       }
       continue;
     }
-    last_ok = absl::Now();
+    last_ok = asked;
     std::set<std::string> kept(held->begin(), held->end());
     for (const auto& id : owned) {
       if (kept.count(id) == 0) LoseLease(id, "another replica claimed it");
     }
   }
+}
+
+absl::Status JobRunner::CheckLease(const std::string& id) {
+  auto held = db_->RenewJobLeases(owner_, lease_, {id});
+  if (held.ok() && held->size() == 1) return absl::OkStatus();
+  if (held.ok()) LoseLease(id, "another replica claimed it");
+  // Out of reach: the version waits for the database (the job fails, and
+  // another replica resumes it if this one's lease runs out meanwhile).
+  return held.ok() ? absl::CancelledError("the job was claimed by another replica") : held.status();
 }
 
 void JobRunner::LoseLease(const std::string& id, const std::string& why) {
@@ -603,6 +644,10 @@ std::string JobRunner::CheckpointBlob(const std::string& id) {
 void JobRunner::SaveCheckpoint(const std::string& id, const std::string& kind,
                                const EpochStats& last, const std::string& state) {
   if (!checkpoints_) return;
+  {
+    absl::MutexLock lock(&mu_);
+    if (jobs_.at(id).lease_lost) return;  // the new holder's checkpoints are its own
+  }
   nlohmann::json epochs = nlohmann::json::array();
   std::string examples_digest;
   {
@@ -739,8 +784,10 @@ absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::
   r.phase = "queued";
   // One unfinished job per model, here (a clear message at once) and across
   // replicas (the queue's own rule, in the same transaction as the record).
-  if (absl::Status s = models_->BeginTraining(model); !s.ok()) return s;
-  models_->EndTraining(model);
+  if (info->training) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("model \"", model, "\" is already training; wait for or cancel that job"));
+  }
   Database::QueuedJob queued;
   queued.id = r.id;
   queued.model = model;
@@ -753,8 +800,9 @@ absl::StatusOr<JobRecord> JobRunner::Start(const std::string& model, const std::
   }
   {
     absl::MutexLock lock(&mu_);
-    Job& job = jobs_[r.id];
-    if (!job.owned) job.record = r;  // a worker may have claimed it already
+    Job job;
+    job.record = r;
+    jobs_.emplace(r.id, std::move(job));  // a worker may have claimed (or ended) it already
     UpdateStateMetrics();
   }
   Wake();
@@ -798,7 +846,7 @@ absl::StatusOr<JobRecord> JobRunner::Cancel(const std::string& id) {
   auto cancel_here = [this, &id]() {
     absl::MutexLock lock(&mu_);
     auto it = jobs_.find(id);
-    if (it == jobs_.end() || !it->second.owned) return kNotHere;
+    if (it == jobs_.end() || !it->second.owned || it->second.lease_lost) return kNotHere;
     if (it->second.record.final()) return kEnded;
     it->second.cancel = true;
     it->second.record.cancel_requested = true;
@@ -887,6 +935,15 @@ void JobRunner::Publish(const std::string& id) {
                      : paused  ? Database::JobEnd::kRelease
                                : Database::JobEnd::kKeep;
     absl::Status s = db_->PutClaimedJob(id, owner_, ToJson(r).dump(), end);
+    // How a job ended must reach the database (or, after a crash, it would
+    // run again): retried while the database is out of reach, for as long as
+    // the lease would last.
+    for (absl::Time until = absl::Now() + lease_; end != Database::JobEnd::kKeep && !s.ok() &&
+                                                  s.code() != absl::StatusCode::kAborted &&
+                                                  absl::Now() < until;) {
+      absl::SleepFor(absl::Milliseconds(250));
+      s = db_->PutClaimedJob(id, owner_, ToJson(r).dump(), end);
+    }
     if (s.code() == absl::StatusCode::kAborted) {
       LoseLease(id, std::string(s.message()));
       return;
@@ -953,8 +1010,7 @@ void JobRunner::Run(const std::string& id) {
     resumable = job.record.options.resume && !job.record.cancel_requested;
     lost = job.lease_lost;
     if (lost) {
-      // Another replica holds it now: what it writes is the job's record
-      // (this replica's model and dataset stay held until the job ends).
+      // Another replica holds it now: what it writes is the job's record.
       job.owned = false;
       job.lease_lost = false;
     }

@@ -177,6 +177,9 @@ class JobRunner {
   // is lost stop.
   void RenewLoop();
   void LoseLease(const std::string& id, const std::string& why);
+  // OK while this replica holds the job's lease (renewed with the database
+  // now); CANCELLED, the job stopping, once it does not.
+  absl::Status CheckLease(const std::string& id);
   // While this replica runs the job: its model is training (its other
   // changes refused here) and its dataset held (Release ends both).
   absl::Status Hold(const std::string& id);

@@ -129,8 +129,10 @@ END $$ LANGUAGE plpgsql;
 CREATE TRIGGER records_changed AFTER INSERT OR UPDATE OR DELETE ON records
   FOR EACH ROW EXECUTE FUNCTION tlserve_record_changed();
 )sql",
-    // 4: the job queue: claimed with SKIP LOCKED, held by leases. Unfinished
-    // jobs from before it are queued by the replicas at start (JobRunner).
+    // 4: the job queue: claimed with SKIP LOCKED, held by leases. The jobs
+    // left unfinished before it (server/core/jobs.cc's records: state 0
+    // queued, 1 running; a model key "TENANT:NAME" or "NAME" for the default
+    // tenant) are queued here, a running one as claimed once (interrupted).
     R"sql(
 CREATE TABLE job_queue (
   seq BIGSERIAL PRIMARY KEY,
@@ -141,6 +143,14 @@ CREATE TABLE job_queue (
   lease_until TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
   claims INTEGER NOT NULL DEFAULT 0
 );
+INSERT INTO job_queue (id, model, tenant, claims)
+SELECT key, j->>'model',
+       CASE WHEN strpos(j->>'model', ':') > 0 THEN split_part(j->>'model', ':', 1) ELSE 'default' END,
+       CASE WHEN j->>'state' = '1' THEN 1 ELSE 0 END
+FROM (SELECT key, json::jsonb AS j FROM records WHERE kind = 'job' AND json LIKE '{%') AS jobs
+WHERE j->>'state' IN ('0', '1') AND j->>'model' IS NOT NULL
+ORDER BY (j->>'created_unix')::bigint, key
+ON CONFLICT DO NOTHING;
 )sql",
 };
 
@@ -410,9 +420,9 @@ absl::StatusOr<std::optional<Database::QueuedJob>> PostgresDatabase::ClaimJob(
   absl::MutexLock lock(&mu_);
   // Idle replicas look often: one plain statement when there is nothing to
   // claim, a transaction only when there may be.
-  auto any = Run(absl::StrCat("SELECT 1 FROM job_queue WHERE ", kUnclaimed,
-                              " AND $1::integer = 1 LIMIT 1"),
-                 {Text(int64_t{1})});
+  auto any = Run(
+      absl::StrCat("SELECT 1 FROM job_queue WHERE ", kUnclaimed, " AND $1::integer = 1 LIMIT 1"),
+      {Text(int64_t{1})});
   if (!any.ok()) return any.status();
   if (any->rows() == 0) return std::nullopt;
   if (absl::Status s = Begin(); !s.ok()) return s;

@@ -129,11 +129,11 @@ class ReplicasTest : public testing::TrainingTest {
   std::unique_ptr<Client> client_b_;
   std::unique_ptr<v1::Models::Stub> stub_b_;
   // Starts a replica that runs jobs (as A does) on the same database.
-  std::unique_ptr<Server> StartReplica(const std::string& name) {
+  std::unique_ptr<Server> StartReplica(const std::string& name, int workers = 1) {
     ServerOptions o = Options(dir_ + "/" + name);
     o.data_dir = dir_ + "/" + name;
     o.database = database_;
-    o.max_concurrent_jobs = 1;
+    o.max_concurrent_jobs = workers;
     auto s = Server::Start(o);
     EXPECT_TRUE(s.ok()) << s.status();
     return s.ok() ? std::move(*s) : nullptr;
@@ -174,11 +174,7 @@ TEST_F(ReplicasTest, WhatOneReplicaIsToldTheOtherServesWithinASecond) {
   // B runs no jobs, but queues one: A claims and runs it.
   auto job = OnB([&] { return Start("clothes", "fmnist"); });
   ASSERT_TRUE(job.ok()) << job.status();
-  // One unfinished job per model, whichever replica is asked.
-  auto twice = Start("clothes", "fmnist");
-  if (GetJob(job->id()).state() != v1::Job::SUCCEEDED) {
-    EXPECT_EQ(twice.status().code(), absl::StatusCode::kFailedPrecondition) << twice.status();
-  }
+
   // B's WatchJob follows A's job to its end.
   const std::vector<v1::Job> seen = OnB([&] { return Watch(job->id()); });
   ASSERT_FALSE(seen.empty());
@@ -422,6 +418,7 @@ TEST_F(ReplicasTest, AReplicaThatLostItsLeaseStopsAndAnotherFinishesTheJob) {
   }));
   std::unique_ptr<Server> server_c = StartReplica("replica-c");
   ASSERT_NE(server_c, nullptr);
+  ASSERT_EQ(GetJob(job->id()).state(), v1::Job::RUNNING);
   ASSERT_EQ(QueueOwners().size(), 1u);
   // A's lease is lost under it: claimed by a replica that died at once (as
   // when A stalled, or lost the database, for longer than the lease). A or
@@ -452,14 +449,14 @@ TEST_F(ReplicasTest, AReplicaThatLostItsLeaseStopsAndAnotherFinishesTheJob) {
   EXPECT_TRUE(QueueOwners().empty());
 }
 
-// Every replica that runs jobs trains: two jobs at once run on two replicas
-// (one each, --max_concurrent_jobs=1), claimed from the one queue.
-TEST_F(ReplicasTest, TwoReplicasRunTwoJobsAtOnce) {
+// Every replica that runs jobs trains: three jobs at once, claimed from the
+// one queue, run on A (one worker) and C (two workers, --max_concurrent_jobs=2).
+TEST_F(ReplicasTest, ReplicasRunJobsAtOnceUpToTheirWorkers) {
   ASSERT_NO_FATAL_FAILURE(UploadTrainingSet());
-  std::unique_ptr<Server> server_c = StartReplica("replica-c");
+  std::unique_ptr<Server> server_c = StartReplica("replica-c", /*workers=*/2);
   ASSERT_NE(server_c, nullptr);
-  std::vector<std::string> ids;
-  for (const char* name : {"one", "two"}) {
+  const std::vector<std::string> names = {"one", "two", "three"};
+  for (const auto& name : names) {
     ASSERT_TRUE(CreateModel(name, "fmnist").ok());
     ASSERT_EQ(TrainOnce(name), 1);
     ASSERT_TRUE(Unfreeze(name, {"layer4"}).ok());
@@ -467,20 +464,30 @@ TEST_F(ReplicasTest, TwoReplicasRunTwoJobsAtOnce) {
   v1::TrainingOptions fine;
   fine.set_epochs(2);
   fine.set_batch_size(32);
-  for (const char* name : {"one", "two"}) {
+  std::vector<std::string> ids;
+  for (const auto& name : names) {
     auto job = Start(name, "fmnist", fine);
     ASSERT_TRUE(job.ok()) << job.status();
     ids.push_back(job->id());
   }
-  // Both running at once, under two owners.
+  // All three running at once, under two owners: one of them holds two.
   std::map<std::string, std::string> owners;
   EXPECT_TRUE(Within(absl::Seconds(30), [&] {
     owners = QueueOwners();
-    return owners.size() == 2 && GetJob(ids[0]).state() == v1::Job::RUNNING &&
-           GetJob(ids[1]).state() == v1::Job::RUNNING;
+    if (owners.size() != 3) return false;
+    for (const auto& id : ids) {
+      if (GetJob(id).state() != v1::Job::RUNNING) return false;
+    }
+    return true;
   }));
-  ASSERT_EQ(owners.size(), 2u);
-  EXPECT_NE(owners[ids[0]], owners[ids[1]]);
+  std::map<std::string, int> per_owner;
+  for (const auto& [id, owner] : owners) ++per_owner[owner];
+  EXPECT_EQ(per_owner.size(), 2u);
+  // One unfinished job per model, whichever replica is asked (B knows of
+  // the job only through the database).
+  auto twice = OnB([&] { return Start("one", "fmnist", fine); });
+  EXPECT_EQ(twice.status().code(), absl::StatusCode::kFailedPrecondition) << twice.status();
+  EXPECT_TRUE(absl::StrContains(twice.status().message(), ids[0])) << twice.status();
   for (const auto& id : ids) {
     EXPECT_EQ(Watch(id).back().state(), v1::Job::SUCCEEDED) << id;
   }

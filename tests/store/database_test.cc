@@ -474,13 +474,13 @@ TEST_P(DatabaseTest, TheJobQueueHandsEachJobToOneClaimerUnderALease) {
 TEST_P(DatabaseTest, AJobWhoseLeaseRanOutIsClaimedAgain) {
   ASSERT_TRUE(db_->QueueJob({"j", "t:m", "t", "", 0}, "{}").ok());
   const auto first = [](const std::vector<Database::QueuedJob>&) { return size_t{0}; };
-  auto got = db_->ClaimJob("dead", absl::Milliseconds(300), first);
+  auto got = db_->ClaimJob("dead", absl::Seconds(2), first);
   ASSERT_TRUE(got.ok() && got->has_value());
   if (GetParam() == "postgresql") {
     got = db_->ClaimJob("other", absl::Seconds(60), first);
     ASSERT_TRUE(got.ok());
     EXPECT_FALSE(got->has_value());  // still leased
-    absl::SleepFor(absl::Milliseconds(600));
+    absl::SleepFor(absl::Milliseconds(2300));
   }
   got = db_->ClaimJob("other", absl::Seconds(60), first);
   ASSERT_TRUE(got.ok() && got->has_value()) << got.status();
@@ -607,17 +607,25 @@ TEST(PostgresDatabaseTest, ClaimersAtOnceNeverShareAJob) {
     const std::string id = absl::StrCat("j", i);
     ASSERT_TRUE((*setup)->QueueJob({id, absl::StrCat("t:m", i), "t", "", 0}, "{}").ok());
   }
-  // Four replicas, each on its own connections, claim until none is left.
+  // Four replicas, each on its own connections (opened first), claim at once
+  // until none is left.
+  std::vector<std::unique_ptr<Database>> dbs;
+  for (int r = 0; r < 4; ++r) {
+    auto db = Database::Open(uri);
+    ASSERT_TRUE(db.ok()) << db.status();
+    dbs.push_back(std::move(*db));
+  }
   absl::Mutex mu;
   std::map<std::string, int> claimed;
+  std::atomic<int> ready{0};
   std::vector<std::thread> replicas;
   for (int r = 0; r < 4; ++r) {
     replicas.emplace_back([&, r] {
-      auto db = Database::Open(uri);
-      ASSERT_TRUE(db.ok()) << db.status();
+      Database* db = dbs[r].get();
+      for (++ready; ready < 4;) std::this_thread::yield();
       for (;;) {
-        auto got = (*db)->ClaimJob(absl::StrCat("replica", r), absl::Seconds(60),
-                                   [](const std::vector<Database::QueuedJob>&) { return 0; });
+        auto got = db->ClaimJob(absl::StrCat("replica", r), absl::Seconds(60),
+                                [](const std::vector<Database::QueuedJob>&) { return 0; });
         ASSERT_TRUE(got.ok()) << got.status();
         if (!got->has_value()) return;
         absl::MutexLock lock(&mu);
@@ -705,6 +713,43 @@ TEST(PostgresDatabaseTest, ANewerSchemaThanThisBuildIsRefused) {
   ASSERT_FALSE(db.ok());
   EXPECT_EQ(db.status().code(), absl::StatusCode::kFailedPrecondition) << db.status();
   EXPECT_TRUE(absl::StrContains(db.status().message(), "1000")) << db.status();
+}
+
+// A database written before the job queue (schema 3, one replica ran every
+// job): its unfinished jobs are queued by the migration that adds the queue.
+TEST(PostgresDatabaseTest, JobsLeftUnfinishedBeforeTheQueueAreQueuedByItsMigration) {
+  ASSERT_NE(postgres, nullptr);
+  const std::string uri = postgres->NewDatabase("before_the_queue");
+  {
+    auto db = Database::Open(uri);
+    ASSERT_TRUE(db.ok()) << db.status();
+    // As server/core/jobs.cc writes them: state 0 queued, 1 running, 2 succeeded.
+    ASSERT_TRUE(
+        (*db)->PutRecord("job", "j-run", R"({"model":"t:a","state":1,"created_unix":2})").ok());
+    ASSERT_TRUE(
+        (*db)->PutRecord("job", "j-wait", R"({"model":"b","state":0,"created_unix":3})").ok());
+    ASSERT_TRUE(
+        (*db)->PutRecord("job", "j-done", R"({"model":"c","state":2,"created_unix":1})").ok());
+  }
+  // Back to schema 3, through a second connection.
+  PGconn* c = PQconnectdb(uri.c_str());
+  ASSERT_EQ(PQstatus(c), CONNECTION_OK);
+  PGresult* r = PQexec(c, "DROP TABLE job_queue; DELETE FROM schema_migrations WHERE version = 4");
+  EXPECT_EQ(PQresultStatus(r), PGRES_COMMAND_OK) << PQresultErrorMessage(r);
+  PQclear(r);
+  PQfinish(c);
+  auto db = Database::Open(uri);
+  ASSERT_TRUE(db.ok()) << db.status();
+  auto queue = (*db)->ListQueuedJobs();
+  ASSERT_TRUE(queue.ok()) << queue.status();
+  ASSERT_EQ(queue->size(), 2u);
+  EXPECT_EQ((*queue)[0].id, "j-run");
+  EXPECT_EQ((*queue)[0].model, "t:a");
+  EXPECT_EQ((*queue)[0].tenant, "t");
+  EXPECT_EQ((*queue)[0].claims, 1);  // it was running: interrupted
+  EXPECT_EQ((*queue)[1].id, "j-wait");
+  EXPECT_EQ((*queue)[1].tenant, "default");
+  EXPECT_EQ((*queue)[1].claims, 0);
 }
 
 TEST(PostgresDatabaseTest, ALostConnectionIsReestablishedByTheNextCall) {
