@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "server/core/image_decoder.h"
+#include "server/core/pil_resize.h"
 
 namespace tlserve {
 namespace {
@@ -23,14 +24,29 @@ std::array<int64_t, 2> ResizedSize(int64_t h, int64_t w, int64_t size) {
   return w <= h ? std::array<int64_t, 2>{new_long, size} : std::array<int64_t, 2>{size, new_long};
 }
 
-// uint8 3×H×W -> uint8 3×h×w, as torchvision.transforms.functional.resize
-// with antialias=True does it on a uint8 tensor.
-at::Tensor ResizeShortSide(const at::Tensor& chw, int64_t size) {
+// uint8 3×H×W -> uint8 3×h×w: as torchvision.transforms.functional.resize
+// with antialias=True does it on a uint8 tensor (bicubic clamped before it is
+// rounded), or on a PIL image (Pillow's Image.resize).
+at::Tensor Resize(const at::Tensor& chw, int64_t h, int64_t w, const PreprocessSpec& spec) {
+  const bool bicubic = spec.interpolation == PreprocessSpec::Interpolation::kBicubic;
+  if (spec.resize_mode == PreprocessSpec::ResizeMode::kPil) {
+    return PilResize(chw.permute({1, 2, 0}), h, w,
+                     bicubic ? PilFilter::kBicubic : PilFilter::kBilinear)
+        .permute({2, 0, 1});
+  }
+  at::Tensor x = chw.unsqueeze(0).to(at::kFloat);
+  if (bicubic) {
+    x = at::_upsample_bicubic2d_aa(x, {h, w}, /*align_corners=*/false).clamp(0, 255);
+  } else {
+    x = at::_upsample_bilinear2d_aa(x, {h, w}, /*align_corners=*/false);
+  }
+  return at::round(x).to(at::kByte).squeeze(0);
+}
+
+at::Tensor ResizeShortSide(const at::Tensor& chw, int64_t size, const PreprocessSpec& spec) {
   const auto out = ResizedSize(chw.size(1), chw.size(2), size);
   if (out[0] == chw.size(1) && out[1] == chw.size(2)) return chw;
-  at::Tensor x = chw.unsqueeze(0).to(at::kFloat);
-  x = at::_upsample_bilinear2d_aa(x, {out[0], out[1]}, /*align_corners=*/false);
-  return at::round(x).to(at::kByte).squeeze(0);
+  return Resize(chw, out[0], out[1], spec);
 }
 
 // torchvision's center_crop: zero padding when the image is smaller, then a
@@ -55,10 +71,13 @@ at::Tensor CenterCrop(at::Tensor chw, int64_t crop) {
 }  // namespace
 
 std::string PreprocessSpec::ToJson() const {
-  nlohmann::json j = {{"resize", resize},
-                      {"crop", crop},
-                      {"mean", {mean[0], mean[1], mean[2]}},
-                      {"std", {std[0], std[1], std[2]}}};
+  nlohmann::json j = {
+      {"resize", resize},
+      {"crop", crop},
+      {"mean", {mean[0], mean[1], mean[2]}},
+      {"std", {std[0], std[1], std[2]}},
+      {"resize_mode", resize_mode == ResizeMode::kPil ? "pil" : "tensor"},
+      {"interpolation", interpolation == Interpolation::kBicubic ? "bicubic" : "bilinear"}};
   return j.dump();
 }
 
@@ -91,6 +110,24 @@ absl::StatusOr<PreprocessSpec> ParsePreprocessSpec(absl::string_view text) {
   }
   for (float s : spec.std) {
     if (!(s > 0)) return absl::InvalidArgumentError("preprocess.json: \"std\" must be positive");
+  }
+  if (j.contains("resize_mode")) {
+    const auto& v = j["resize_mode"];
+    if (!v.is_string() || (v != "tensor" && v != "pil")) {
+      return absl::InvalidArgumentError(
+          "preprocess.json: \"resize_mode\" must be \"tensor\" or \"pil\"");
+    }
+    spec.resize_mode =
+        v == "pil" ? PreprocessSpec::ResizeMode::kPil : PreprocessSpec::ResizeMode::kTensor;
+  }
+  if (j.contains("interpolation")) {
+    const auto& v = j["interpolation"];
+    if (!v.is_string() || (v != "bilinear" && v != "bicubic")) {
+      return absl::InvalidArgumentError(
+          "preprocess.json: \"interpolation\" must be \"bilinear\" or \"bicubic\"");
+    }
+    spec.interpolation = v == "bicubic" ? PreprocessSpec::Interpolation::kBicubic
+                                        : PreprocessSpec::Interpolation::kBilinear;
   }
   return spec;
 }
@@ -158,9 +195,7 @@ at::Tensor PreprocessAugmented(const at::Tensor& hwc_rgb, const PreprocessSpec& 
     left = (w - cw) / 2;
   }
   at::Tensor crop =
-      chw.slice(1, top, top + ch).slice(2, left, left + cw).unsqueeze(0).to(at::kFloat);
-  crop = at::_upsample_bilinear2d_aa(crop, {spec.crop, spec.crop}, /*align_corners=*/false);
-  crop = at::round(crop).to(at::kByte).squeeze(0);
+      Resize(chw.slice(1, top, top + ch).slice(2, left, left + cw), spec.crop, spec.crop, spec);
   if (random() < 0.5) crop = crop.flip({2});
   return Normalize(crop, spec);
 }
@@ -205,7 +240,7 @@ absl::StatusOr<at::Tensor> PreprocessUint8(const at::Tensor& hwc_rgb, const Prep
     return s;
   }
   at::Tensor chw = hwc_rgb.permute({2, 0, 1});
-  if (spec.resize > 0) chw = ResizeShortSide(chw, spec.resize);
+  if (spec.resize > 0) chw = ResizeShortSide(chw, spec.resize, spec);
   return CenterCrop(chw, spec.crop).contiguous();
 }
 

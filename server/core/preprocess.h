@@ -22,12 +22,20 @@ struct PreprocessSpec {
   int crop = 224;
   std::array<float, 3> mean = {0.485f, 0.456f, 0.406f};
   std::array<float, 3> std = {0.229f, 0.224f, 0.225f};
+  // How the resizes are done: as torchvision on uint8 tensors (antialiased,
+  // rounded back to uint8: "tensor") or as its transforms on PIL images, by
+  // Pillow's Image.resize ("pil", server/core/pil_resize.h).
+  enum class ResizeMode { kTensor, kPil };
+  ResizeMode resize_mode = ResizeMode::kTensor;
+  enum class Interpolation { kBilinear, kBicubic };
+  Interpolation interpolation = Interpolation::kBilinear;
 
   std::string ToJson() const;
 };
 
-// Parses {"resize": 256, "crop": 224, "mean": [3], "std": [3]}; absent keys
-// keep their defaults. INVALID_ARGUMENT says which key is wrong.
+// Parses {"resize": 256, "crop": 224, "mean": [3], "std": [3],
+// "resize_mode": "tensor" | "pil", "interpolation": "bilinear" | "bicubic"};
+// absent keys keep their defaults. INVALID_ARGUMENT says which key is wrong.
 absl::StatusOr<PreprocessSpec> ParsePreprocessSpec(absl::string_view json);
 
 // uint8 H×W×C (C = 1, 3 or 4) -> uint8 H×W×3: gray replicated, alpha dropped.

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "server/core/image_decoder.h"
 #include "tests/test_util.h"
 
@@ -28,15 +29,23 @@ TEST(PreprocessSpecTest, ParsesAllKeysAndRoundTrips) {
       R"({"resize": 72, "crop": 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})");
   ASSERT_TRUE(spec.ok()) << spec.status();
   EXPECT_EQ(spec->crop, 64);
+  EXPECT_EQ(spec->resize_mode, PreprocessSpec::ResizeMode::kTensor);  // the default
   auto again = ParsePreprocessSpec(spec->ToJson());
   ASSERT_TRUE(again.ok());
   EXPECT_EQ(again->resize, 72);
   EXPECT_FLOAT_EQ(again->std[1], 0.25f);
+  auto pil = ParsePreprocessSpec(R"({"resize_mode": "pil", "interpolation": "bicubic"})");
+  ASSERT_TRUE(pil.ok()) << pil.status();
+  auto pil_again = ParsePreprocessSpec(pil->ToJson());
+  ASSERT_TRUE(pil_again.ok());
+  EXPECT_EQ(pil_again->resize_mode, PreprocessSpec::ResizeMode::kPil);
+  EXPECT_EQ(pil_again->interpolation, PreprocessSpec::Interpolation::kBicubic);
 }
 
 TEST(PreprocessSpecTest, RejectsBadValuesNamingTheKey) {
-  for (const char* bad : {R"({"crop": "x"})", R"({"mean": [1, 2]})", R"({"std": [1, 0, 1]})",
-                          R"({"crop": 0})", "not json", "[1]"}) {
+  for (const char* bad :
+       {R"({"crop": "x"})", R"({"mean": [1, 2]})", R"({"std": [1, 0, 1]})", R"({"crop": 0})",
+        "not json", "[1]", R"({"resize_mode": "PIL"})", R"({"interpolation": 2})"}) {
     auto spec = ParsePreprocessSpec(bad);
     EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument) << bad;
   }
@@ -115,6 +124,29 @@ TEST_P(PreprocessMatchesTorchvision, OnUint8Tensors) {
   std::vector<float> got(x.data_ptr<float>(), x.data_ptr<float>() + x.numel());
   const auto want = ReadF32(Fixture("img_" + name + ".pre.r50.f32"));
   EXPECT_LE(MaxAbsDiff(got, want), 1e-6);
+}
+
+// "resize_mode": "pil": the uint8 crop is the one torchvision's transforms
+// make of the PIL image (Resize, CenterCrop), byte for byte.
+TEST_P(PreprocessMatchesTorchvision, OnPilImages) {
+  const std::string name = GetParam();
+  const std::string file = name + "." + (name.find("jpg") != std::string::npos ? "jpg" : "png");
+  auto rgb = DecodeImage(ReadBytes(Fixture(file)), 40'000'000);
+  ASSERT_TRUE(rgb.ok()) << rgb.status();
+  for (const char* interpolation : {"bilinear", "bicubic"}) {
+    auto spec = ParsePreprocessSpec(
+        absl::StrCat(R"({"resize_mode": "pil", "interpolation": ")", interpolation, "\"}"));
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    auto pre = PreprocessUint8(*rgb, *spec, 40'000'000);
+    ASSERT_TRUE(pre.ok()) << pre.status();
+    const at::Tensor hwc = pre->permute({1, 2, 0}).contiguous();
+    const std::string want =
+        ReadBytes(Fixture(absl::StrCat("img_", name, ".pilcrop_", interpolation, ".r50.u8")));
+    ASSERT_EQ(static_cast<size_t>(hwc.numel()), want.size()) << interpolation;
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(hwc.data_ptr<uint8_t>()), want.size()),
+              want)
+        << name << " " << interpolation;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(AllModes, PreprocessMatchesTorchvision,
