@@ -246,10 +246,11 @@ PGconn* ConnectTo(const std::string& uri) {
   return PQconnectdbParams(keys, values, /*expand_dbname=*/1);
 }
 
-// The job lock's connection: the database server too drops it within about
-// 25 s of the replica's node going silent (not only when the replica's
-// process dies and its kernel closes the socket), so that a standby takes
-// over. Session settings: set again after every reconnect.
+// The replica lock's connection: the database server too drops it within
+// about 25 s of the replica's node going silent (not only when the replica's
+// process dies and its kernel closes the socket), so that a copy is not kept
+// out by a replica long gone. Session settings: set again after every
+// reconnect.
 constexpr char kLeaderKeepalives[] =
     "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; "
     "SET tcp_keepalives_count = 3";

@@ -134,7 +134,7 @@ TEST_F(MigrateTest, ASingleNodeMovesIntoPostgreSQLAndServesTheSame) {
   ASSERT_TRUE(c.ok());
   client_ = std::move(*c);
   stub_ = v1::Models::NewStub(client_->channel());
-  // Not into a database a replica already runs on (it holds the job lock).
+  // Not into a database a replica already runs on (it holds the replica lock).
   auto [in_use, in_use_out] = RunCommand(Migrate(dir_, to));
   EXPECT_EQ(in_use, 1) << in_use_out;
   EXPECT_TRUE(absl::StrContains(in_use_out, "replica is running on the destination")) << in_use_out;

@@ -354,7 +354,8 @@ TEST_F(ReplicasTest, AReplicaKilledMidFineTuneIsResumedByAnother) {
 }
 
 // CancelJob through a replica that does not run the job: acknowledged once
-// the request is in the database; the runner hears it and cancels the job.
+// the request is in the database; the replica running it hears it and
+// cancels the job.
 TEST_F(ReplicasTest, ACancelThroughAnyReplicaReachesTheRunner) {
   ASSERT_NO_FATAL_FAILURE(UploadTrainingSet());
   ASSERT_TRUE(CreateModel("clothes", "fmnist").ok());
