@@ -403,10 +403,9 @@ absl::Status PostgresDatabase::QueueJob(const QueuedJob& job, const std::string&
 
 absl::StatusOr<std::vector<Database::QueuedJob>> PostgresDatabase::ListQueuedJobs() {
   absl::MutexLock lock(&mu_);
-  auto r =
-      Run("SELECT id, model, tenant, CASE WHEN " + std::string(kUnclaimed) +
-              " THEN '' ELSE owner END, claims FROM job_queue WHERE $1::integer = 1 ORDER BY seq",
-          {Text(int64_t{1})});
+  // Without parameters: a text result (PgResult::Int reads both).
+  auto r = Run(absl::StrCat("SELECT id, model, tenant, CASE WHEN ", kUnclaimed,
+                            " THEN '' ELSE owner END, claims FROM job_queue ORDER BY seq"));
   if (!r.ok()) return r.status();
   std::vector<QueuedJob> out;
   for (int i = 0; i < r->rows(); ++i) {
@@ -421,18 +420,14 @@ absl::StatusOr<std::optional<Database::QueuedJob>> PostgresDatabase::ClaimJob(
   absl::MutexLock lock(&mu_);
   // Idle replicas look often: one plain statement when there is nothing to
   // claim, a transaction only when there may be.
-  auto any = Run(
-      absl::StrCat("SELECT 1 FROM job_queue WHERE ", kUnclaimed, " AND $1::integer = 1 LIMIT 1"),
-      {Text(int64_t{1})});
+  auto any = Run(absl::StrCat("SELECT 1 FROM job_queue WHERE ", kUnclaimed, " LIMIT 1"));
   if (!any.ok()) return any.status();
   if (any->rows() == 0) return std::nullopt;
   if (absl::Status s = Begin(); !s.ok()) return s;
   // Rows another replica is claiming at this moment are skipped, not waited
   // for: each claim takes a different job.
-  auto free =
-      Run(absl::StrCat("SELECT id, model, tenant, owner, claims FROM job_queue WHERE ", kUnclaimed,
-                       " AND $1::integer = 1 ORDER BY seq LIMIT 100 FOR UPDATE SKIP LOCKED"),
-          {Text(int64_t{1})});
+  auto free = Run(absl::StrCat("SELECT id, model, tenant, owner, claims FROM job_queue WHERE ",
+                               kUnclaimed, " ORDER BY seq LIMIT 100 FOR UPDATE SKIP LOCKED"));
   if (!free.ok()) return Rollback(free.status());
   if (free->rows() == 0) {
     (void)Rollback(absl::OkStatus());

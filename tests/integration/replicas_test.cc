@@ -128,6 +128,31 @@ class ReplicasTest : public testing::TrainingTest {
   std::unique_ptr<Server> server_b_;
   std::unique_ptr<Client> client_b_;
   std::unique_ptr<v1::Models::Stub> stub_b_;
+  // A model "clothes" with a version and a private layer4, then a fine-tune
+  // of it started through A and watched through B (every update into
+  // `seen`), once its first epoch is reported.
+  absl::StatusOr<v1::Job> StartFineTuneWatchedOnB(int epochs, int seed, std::vector<v1::Job>* seen,
+                                                  std::thread* watcher) {
+    UploadTrainingSet();
+    if (HasFatalFailure()) return absl::InternalError("the upload failed");
+    if (absl::Status s = CreateModel("clothes", "fmnist"); !s.ok()) return s;
+    if (TrainOnce("clothes") != 1) return absl::InternalError("the first version failed");
+    if (auto m = Unfreeze("clothes", {"layer4"}); !m.ok()) return m.status();
+    v1::TrainingOptions fine;
+    fine.set_epochs(epochs);
+    fine.set_batch_size(32);
+    fine.set_seed(seed);
+    auto job = Start("clothes", "fmnist", fine);
+    if (!job.ok()) return job.status();
+    *watcher = WatchOnB(job->id(), seen);
+    if (!Within(absl::Seconds(120), [&] {
+          const v1::Job j = GetJob(job->id());
+          return j.epochs_size() > 0 && j.epochs().rbegin()->epoch() >= 1;
+        })) {
+      return absl::DeadlineExceededError("no epoch reported in 120 s");
+    }
+    return job;
+  }
   // Starts a replica that runs jobs (as A does) on the same database.
   std::unique_ptr<Server> StartReplica(const std::string& name, int workers = 1) {
     ServerOptions o = Options(dir_ + "/" + name);
@@ -229,25 +254,13 @@ TEST_F(ReplicasTest, WhatOneReplicaIsToldTheOtherServesWithinASecond) {
 // job, it gives the job's lease up, C claims the job at once, resumes it from
 // its checkpoint and finishes it, and B's WatchJob follows it to the end.
 TEST_F(ReplicasTest, AJobOfAReplicaThatStopsIsResumedByAnother) {
-  ASSERT_NO_FATAL_FAILURE(UploadTrainingSet());
-  ASSERT_TRUE(CreateModel("clothes", "fmnist").ok());
-  ASSERT_EQ(TrainOnce("clothes"), 1);
-  ASSERT_TRUE(Unfreeze("clothes", {"layer4"}).ok());
-
-  v1::TrainingOptions fine;
-  fine.set_epochs(4);
-  fine.set_batch_size(32);
-  fine.set_seed(11);
-  auto job = Start("clothes", "fmnist", fine);
-  ASSERT_TRUE(job.ok()) << job.status();
   // B watches from the start, on a stub of its own (the fixture's helpers
   // stay A's on this thread).
   std::vector<v1::Job> seen;
-  std::thread watcher = WatchOnB(job->id(), &seen);
-  ASSERT_TRUE(Within(absl::Seconds(120), [&] {
-    const v1::Job j = GetJob(job->id());
-    return j.epochs_size() > 0 && j.epochs().rbegin()->epoch() >= 1;
-  }));
+  std::thread watcher;
+  auto job = StartFineTuneWatchedOnB(/*epochs=*/4, /*seed=*/11, &seen, &watcher);
+  if (!job.ok() && watcher.joinable()) watcher.join();
+  ASSERT_TRUE(job.ok()) << job.status();
   // C starts while A runs the job.
   std::unique_ptr<Server> server_c = StartReplica("replica-c");
   ASSERT_NE(server_c, nullptr);
@@ -401,22 +414,11 @@ TEST_F(ReplicasTest, ACancelThroughAnyReplicaReachesTheRunner) {
 // stops the job and writes nothing more of it; the job is claimed again and
 // resumed from its checkpoint. It ends once, with one version.
 TEST_F(ReplicasTest, AReplicaThatLostItsLeaseStopsAndAnotherFinishesTheJob) {
-  ASSERT_NO_FATAL_FAILURE(UploadTrainingSet());
-  ASSERT_TRUE(CreateModel("clothes", "fmnist").ok());
-  ASSERT_EQ(TrainOnce("clothes"), 1);
-  ASSERT_TRUE(Unfreeze("clothes", {"layer4"}).ok());
-  v1::TrainingOptions fine;
-  fine.set_epochs(3);
-  fine.set_batch_size(32);
-  fine.set_seed(3);
-  auto job = Start("clothes", "fmnist", fine);
-  ASSERT_TRUE(job.ok()) << job.status();
   std::vector<v1::Job> seen;
-  std::thread watcher = WatchOnB(job->id(), &seen);
-  ASSERT_TRUE(Within(absl::Seconds(120), [&] {
-    const v1::Job j = GetJob(job->id());
-    return j.epochs_size() > 0 && j.epochs().rbegin()->epoch() >= 1;
-  }));
+  std::thread watcher;
+  auto job = StartFineTuneWatchedOnB(/*epochs=*/3, /*seed=*/3, &seen, &watcher);
+  if (!job.ok() && watcher.joinable()) watcher.join();
+  ASSERT_TRUE(job.ok()) << job.status();
   std::unique_ptr<Server> server_c = StartReplica("replica-c");
   ASSERT_NE(server_c, nullptr);
   ASSERT_EQ(GetJob(job->id()).state(), v1::Job::RUNNING);
