@@ -2,7 +2,10 @@
 // parsed as a ClassifyRequest and as an EmbedRequest, their images turned into
 // ImageInputs by ToImageInputs, and each encoded one decoded and preprocessed
 // as the embedder's workers do. A conversion must keep every image, in order,
-// as a view into the request; errors are INVALID_ARGUMENT.
+// as a view into the request; errors are INVALID_ARGUMENT. The same bytes as
+// an Open Inference Protocol ModelInferRequest go through ParseOipImages:
+// shape[0] images, each a view of the request or of the converted storage,
+// of the size its shape says; errors are INVALID_ARGUMENT.
 #include <ATen/ATen.h>
 
 #include <cstddef>
@@ -10,7 +13,9 @@
 
 #include "absl/status/status.h"
 #include "fuzz/fuzz_util.h"
+#include "inference/open_inference.pb.h"
 #include "server/api/convert.h"
+#include "server/api/oip_convert.h"
 #include "server/core/preprocess.h"
 #include "tlserve/v1/inference.pb.h"
 #include "tlserve/v1/models.pb.h"
@@ -53,6 +58,42 @@ void CheckImages(const google::protobuf::RepeatedPtrField<tlserve::v1::Image>& i
   }
 }
 
+// Whether `view` lies inside `whole`.
+bool Within(absl::string_view view, absl::string_view whole) {
+  return view.data() >= whole.data() && view.data() + view.size() <= whole.data() + whole.size();
+}
+
+void CheckOip(const inference::ModelInferRequest& request) {
+  auto parsed = tlserve::ParseOipImages(request, 64);
+  if (!parsed.ok()) {
+    TLSERVE_FUZZ_CHECK(parsed.status().code() == absl::StatusCode::kInvalidArgument, "status %s",
+                       parsed.status().ToString().c_str());
+    return;
+  }
+  const auto& in = request.inputs(0);
+  TLSERVE_FUZZ_CHECK(
+      in.shape_size() >= 1 && static_cast<int64_t>(parsed->images->size()) == in.shape(0),
+      "%zu images for shape[0]", parsed->images->size());
+  TLSERVE_FUZZ_CHECK(parsed->raw == (request.raw_input_contents_size() == 1), "raw flag");
+  for (size_t i = 0; i < parsed->images->size(); ++i) {
+    const tlserve::ImageInput& image = (*parsed->images)[i];
+    TLSERVE_FUZZ_CHECK(image.index == static_cast<int64_t>(i), "index at %zu", i);
+    bool inside = false;
+    if (parsed->raw) inside = Within(image.data, request.raw_input_contents(0));
+    if (parsed->storage) inside = inside || Within(image.data, *parsed->storage);
+    for (const std::string& b : in.contents().bytes_contents()) {
+      inside = inside || (image.data.data() == b.data() && image.data.size() == b.size());
+    }
+    TLSERVE_FUZZ_CHECK(inside, "image %zu is not a view of the request or its storage", i);
+    if (image.kind != tlserve::ImageInput::Kind::kEncoded) {
+      int64_t want = image.kind == tlserve::ImageInput::Kind::kFloatChw ? 4 : 1;
+      for (int64_t d : image.shape) want *= d;
+      TLSERVE_FUZZ_CHECK(static_cast<int64_t>(image.data.size()) == want, "image %zu has %zu bytes",
+                         i, image.data.size());
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
@@ -66,5 +107,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   tlserve::v1::EmbedRequest embed;
   // A stream numbers its images from the count already received.
   if (embed.ParseFromArray(data, static_cast<int>(size))) CheckImages(embed.images(), 1000);
+  inference::ModelInferRequest infer;
+  if (infer.ParseFromArray(data, static_cast<int>(size))) CheckOip(infer);
   return 0;
 }

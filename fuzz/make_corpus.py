@@ -64,9 +64,9 @@ def text_bytes(b):
     return '"' + "".join("\\%03o" % c for c in b) + '"'
 
 
-def protoc_encode(proto, message, text):
+def protoc_encode(proto, message, text, package="tlserve.v1"):
     return subprocess.run(
-        ["protoc", "-I" + os.path.join(ROOT, "proto"), "--encode=tlserve.v1." + message, proto],
+        ["protoc", "-I" + os.path.join(ROOT, "proto"), "--encode=%s.%s" % (package, message), proto],
         input=text.encode(), stdout=subprocess.PIPE, check=True, cwd=ROOT).stdout
 
 
@@ -100,6 +100,26 @@ def main():
                             'model: "m" version: 1 top_k: 2 ' + text))
         write("image_inputs_fuzzer", "embed_" + name,
               protoc_encode("tlserve/v1/inference.proto", "EmbedRequest", text))
+
+    # The Open Inference Protocol's ModelInfer: each input kind, in contents and raw.
+    infers = {
+        "bytes": 'inputs { name: "images" datatype: "BYTES" shape: [2] contents { bytes_contents: %s '
+                 'bytes_contents: %s } }' % (text_bytes(png), text_bytes(jpg)),
+        "bytes_raw": 'inputs { name: "images" datatype: "BYTES" shape: [1, 1] } raw_input_contents: %s'
+                     % text_bytes(struct.pack("<I", len(png)) + png),
+        "uint8": 'inputs { name: "pixels" datatype: "UINT8" shape: [1, 2, 2, 3] contents { %s } }'
+                 % " ".join("uint_contents: %d" % (i * 20) for i in range(12)),
+        "uint8_raw": 'inputs { name: "pixels" datatype: "UINT8" shape: [2, 1, 2, 1] } '
+                     'raw_input_contents: %s' % text_bytes(bytes(range(4))),
+        "fp32": 'inputs { name: "tensor" datatype: "FP32" shape: [1, 3, 1, 1] contents { '
+                'fp32_contents: [0.5, -1, 2] } }',
+        "fp32_raw": 'inputs { name: "tensor" datatype: "FP32" shape: [1, 3, 1, 1] } '
+                    'raw_input_contents: %s' % text_bytes(struct.pack("<3f", 0.5, -1.0, 2.0)),
+    }
+    for name, text in infers.items():
+        write("image_inputs_fuzzer", "oip_" + name,
+              protoc_encode("inference/open_inference.proto", "ModelInferRequest",
+                            'model_name: "m" ' + text, package="inference"))
 
     uploads = {
         "two_classes": 'dataset: "cats-v1.0" examples { name: "a.png" label: "cat" encoded: %s } '

@@ -20,7 +20,8 @@
 namespace tlserve {
 namespace {
 
-// Every method of tlserve.v1 (tests/integration/security_test.cc checks
+// Every method of tlserve.v1 and of the Open Inference Protocol's service
+// (tests/integration/security_test.cc checks
 // that the services have no other).
 const std::map<std::string, MethodRule>& Rules() {
   static const auto* rules = new std::map<std::string, MethodRule>{
@@ -52,6 +53,13 @@ const std::map<std::string, MethodRule>& Rules() {
       // Which version answers, and when it says "unknown": changes, audited.
       {"SetServedVersion", {Access::kWrite, true}},
       {"SetThresholds", {Access::kWrite, true}},
+      // inference.GRPCInferenceService (the Open Inference Protocol): reads.
+      {"ServerLive", {Access::kRead, false}},
+      {"ServerReady", {Access::kRead, false}},
+      {"ModelReady", {Access::kRead, false}},
+      {"ServerMetadata", {Access::kRead, false}},
+      {"ModelMetadata", {Access::kRead, false}},
+      {"ModelInfer", {Access::kRead, false}},
   };
   return *rules;
 }

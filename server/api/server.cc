@@ -240,6 +240,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
       s->security_.get(), options.limits, exports,
       AnalysisLimits{options.max_concurrent_analyses, options.embedder.max_image_pixels,
                      options.max_analysis_bytes});
+  s->oip_ = std::make_unique<OipService>(s->models_.get(), s->embedder_.get(), s->security_.get(),
+                                         options.limits);
   s->dataset_service_ = std::make_unique<DatasetService>(
       s->datasets_.get(), s->pool_.get(), s->security_.get(), options.max_concurrent_uploads);
   grpc::EnableDefaultHealthCheckService(true);
@@ -251,6 +253,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   builder.RegisterService(s->inference_.get());
   builder.RegisterService(s->dataset_service_.get());
   builder.RegisterService(s->model_service_.get());
+  builder.RegisterService(s->oip_.get());
   s->grpc_ = builder.BuildAndStart();
   if (s->grpc_ == nullptr || s->grpc_port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen for gRPC on ", options.grpc_address,
@@ -288,6 +291,7 @@ void Server::Shutdown(absl::Duration grace) {
   LogInfo("draining: health NOT_SERVING, finishing in-flight calls (up to %s)",
           absl::FormatDuration(grace));
   grpc_->GetHealthCheckService()->SetServingStatus(false);
+  oip_->Drain();
   if (health_grpc_) health_grpc_->GetHealthCheckService()->SetServingStatus(false);
   grpc_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
   grpc_->Wait();

@@ -12,6 +12,7 @@
 #include "server/api/dataset_service.h"
 #include "server/api/inference_service.h"
 #include "server/api/model_service.h"
+#include "server/api/oip_service.h"
 #include "server/core/backbone.h"
 #include "server/core/embedder.h"
 
@@ -108,6 +109,7 @@ class Server {
   std::unique_ptr<ModelRegistry> models_;
   std::unique_ptr<JobRunner> jobs_;
   std::unique_ptr<ModelService> model_service_;
+  std::unique_ptr<OipService> oip_;  // the Open Inference Protocol
   // Collectables are registered weakly: the server keeps them alive.
   std::shared_ptr<DeviceMemoryCollector> device_memory_;
   std::unique_ptr<MetricsExposer> exposer_;

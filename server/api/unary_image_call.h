@@ -18,10 +18,13 @@
 
 namespace tlserve {
 
-// `fill(i, result)` runs under a lock, once per successful image.
-inline Embedder::ImageDone FinishAfterImages(
-    grpc::ServerUnaryReactor* reactor, RpcTimer timer, size_t images,
-    std::function<void(size_t, const EngineResult&)> fill) {
+// `fill(i, result)` runs under a lock, once per successful image; `last`
+// (may be empty) once after every image succeeded, before the call finishes,
+// its status the call's (it assembles responses whose tensors hold all images).
+inline Embedder::ImageDone FinishAfterImages(grpc::ServerUnaryReactor* reactor, RpcTimer timer,
+                                             size_t images,
+                                             std::function<void(size_t, const EngineResult&)> fill,
+                                             std::function<absl::Status()> last = nullptr) {
   struct State {
     absl::Mutex mu;
     size_t remaining;
@@ -30,7 +33,7 @@ inline Embedder::ImageDone FinishAfterImages(
   };
   auto state = std::make_shared<State>();
   state->remaining = images;
-  return [state, reactor, timer, fill](size_t i, absl::StatusOr<EngineResult> result) {
+  return [state, reactor, timer, fill, last](size_t i, absl::StatusOr<EngineResult> result) {
     absl::MutexLock lock(&state->mu);
     if (result.ok()) {
       fill(i, *result);
@@ -39,6 +42,7 @@ inline Embedder::ImageDone FinishAfterImages(
       state->error = result.status();
     }
     if (--state->remaining > 0) return;
+    if (state->error.ok() && last) state->error = last();
     timer.Done(state->error);
     reactor->Finish(ToGrpcStatus(state->error));
   };

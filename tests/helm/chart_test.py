@@ -103,6 +103,7 @@ def build_tools(tmp):
     os.makedirs(CACHE, exist_ok=True)
     shutil.copy(os.path.join(HERE, "package.json"), CACHE)
     shutil.copy(os.path.join(HERE, "validate.mjs"), CACHE)
+    shutil.copy(os.path.join(HERE, "kserve-schemas.json"), CACHE)
     with open(os.path.join(HERE, "package.json")) as f:
         wanted = json.load(f)["dependencies"]
     if not all(os.path.isdir(os.path.join(CACHE, "node_modules", d)) for d in wanted):
@@ -286,6 +287,7 @@ def main():
         check(r.returncode == 0 and "port-forward svc/tlserve 50051 9090" in r.stdout, "NOTES.txt renders")
 
         security_tests(tool, tmp, known_flags)
+        kserve_manifests(known_flags)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("%d failures" % len(failures))
@@ -506,6 +508,52 @@ def security_tests(tool, tmp, known_flags):
     check(r.returncode == 0 and "--tls_ca=ca.crt --tls_cert=client.crt --tls_key=client.key summary" in r.stdout
           and "TLSERVE_TOKEN=" in r.stdout and "https://localhost:9090" in r.stdout,
           "NOTES.txt tells how to connect with TLS and a key: " + r.stdout + r.stderr)
+
+
+def kserve_manifests(known_flags):
+    """deploy/kserve/: valid KServe objects (schema) whose container is valid
+    Kubernetes, runs tlserve with flags it knows on the h2c port, speaks
+    grpc-v2, is the image the chart deploys, and is what the example
+    InferenceService asks for (runtime name and model format)."""
+    deploy = os.path.join(ROOT, "deploy", "kserve")
+    docs = []
+    for name in ("servingruntime.yaml", "inferenceservice.yaml"):
+        with open(os.path.join(deploy, name)) as f:
+            docs += [d for d in yaml.safe_load_all(f) if d]
+    r = subprocess.run(["node", os.path.join(CACHE, "validate.mjs")], input=json.dumps(docs),
+                       capture_output=True, text=True)
+    print("deploy/kserve: " + r.stdout.strip().replace("\n", "; "))
+    check(r.returncode == 0 and r.stdout.count("valid ") == 2,
+          "deploy/kserve validates: %s %s" % (r.stdout, r.stderr))
+    runtime = next(d for d in docs if d["kind"] == "ServingRuntime")
+    isvc = next(d for d in docs if d["kind"] == "InferenceService")
+    c = runtime["spec"]["containers"][0]
+    flags = {a[2:].split("=")[0]: a.split("=", 1)[1] if "=" in a else "" for a in c["args"]}
+    check(set(flags) <= known_flags, "ServingRuntime flags are tlserve's: %s" % (set(flags) - known_flags))
+    h2c = [p for p in c["ports"] if p.get("name") == "h2c"]
+    check(len(h2c) == 1 and flags.get("port") == str(h2c[0]["containerPort"]),
+          "tlserve listens on the h2c port: %s %s" % (flags.get("port"), h2c))
+    check(flags.get("backbone", "").startswith("/mnt/models/"), "the backbone comes from /mnt/models")
+    check("grpc-v2" in runtime["spec"]["protocolVersions"], "the runtime speaks grpc-v2")
+    with open(os.path.join(CHART, "Chart.yaml")) as f:
+        app_version = yaml.safe_load(f)["appVersion"]
+    check(c["image"] == "tlserve:" + app_version, "the runtime's image is the chart's appVersion")
+    model = isvc["spec"]["predictor"]["model"]
+    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    check(model["runtime"] == runtime["metadata"]["name"] and model["modelFormat"]["name"] in formats
+          and model["protocolVersion"] in runtime["spec"]["protocolVersions"],
+          "the InferenceService asks for the runtime, a format and a protocol it has")
+    # The schema refuses what KServe refuses: a typo'd field, a bad protocol.
+    bad = json.loads(json.dumps(docs))
+    bad[0]["spec"]["protocolVersion"] = ["grpc-v2"]
+    bad[1]["spec"]["predictor"]["model"]["protocolVersion"] = "grpc-v3"
+    r = subprocess.run(["node", os.path.join(CACHE, "validate.mjs")], input=json.dumps(bad),
+                       capture_output=True, text=True)
+    check(r.returncode != 0 and r.stdout.count("INVALID") == 2, "typos are refused: " + r.stdout)
+    with open(os.path.join(ROOT, "CMakeLists.txt")) as f:
+        m = re.search(r"project\(tlserve VERSION ([\d.]+)", f.read())
+    check(m and m.group(1) == app_version,
+          "CMake's project version (ServerMetadata's) is the chart's appVersion %s" % app_version)
 
 
 if __name__ == "__main__":
