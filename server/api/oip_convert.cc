@@ -1,5 +1,6 @@
 #include "server/api/oip_convert.h"
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <set>
@@ -8,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "server/core/contain.h"
 
 namespace tlserve {
 namespace {
@@ -21,6 +23,22 @@ std::string ShapeText(const google::protobuf::RepeatedField<int64_t>& shape) {
 
 // a × b, or false when it does not fit an int64 (shapes come from clients).
 bool Multiply(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_overflow(a, b, out); }
+
+// A repeated field of `c` other than `field` that holds values ("" if none).
+std::string OtherFilledField(const inference::InferTensorContents& c, const std::string& field) {
+  const auto* d = c.GetDescriptor();
+  const auto* r = c.GetReflection();
+  for (int i = 0; i < d->field_count(); ++i) {
+    if (d->field(i)->name() != field && r->FieldSize(c, d->field(i)) > 0)
+      return d->field(i)->name();
+  }
+  return "";
+}
+
+absl::Status CountError(const std::string& where, const char* field, int64_t have, int64_t want) {
+  return absl::InvalidArgumentError(
+      absl::StrCat(where, ": contents.", field, " has ", have, " values; the shape needs ", want));
+}
 
 bool HasContents(const inference::InferTensorContents& c) {
   return c.bool_contents_size() + c.int_contents_size() + c.int64_contents_size() +
@@ -36,7 +54,7 @@ const InferParameter* Find(const OipParameters& params, const std::string& name)
 
 absl::Status WrongType(const std::string& name, const char* want) {
   return absl::InvalidArgumentError(
-      absl::StrCat("parameter \"", name, "\" must be ", want, " (", want, "_param)"));
+      absl::StrCat("parameter \"", Bounded(name, 64), "\" must be ", want, " (", want, "_param)"));
 }
 
 }  // namespace
@@ -53,11 +71,12 @@ void AddOipInputs(inference::ModelMetadataResponse* out) {
   add(kOipTensorInput, "FP32", {-1, 3, -1, -1});
 }
 
-absl::StatusOr<std::vector<absl::string_view>> SplitOipBytes(absl::string_view raw,
-                                                             int64_t count) {
+absl::StatusOr<std::vector<absl::string_view>> SplitOipBytes(absl::string_view raw, int64_t count) {
   std::vector<absl::string_view> out;
+  out.reserve(static_cast<size_t>(count));
   size_t at = 0;
-  while (at < raw.size()) {
+  // At most `count` elements: a flood of empty ones costs nothing before it fails.
+  while (at < raw.size() && static_cast<int64_t>(out.size()) < count) {
     if (raw.size() - at < 4) {
       return absl::InvalidArgumentError(absl::StrCat(
           "raw_input_contents[0]: BYTES element ", out.size(), " is cut off in its 4-byte length"));
@@ -66,13 +85,18 @@ absl::StatusOr<std::vector<absl::string_view>> SplitOipBytes(absl::string_view r
     for (int b = 3; b >= 0; --b) n = (n << 8) | static_cast<unsigned char>(raw[at + b]);
     at += 4;
     if (n > raw.size() - at) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("raw_input_contents[0]: BYTES element ", out.size(), " says ", n,
-                       " bytes but only ", raw.size() - at, " follow (each element is its length "
-                       "as 4 bytes little-endian, then its bytes)"));
+      return absl::InvalidArgumentError(absl::StrCat("raw_input_contents[0]: BYTES element ",
+                                                     out.size(), " says ", n, " bytes but only ",
+                                                     raw.size() - at,
+                                                     " follow (each element is its length "
+                                                     "as 4 bytes little-endian, then its bytes)"));
     }
     out.push_back(raw.substr(at, n));
     at += n;
+  }
+  if (at < raw.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("raw_input_contents[0] holds more than the ",
+                                                   count, " BYTES elements the shape says"));
   }
   if (static_cast<int64_t>(out.size()) != count) {
     return absl::InvalidArgumentError(absl::StrCat("raw_input_contents[0] holds ", out.size(),
@@ -95,21 +119,21 @@ absl::StatusOr<OipImages> ParseOipImages(const ModelInferRequest& request, int m
   if (request.inputs_size() != 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "inputs: the request has ", request.inputs_size(), " inputs; send exactly one: \"",
-        kOipImagesInput, "\" (BYTES, JPEG/PNG files), \"", kOipPixelsInput, "\" (UINT8 N×H×W×C) or \"",
-        kOipTensorInput, "\" (FP32 N×3×H×W, preprocessed)"));
+        kOipImagesInput, "\" (BYTES, JPEG/PNG files), \"", kOipPixelsInput,
+        "\" (UINT8 N×H×W×C) or \"", kOipTensorInput, "\" (FP32 N×3×H×W, preprocessed)"));
   }
   const ModelInferRequest::InferInputTensor& in = request.inputs(0);
   const bool raw = request.raw_input_contents_size() > 0;
   if (raw && request.raw_input_contents_size() != request.inputs_size()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("raw_input_contents has ", request.raw_input_contents_size(),
-                     " entries for ", request.inputs_size(), " input; give one per input"));
+        absl::StrCat("raw_input_contents has ", request.raw_input_contents_size(), " entries for ",
+                     request.inputs_size(), " input; give one per input"));
   }
   if (raw && HasContents(in.contents())) {
     return absl::InvalidArgumentError(
         "inputs[0].contents is set and so is raw_input_contents: use one or the other");
   }
-  const std::string where = absl::StrCat("inputs[0] (\"", in.name(), "\")");
+  const std::string where = absl::StrCat("inputs[0] (\"", Bounded(in.name(), 64), "\")");
   ImageInput::Kind kind;
   const char* want;
   if (in.name() == kOipImagesInput) {
@@ -127,8 +151,8 @@ absl::StatusOr<OipImages> ParseOipImages(const ModelInferRequest& request, int m
         kOipPixelsInput, "\" (UINT8) or \"", kOipTensorInput, "\" (FP32): see ModelMetadata"));
   }
   if (in.datatype() != want) {
-    return absl::InvalidArgumentError(absl::StrCat(where, " has datatype \"", in.datatype(),
-                                                   "\"; it must be ", want));
+    return absl::InvalidArgumentError(absl::StrCat(
+        where, " has datatype \"", Bounded(in.datatype(), 32), "\"; it must be ", want));
   }
   const auto& shape = in.shape();
   for (int64_t d : shape) {
@@ -149,10 +173,10 @@ absl::StatusOr<OipImages> ParseOipImages(const ModelInferRequest& request, int m
     const bool hwc = kind == ImageInput::Kind::kUint8Hwc;
     if (shape.size() != 4 || (hwc && shape[3] != 1 && shape[3] != 3 && shape[3] != 4) ||
         (!hwc && shape[1] != 3)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, ": shape ", ShapeText(shape), "; ",
-          hwc ? "a UINT8 input is [N, H, W, C] with C = 1, 3 or 4"
-              : "an FP32 input is [N, 3, H, W]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": shape ", ShapeText(shape), "; ",
+                       hwc ? "a UINT8 input is [N, H, W, C] with C = 1, 3 or 4"
+                           : "an FP32 input is [N, 3, H, W]"));
     }
     image_shape.assign(shape.begin() + 1, shape.end());
     for (int64_t d : image_shape) {
@@ -164,9 +188,9 @@ absl::StatusOr<OipImages> ParseOipImages(const ModelInferRequest& request, int m
   }
   const int64_t n = shape.empty() ? 0 : shape[0];
   if (n > max_images) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(where, ": ", n, " images, over the limit of ", max_images,
-                     " per request (--max_images_per_request)"));
+    return absl::InvalidArgumentError(absl::StrCat(where, ": ", n, " images, over the limit of ",
+                                                   max_images,
+                                                   " per request (--max_images_per_request)"));
   }
   const int64_t element_bytes = kind == ImageInput::Kind::kFloatChw ? 4 : 1;
   int64_t total = 0, total_bytes = 0;
@@ -175,6 +199,18 @@ absl::StatusOr<OipImages> ParseOipImages(const ModelInferRequest& request, int m
         absl::StrCat(where, ": shape ", ShapeText(shape), " is too large"));
   }
 
+  if (!raw) {
+    const char* field = kind == ImageInput::Kind::kEncoded    ? "bytes_contents"
+                        : kind == ImageInput::Kind::kUint8Hwc ? "uint_contents"
+                                                              : "fp32_contents";
+    if (const std::string other = OtherFilledField(in.contents(), field); !other.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": contents.", other, " holds values; ",
+                                                     want,
+                                                     " values go in "
+                                                     "contents.",
+                                                     field, " only"));
+    }
+  }
   OipImages out;
   out.raw = raw;
   out.images = std::make_shared<std::vector<ImageInput>>();
@@ -186,10 +222,7 @@ absl::StatusOr<OipImages> ParseOipImages(const ModelInferRequest& request, int m
       views = std::move(*split);
     } else {
       const auto& b = in.contents().bytes_contents();
-      if (b.size() != n) {
-        return absl::InvalidArgumentError(absl::StrCat(where, ": contents.bytes_contents has ",
-                                                       b.size(), " elements; the shape says ", n));
-      }
+      if (b.size() != n) return CountError(where, "bytes_contents", b.size(), n);
       for (const std::string& s : b) views.emplace_back(s);
     }
   } else {
@@ -197,18 +230,15 @@ absl::StatusOr<OipImages> ParseOipImages(const ModelInferRequest& request, int m
     if (raw) {
       data = request.raw_input_contents(0);
       if (static_cast<int64_t>(data.size()) != total_bytes) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("raw_input_contents[0] has ", data.size(), " bytes; shape ",
-                         ShapeText(shape), " of ", want, " needs ", total_bytes));
+        return absl::InvalidArgumentError(absl::StrCat("raw_input_contents[0] has ", data.size(),
+                                                       " bytes; shape ", ShapeText(shape), " of ",
+                                                       want, " needs ", total_bytes));
       }
     } else {
       auto storage = std::make_shared<std::string>();
       if (kind == ImageInput::Kind::kUint8Hwc) {
         const auto& u = in.contents().uint_contents();
-        if (u.size() != total) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              where, ": contents.uint_contents has ", u.size(), " values; the shape needs ", total));
-        }
+        if (u.size() != total) return CountError(where, "uint_contents", u.size(), total);
         storage->resize(u.size());
         for (int i = 0; i < u.size(); ++i) {
           if (u[i] > 255) {
@@ -219,10 +249,7 @@ absl::StatusOr<OipImages> ParseOipImages(const ModelInferRequest& request, int m
         }
       } else {
         const auto& f = in.contents().fp32_contents();
-        if (f.size() != total) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              where, ": contents.fp32_contents has ", f.size(), " values; the shape needs ", total));
-        }
+        if (f.size() != total) return CountError(where, "fp32_contents", f.size(), total);
         storage->resize(f.size() * sizeof(float));
         if (!f.empty()) std::memcpy(storage->data(), f.data(), storage->size());
       }
@@ -264,22 +291,21 @@ absl::StatusOr<std::string> OipString(const OipParameters& params, const std::st
   return WrongType(name, "string");
 }
 
-absl::StatusOr<bool> OipBool(const OipParameters& params, const std::string& name,
-                             bool fallback) {
+absl::StatusOr<bool> OipBool(const OipParameters& params, const std::string& name, bool fallback) {
   const InferParameter* p = Find(params, name);
   if (p == nullptr) return fallback;
   if (p->has_bool_param()) return p->bool_param();
   return WrongType(name, "bool");
 }
 
-absl::Status CheckOipParameters(const OipParameters& params,
-                                const std::vector<std::string>& known, const std::string& where) {
+absl::Status CheckOipParameters(const OipParameters& params, const std::vector<std::string>& known,
+                                const std::string& where) {
   for (const auto& [name, value] : params) {
     if (std::find(known.begin(), known.end(), name) == known.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, ": unknown parameter \"", name, "\"",
-          known.empty() ? std::string("; it takes none")
-                        : absl::StrCat("; it takes ", absl::StrJoin(known, ", "))));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": unknown parameter \"", Bounded(name, 64), "\"",
+                       known.empty() ? std::string("; it takes none")
+                                     : absl::StrCat("; it takes ", absl::StrJoin(known, ", "))));
     }
   }
   return absl::OkStatus();
@@ -293,13 +319,13 @@ absl::StatusOr<std::vector<std::string>> RequestedOipOutputs(
   for (int i = 0; i < request.outputs_size(); ++i) {
     const std::string& name = request.outputs(i).name();
     if (std::find(available.begin(), available.end(), name) == available.end()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("outputs[", i, "]: no output \"", name, "\"; this model has ",
-                       absl::StrJoin(available, ", ")));
+      return absl::InvalidArgumentError(absl::StrCat("outputs[", i, "]: no output \"",
+                                                     Bounded(name, 64), "\"; this model has ",
+                                                     absl::StrJoin(available, ", ")));
     }
     if (!seen.insert(name).second) {
       return absl::InvalidArgumentError(
-          absl::StrCat("outputs[", i, "]: \"", name, "\" is asked for twice"));
+          absl::StrCat("outputs[", i, "]: \"", Bounded(name, 64), "\" is asked for twice"));
     }
     out.push_back(name);
   }
@@ -320,8 +346,7 @@ void AddOipFp32(const std::string& name, std::vector<int64_t> shape, const std::
 }
 
 void AddOipBytes(const std::string& name, std::vector<int64_t> shape,
-                 const std::vector<std::string>& v, bool raw,
-                 inference::ModelInferResponse* out) {
+                 const std::vector<std::string>& v, bool raw, inference::ModelInferResponse* out) {
   auto* t = out->add_outputs();
   t->set_name(name);
   t->set_datatype("BYTES");

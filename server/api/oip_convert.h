@@ -41,8 +41,7 @@ absl::StatusOr<OipImages> ParseOipImages(const inference::ModelInferRequest& req
                                          int max_images);
 
 // BYTES elements in raw form: each preceded by its length, 4 bytes little-endian.
-absl::StatusOr<std::vector<absl::string_view>> SplitOipBytes(absl::string_view raw,
-                                                             int64_t count);
+absl::StatusOr<std::vector<absl::string_view>> SplitOipBytes(absl::string_view raw, int64_t count);
 std::string JoinOipBytes(const std::vector<std::string>& items);
 
 // A parameter of the request, or of the named requested output; `fallback`
@@ -54,8 +53,8 @@ absl::StatusOr<std::string> OipString(const OipParameters& params, const std::st
                                       const std::string& fallback);
 absl::StatusOr<bool> OipBool(const OipParameters& params, const std::string& name, bool fallback);
 // Any parameter not in `known` is INVALID_ARGUMENT (a typo must not be ignored).
-absl::Status CheckOipParameters(const OipParameters& params,
-                                const std::vector<std::string>& known, const std::string& where);
+absl::Status CheckOipParameters(const OipParameters& params, const std::vector<std::string>& known,
+                                const std::string& where);
 
 // The outputs the request names (all of `available` when it names none);
 // INVALID_ARGUMENT for an unknown or repeated name.
@@ -66,8 +65,7 @@ absl::StatusOr<std::vector<std::string>> RequestedOipOutputs(
 void AddOipFp32(const std::string& name, std::vector<int64_t> shape, const std::vector<float>& v,
                 bool raw, inference::ModelInferResponse* out);
 void AddOipBytes(const std::string& name, std::vector<int64_t> shape,
-                 const std::vector<std::string>& v, bool raw,
-                 inference::ModelInferResponse* out);
+                 const std::vector<std::string>& v, bool raw, inference::ModelInferResponse* out);
 
 }  // namespace tlserve
 

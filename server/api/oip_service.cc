@@ -56,9 +56,10 @@ absl::StatusOr<int> ParseVersion(const std::string& text, const char* field) {
   if (text.empty()) return 0;
   int v = 0;
   if (!absl::SimpleAtoi(text, &v) || v < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        field, " \"", text.substr(0, 32), "\" is not a version: give a number (1, 2, ...) or none "
-        "for the served version"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " \"", Bounded(text, 32),
+                     "\" is not a version: give a number (1, 2, ...) or none "
+                     "for the served version"));
   }
   return v;
 }
@@ -67,9 +68,11 @@ bool IsBackbone(const std::string& name) { return name == kOipBackboneModel; }
 
 // The backbone has one version, "1".
 absl::Status CheckBackboneVersion(const std::string& version) {
-  if (version.empty() || version == "1") return absl::OkStatus();
-  return absl::NotFoundError(absl::StrCat("model ", kOipBackboneModel, " has one version, 1; not \"",
-                                          version.substr(0, 32), "\""));
+  auto v = ParseVersion(version, "version");
+  if (!v.ok()) return v.status();
+  if (*v == 0 || *v == 1) return absl::OkStatus();
+  return absl::NotFoundError(
+      absl::StrCat("model ", kOipBackboneModel, " has one version, 1; not ", *v));
 }
 
 }  // namespace
@@ -86,12 +89,12 @@ absl::StatusOr<OipService::Target> OipService::Find(const Caller& caller, const 
                               [&](const VersionInfo& x) { return x.version == *v; })) {
     std::vector<int> have;
     for (const VersionInfo& x : info->versions) have.push_back(x.version);
-    return absl::NotFoundError(absl::StrCat(
-        "model ", name, " has no version ", *v,
-        have.empty() ? std::string(" (it has no trained version yet)")
-                     : absl::StrCat(" (versions: ", absl::StrJoin(have, ", "), ")")));
+    return absl::NotFoundError(
+        absl::StrCat("model ", name, " has no version ", *v,
+                     have.empty() ? std::string(" (it has no trained version yet)")
+                                  : absl::StrCat(" (versions: ", absl::StrJoin(have, ", "), ")")));
   }
-  return Target{*key, std::move(*info), *v};
+  return Target{std::move(*info), *v};
 }
 
 grpc::ServerUnaryReactor* OipService::ServerLive(grpc::CallbackServerContext* c,
@@ -115,22 +118,21 @@ grpc::ServerUnaryReactor* OipService::ServerReady(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* OipService::ModelReady(grpc::CallbackServerContext* c,
                                                  const inference::ModelReadyRequest* req,
                                                  inference::ModelReadyResponse* resp) {
-  return ContainedUnary(c, security_, "ModelReady", req->name(),
-                        [&](const Caller& caller) -> absl::Status {
-                          if (IsBackbone(req->name())) {
-                            if (absl::Status s = CheckBackboneVersion(req->version()); !s.ok()) {
-                              return s;
-                            }
-                            resp->set_ready(!draining_);
-                            return absl::OkStatus();
-                          }
-                          auto t = Find(caller, req->name(), req->version());
-                          if (!t.ok()) return t.status();
-                          // Ready: loadable, and with a trained version to answer.
-                          resp->set_ready(!draining_ && t->info.problem.ok() &&
-                                          t->info.served_version > 0);
-                          return absl::OkStatus();
-                        });
+  return ContainedUnary(
+      c, security_, "ModelReady", req->name(), [&](const Caller& caller) -> absl::Status {
+        if (IsBackbone(req->name())) {
+          if (absl::Status s = CheckBackboneVersion(req->version()); !s.ok()) {
+            return s;
+          }
+          resp->set_ready(!draining_);
+          return absl::OkStatus();
+        }
+        auto t = Find(caller, req->name(), req->version());
+        if (!t.ok()) return t.status();
+        // Ready: loadable, and with a trained version to answer.
+        resp->set_ready(!draining_ && t->info.problem.ok() && t->info.served_version > 0);
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerUnaryReactor* OipService::ServerMetadata(grpc::CallbackServerContext* c,
@@ -142,8 +144,8 @@ grpc::ServerUnaryReactor* OipService::ServerMetadata(grpc::CallbackServerContext
     // What tlserve adds to the protocol: its own API (tlserve.v1) for
     // datasets, training, evaluation and export; the backbone as a model
     // that embeds; ModelMetadataResponse.parameters (class names).
-    for (const char* e : {"tlserve.v1", "datasets", "training", "evaluation", "export",
-                          "embedding", "model_metadata_parameters"}) {
+    for (const char* e : {"tlserve.v1", "datasets", "training", "evaluation", "export", "embedding",
+                          "model_metadata_parameters"}) {
       resp->add_extensions(e);
     }
     return absl::OkStatus();
@@ -153,37 +155,36 @@ grpc::ServerUnaryReactor* OipService::ServerMetadata(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* OipService::ModelMetadata(grpc::CallbackServerContext* c,
                                                     const inference::ModelMetadataRequest* req,
                                                     inference::ModelMetadataResponse* resp) {
-  return ContainedUnary(c, security_, "ModelMetadata", req->name(),
-                        [&](const Caller& caller) -> absl::Status {
-                          resp->set_name(req->name());
-                          resp->set_platform(kPlatform);
-                          AddOipInputs(resp);
-                          if (IsBackbone(req->name())) {
-                            if (absl::Status s = CheckBackboneVersion(req->version()); !s.ok()) {
-                              return s;
-                            }
-                            const Backbone& b = embedder_->backbone();
-                            resp->add_versions("1");
-                            AddTensor(kEmbeddingOutput, "FP32", {-1, b.embedding_dim()}, resp);
-                            SetString(resp, "file_name", b.file_name());
-                            SetString(resp, "sha256", b.sha256());
-                            return absl::OkStatus();
-                          }
-                          auto t = Find(caller, req->name(), req->version());
-                          if (!t.ok()) return t.status();
-                          if (!t->info.problem.ok()) return t->info.problem;
-                          for (const VersionInfo& v : t->info.versions) {
-                            resp->add_versions(std::to_string(v.version));
-                          }
-                          const int64_t classes = static_cast<int64_t>(t->info.classes.size());
-                          AddTensor("probabilities", "FP32", {-1, classes}, resp);
-                          AddTensor("labels", "BYTES", {-1, -1}, resp);
-                          AddTensor("label", "BYTES", {-1}, resp);
-                          SetString(resp, "classes", nlohmann::json(t->info.classes).dump());
-                          (*resp->mutable_parameters())["served_version"].set_int64_param(
-                              t->info.served_version);
-                          return absl::OkStatus();
-                        });
+  return ContainedUnary(
+      c, security_, "ModelMetadata", req->name(), [&](const Caller& caller) -> absl::Status {
+        resp->set_name(req->name());
+        resp->set_platform(kPlatform);
+        AddOipInputs(resp);
+        if (IsBackbone(req->name())) {
+          if (absl::Status s = CheckBackboneVersion(req->version()); !s.ok()) {
+            return s;
+          }
+          const Backbone& b = embedder_->backbone();
+          resp->add_versions("1");
+          AddTensor(kEmbeddingOutput, "FP32", {-1, b.embedding_dim()}, resp);
+          SetString(resp, "file_name", b.file_name());
+          SetString(resp, "sha256", b.sha256());
+          return absl::OkStatus();
+        }
+        auto t = Find(caller, req->name(), req->version());
+        if (!t.ok()) return t.status();
+        if (!t->info.problem.ok()) return t->info.problem;
+        for (const VersionInfo& v : t->info.versions) {
+          resp->add_versions(std::to_string(v.version));
+        }
+        const int64_t classes = static_cast<int64_t>(t->info.classes.size());
+        AddTensor("probabilities", "FP32", {-1, classes}, resp);
+        AddTensor("labels", "BYTES", {-1, -1}, resp);
+        AddTensor("label", "BYTES", {-1}, resp);
+        SetString(resp, "classes", nlohmann::json(t->info.classes).dump());
+        (*resp->mutable_parameters())["served_version"].set_int64_param(t->info.served_version);
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerUnaryReactor* OipService::ModelInfer(grpc::CallbackServerContext* c,
@@ -195,10 +196,9 @@ grpc::ServerUnaryReactor* OipService::ModelInfer(grpc::CallbackServerContext* c,
           const Caller& caller) -> absl::Status {
         resp->set_model_name(req->model_name());
         resp->set_id(req->id());
-        if (absl::Status s =
-                CheckOipParameters(req->inputs_size() > 0 ? req->inputs(0).parameters()
-                                                          : OipParameters(),
-                                   {}, "inputs[0]");
+        if (absl::Status s = CheckOipParameters(
+                req->inputs_size() > 0 ? req->inputs(0).parameters() : OipParameters(), {},
+                "inputs[0]");
             !s.ok()) {
           return s;
         }
@@ -210,19 +210,26 @@ grpc::ServerUnaryReactor* OipService::ModelInfer(grpc::CallbackServerContext* c,
 absl::Status OipService::InferModel(grpc::CallbackServerContext* c, const ModelInferRequest* req,
                                     ModelInferResponse* resp, grpc::ServerUnaryReactor* reactor,
                                     const RpcTimer& held_timer, const Caller& caller) {
-  auto target = Find(caller, req->model_name(), req->model_version());
-  if (!target.ok()) return target.status();
+  // No registry read here: Servable answers NOT_FOUND / FAILED_PRECONDITION
+  // from memory, as for Classify (serving never waits on the database).
+  auto key = caller.Qualify(req->model_name(), "model_name");
+  if (!key.ok()) return key.status();
+  auto version = ParseVersion(req->model_version(), "model_version");
+  if (!version.ok()) return version.status();
   if (absl::Status s = CheckOipParameters(req->parameters(), {"top_k"}, "parameters"); !s.ok()) {
     return s;
   }
   auto outputs = RequestedOipOutputs(*req, ModelOutputs());
   if (!outputs.ok()) return outputs.status();
-  int64_t labels_top_k = 1;
+  // top_k: the labels output's own parameter, else the request's, else 1.
+  auto request_top_k = OipInt(req->parameters(), "top_k", 1);
+  if (!request_top_k.ok()) return request_top_k.status();
+  int64_t labels_top_k = *request_top_k;
   for (const auto& o : req->outputs()) {
     const bool labels = o.name() == "labels";
-    if (absl::Status s = CheckOipParameters(o.parameters(), labels ? std::vector<std::string>{"top_k"}
-                                                                   : std::vector<std::string>{},
-                                            absl::StrCat("outputs \"", o.name(), "\""));
+    if (absl::Status s = CheckOipParameters(
+            o.parameters(), labels ? std::vector<std::string>{"top_k"} : std::vector<std::string>{},
+            absl::StrCat("outputs \"", Bounded(o.name(), 64), "\""));
         !s.ok()) {
       return s;
     }
@@ -232,11 +239,9 @@ absl::Status OipService::InferModel(grpc::CallbackServerContext* c, const ModelI
       labels_top_k = *k;
     }
   }
-  auto top_k = OipInt(req->parameters(), "top_k", labels_top_k);
-  if (!top_k.ok()) return top_k.status();
-  if (*top_k < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("parameter \"top_k\" is ", *top_k, "; give 1 or more (labels per image)"));
+  if (labels_top_k < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("parameter \"top_k\" is ", labels_top_k,
+                                                   "; give 1 or more (labels per image)"));
   }
   auto parsed = ParseOipImages(*req, limits_.max_images_per_request);
   if (!parsed.ok()) return parsed.status();
@@ -247,10 +252,10 @@ absl::Status OipService::InferModel(grpc::CallbackServerContext* c, const ModelI
   RpcTimer timer = held_timer;
   timer.Hold(*lease);
   models_->Servable(
-      target->key, target->version,
+      *key, *version,
       [this, c, req, resp, reactor, timer, caller, images = *std::move(parsed),
        outputs = *std::move(outputs),
-       k_asked = *top_k](absl::StatusOr<std::shared_ptr<const ServableVersion>> version) {
+       k_asked = labels_top_k](absl::StatusOr<std::shared_ptr<const ServableVersion>> version) {
         const absl::Status s = Contain("ModelInfer failed", [&]() -> absl::Status {
           if (!version.ok()) return version.status();
           auto v = *version;
@@ -291,10 +296,10 @@ absl::Status OipService::InferModel(grpc::CallbackServerContext* c, const ModelI
               return absl::OkStatus();
             });
           };
-          embedder_->Classify(images.images, v, /*top_k=*/0, absl::FromChrono(c->deadline()),
-                              [c] { return c->IsCancelled(); },
-                              FinishAfterImages(reactor, timer, images.images->size(), fill, last),
-                              caller.lane);
+          embedder_->Classify(
+              images.images, v, /*top_k=*/0, absl::FromChrono(c->deadline()),
+              [c] { return c->IsCancelled(); },
+              FinishAfterImages(reactor, timer, images.images->size(), fill, last), caller.lane);
           return absl::OkStatus();
         });
         if (!s.ok()) {
@@ -306,9 +311,8 @@ absl::Status OipService::InferModel(grpc::CallbackServerContext* c, const ModelI
   return absl::OkStatus();
 }
 
-absl::Status OipService::InferBackbone(grpc::CallbackServerContext* c,
-                                       const ModelInferRequest* req, ModelInferResponse* resp,
-                                       grpc::ServerUnaryReactor* reactor,
+absl::Status OipService::InferBackbone(grpc::CallbackServerContext* c, const ModelInferRequest* req,
+                                       ModelInferResponse* resp, grpc::ServerUnaryReactor* reactor,
                                        const RpcTimer& held_timer, const Caller& caller) {
   if (absl::Status s = CheckBackboneVersion(req->model_version()); !s.ok()) return s;
   resp->set_model_version("1");
@@ -319,9 +323,9 @@ absl::Status OipService::InferBackbone(grpc::CallbackServerContext* c,
   }
   auto outputs = RequestedOipOutputs(*req, {kEmbeddingOutput});
   if (!outputs.ok()) return outputs.status();
-  if (absl::Status s = CheckOipParameters(req->outputs_size() > 0 ? req->outputs(0).parameters()
-                                                                  : OipParameters(),
-                                          {}, "outputs \"embedding\"");
+  if (absl::Status s = CheckOipParameters(
+          req->outputs_size() > 0 ? req->outputs(0).parameters() : OipParameters(), {},
+          "outputs \"embedding\"");
       !s.ok()) {
     return s;
   }
@@ -330,7 +334,7 @@ absl::Status OipService::InferBackbone(grpc::CallbackServerContext* c,
   auto pool = OipString(req->parameters(), "pool", "avg");
   if (!pool.ok()) return pool.status();
   if (*pool != "avg" && *pool != "max") {
-    return absl::InvalidArgumentError(absl::StrCat("parameter \"pool\" is \"", pool->substr(0, 32),
+    return absl::InvalidArgumentError(absl::StrCat("parameter \"pool\" is \"", Bounded(*pool, 32),
                                                    "\"; give \"avg\" or \"max\""));
   }
   auto normalize = OipBool(req->parameters(), "normalize", false);
@@ -366,9 +370,9 @@ absl::Status OipService::InferBackbone(grpc::CallbackServerContext* c,
       return absl::OkStatus();
     });
   };
-  embedder_->Embed(parsed->images, *spec, absl::FromChrono(c->deadline()),
-                   [c] { return c->IsCancelled(); },
-                   FinishAfterImages(reactor, timer, n, fill, last), caller.lane);
+  embedder_->Embed(
+      parsed->images, *spec, absl::FromChrono(c->deadline()), [c] { return c->IsCancelled(); },
+      FinishAfterImages(reactor, timer, n, fill, last), caller.lane);
   return absl::OkStatus();
 }
 

@@ -49,7 +49,6 @@ class OipService final : public inference::GRPCInferenceService::CallbackService
   // The model's record, and the version asked for (0: the served one) after
   // checking it exists (NOT_FOUND otherwise).
   struct Target {
-    std::string key;  // the model's key in the registry (tenant-qualified)
     ModelInfo info;
     int version = 0;
   };
@@ -60,9 +59,8 @@ class OipService final : public inference::GRPCInferenceService::CallbackService
                           const RpcTimer& timer, const Caller& caller);
   absl::Status InferBackbone(grpc::CallbackServerContext* c,
                              const inference::ModelInferRequest* req,
-                             inference::ModelInferResponse* resp,
-                             grpc::ServerUnaryReactor* reactor, const RpcTimer& timer,
-                             const Caller& caller);
+                             inference::ModelInferResponse* resp, grpc::ServerUnaryReactor* reactor,
+                             const RpcTimer& timer, const Caller& caller);
 
   ModelRegistry* models_;
   Embedder* embedder_;

@@ -85,7 +85,10 @@ message ModelInferResponse {
   repeated bytes raw_output_contents = 6;
 }
 message InferParameter {
-  oneof parameter_choice { bool bool_param = 1; int64 int64_param = 2; string string_param = 3; }
+  oneof parameter_choice {
+    bool bool_param = 1; int64 int64_param = 2; string string_param = 3;
+    double double_param = 4; uint64 uint64_param = 5;
+  }
 }
 message InferTensorContents {
   repeated bool bool_contents = 1; repeated int32 int_contents = 2; repeated int64 int64_contents = 3;
@@ -170,7 +173,8 @@ class OipTest(unittest.TestCase):
         cls.native.upload("oip", files("train", 12))
         cls.native.create_model("shoes", dataset="oip")
         job = cls.native.train("shoes", "oip")
-        assert job.state == 3 or "SUCCEEDED" in str(job), job  # SUCCEEDED
+        if job.state != 3:  # SUCCEEDED
+            raise AssertionError("training failed: %s" % job)
         cls.native.create_model("untrained", dataset="oip")
         cls.classes = list(cls.native.models.GetModel(
             __import__("tlserve_client").models_pb2.GetModelRequest(name="shoes")).classes)
@@ -253,6 +257,21 @@ class OipTest(unittest.TestCase):
         self.assertEqual([(o.name, list(o.shape)) for o in r.outputs], [("labels", [2, 2])])
         self.assertEqual([l.decode() for l in outputs_of(r)["labels"]],
                          [l for t in native_top[:2] for l, _ in t[:2]])
+        # The labels output's own top_k wins over the request's; a uint64 value is taken.
+        req = self.infer(inputs=[images_input(self.test[:1])],
+                         parameters={"top_k": pb.InferParameter(uint64_param=3)},
+                         outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(
+                             name="labels", parameters={"top_k": pb.InferParameter(int64_param=1)})])
+        self.assertEqual(list(self.call("ModelInfer", req).outputs[0].shape), [1, 1])
+        req = self.infer(inputs=[images_input(self.test[:1])],
+                         parameters={"top_k": pb.InferParameter(uint64_param=3)}, outputs=[
+                             pb.ModelInferRequest.InferRequestedOutputTensor(name="labels")])
+        self.assertEqual(list(self.call("ModelInfer", req).outputs[0].shape), [1, 3])
+        # UINT8 pixels (gray, C = 1) of the lossless PNGs: Classify's probabilities too.
+        gray = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("L")) for b in self.test])[..., None]
+        t = pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=list(gray.shape))
+        r = self.call("ModelInfer", self.infer(inputs=[t], raw=[gray.tobytes()]))
+        np.testing.assert_allclose(outputs_of(r)["probabilities"], want, rtol=0, atol=1e-6)
         # Shape [N, 1] is taken too (Triton's clients send BYTES that way).
         r = self.call("ModelInfer", self.infer(inputs=[images_input(self.test[:2], shape=[2, 1])]))
         np.testing.assert_allclose(outputs_of(r)["probabilities"], want[:2], rtol=0, atol=1e-6)
@@ -280,6 +299,11 @@ class OipTest(unittest.TestCase):
                 t.contents.uint_contents.extend(pixels.reshape(-1).tolist())
             r = self.call("ModelInfer", self.infer("_backbone", [t], [pixels.tobytes()] if raw else []))
             np.testing.assert_allclose(outputs_of(r)["embedding"], want, rtol=0, atol=1e-6)
+        # RGBA (C = 4): the alpha channel is dropped, as the decoder does.
+        rgba = np.concatenate([pixels, np.full(pixels.shape[:3] + (1,), 255, np.uint8)], axis=3)
+        t = pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=list(rgba.shape))
+        r = self.call("ModelInfer", self.infer("_backbone", [t], [rgba.tobytes()]))
+        np.testing.assert_allclose(outputs_of(r)["embedding"], want, rtol=0, atol=1e-6)
         # An FP32 tensor = Embed's FLOAT32_CHW on the same tensor.
         x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype("<f4")
         e = self.native.inference.Embed(native.EmbedRequest(images=[native.Image(
@@ -307,8 +331,22 @@ class OipTest(unittest.TestCase):
              INVALID, "not a version"),
             ("backbone version", self.infer("_backbone", [images_input(img)], model_version="2"),
              NOT_FOUND, "one version"),
+            ("backbone version not a number", self.infer("_backbone", [images_input(img)],
+                                                         model_version="x"), INVALID, "not a version"),
+            ("values in another field", self.infer(inputs=[T(name="images", datatype="BYTES", shape=[1],
+                                                             contents=pb.InferTensorContents(
+                                                                 bytes_contents=img, fp32_contents=[1.0]))]),
+             INVALID, "contents.fp32_contents holds values"),
+            ("UINT8 in int_contents", self.infer("_backbone", [T(name="pixels", datatype="UINT8",
+                                                                 shape=[1, 1, 1, 1],
+                                                                 contents=pb.InferTensorContents(int_contents=[3]))]),
+             INVALID, "uint_contents only"),
+            ("raw BYTES, more than the shape", self.infer(inputs=[images_input(img, raw=True)],
+                                                          raw=[raw_bytes(img * 2)]), INVALID, "more than"),
+            ("a huge input name", self.infer(inputs=[T(name="x" * 100000, datatype="BYTES", shape=[1])]),
+             INVALID, "no such input"),
             ("untrained model", self.infer("untrained", [images_input(img)]),
-             grpc.StatusCode.FAILED_PRECONDITION, ""),
+             grpc.StatusCode.FAILED_PRECONDITION, "no trained version"),
             ("no input", self.infer(), INVALID, "exactly one"),
             ("unknown input", self.infer(inputs=[T(name="x", datatype="BYTES", shape=[1])]), INVALID,
              "no such input"),

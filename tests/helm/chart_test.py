@@ -543,7 +543,7 @@ def kserve_manifests(known_flags):
     check(model["runtime"] == runtime["metadata"]["name"] and model["modelFormat"]["name"] in formats
           and model["protocolVersion"] in runtime["spec"]["protocolVersions"],
           "the InferenceService asks for the runtime, a format and a protocol it has")
-    # The schema refuses what KServe refuses: a typo'd field, a bad protocol.
+    # The schema refuses a misspelt field and a protocol KServe does not know.
     bad = json.loads(json.dumps(docs))
     bad[0]["spec"]["protocolVersion"] = ["grpc-v2"]
     bad[1]["spec"]["predictor"]["model"]["protocolVersion"] = "grpc-v3"
