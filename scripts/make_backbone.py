@@ -2,9 +2,15 @@
 """Makes a TorchScript backbone file that tlserve loads with --backbone.
 
 A torchvision ResNet, scripted (torch.jit.script(model).save(path)), with two
-extra files: preprocess.json (resize, crop, mean, std) and tlserve.json (name,
-whether the weights are pretrained). Weights are random with a fixed seed
-unless --weights gives a state-dict file: no weights can be downloaded here.
+extra files: preprocess.json (resize, crop, mean, std, resize_mode,
+interpolation) and tlserve.json (name, whether the weights are pretrained).
+Weights are random with a fixed seed unless --weights gives a state-dict file:
+no weights can be downloaded here.
+
+--resize-mode: "pil" resizes exactly as torchvision's transforms on PIL images
+(Pillow's Image.resize), "tensor" as torchvision on uint8 tensors. Default:
+"pil" with --weights (weights people bring were mostly trained with PIL
+transforms), "tensor" for random weights (tests, demos, benchmarks).
 
   /usr/bin/python3 scripts/make_backbone.py --arch resnet50 --out resnet50.pt
   /usr/bin/python3 scripts/make_backbone.py --arch resnet18 --weights r18.pth --out r18.pt
@@ -30,6 +36,9 @@ def main():
     p.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406])
     p.add_argument("--std", type=float, nargs=3, default=[0.229, 0.224, 0.225])
     p.add_argument("--name", help="name shown by the server (default: the arch)")
+    p.add_argument("--resize-mode", choices=["pil", "tensor"],
+                   help="how the server resizes (default: pil with --weights, else tensor)")
+    p.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
@@ -39,9 +48,11 @@ def main():
         model.load_state_dict(torch.load(args.weights, map_location="cpu"))
         pretrained = True
     model.eval()
+    mode = args.resize_mode or ("pil" if pretrained else "tensor")
     extra = {
         "preprocess.json": json.dumps(
-            {"resize": args.resize, "crop": args.crop, "mean": args.mean, "std": args.std}),
+            {"resize": args.resize, "crop": args.crop, "mean": args.mean, "std": args.std,
+             "resize_mode": mode, "interpolation": args.interpolation}),
         "tlserve.json": json.dumps({"name": args.name or args.arch, "pretrained": pretrained}),
     }
     tmp = args.out + ".tmp"
@@ -49,7 +60,8 @@ def main():
     os.replace(tmp, args.out)
     what = "weights from " + args.weights if pretrained else (
         "RANDOM weights (seed %d): not pretrained, for tests and demos only" % args.seed)
-    print("wrote %s: %s, %s" % (args.out, args.arch, what), file=sys.stderr)
+    print("wrote %s: %s, %s; resized as %s (%s)" % (args.out, args.arch, what, mode, args.interpolation),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

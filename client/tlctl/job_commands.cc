@@ -35,11 +35,18 @@ nlohmann::json JobJson(const v1::Job& j) {
                       {"images_per_second", e.images_per_second()},
                       {"elapsed_seconds", e.elapsed_seconds()}});
   }
-  nlohmann::json out = {{"id", j.id()},           {"model", j.model()},
-                        {"dataset", j.dataset()}, {"state", StateName(j.state())},
-                        {"phase", j.phase()},     {"error", j.error()},
-                        {"version", j.version()}, {"epochs", epochs},
-                        {"outcome", j.outcome()}};
+  nlohmann::json out = {{"id", j.id()},
+                        {"model", j.model()},
+                        {"dataset", j.dataset()},
+                        {"state", StateName(j.state())},
+                        {"phase", j.phase()},
+                        {"error", j.error()},
+                        {"version", j.version()},
+                        {"epochs", epochs},
+                        {"outcome", j.outcome()},
+                        // Whether a restart of the server resumes it (or fails it).
+                        {"resumes_after_restart", !j.options().has_resume_after_restart() ||
+                                                      j.options().resume_after_restart()}};
   if (const std::string t = TenantOf(j); !t.empty()) out["tenant"] = t;
   if (j.leaderboard_size() > 0) {
     nlohmann::json board = nlohmann::json::array();
@@ -177,7 +184,7 @@ int Train(Client& c, const Args& a) {
         "usage: tlctl train MODEL --dataset D [--epochs N --head-lr X --lr X --optimizer "
         "lbfgs|adamw|sgd "
         "--batch-size N --weight-decay X --label-smoothing X --balanced --patience N --augment "
-        "--train-batchnorm --no-head-first --seed N --serve if-not-worse|always|never "
+        "--train-batchnorm --no-head-first --no-resume --seed N --serve if-not-worse|always|never "
         "--target-precision P --sweep [--l2 X,Y,.. --folds K --heads linear,H --layers "
         "L,embedding] "
         "--constant-lr "
@@ -227,6 +234,8 @@ int Train(Client& c, const Args& a) {
   if (a.Has("freeze-batchnorm")) o->set_freeze_batchnorm(true);
   if (a.Has("train-batchnorm")) o->set_freeze_batchnorm(false);
   if (a.Has("no-head-first")) o->set_head_first(false);
+  // A restart fails the job as "interrupted" instead of resuming it.
+  if (a.Has("no-resume")) o->set_resume_after_restart(false);
   if (a.Has("constant-lr")) o->set_schedule(v1::TrainingOptions::SCHEDULE_CONSTANT);
   if (a.Has("no-gradual")) o->set_gradual_unfreezing(false);
   if (a.Has("sweep")) {

@@ -4,7 +4,9 @@ layer4, MLP head) and one with every stage trained are exported with `tlctl expo
 torch.jit.load(_extra_files=...), fed images preprocessed by torchvision,
 and must give the server's Classify probabilities within 1e-4. The exported
 file must also load as the backbone of a new tlserve, whose Embed equals the
-file's own penultimate output. Bad exports get the right codes.
+file's own penultimate output. Bad exports get the right codes. Backbones
+with "resize_mode": "pil" (bilinear and bicubic) export it, and torchvision's
+transforms on PIL images give the server's probabilities to 1e-6.
 
 usage: export_test.py BIN_DIR FIXTURES_DIR
 """
@@ -18,6 +20,7 @@ import tempfile
 import grpc
 import numpy as np
 import torch
+import torchvision.transforms as T
 import torchvision.transforms.functional as F
 from PIL import Image
 
@@ -27,6 +30,7 @@ from tlserve_client import Client, image_folder  # noqa: E402
 from tlserve_client.local_server import LocalServer  # noqa: E402
 
 BIN, FIX = sys.argv[1], sys.argv[2]
+MAKE_BACKBONE = os.path.join(HERE, "..", "..", "scripts", "make_backbone.py")
 # The server's device: TLSERVE_TEST_DEVICE=cuda runs the suite on the GPU (the flag
 # comes after LocalServer's own --device=cpu, and the last one counts).
 DEVICE_FLAGS = ["--device=" + (os.environ.get("TLSERVE_TEST_DEVICE") or "cpu")]
@@ -162,8 +166,46 @@ def main():
                   % (",".join(names), rel))
             assert rel <= 1e-4, rel
         print("worst probability difference over the three models: %.3g" % worst)
+        pil_backbones(tmp, train, test, test_paths)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pil_backbones(tmp, train, test, test_paths):
+    """A backbone made for PIL-trained weights resizes as Pillow does: its
+    export says so, and torchvision's PIL transforms reproduce the server's
+    probabilities to 1e-6, where the uint8-tensor pipeline does not."""
+    for interp, mode in (("bilinear", T.InterpolationMode.BILINEAR),
+                         ("bicubic", T.InterpolationMode.BICUBIC)):
+        bb = os.path.join(tmp, "pil-%s.pt" % interp)
+        subprocess.run([sys.executable, MAKE_BACKBONE, "--arch", "resnet18", "--resize", "72", "--crop",
+                        "64", "--seed", "1", "--resize-mode", "pil", "--interpolation", interp,
+                        "--out", bb], check=True)
+        with LocalServer(BIN, bb, os.path.join(tmp, "data-" + interp), extra_flags=DEVICE_FLAGS) as s, \
+                Client(s.target) as c:
+            c.upload("fm", train)
+            c.create_model("pil", dataset="fm")
+            assert c.train("pil", "fm").state == 3
+            path = os.path.join(tmp, "pil-%s-model.pt" % interp)
+            s.tlctl("export", "pil", "--out", path)
+            served = c.classify("pil", [b for _, _, b in test], top_k=3)
+        module, extra = load(path)
+        spec = extra["preprocess.json"]
+        assert spec["resize_mode"] == "pil" and spec["interpolation"] == interp, spec
+        pipeline = T.Compose([T.Resize(spec["resize"], interpolation=mode), T.CenterCrop(spec["crop"]),
+                              T.ToTensor(), T.Normalize(spec["mean"], spec["std"])])
+        theirs = np.array([[dict(top)[k] for k in extra["classes.json"]] for top in served])
+        t = extra["tlserve.json"]["temperature"]
+        with torch.no_grad():
+            pil = torch.softmax(module(torch.stack([pipeline(Image.open(p).convert("RGB"))
+                                                    for p in test_paths])) / t, 1).numpy()
+            tensor = torch.softmax(module(torchvision_batch(test_paths, spec)) / t, 1).numpy()
+        diff, other = float(np.abs(pil - theirs).max()), float(np.abs(tensor - theirs).max())
+        print("resize_mode pil, %s: max |p_PIL transforms - p_served| = %.3g (the uint8-tensor "
+              "pipeline: %.3g)" % (interp, diff, other))
+        assert diff <= 1e-6, diff
+        # The check can tell the pipelines apart on these (upscaled 28 px) images.
+        assert other > 10 * max(diff, 1e-7), (diff, other)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,7 @@ class TlctlTest(unittest.TestCase):
         job = json.loads(r.stdout)
         self.assertEqual(job["state"], "succeeded")
         self.assertGreater(job["validation_accuracy"], 0.6)
+        self.assertTrue(job["resumes_after_restart"])
         test = os.path.join(FIX, "fmnist", "test", "trouser")
         r = self.run_tlctl("classify", "shoes", test, "--top-k", "2", "--json")
         self.assertEqual(r.returncode, 0, r.stderr)
@@ -191,8 +192,10 @@ class TlctlTest(unittest.TestCase):
         self.assertEqual(layer4, {"name": "layer4", "private": True, "trainable": True, "params": 8393728})
         self.assertEqual([v["version"] for v in d["versions"]], [1])
         self.assertIn("unknown", self.run_tlctl("unfreeze", "shoes", "layer9").stderr)
-        r = self.run_tlctl("train", "shoes", "--dataset", "fm", "--epochs", "2", "--freeze-batchnorm", "--wait", "--json")
+        r = self.run_tlctl("train", "shoes", "--dataset", "fm", "--epochs", "2", "--freeze-batchnorm",
+                           "--no-resume", "--wait", "--json")
         self.assertEqual(json.loads(r.stdout)["version"], 2, r.stderr)
+        self.assertFalse(json.loads(r.stdout)["resumes_after_restart"])  # --no-resume
         jobs = json.loads(self.run_tlctl("jobs", "--model", "shoes", "--json").stdout)["jobs"]
         self.assertEqual(len(jobs), 2)
         r = self.run_tlctl("classify", "nope", test)
