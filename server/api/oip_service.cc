@@ -253,7 +253,7 @@ absl::Status OipService::InferModel(grpc::CallbackServerContext* c, const ModelI
   timer.Hold(*lease);
   models_->Servable(
       *key, *version,
-      [this, c, req, resp, reactor, timer, caller, images = *std::move(parsed),
+      [this, c, resp, reactor, timer, caller, images = *std::move(parsed),
        outputs = *std::move(outputs),
        k_asked = labels_top_k](absl::StatusOr<std::shared_ptr<const ServableVersion>> version) {
         const absl::Status s = Contain("ModelInfer failed", [&]() -> absl::Status {
