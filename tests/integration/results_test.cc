@@ -521,6 +521,36 @@ TEST_F(EvaluationTest, SuggestionsAreThePoolsLowestMarginImagesWithDuplicatesRem
     }
   }
 
+  // The entropy strategy: the largest entropies of Classify's probabilities
+  // first (no duplicate removal at a cosine of 1).
+  std::vector<double> entropy;
+  for (const auto& row : p) {
+    double h = 0;
+    for (double q : row) h -= q > 0 ? q * std::log(q) : 0;
+    entropy.push_back(h);
+  }
+  std::vector<size_t> by_entropy = order;
+  std::stable_sort(by_entropy.begin(), by_entropy.end(),
+                   [&](size_t a, size_t b) { return entropy[a] > entropy[b]; });
+  req.set_strategy(v1::UNCERTAINTY_ENTROPY);
+  req.set_duplicate_cosine(1);
+  req.set_count(5);
+  auto e = client_->SuggestLabels(req);
+  ASSERT_TRUE(e.ok()) << e.status();
+  ASSERT_EQ(e->suggestions_size(), 5);
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_NEAR(e->suggestions(i).entropy(), entropy[by_entropy[i]], 1e-4) << i;
+    if (i > 0) {
+      EXPECT_LE(e->suggestions(i).entropy(), e->suggestions(i - 1).entropy() + 1e-6);
+    }
+  }
+  // The image with the largest entropy leads (ties aside: a copy has its
+  // image's entropy, so either may come first).
+  EXPECT_TRUE(e->suggestions(0).name() == names[by_entropy[0]] ||
+              e->suggestions(0).name() == names[by_entropy[1]])
+      << e->suggestions(0).name();
+  req.set_strategy(v1::UNCERTAINTY_MARGIN);
+
   // Bad requests.
   req.set_count(0);
   EXPECT_EQ(client_->SuggestLabels(req).status().code(), absl::StatusCode::kInvalidArgument);
