@@ -17,19 +17,16 @@ helpers it uses):
   /usr/bin/python3 scripts/best_head_experiment.py --bin build/bin \
       --backbone var/backbones/fmnist-resnet18.pt --seeds 1000=2
 """
-import argparse
-import datetime
 import hashlib
 import json
 import os
-import re
 import statistics
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from recipe_experiment import NEW, T, evaluate, fmt, run_plan, train, write_table  # noqa: E402
+from recipe_experiment import (NEW, T, evaluate, experiment_parser, fmt, made_on,  # noqa: E402
+                               run_experiment, train)
 from tlserve_client import models_pb2  # noqa: E402
 
 BEGIN, END = "<!-- best-head-experiment:begin -->", "<!-- best-head-experiment:end -->"
@@ -64,16 +61,10 @@ def run_one(c, n, seed, ds, epochs, out):
 
 
 def table(rows, command, backbone):
-    cpu = "unknown CPU"
-    try:
-        cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
-    except (OSError, AttributeError):
-        pass
     with open(backbone, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()[:16]
     lines = [BEGIN,
-             "Made on %s by `%s` (%d cores, %s; backbone SHA-256 %s…)." % (
-                 datetime.date.today().isoformat(), command, os.cpu_count(), cpu, sha),
+             made_on(command, "backbone SHA-256 %s…" % sha),
              "",
              "| per class | method | seeds | test accuracy (mean ± std) | per seed | chosen layer per seed "
              "| training s (mean) |",
@@ -96,23 +87,12 @@ def table(rows, command, backbone):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bin", default=os.path.join(HERE, "..", "build", "bin"))
-    p.add_argument("--backbone", default=os.path.join(HERE, "..", "var", "backbones", "fmnist-resnet18.pt"))
-    p.add_argument("--seeds", default="1000=2", help="SIZE=SEEDS,...: images per class and seeds")
+    p = experiment_parser(__doc__, "best_head_experiment", "1000=2")
     p.add_argument("--epochs", type=int, default=15, help="fine-tuning epochs")
-    p.add_argument("--results", default=os.path.join(tempfile.gettempdir(), "best_head_experiment.jsonl"),
-                   help="JSON lines, appended as runs finish")
-    p.add_argument("--table-only", action="store_true", help="only rewrite the table from --results")
-    p.add_argument("--doc", default=os.path.join(HERE, "..", "docs", "experiments.md"))
     a = p.parse_args()
-    plan = [(int(n), int(s)) for n, s in (x.split("=") for x in a.seeds.split(","))]
-    if not a.table_only:
-        open(a.results, "w").close()
-        run_plan(a.bin, a.backbone, plan, lambda c, n, seed, ds: run_one(c, n, seed, ds, a.epochs, a.results))
-    rows = [json.loads(line) for line in open(a.results) if line.strip()]
     command = "/usr/bin/python3 scripts/best_head_experiment.py --seeds %s" % a.seeds
-    write_table(a.doc, BEGIN, END, table(rows, command, a.backbone))
+    run_experiment(a, lambda c, n, seed, ds: run_one(c, n, seed, ds, a.epochs, a.results), BEGIN, END,
+                   lambda rows: table(rows, command, a.backbone))
 
 
 if __name__ == "__main__":

@@ -19,18 +19,15 @@ the job fell back to its start.
   /usr/bin/python3 scripts/bn_experiment.py --bin build/bin \
       --backbone var/backbones/fmnist-resnet18.pt --seeds 100=1,1000=1 --batches 16,64,256
 """
-import argparse
-import datetime
 import json
 import os
-import re
 import statistics
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from recipe_experiment import epochs_of, evaluate, fmt, run_plan, train, write_table  # noqa: E402
+from recipe_experiment import (epochs_of, evaluate, experiment_parser, fmt, made_on,  # noqa: E402
+                               run_experiment, train)
 from tlserve_client import models_pb2  # noqa: E402
 
 BEGIN, END = "<!-- bn-experiment:begin -->", "<!-- bn-experiment:end -->"
@@ -55,14 +52,8 @@ def run_one(c, n, seed, ds, batches, epochs, out):
 
 
 def table(rows, command, epochs):
-    cpu = "unknown CPU"
-    try:
-        cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
-    except (OSError, AttributeError):
-        pass
     lines = [BEGIN,
-             "Made on %s by `%s` (%d cores, %s; fine-tunes %d epochs)." % (
-                 datetime.date.today().isoformat(), command, os.cpu_count(), cpu, epochs),
+             made_on(command, "fine-tunes %d epochs" % epochs),
              "",
              "| per class | batch | BatchNorm statistics | seeds | test accuracy (mean ± std) | head's test accuracy "
              "| published epoch | validation: epoch 0 → epoch 1 → last | fine-tune s (mean) |",
@@ -90,26 +81,15 @@ def table(rows, command, epochs):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bin", default=os.path.join(HERE, "..", "build", "bin"))
-    p.add_argument("--backbone", default=os.path.join(HERE, "..", "var", "backbones", "fmnist-resnet18.pt"))
-    p.add_argument("--seeds", default="100=1,1000=1", help="SIZE=SEEDS,...: images per class and seeds")
+    p = experiment_parser(__doc__, "bn_experiment", "100=1,1000=1")
     p.add_argument("--batches", default="16,64,256", help="fine-tuning batch sizes")
     p.add_argument("--epochs", type=int, default=15, help="fine-tuning epochs")
-    p.add_argument("--results", default=os.path.join(tempfile.gettempdir(), "bn_experiment.jsonl"),
-                   help="JSON lines, one per run, appended")
-    p.add_argument("--table-only", action="store_true", help="only rewrite the table from --results")
-    p.add_argument("--doc", default=os.path.join(HERE, "..", "docs", "experiments.md"))
     a = p.parse_args()
-    plan = [(int(k), int(v)) for k, v in (x.split("=") for x in a.seeds.split(","))]
     batches = [int(b) for b in a.batches.split(",")]
     command = "/usr/bin/python3 scripts/bn_experiment.py --seeds %s --batches %s --epochs %d" % (
         a.seeds, a.batches, a.epochs)
-    if not a.table_only:
-        run_plan(a.bin, a.backbone, plan,
-                 lambda c, n, seed, ds: run_one(c, n, seed, ds, batches, a.epochs, a.results))
-    rows = [json.loads(line) for line in open(a.results) if line.strip()]
-    write_table(a.doc, BEGIN, END, table(rows, command, a.epochs))
+    run_experiment(a, lambda c, n, seed, ds: run_one(c, n, seed, ds, batches, a.epochs, a.results), BEGIN,
+                   END, lambda rows: table(rows, command, a.epochs))
 
 
 if __name__ == "__main__":

@@ -119,14 +119,8 @@ def fmt(values, digits=4):
 
 
 def table(rows, command, epochs):
-    cpu = "unknown CPU"
-    try:
-        cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
-    except (OSError, AttributeError):
-        pass
     lines = [BEGIN,
-             "Made on %s by `%s` (%d cores, %s; fine-tunes %d epochs)." % (
-                 datetime.date.today().isoformat(), command, os.cpu_count(), cpu, epochs),
+             made_on(command, "fine-tunes %d epochs" % epochs),
              "",
              "| per class | method | seeds | test accuracy (mean ± std) | per seed | training s (mean) |"
              " best validation epoch |",
@@ -148,6 +142,42 @@ def table(rows, command, epochs):
                  "job(s) seen by the client, for fine-tunes the head job plus the fine-tuning job.")
     lines.append(END)
     return "\n".join(lines)
+
+
+def made_on(command, extra=""):
+    """The first line of an experiment's table: the date, the command, the machine."""
+    cpu = "unknown CPU"
+    try:
+        cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    return "Made on %s by `%s` (%d cores, %s%s)." % (datetime.date.today().isoformat(), command,
+                                                    os.cpu_count(), cpu, "; " + extra if extra else "")
+
+
+def experiment_parser(doc, name, seeds):
+    """The options every experiment script takes; the script adds its own,
+    then parses and calls run_experiment."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bin", default=os.path.join(HERE, "..", "build", "bin"))
+    p.add_argument("--backbone", default=os.path.join(HERE, "..", "var", "backbones", "fmnist-resnet18.pt"))
+    p.add_argument("--seeds", default=seeds, help="SIZE=SEEDS,...: images per class and seeds")
+    p.add_argument("--results", default=os.path.join(tempfile.gettempdir(), name + ".jsonl"),
+                   help="JSON lines, one per run, appended")
+    p.add_argument("--table-only", action="store_true", help="only rewrite the table from --results")
+    p.add_argument("--doc", default=os.path.join(HERE, "..", "docs", "experiments.md"))
+    return p
+
+
+def run_experiment(a, run_one, begin, end, make_table):
+    """Runs `run_one(client, n, seed, dataset)` over the plan of --seeds
+    (unless --table-only), then writes make_table(rows of --results) between
+    the markers of --doc."""
+    plan = [(int(k), int(v)) for k, v in (x.split("=") for x in a.seeds.split(","))]
+    if not a.table_only:
+        run_plan(a.bin, a.backbone, plan, run_one)
+    rows = [json.loads(line) for line in open(a.results) if line.strip()]
+    write_table(a.doc, begin, end, make_table(rows))
 
 
 def run_plan(bin_dir, backbone, plan, run_one):
@@ -187,22 +217,12 @@ def write_table(doc_path, begin, end, text):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bin", default=os.path.join(HERE, "..", "build", "bin"))
-    p.add_argument("--backbone", default=os.path.join(HERE, "..", "var", "backbones", "fmnist-resnet18.pt"))
-    p.add_argument("--seeds", default="10=3,100=3,1000=3", help="SIZE=SEEDS,...: images per class and seeds")
+    p = experiment_parser(__doc__, "recipe_experiment", "10=3,100=3,1000=3")
     p.add_argument("--epochs", type=int, default=15, help="fine-tuning epochs")
-    p.add_argument("--results", default=os.path.join(tempfile.gettempdir(), "recipe_experiment.jsonl"),
-                   help="JSON lines, one per run, appended")
-    p.add_argument("--table-only", action="store_true", help="only rewrite the table from --results")
-    p.add_argument("--doc", default=os.path.join(HERE, "..", "docs", "experiments.md"))
     a = p.parse_args()
-    plan = [(int(k), int(v)) for k, v in (x.split("=") for x in a.seeds.split(","))]
     command = "/usr/bin/python3 scripts/recipe_experiment.py --seeds %s --epochs %d" % (a.seeds, a.epochs)
-    if not a.table_only:
-        run_plan(a.bin, a.backbone, plan, lambda c, n, seed, ds: run_one(c, n, seed, ds, a.epochs, a.results))
-    rows = [json.loads(l) for l in open(a.results) if l.strip()]
-    write_table(a.doc, BEGIN, END, table(rows, command, a.epochs))
+    run_experiment(a, lambda c, n, seed, ds: run_one(c, n, seed, ds, a.epochs, a.results), BEGIN, END,
+                   lambda rows: table(rows, command, a.epochs))
 
 
 if __name__ == "__main__":

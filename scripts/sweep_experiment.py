@@ -18,18 +18,14 @@ between markers in docs/experiments.md.
   /usr/bin/python3 scripts/sweep_experiment.py --bin build/bin \
       --backbone var/backbones/fmnist-resnet18.pt --seeds 100=3,1000=3
 """
-import argparse
-import datetime
 import json
 import os
-import re
 import statistics
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from recipe_experiment import evaluate, fmt, run_plan, train, write_table  # noqa: E402
+from recipe_experiment import evaluate, experiment_parser, fmt, made_on, run_experiment, train  # noqa: E402
 from tlserve_client import models_pb2  # noqa: E402
 
 BEGIN, END = "<!-- sweep-experiment:begin -->", "<!-- sweep-experiment:end -->"
@@ -57,14 +53,8 @@ def run_one(c, n, seed, ds, out):
 
 
 def table(rows, command):
-    cpu = "unknown CPU"
-    try:
-        cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
-    except (OSError, AttributeError):
-        pass
     lines = [BEGIN,
-             "Made on %s by `%s` (%d cores, %s)." % (datetime.date.today().isoformat(), command,
-                                                     os.cpu_count(), cpu),
+             made_on(command),
              "",
              "| per class | sweep | seeds | candidates | test accuracy (mean ± std) | per seed | CV accuracy "
              "of the winner | winner (layer, head) per seed | training s (mean) |",
@@ -89,21 +79,11 @@ def table(rows, command):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bin", default=os.path.join(HERE, "..", "build", "bin"))
-    p.add_argument("--backbone", default=os.path.join(HERE, "..", "var", "backbones", "fmnist-resnet18.pt"))
-    p.add_argument("--seeds", default="100=3,1000=3", help="SIZE=SEEDS,...: images per class and seeds")
-    p.add_argument("--results", default=os.path.join(tempfile.gettempdir(), "sweep_experiment.jsonl"),
-                   help="JSON lines, one per run, appended")
-    p.add_argument("--table-only", action="store_true", help="only rewrite the table from --results")
-    p.add_argument("--doc", default=os.path.join(HERE, "..", "docs", "experiments.md"))
-    a = p.parse_args()
-    plan = [(int(k), int(v)) for k, v in (x.split("=") for x in a.seeds.split(","))]
+    a = experiment_parser(__doc__, "sweep_experiment", "100=3,1000=3").parse_args()
     command = "/usr/bin/python3 scripts/sweep_experiment.py --seeds %s" % a.seeds
-    if not a.table_only:
-        run_plan(a.bin, a.backbone, plan, lambda c, n, seed, ds: run_one(c, n, seed, ds, a.results))
-    rows = [json.loads(line) for line in open(a.results) if line.strip()]
-    write_table(a.doc, BEGIN, END, table(rows, command))
+    run_experiment(a, lambda c, n, seed, ds: run_one(c, n, seed, ds, a.results), BEGIN, END,
+                   lambda rows: table(rows, command))
+
 
 if __name__ == "__main__":
     main()

@@ -65,6 +65,21 @@ grpc::ServerUnaryReactor* ContainedAsyncUnary(grpc::CallbackServerContext* conte
   return reactor;
 }
 
+// The rest of an asynchronous unary handler, run later on another thread
+// (e.g. when the registry has a version loaded): `body()` runs contained, and
+// when it fails (or throws) the call finishes with its status, scrubbed of
+// the caller's own tenant. On OK, `body` has handed the call to work that
+// finishes it.
+template <typename Body>
+void ContainedContinuation(grpc::ServerUnaryReactor* reactor, const RpcTimer& timer,
+                           const Caller& caller, const char* method, Body&& body) {
+  const absl::Status s = Contain(absl::StrCat(method, " failed"), std::forward<Body>(body));
+  if (s.ok()) return;
+  const absl::Status scrubbed = caller.Scrub(s);
+  timer.Done(scrubbed);
+  reactor->Finish(ToGrpcStatus(scrubbed));
+}
+
 // A unary handler whose body writes to disk (or waits for a lock that a
 // write holds): `body(caller)` runs on `pool`, not on the gRPC thread,
 // contained, and the call finishes from there. `body` must capture by value

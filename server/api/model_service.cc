@@ -244,7 +244,7 @@ grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
             *key, req->version(),
             [this, c, req, resp, reactor, timer = t, caller,
              inputs = *inputs](absl::StatusOr<std::shared_ptr<const ServableVersion>> version) {
-              const absl::Status s = Contain("Classify failed", [&]() -> absl::Status {
+              ContainedContinuation(reactor, timer, caller, "Classify", [&]() -> absl::Status {
                 if (!version.ok()) return version.status();
                 auto v = *version;
                 const int k = std::min<int>(req->top_k() == 0 ? 5 : req->top_k(),
@@ -260,11 +260,6 @@ grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
                     caller.lane);
                 return absl::OkStatus();
               });
-              if (!s.ok()) {
-                const absl::Status scrubbed = caller.Scrub(s);
-                timer.Done(scrubbed);
-                reactor->Finish(ToGrpcStatus(scrubbed));
-              }
             });
         return absl::OkStatus();
       });
