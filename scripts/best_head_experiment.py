@@ -10,7 +10,7 @@ target classes, sizes and test set as scripts/recipe_experiment.py (whose
 helpers it uses):
   (s)     sweep, embedding, linear heads (the recipe experiment's (s));
   (layers) sweep over layer2, layer3 and the embedding, linear heads (10 L2
-          values x 3 layers, 5-fold CV): the best head tlserve can fit;
+          values x 3 layers, 5-fold CV): the best linear head tlserve can fit;
   (c-new) a linear head, then layer3 + layer4 fine-tuned with the default
           recipe (the recipe experiment's best fine-tune).
 
@@ -67,21 +67,25 @@ def table(rows, command, backbone):
              made_on(command, "backbone SHA-256 %s…" % sha),
              "",
              "| per class | method | seeds | test accuracy (mean ± std) | per seed | chosen layer per seed "
-             "| training s (mean) |",
-             "|---:|---|---:|---:|---|---|---:|"]
+             "| CV accuracy of the winner per seed | published epoch per seed | training s (mean) |",
+             "|---:|---|---:|---:|---|---|---|---|---:|"]
     for n in sorted({r["n"] for r in rows}):
         for key, name in METHODS:
             rs = sorted((r for r in rows if r["n"] == n and r["method"] == key), key=lambda r: r["seed"])
             if not rs:
                 continue
             accs = [r["acc"] for r in rs]
-            lines.append("| %d | %s | %d | %s | %s | %s | %.1f |" % (
+            lines.append("| %d | %s | %d | %s | %s | %s | %s | %s | %.1f |" % (
                 n, name, len(rs), fmt(accs), " / ".join("%.4f" % x for x in accs),
                 " / ".join(r["winner"] for r in rs) if rs[0]["winner"] else "—",
+                " / ".join("%.4f" % r["cv"] for r in rs) if "cv" in rs[0] else "—",
+                " / ".join(str(r["published_epoch"]) for r in rs) if "published_epoch" in rs[0] else "—",
                 statistics.mean(r["secs"] for r in rs)))
     lines.append("")
-    lines.append("Std: sample standard deviation over the seeds; *training s*: wall time of the job(s) seen "
-                 "by the client (for (c-new) the head job plus the fine-tuning job).")
+    lines.append("Std: sample standard deviation over the seeds; *CV accuracy*: the sweep winner's mean 5-fold "
+                 "accuracy on the training split (what it chose by); *published epoch*: the fine-tune's best "
+                 "validation epoch (first of ties; 0 would be the head it started from); *training s*: wall "
+                 "time of the job(s) seen by the client (for (c-new) the head job plus the fine-tuning job).")
     lines.append(END)
     return "\n".join(lines)
 
@@ -90,6 +94,8 @@ def main():
     p = experiment_parser(__doc__, "best_head_experiment", "1000=2")
     p.add_argument("--epochs", type=int, default=15, help="fine-tuning epochs")
     a = p.parse_args()
+    if not a.table_only:
+        open(a.results, "w").close()  # this run's rows only (the table's seeds are its own)
     command = "/usr/bin/python3 scripts/best_head_experiment.py --seeds %s" % a.seeds
     run_experiment(a, lambda c, n, seed, ds: run_one(c, n, seed, ds, a.epochs, a.results), BEGIN, END,
                    lambda rows: table(rows, command, a.backbone))

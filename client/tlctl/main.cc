@@ -46,7 +46,7 @@ commands:
                                  stop training them (--drop: back to the shared stages)
   train MODEL --dataset D [--epochs N --head-lr X --lr X (stages) --optimizer lbfgs|adamw|sgd
         --batch-size N --weight-decay X --label-smoothing X --balanced --patience N
-        --augment --train-batchnorm --no-head-first --seed N
+        --augment --train-batchnorm --no-head-first --no-resume --seed N
         --serve if-not-worse|always|never --target-precision P
         --sweep [--l2 X,Y,... --folds K --heads linear,H,... --layers layer3,embedding]
         --constant-lr --warmup F --layer-decay X --no-gradual] [--wait]

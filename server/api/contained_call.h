@@ -70,10 +70,11 @@ grpc::ServerUnaryReactor* ContainedAsyncUnary(grpc::CallbackServerContext* conte
 // when it fails (or throws) the call finishes with its status, scrubbed of
 // the caller's own tenant. On OK, `body` has handed the call to work that
 // finishes it.
+// `what` ("Classify failed") heads the message of an exception.
 template <typename Body>
 void ContainedContinuation(grpc::ServerUnaryReactor* reactor, const RpcTimer& timer,
-                           const Caller& caller, const char* method, Body&& body) {
-  const absl::Status s = Contain(absl::StrCat(method, " failed"), std::forward<Body>(body));
+                           const Caller& caller, const char* what, Body&& body) {
+  const absl::Status s = Contain(what, std::forward<Body>(body));
   if (s.ok()) return;
   const absl::Status scrubbed = caller.Scrub(s);
   timer.Done(scrubbed);

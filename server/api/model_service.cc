@@ -244,22 +244,25 @@ grpc::ServerUnaryReactor* ModelService::Classify(grpc::CallbackServerContext* c,
             *key, req->version(),
             [this, c, req, resp, reactor, timer = t, caller,
              inputs = *inputs](absl::StatusOr<std::shared_ptr<const ServableVersion>> version) {
-              ContainedContinuation(reactor, timer, caller, "Classify", [&]() -> absl::Status {
-                if (!version.ok()) return version.status();
-                auto v = *version;
-                const int k = std::min<int>(req->top_k() == 0 ? 5 : req->top_k(),
-                                            static_cast<int>(v->classes.size()));
-                resp->set_version(v->version);
-                for (int i = 0; i < req->images_size(); ++i) resp->add_results();
-                embedder_->Classify(
-                    inputs, v, k, absl::FromChrono(c->deadline()), [c] { return c->IsCancelled(); },
-                    FinishAfterImages(reactor, timer, inputs->size(),
-                                      [resp, v](size_t i, const EngineResult& top) {
-                                        TopK(*v, top, resp->mutable_results(static_cast<int>(i)));
-                                      }),
-                    caller.lane);
-                return absl::OkStatus();
-              });
+              ContainedContinuation(
+                  reactor, timer, caller, "Classify failed", [&]() -> absl::Status {
+                    if (!version.ok()) return version.status();
+                    auto v = *version;
+                    const int k = std::min<int>(req->top_k() == 0 ? 5 : req->top_k(),
+                                                static_cast<int>(v->classes.size()));
+                    resp->set_version(v->version);
+                    for (int i = 0; i < req->images_size(); ++i) resp->add_results();
+                    embedder_->Classify(
+                        inputs, v, k, absl::FromChrono(c->deadline()),
+                        [c] { return c->IsCancelled(); },
+                        FinishAfterImages(reactor, timer, inputs->size(),
+                                          [resp, v](size_t i, const EngineResult& top) {
+                                            TopK(*v, top,
+                                                 resp->mutable_results(static_cast<int>(i)));
+                                          }),
+                        caller.lane);
+                    return absl::OkStatus();
+                  });
             });
         return absl::OkStatus();
       });

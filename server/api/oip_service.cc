@@ -256,7 +256,7 @@ absl::Status OipService::InferModel(grpc::CallbackServerContext* c, const ModelI
       [this, c, resp, reactor, timer, caller, images = *std::move(parsed),
        outputs = *std::move(outputs),
        k_asked = labels_top_k](absl::StatusOr<std::shared_ptr<const ServableVersion>> version) {
-        ContainedContinuation(reactor, timer, caller, "ModelInfer", [&]() -> absl::Status {
+        ContainedContinuation(reactor, timer, caller, "ModelInfer failed", [&]() -> absl::Status {
           if (!version.ok()) return version.status();
           auto v = *version;
           const int64_t classes = static_cast<int64_t>(v->classes.size());

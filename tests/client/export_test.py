@@ -37,12 +37,15 @@ DEVICE_FLAGS = ["--device=" + (os.environ.get("TLSERVE_TEST_DEVICE") or "cpu")]
 
 
 def torchvision_batch(paths, spec):
-    """torchvision's pipeline on uint8 tensors (what tlserve reproduces)."""
+    """torchvision's pipeline on uint8 tensors (what tlserve reproduces in
+    "tensor" mode), with the spec's interpolation."""
+    mode = (T.InterpolationMode.BICUBIC if spec.get("interpolation") == "bicubic"
+            else T.InterpolationMode.BILINEAR)
     xs = []
     for p in paths:
         t = torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
         if spec["resize"]:
-            t = F.resize(t, spec["resize"], antialias=True)
+            t = F.resize(t, spec["resize"], interpolation=mode, antialias=True)
         t = F.center_crop(t, spec["crop"])
         xs.append(F.normalize(F.convert_image_dtype(t, torch.float32), spec["mean"], spec["std"]))
     return torch.stack(xs)
@@ -202,8 +205,9 @@ def pil_backbones(tmp, train, test, test_paths):
             tensor = torch.softmax(module(torchvision_batch(test_paths, spec)) / t, 1).numpy()
         diff, other = float(np.abs(pil - theirs).max()), float(np.abs(tensor - theirs).max())
         print("resize_mode pil, %s: max |p_PIL transforms - p_served| = %.3g (the uint8-tensor "
-              "pipeline: %.3g)" % (interp, diff, other))
-        assert diff <= 1e-6, diff
+              "pipeline, same interpolation: %.3g)" % (interp, diff, other))
+        # 1e-6 when both sides run on the CPU; another device's kernels round differently.
+        assert diff <= (1e-6 if DEVICE_FLAGS == ["--device=cpu"] else 1e-4), diff
         # The check can tell the pipelines apart on these (upscaled 28 px) images.
         assert other > 10 * max(diff, 1e-7), (diff, other)
 
