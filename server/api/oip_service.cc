@@ -271,16 +271,19 @@ absl::Status OipService::InferModel(grpc::CallbackServerContext* c, const ModelI
           r->probabilities.resize(rows * classes);
           r->labels.resize(rows * k);
           r->label.resize(rows);
+          // Every class came back, highest first: scattered into class order.
           auto fill = [v, r, classes, k, keep = images.storage](size_t i, const EngineResult& top) {
-            v1::Classification one;
-            TopK(*v, top, &one);
+            const at::Tensor p = top.values.to(at::kFloat).contiguous();
             const at::Tensor idx = top.indices.to(at::kLong).contiguous();
+            const float* prob = p.data_ptr<float>();
             const int64_t* cls = idx.data_ptr<int64_t>();
-            for (int j = 0; j < one.top_size(); ++j) {
-              r->probabilities[i * classes + cls[j]] = one.top(j).probability();
-              if (j < k) r->labels[i * k + j] = one.top(j).label();
+            for (int64_t j = 0; j < p.size(0); ++j) {
+              r->probabilities[i * classes + cls[j]] = prob[j];
+              if (j < k) r->labels[i * k + j] = v->classes[cls[j]];
             }
-            r->label[i] = one.label();
+            if (p.size(0) > 0) {
+              r->label[i] = AnswersUnknown(*v, prob[0], cls[0]) ? "unknown" : v->classes[cls[0]];
+            }
           };
           auto last = [resp, r, outputs, rows, classes, k, raw = images.raw]() {
             return Contain("ModelInfer failed", [&]() -> absl::Status {

@@ -21,13 +21,15 @@ void TopK(const ServableVersion& version, const EngineResult& top, v1::Classific
     pred->set_label(version.classes[cls[j]]);
     pred->set_probability(prob[j]);
   }
-  // The answer: the best label unless its probability is below the
-  // version's threshold for it.
-  const std::vector<float>& thresholds = version.calibration.thresholds;
-  const bool unknown =
-      p.size(0) > 0 && !thresholds.empty() && AnswersUnknown(prob[0], thresholds[cls[0]]);
+  if (p.size(0) == 0) return;
+  const bool unknown = AnswersUnknown(version, prob[0], cls[0]);
   out->set_unknown(unknown);
-  out->set_label(unknown ? "unknown" : p.size(0) > 0 ? version.classes[cls[0]] : "");
+  out->set_label(unknown ? "unknown" : version.classes[cls[0]]);
+}
+
+bool AnswersUnknown(const ServableVersion& version, float p, int64_t best) {
+  const std::vector<float>& thresholds = version.calibration.thresholds;
+  return !thresholds.empty() && AnswersUnknown(p, thresholds[best]);
 }
 
 StreamClassifyReactor::StreamClassifyReactor(grpc::CallbackServerContext* context,

@@ -47,6 +47,11 @@ class StreamClassifyReactor final
 // The top classes of one image, from the engine's result, into `out`.
 void TopK(const ServableVersion& version, const EngineResult& top, v1::Classification* out);
 
+// Whether Classify answers "unknown" for an image whose most probable class
+// is `best` with probability `p` (below the version's threshold for it, or
+// at a threshold of 1).
+bool AnswersUnknown(const ServableVersion& version, float p, int64_t best);
+
 }  // namespace tlserve
 
 #endif  // TLSERVE_SERVER_API_STREAM_CLASSIFY_REACTOR_H_

@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "client", "python"))
 from tlserve_client import Client  # noqa: E402
 from tlserve_client.local_server import LocalServer  # noqa: E402
 from tlserve_client import inference_pb2 as native  # noqa: E402
+from tlserve.v1 import evaluation_pb2  # noqa: E402
 
 BIN, FIX = sys.argv[1], sys.argv[2]
 DEVICE_FLAGS = ["--device=" + (os.environ.get("TLSERVE_TEST_DEVICE") or "cpu")]
@@ -317,6 +318,21 @@ class OipTest(unittest.TestCase):
                 t.contents.fp32_contents.extend(x.reshape(-1).tolist())
             r = self.call("ModelInfer", self.infer("_backbone", [t], [x.tobytes()] if raw else []))
             np.testing.assert_allclose(outputs_of(r)["embedding"], want, rtol=0, atol=1e-6)
+
+    def test_label_answers_unknown_under_thresholds(self):
+        req = self.infer(inputs=[images_input(self.test[:3])])
+        # A global threshold of 1: Classify's answer is always "unknown"; the
+        # labels output still ranks the classes.
+        self.native.models.SetThresholds(evaluation_pb2.SetThresholdsRequest(
+            model="shoes", **{"global": 1.0}))
+        try:
+            out = outputs_of(self.call("ModelInfer", req))
+            self.assertEqual(out["label"], [b"unknown"] * 3)
+            self.assertTrue(all(l.decode() in self.classes for l in out["labels"]), out["labels"])
+        finally:
+            self.native.models.SetThresholds(evaluation_pb2.SetThresholdsRequest(model="shoes"))
+        out = outputs_of(self.call("ModelInfer", req))
+        self.assertEqual(out["label"], out["labels"])  # top_k 1, no thresholds: the best class
 
     # --- errors -------------------------------------------------------------
     def test_bad_requests_get_the_right_codes(self):
